@@ -1,0 +1,54 @@
+"""mtmoe-translate: a Unix filter. One source line in, one translation out, nothing else on stdout.
+
+    mtmoe-translate model=exports/main src=en tgt=de beam=4 < in.en > out.de
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mtmoe.cli.common import friendly_errors, setup
+from mtmoe.paths import CONF_DIR, resolve
+
+setup()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="translate")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    from mtmoe.config import ConfigError
+    from mtmoe.eval.decode import translate
+    from mtmoe.export.artifact import load_export
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, vocab, config = load_export(resolve(cfg.model))
+    for lang, field in ((cfg.src, "src"), (cfg.tgt, "tgt")):
+        if lang not in config["langs"]:
+            raise ConfigError(f"{field}={lang!r}: unknown language (the model knows {config['langs']})")
+
+    def flush(lines: list[str]) -> None:
+        keep = [i for i, line in enumerate(lines) if line.strip()]
+        outs = [""] * len(lines)  # an empty input line gives an empty output line
+        for i, hyp in zip(keep, translate(model, vocab, [lines[i].strip() for i in keep], cfg.tgt, cfg.beam,
+                                          cfg.length_penalty)):
+            outs[i] = hyp
+        sys.stdout.write("".join(o + "\n" for o in outs))
+        sys.stdout.flush()
+
+    pending: list[str] = []
+    for line in sys.stdin:
+        pending.append(line.rstrip("\n"))
+        if len(pending) >= cfg.batch_lines:
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+
+
+if __name__ == "__main__":
+    main()

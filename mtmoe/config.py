@@ -1,0 +1,227 @@
+"""Structured configs: one dataclass per concern, registered in Hydra's ConfigStore, plus one
+`validate()` that checks the whole tree before any compute starts.
+
+The YAML files under `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
+(structured-config schema), and `validate()` rejects impossible combinations with a message that
+names the field (e.g. ``moe.num_experts=6 is not divisible by moe.ep_size=4``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    corpus_dir: str = "data/multi30k"
+    """Folder holding the line-aligned corpus files (relative paths resolve against the project root)."""
+    train_prefix: str = "train"
+    valid_prefix: str = "val"
+    test_prefix: str = "test_2016_flickr"
+    format: str = "text"
+    """`text`: one file per language, `{prefix}.{lang}` or `{prefix}.{lang}.gz`;
+    `json`/`parquet`/`csv`: one file `{prefix}.{format}` with one column per language (read by `datasets`)."""
+    langs: list[str] = field(default_factory=lambda: ["en", "de", "fr", "cs"])
+    directions: str = "all"
+    """`all` (every ordered pair), `pivot` (to and from `data.pivot`), or a comma list `en-de,de-en`."""
+    pivot: str = "en"
+    temperature: float = 5.0
+    """Direction sampling: p(direction) ∝ size^(1/T); T=1 is proportional, large T is uniform."""
+    vocab_size: int = 8000
+    spm_model_type: str = "unigram"
+    spm_sample_lines: int = 200000
+    max_len: int = 128
+    """Token limit per side (longer training examples are truncated)."""
+    max_train_lines: int = 0
+    """Use only the first N training lines (0 = all); for quick experiments."""
+    val_lines: int = 200
+    """Lines per direction used for the periodic validation (loss and BLEU)."""
+    cache_dir: str = "~/.cache/mtmoe"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "base"
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "relu"
+    positions: str = "sinusoidal"
+    """`sinusoidal` or `learned`."""
+    max_positions: int = 512
+
+
+@dataclass
+class MoEConfig:
+    enabled: bool = True
+    """False (the `moe=dense` preset) gives a plain Transformer baseline."""
+    num_experts: int = 4
+    top_k: int = 1
+    every: int = 2
+    """An MoE FFN replaces the dense FFN in every `every`-th layer (layers every-1, 2*every-1, ...)."""
+    ep_size: int = 1
+    """Expert-parallel group size: each rank holds num_experts/ep_size experts."""
+    capacity_factor: float = 1.25
+    """Training capacity = ceil(k * tokens / num_experts * factor); <= 0 disables dropping."""
+    eval_capacity_factor: float = 0.0
+    """Capacity factor in eval mode (validation, decoding, export); 0 = no token is dropped."""
+    min_capacity: int = 4
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    use_rts: bool = True
+    """Random Token Selection: when an expert overflows, keep a uniformly random subset of its
+    tokens instead of the earliest positions."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`offline` (default: logs under the run dir, sync later), `online`, or `disabled`."""
+    project: str = "mtmoe"
+    name: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    max_steps: int = 0
+    """0 = no step limit (then `max_minutes` must be set)."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for the training loop; 0 = none."""
+    max_tokens: int = 1024
+    """Token budget of one batch per rank: sentences * max(src_len, tgt_len) <= max_tokens."""
+    lr: float = 1e-3
+    warmup_steps: int = 1000
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    bf16: bool = False
+    """bf16 autocast for forward/backward (fp32 master weights); fast on CPUs with avx512_bf16."""
+    zero_stage: int = 0
+    threads: int = 1
+    """torch threads per rank; 1 thread per rank is the fast layout on small CPU boxes."""
+    log_every: int = 20
+    valid_every: int = 1000
+    """Steps between validations (loss + greedy BLEU on `data.val_lines` per direction); 0 = only at the end."""
+    valid_bleu: bool = True
+    save_every: int = 1000
+    """Steps between DeepSpeed checkpoints; 0 = only at the end."""
+    resume: bool = True
+    """Resume from the run dir's latest checkpoint when there is one."""
+    progress: bool = True
+
+
+@dataclass
+class TrainAppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed JSON keys merged last over the generated DeepSpeed config."""
+
+
+@dataclass
+class EvalAppConfig:
+    model: str = "???"
+    """Export directory (config.json, model.safetensors, spm.model)."""
+    test: str = "data/multi30k/test_2016_flickr"
+    """Corpus prefix: files `{test}.{lang}[.gz]`."""
+    langs: Optional[list[str]] = None
+    directions: Optional[str] = None
+    """Comma list `en-de,de-en`; default: every direction between `langs` the model knows."""
+    beam: int = 4
+    length_penalty: float = 1.0
+    max_tokens: int = 4096
+    limit: int = 0
+    """Score only the first N lines (0 = all)."""
+    out: Optional[str] = None
+    threads: int = 0
+    """0 = torch default."""
+
+
+@dataclass
+class ExportAppConfig:
+    checkpoint: str = "???"
+    """A training run dir (its latest checkpoint is used) or a checkpoint tag dir inside it."""
+    out: str = "???"
+
+
+@dataclass
+class TranslateAppConfig:
+    model: str = "???"
+    src: str = "???"
+    tgt: str = "???"
+    beam: int = 4
+    length_penalty: float = 1.0
+    batch_lines: int = 64
+    threads: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainAppConfig)
+    cs.store(name="eval_schema", node=EvalAppConfig)
+    cs.store(name="export_schema", node=ExportAppConfig)
+    cs.store(name="translate_schema", node=TranslateAppConfig)
+
+
+def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
+    """Checks the model/MoE fields that do not depend on the parallel layout."""
+    if model.d_model % model.n_heads:
+        raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}")
+    if model.positions not in ("sinusoidal", "learned"):
+        raise ConfigError(f"model.positions={model.positions!r}: expected 'sinusoidal' or 'learned'")
+    if model.activation not in ("relu", "gelu"):
+        raise ConfigError(f"model.activation={model.activation!r}: expected 'relu' or 'gelu'")
+    if moe.enabled:
+        if moe.num_experts < 1:
+            raise ConfigError(f"moe.num_experts={moe.num_experts} must be >= 1")
+        if moe.top_k not in (1, 2):
+            raise ConfigError(f"moe.top_k={moe.top_k}: only top-1 and top-2 routing are supported")
+        if moe.top_k > moe.num_experts:
+            raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
+        if moe.every < 1:
+            raise ConfigError(f"moe.every={moe.every} must be >= 1")
+        if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
+            raise ConfigError(
+                f"moe.num_experts={moe.num_experts} is not divisible by moe.ep_size={moe.ep_size}")
+
+
+def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
+    """Rejects impossible configs before any data is read or any process group is used."""
+    validate_model(cfg.model, cfg.moe)
+    if cfg.moe.enabled and world_size % cfg.moe.ep_size:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by moe.ep_size={cfg.moe.ep_size} "
+            f"(expert-parallel groups must tile the ranks)")
+    t = cfg.train
+    if t.max_steps <= 0 and t.max_minutes <= 0:
+        raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
+    if t.max_tokens < 16:
+        raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"train.zero_stage={t.zero_stage}: DeepSpeed's native MoE supports ZeRO stages 0, 1 and 2")
+    if cfg.data.temperature <= 0:
+        raise ConfigError(f"data.temperature={cfg.data.temperature} must be > 0")
+    if len(set(cfg.data.langs)) != len(cfg.data.langs) or len(cfg.data.langs) < 2:
+        raise ConfigError(f"data.langs={list(cfg.data.langs)} must list at least two distinct languages")
+    if cfg.data.format not in ("text", "json", "parquet", "csv"):
+        raise ConfigError(f"data.format={cfg.data.format!r}: expected text, json, parquet or csv")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected offline, online or disabled")

@@ -1,0 +1,1 @@
+"""Corpus files -> vocabulary -> token ids -> sampled token-budget batches."""

@@ -1,0 +1,149 @@
+"""Token-budget batches of mixed directions, reproducible from (seed, position) alone.
+
+The stream is cut into chunks. Chunk c is built from its own RNG seeded with (seed, c): it draws
+`chunk_sentences` examples (direction by temperature, line uniformly, i.e. with replacement),
+sorts them by length so batches carry little padding, packs them greedily so that
+`sentences * max(src_len, tgt_len) <= max_tokens`, and shuffles the batch order. A position is
+(chunk, batch-in-chunk); resuming at a position needs no replay of earlier randomness.
+
+Data parallelism: every rank builds the same global stream and takes batches
+`rank, rank + world, ...`, so ranks see disjoint batches and the global order is fixed by the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mtmoe.data.sampling import Direction
+from mtmoe.data.tokenized import TokenizedCorpus
+from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Batch:
+    """One padded batch. Shapes: src [B, S], tgt_in/tgt_out [B, T] (int64, PAD_ID=0)."""
+    src: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    direction_ids: torch.Tensor  # [B] index into the sampler's direction list
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.tgt_out != PAD_ID).sum())
+
+    @property
+    def num_source_tokens(self) -> int:
+        return int((self.src != PAD_ID).sum())
+
+
+def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
+            max_len: int, direction_ids: Sequence[int] | None = None) -> Batch:
+    """src = <2tgt> tokens </s>;  tgt_in = <s> tokens;  tgt_out = tokens </s> (right-padded)."""
+    n = len(src_seqs)
+    s_len = max(min(len(s), max_len - 2) for s in src_seqs) + 2
+    t_len = max(min(len(t), max_len - 1) for t in tgt_seqs) + 1
+    src = np.full((n, s_len), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((n, t_len), PAD_ID, dtype=np.int64)
+    tgt_out = np.full((n, t_len), PAD_ID, dtype=np.int64)
+    for i, (s, t, tag) in enumerate(zip(src_seqs, tgt_seqs, tag_ids)):
+        s = s[: max_len - 2]
+        t = t[: max_len - 1]
+        src[i, 0] = tag
+        src[i, 1:len(s) + 1] = s
+        src[i, len(s) + 1] = EOS_ID
+        tgt_in[i, 0] = BOS_ID
+        tgt_in[i, 1:len(t) + 1] = t
+        tgt_out[i, :len(t)] = t
+        tgt_out[i, len(t)] = EOS_ID
+    dirs = torch.tensor(direction_ids if direction_ids is not None else [0] * n, dtype=torch.long)
+    return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), dirs)
+
+
+def pack_by_tokens(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Greedy packing of examples (already in the wanted order) into index groups with
+    count * max(longest src, longest tgt) <= max_tokens. Lengths include the added specials."""
+    batches, start, longest = [], 0, 0
+    for i in range(len(src_lens)):
+        longest_i = max(longest, int(src_lens[i]), int(tgt_lens[i]))
+        if i > start and (i - start + 1) * longest_i > max_tokens:
+            batches.append(np.arange(start, i))
+            start, longest_i = i, max(int(src_lens[i]), int(tgt_lens[i]))
+        longest = longest_i
+    if start < len(src_lens):
+        batches.append(np.arange(start, len(src_lens)))
+    return batches
+
+
+@dataclass
+class StreamPosition:
+    chunk: int = 0
+    batch: int = 0
+
+    def as_dict(self) -> dict:
+        return {"chunk": self.chunk, "batch": self.batch}
+
+
+class BatchStream:
+    """Endless, seed-determined stream of training batches over several directions."""
+
+    def __init__(self, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
+                 tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000):
+        self.corpus = corpus
+        self.directions = list(directions)
+        self.probs = np.asarray(probs)
+        self.tag_ids = tag_ids
+        self.max_tokens = max_tokens
+        self.max_len = max_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.chunk_sentences = chunk_sentences
+        self.position = StreamPosition()
+        self._lengths = {lang: np.minimum(corpus.lengths(lang), 10**6) for lang in corpus.langs}
+
+    def _chunk(self, chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(direction_index[B], line_index[B]), ...] for every global batch of the chunk."""
+        rng = np.random.default_rng([self.seed, chunk])
+        dirs = rng.choice(len(self.directions), size=self.chunk_sentences, p=self.probs)
+        lines = rng.integers(0, len(self.corpus), size=self.chunk_sentences)
+        src_len = np.empty(self.chunk_sentences, dtype=np.int64)
+        tgt_len = np.empty(self.chunk_sentences, dtype=np.int64)
+        for d, (s, t) in enumerate(self.directions):
+            sel = dirs == d
+            src_len[sel] = np.minimum(self._lengths[s][lines[sel]], self.max_len - 2) + 2
+            tgt_len[sel] = np.minimum(self._lengths[t][lines[sel]], self.max_len - 1) + 1
+        order = np.lexsort((src_len, tgt_len))
+        groups = pack_by_tokens(src_len[order], tgt_len[order], self.max_tokens)
+        rng.shuffle(groups)
+        # Drop the tail so every rank gets a batch from each chunk round.
+        usable = len(groups) - len(groups) % self.world_size
+        return [(dirs[order[g]], lines[order[g]]) for g in groups[:usable]]
+
+    def make_batch(self, dir_idx: np.ndarray, line_idx: np.ndarray) -> Batch:
+        src, tgt, tags = [], [], []
+        for d, i in zip(dir_idx, line_idx):
+            s, t = self.directions[d]
+            src.append(self.corpus.line(s, i))
+            tgt.append(self.corpus.line(t, i))
+            tags.append(self.tag_ids[t])
+        return collate(src, tgt, tags, self.max_len, dir_idx.tolist())
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            groups = self._chunk(self.position.chunk)
+            while self.position.batch < len(groups):
+                dir_idx, line_idx = groups[self.position.batch + self.rank]
+                self.position.batch += self.world_size
+                yield self.make_batch(dir_idx, line_idx)
+            self.position = StreamPosition(self.position.chunk + 1, 0)
+
+    def state_dict(self) -> dict:
+        return self.position.as_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = StreamPosition(int(state["chunk"]), int(state["batch"]))

@@ -1,0 +1,120 @@
+"""Line-aligned corpora: discovery, strict validation, and a `datasets.Dataset` with one column
+per language.
+
+A corpus is a set of files `{prefix}.{lang}` (optionally `.gz`) whose line i is the same sentence
+in every language (Multi30k is multi-way parallel). Text files are read by this module rather than
+by `datasets`' text builder so that every problem is reported with its file and line number:
+invalid UTF-8, an empty line, or files of different lengths. Other formats (`json`, `parquet`,
+`csv`) hold one column per language and go through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+
+from mtmoe.paths import resolve
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the file (and line)."""
+
+
+def find_language_file(prefix: Path, lang: str) -> Path | None:
+    """`{prefix}.{lang}` or `{prefix}.{lang}.gz`, whichever exists."""
+    for candidate in (Path(f"{prefix}.{lang}"), Path(f"{prefix}.{lang}.gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_lines(path: Path) -> list[str]:
+    """Reads a UTF-8 text file (gzip if it ends in .gz): one stripped sentence per line.
+
+    Strips surrounding whitespace (Multi30k has trailing tabs), a UTF-8 BOM and CR of CRLF endings.
+    Raises CorpusError naming file and line for invalid UTF-8 or an empty line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise CorpusError(f"{path}: cannot read ({e})") from e
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    chunks = raw.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()
+    lines = []
+    for number, chunk in enumerate(chunks, start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        text = text.strip()
+        if not text:
+            raise CorpusError(f"{path}:{number}: empty line (every line must hold a sentence)")
+        lines.append(text)
+    if not lines:
+        raise CorpusError(f"{path}: the file is empty")
+    return lines
+
+
+def load_text_corpus(prefix: Path, langs: Sequence[str]) -> datasets.Dataset:
+    """Reads `{prefix}.{lang}` for every language, checks they are line-aligned."""
+    columns: dict[str, list[str]] = {}
+    first: tuple[Path, int] | None = None
+    for lang in langs:
+        path = find_language_file(prefix, lang)
+        if path is None:
+            raise CorpusError(f"{prefix}.{lang}[.gz]: no such file (language {lang!r} has no data)")
+        lines = read_lines(path)
+        if first is None:
+            first = (path, len(lines))
+        elif len(lines) != first[1]:
+            raise CorpusError(
+                f"{path}: misaligned corpus: {len(lines)} lines, but {first[0]} has {first[1]}")
+        columns[lang] = lines
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.Dataset:
+    """Reads `{prefix}.{fmt}` (json lines, parquet or csv) with one string column per language."""
+    path = Path(f"{prefix}.{'jsonl' if fmt == 'json' and Path(f'{prefix}.jsonl').exists() else fmt}")
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    missing = [lang for lang in langs if lang not in ds.column_names]
+    if missing:
+        raise CorpusError(f"{path}: no column for language(s) {missing} (columns: {ds.column_names})")
+    ds = ds.select_columns(list(langs))
+    for lang in langs:
+        for number, text in enumerate(ds[lang], start=1):
+            if not isinstance(text, str) or not text.strip():
+                raise CorpusError(f"{path}: row {number}, column {lang!r}: empty or missing sentence")
+    return ds.map(lambda row: {lang: row[lang].strip() for lang in langs})
+
+
+def load_corpus(corpus_dir: str, prefix: str, langs: Sequence[str], fmt: str = "text",
+                max_lines: int = 0) -> datasets.Dataset:
+    """The corpus `{corpus_dir}/{prefix}` as a Dataset with one column per language."""
+    full_prefix = resolve(Path(corpus_dir) / prefix)
+    if fmt == "text":
+        ds = load_text_corpus(full_prefix, langs)
+    else:
+        ds = load_table_corpus(full_prefix, langs, fmt)
+    if max_lines and len(ds) > max_lines:
+        ds = ds.select(range(max_lines))
+    return ds
+
+
+def load_test_set(prefix: str, langs: Sequence[str]) -> dict[str, list[str]]:
+    """Line-aligned test files `{prefix}.{lang}` as plain lists (for scoring)."""
+    ds = load_text_corpus(resolve(prefix), langs)
+    return {lang: ds[lang] for lang in langs}
+
+
+def available_languages(prefix: str, candidates: Sequence[str]) -> list[str]:
+    return [lang for lang in candidates if find_language_file(resolve(prefix), lang) is not None]

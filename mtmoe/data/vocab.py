@@ -1,0 +1,109 @@
+"""Joint SentencePiece vocabulary with target-language tags.
+
+The model is trained once on the training text of all languages and cached under
+`{cache_dir}/spm/{key}/spm.model`, where the key hashes the training text and every setting, so a
+changed corpus or vocabulary size gets a new model and an unchanged one is never retrained.
+
+Special ids are fixed so that the model and exports agree without extra metadata:
+pad=0, unk=1, bos=2, eos=3, then the language tags `<2xx>` as user-defined symbols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import sentencepiece as spm
+
+from mtmoe.config import ConfigError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def lang_tag(lang: str) -> str:
+    """The source-side token that asks for output in `lang`, e.g. `<2de>`."""
+    return f"<2{lang}>"
+
+
+class Vocab:
+    """A SentencePiece model plus the language-tag ids."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = Path(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID or self.sp.bos_id() != BOS_ID:
+            raise ValueError(f"{self.path}: not an mtmoe vocabulary (special ids differ)")
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def tag_id(self, lang: str) -> int:
+        tid = self.sp.piece_to_id(lang_tag(lang))
+        if tid == UNK_ID:
+            raise ConfigError(f"unknown language {lang!r}: the vocabulary {self.path} has no tag {lang_tag(lang)} "
+                              f"(known: {self.languages()})")
+        return tid
+
+    def languages(self) -> list[str]:
+        """Languages with a tag in this vocabulary."""
+        out = []
+        for i in range(len(self)):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_control(i) or not (piece.startswith("<2") and piece.endswith(">")):
+                continue
+            out.append(piece[2:-1])
+        return out
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([i for i in ids if i > EOS_ID])
+
+
+def vocab_key(columns: dict[str, Sequence[str]], vocab_size: int, model_type: str,
+              sample_lines: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"v1|{vocab_size}|{model_type}|{sample_lines}|{sorted(columns)}".encode())
+    for lang in sorted(columns):
+        for line in columns[lang]:
+            h.update(line.encode())
+            h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def train_vocab(columns: dict[str, Sequence[str]], out_dir: Path, vocab_size: int,
+                model_type: str = "unigram", sample_lines: int = 200000, seed: int = 1) -> Path:
+    """Trains a joint SentencePiece model on every language's training text (balanced sample)."""
+    rng = random.Random(seed)
+    per_lang = max(1, sample_lines // max(1, len(columns)))
+    sentences: list[str] = []
+    for lang in sorted(columns):
+        lines = list(columns[lang])
+        sentences.extend(rng.sample(lines, per_lang) if len(lines) > per_lang else lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=1.0, num_threads=2,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        user_defined_symbols=[lang_tag(lang) for lang in sorted(columns)],
+        hard_vocab_limit=False, minloglevel=2)
+    tmp = out_dir / "spm.model.tmp"
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_dir / "spm.model")
+    return out_dir / "spm.model"
+
+
+def get_or_train_vocab(columns: dict[str, Sequence[str]], cache_dir: Path, vocab_size: int,
+                       model_type: str = "unigram", sample_lines: int = 200000) -> Vocab:
+    """The cached vocabulary for this text and these settings, training it on first use."""
+    key = vocab_key(columns, vocab_size, model_type, sample_lines)
+    path = cache_dir / "spm" / key / "spm.model"
+    if not path.is_file():
+        train_vocab(columns, path.parent, vocab_size, model_type, sample_lines)
+    return Vocab(path)

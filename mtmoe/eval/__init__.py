@@ -1,0 +1,1 @@
+"""Decoding (batched beam search) and scoring (sacrebleu BLEU/chrF per direction)."""

@@ -1,0 +1,1 @@
+"""Standalone inference artifacts (safetensors + JSON) made from training checkpoints."""

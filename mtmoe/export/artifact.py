@@ -1,0 +1,126 @@
+"""Standalone export artifacts: `config.json` + `model.safetensors` + `spm.model`.
+
+An export loads with torch, safetensors and sentencepiece alone: no DeepSpeed, no pickle. It is
+made from a training run's DeepSpeed checkpoint by reading the non-expert weights from
+`mp_rank_00_model_states.pt` and every expert from DeepSpeed's per-expert files
+`layer_<L>_expert_<E>_mp_rank_00_model_states.pt` (global expert ids), mapping DeepSpeed's
+container names back to the plain model's, and loading them strictly into a world-of-one model.
+Our own checkpoints are read with `torch.load(weights_only=True)`, never full unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.data.vocab import Vocab
+from mtmoe.model.seq2seq import Seq2Seq
+
+FORMAT = "mtmoe-export-v1"
+DS_GATE = "deepspeed_moe.gate."
+DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
+
+
+class ExportError(RuntimeError):
+    """A missing or unusable checkpoint/export; the message names the path."""
+
+
+def to_plain_name(name: str) -> str:
+    """DeepSpeed MoE container name -> plain model name (expert ids unchanged)."""
+    return name.replace(DS_GATE, "gate.").replace(DS_EXPERTS, "experts.")
+
+
+def _load_tensors(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run_dir, tag_dir) from a run dir (uses `checkpoints/latest`) or a tag dir."""
+    path = path.absolute()
+    if (path / "checkpoints" / "latest").is_file():
+        tag = (path / "checkpoints" / "latest").read_text().strip()
+        return path, path / "checkpoints" / tag
+    if (path / "mp_rank_00_model_states.pt").is_file():
+        return path.parent.parent, path
+    raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict, plain names, all experts, from one DeepSpeed checkpoint tag."""
+    main = tag_dir / "mp_rank_00_model_states.pt"
+    if not main.is_file():
+        raise ExportError(f"{main}: missing (incomplete checkpoint?)")
+    state = {to_plain_name(k): v for k, v in _load_tensors(main)["module"].items()}
+    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for k, v in _load_tensors(expert_file).items():
+            state[to_plain_name(k)] = v
+    return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+
+
+def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
+    model_cfg = ModelConfig(**desc["model"])
+    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1})
+    return model_cfg, moe_cfg
+
+
+def export_run(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Writes the export of a run's (latest) checkpoint to `out_dir`; returns out_dir."""
+    run_dir, tag_dir = resolve_checkpoint(Path(checkpoint))
+    desc_path = run_dir / "model.json"
+    if not desc_path.is_file():
+        raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
+    desc = json.loads(desc_path.read_text())
+    model_cfg, moe_cfg = _configs(desc)
+    model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
+    state = consolidated_state_dict(tag_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{tag_dir}: checkpoint does not match {desc_path}: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    shutil.copyfile(run_dir / "spm.model", tmp / "spm.model")
+    config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
+              "model": asdict(model_cfg), "moe": asdict(moe_cfg),
+              "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the export appears complete or not at all
+    return out
+
+
+def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Vocab, dict]:
+    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only."""
+    d = Path(export_dir)
+    config_path = d / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{config_path}: missing (not an mtmoe export)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
+    if config.get("format") != FORMAT:
+        raise ExportError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    model_cfg, moe_cfg = _configs(config)
+    model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
+    try:
+        state = load_file(str(d / "model.safetensors"))
+    except Exception as e:
+        raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, Vocab(d / "spm.model"), config
+

@@ -1,0 +1,1 @@
+"""The one model: Transformer pieces, the MoE FFN, the encoder-decoder."""

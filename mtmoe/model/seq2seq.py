@@ -1,0 +1,124 @@
+"""The encoder-decoder MoE translation model: the one model definition that training wraps in
+DeepSpeed, export saves and decoding runs.
+
+Embeddings are shared by encoder input, decoder input and the output projection (tied), scaled by
+sqrt(D). MoE FFNs replace dense FFNs in every `moe.every`-th layer of both stacks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.data.vocab import PAD_ID
+from mtmoe.model.moe import MoEFFN
+from mtmoe.model.transformer import DecoderLayer, DenseFFN, EncoderLayer, Positions
+
+
+def is_moe_layer(index: int, moe: MoEConfig) -> bool:
+    return moe.enabled and index % moe.every == moe.every - 1
+
+
+class Seq2Seq(nn.Module):
+    """Pre-LN Transformer encoder-decoder with optional MoE FFN layers.
+
+    forward(src [B, S], tgt_in [B, T]) -> (logits [B, T, V], (aux_loss, z_loss), stats per MoE layer).
+    """
+
+    def __init__(self, vocab_size: int, model: ModelConfig, moe: MoEConfig, ep_rank: int = 0,
+                 init_seed: int = 1):
+        super().__init__()
+        self.model_cfg, self.moe_cfg, self.vocab_size = model, moe, vocab_size
+        d = model.d_model
+        self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD_ID)
+        nn.init.normal_(self.embed.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[PAD_ID].zero_()
+        self.embed_scale = math.sqrt(d)
+        self.positions = Positions(model.positions, model.max_positions, d)
+        self.dropout = nn.Dropout(model.dropout)
+
+        def ffn(index: int) -> nn.Module:
+            if is_moe_layer(index, moe):
+                return MoEFFN(d, model.d_ff, moe.num_experts, moe.top_k, model.dropout, model.activation,
+                              moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity,
+                              moe.use_rts, moe.ep_size, ep_rank, init_seed=init_seed * 100 + len(self._ffn_ids))
+            return DenseFFN(d, model.d_ff, model.dropout, model.activation)
+
+        self._ffn_ids: list[int] = []
+        self.encoder = nn.ModuleList()
+        for i in range(model.encoder_layers):
+            self.encoder.append(EncoderLayer(d, model.n_heads, ffn(i), model.dropout, model.attention_dropout))
+            self._ffn_ids.append(i)
+        self.decoder = nn.ModuleList()
+        for i in range(model.decoder_layers):
+            self.decoder.append(DecoderLayer(d, model.n_heads, ffn(i), model.dropout, model.attention_dropout))
+            self._ffn_ids.append(i)
+        self.encoder_norm = nn.LayerNorm(d)
+        self.decoder_norm = nn.LayerNorm(d)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.embed(tokens) * self.embed_scale + self.positions(tokens.shape[1], offset)
+        return self.dropout(x)
+
+    def encode(self, src: torch.Tensor):
+        """src [B, S] -> (memory [B, S, D], keep [B, S], aux list, stats list)."""
+        keep = src != PAD_ID
+        x = self._embed(src)
+        aux, stats = [], []
+        for layer in self.encoder:
+            x, a, s = layer(x, keep)
+            aux.append(a)
+            stats.append(s)
+        return self.encoder_norm(x), keep, aux, stats
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor,
+               cache: Optional[list] = None, offset: int = 0):
+        """tgt_in [B, T] -> (logits [B, T, V], aux list, stats list). With `cache` (a list with one
+        dict per layer) this is one incremental step: T=1 at position `offset`."""
+        keep = tgt_in != PAD_ID
+        x = self._embed(tgt_in, offset)
+        aux, stats = [], []
+        for i, layer in enumerate(self.decoder):
+            x, a, s = layer(x, keep, memory, memory_keep, None if cache is None else cache[i])
+            aux.append(a)
+            stats.append(s)
+        logits = F.linear(self.decoder_norm(x), self.embed.weight)
+        return logits, aux, stats
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor):
+        memory, memory_keep, enc_aux, enc_stats = self.encode(src)
+        logits, dec_aux, dec_stats = self.decode(tgt_in, memory, memory_keep)
+        losses = [a for a in enc_aux + dec_aux if a is not None]
+        zero = logits.new_zeros(())
+        aux_loss = sum((a[0] for a in losses), zero)
+        z_loss = sum((a[1] for a in losses), zero)
+        stats = [s for s in enc_stats + dec_stats if s is not None]
+        return logits, (aux_loss, z_loss), stats
+
+    # -- introspection ------------------------------------------------------------------------
+    def moe_layers(self) -> Iterator[tuple[str, MoEFFN]]:
+        for name, module in self.named_modules():
+            if isinstance(module, MoEFFN):
+                yield name, module
+
+    def moe_layer_names(self) -> list[str]:
+        """Short names of the MoE layers in forward order, e.g. ['enc1', 'dec1']."""
+        names = []
+        for stack, layers in (("enc", self.encoder), ("dec", self.decoder)):
+            for i in range(len(layers)):
+                if is_moe_layer(i, self.moe_cfg):
+                    names.append(f"{stack}{i}")
+        return names
+
+
+def build_model(vocab_size: int, model: ModelConfig, moe: MoEConfig, ep_rank: int = 0, seed: int = 1) -> Seq2Seq:
+    """The model with deterministic initial weights for a given seed (the same on every rank)."""
+    torch.manual_seed(seed)
+    return Seq2Seq(vocab_size, model, moe, ep_rank=ep_rank, init_seed=seed)

@@ -1,0 +1,157 @@
+"""Pre-LN Transformer pieces in pure torch: attention with an incremental-decoding cache,
+the dense FFN (also the expert of MoE layers), positions, encoder and decoder layers.
+
+Shapes: B batch, S source length, T target length, D d_model, H heads.
+Padding masks are boolean with True at real tokens ("keep"), matching scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    """fc2(act(fc1(x))): [..., D] -> [..., D]. Also the expert network of an MoE layer."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.act = F.relu if activation == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class DenseFFN(nn.Module):
+    """The dense FFN sub-layer with the MoE layer's calling convention: (x, keep) -> (y, aux, stats)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
+        super().__init__()
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None):
+        return self.ffn(x), None, None
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention on `F.scaled_dot_product_attention`.
+
+    `cache` (a dict) enables incremental decoding: self-attention appends this step's keys and
+    values; cross-attention computes the memory's keys/values once and reuses them."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape  # [B, N, D] -> [B, H, N, D/H]
+        return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor,
+                key_keep: Optional[torch.Tensor] = None, causal: bool = False,
+                cache: Optional[dict] = None, static_kv: bool = False) -> torch.Tensor:
+        """query [B, Tq, D], key_value [B, Tk, D], key_keep [B, Tk] bool -> [B, Tq, D]."""
+        q = self._heads(self.q_proj(query))
+        if cache is not None and static_kv and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k = self._heads(self.k_proj(key_value))
+            v = self._heads(self.v_proj(key_value))
+            if cache is not None:
+                if not static_kv and "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        mask = None if key_keep is None else key_keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None and q.shape[2] > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        b, _, tq, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, tq, -1))
+
+
+def sinusoidal_table(num_positions: int, d_model: int) -> torch.Tensor:
+    """[num_positions, D] fixed sin/cos position table (Vaswani et al. 2017)."""
+    position = torch.arange(num_positions, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(num_positions, d_model)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div[: d_model // 2])
+    return table
+
+
+class Positions(nn.Module):
+    """Position embeddings added to token embeddings: sinusoidal (a buffer) or learned."""
+
+    def __init__(self, kind: str, max_positions: int, d_model: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "learned":
+            self.table = nn.Embedding(max_positions, d_model)
+            nn.init.normal_(self.table.weight, std=d_model ** -0.5)
+        else:
+            self.register_buffer("table_buf", sinusoidal_table(max_positions, d_model), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        """[length, D] embeddings of positions offset .. offset+length-1."""
+        if self.kind == "learned":
+            return self.table.weight[offset:offset + length]
+        return self.table_buf[offset:offset + length]
+
+
+class EncoderLayer(nn.Module):
+    """x + SelfAttn(LN(x)); x + FFN(LN(x)), where FFN is dense or MoE."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float, attention_dropout: float):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor):
+        """x [B, S, D], keep [B, S] -> (x [B, S, D], aux loss or None, routing stats or None)."""
+        h = self.self_attn_norm(x)
+        x = x + self.dropout(self.self_attn(h, h, key_keep=keep))
+        y, aux, stats = self.ffn(self.ffn_norm(x), keep)
+        return x + self.dropout(y), aux, stats
+
+
+class DecoderLayer(nn.Module):
+    """x + SelfAttn(LN(x)) (causal); x + CrossAttn(LN(x), memory); x + FFN(LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float, attention_dropout: float):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
+        self.cross_attn_norm = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor,
+                cache: Optional[dict] = None):
+        """x [B, T, D] (T=1 when decoding with `cache`), memory [B, S, D] -> (x, aux, stats)."""
+        h = self.self_attn_norm(x)
+        self_cache = None if cache is None else cache.setdefault("self", {})
+        x = x + self.dropout(self.self_attn(h, h, causal=cache is None, cache=self_cache))
+        h = self.cross_attn_norm(x)
+        cross_cache = None if cache is None else cache.setdefault("cross", {})
+        x = x + self.dropout(self.cross_attn(h, memory, key_keep=memory_keep, cache=cross_cache, static_kv=True))
+        y, aux, stats = self.ffn(self.ffn_norm(x), keep)
+        return x + self.dropout(y), aux, stats

@@ -1,0 +1,24 @@
+"""Where things live: the project root (bundled data, conf/) and user-given paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Absolute path for a user path or corpus prefix.
+
+    `~` is expanded. A relative path is taken from the current directory when it (or, for a
+    corpus prefix like `data/multi30k/val`, its folder) exists there, else from the project root,
+    so the bundled `data/multi30k` works from any directory."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if (base / p).exists() or (base / p).parent.is_dir() and p.parent != Path("."):
+            return (base / p).absolute()
+    return p.absolute()

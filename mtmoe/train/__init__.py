@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine around the model, the step loop, checkpoints and logs."""

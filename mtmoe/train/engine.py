@@ -1,0 +1,227 @@
+"""The training run: config -> data -> model in the DeepSpeed engine -> step loop -> results.
+
+One step: every rank takes its own token-budget batch from the shared seed-determined stream,
+computes label-smoothed cross-entropy plus the MoE balancing (and z-) losses, and DeepSpeed
+does backward, gradient all-reduce (dense params over the data-parallel group, experts over their
+expert-data-parallel group), clipping and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtmoe.config import TrainAppConfig, validate
+from mtmoe.data.batching import Batch, BatchStream
+from mtmoe.data.prepare import TrainingData, prepare_training_data
+from mtmoe.data.vocab import PAD_ID
+from mtmoe.model.seq2seq import Seq2Seq, build_model
+from mtmoe.train import checkpoint
+from mtmoe.train.distributed import all_reduce_sum, any_rank, barrier, init_distributed
+from mtmoe.train.ds_config import build_deepspeed_config
+from mtmoe.train.observe import Progress, RunLog, plot_training_curves, summarize_routing
+from mtmoe.train.validation import run_validation
+
+log = logging.getLogger("mtmoe")
+
+
+def inverse_sqrt_schedule(warmup_steps: int):
+    """lr multiplier: linear warm-up to 1 at `warmup_steps`, then 1/sqrt(step/warmup)."""
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        step = step + 1
+        return min(step / warmup, math.sqrt(warmup / step))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
+    """Optimizer param groups with experts split out (DeepSpeed's MoE helper); a torch Adam unless
+    the DeepSpeed config names its own optimizer (e.g. CPU-Adam for offload)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": params, "name": "parameters", "weight_decay": cfg.train.weight_decay})
+    if "optimizer" in ds_config:
+        return None, groups
+    optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                                 weight_decay=cfg.train.weight_decay, foreach=True)
+    return optimizer, groups
+
+
+def compute_loss(model, batch: Batch, cfg: TrainAppConfig):
+    """-> (total loss for backward, label-smoothed CE, aux, z, routing stats)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        logits, (aux, z), stats = model(batch.src, batch.tgt_in)
+    ntok = max(1, batch.num_target_tokens)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                         label_smoothing=cfg.train.label_smoothing, reduction="sum") / ntok
+    total = ce + cfg.moe.aux_loss_weight * aux.float() + cfg.moe.z_loss_weight * z.float()
+    return total, ce, aux, z, stats
+
+
+class Trainer:
+    """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
+
+    def __init__(self, cfg: TrainAppConfig, run_dir: Path):
+        import deepspeed
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rank, self.world = init_distributed()
+        validate(cfg, self.world)
+        torch.set_num_threads(max(1, cfg.train.threads))
+        self.is_main = self.rank == 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
+        ep_rank = self.rank % cfg.moe.ep_size if cfg.moe.enabled else 0
+        self.model: Seq2Seq = build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
+        if self.is_main:
+            checkpoint.write_model_description(run_dir, self.data.vocab.path, len(self.data.vocab),
+                                               cfg.data.langs, cfg.model, cfg.moe)
+        if cfg.moe.enabled:
+            from mtmoe.train.deepspeed_moe import wrap_moe_layers
+
+            wrap_moe_layers(self.model)
+        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed)
+        optimizer, groups = build_optimizer(self.model, cfg, self.ds_config)
+        scheduler = None
+        if optimizer is not None:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.train.warmup_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            lr_scheduler=scheduler, config=self.ds_config)
+        self.ep_group = self._expert_group()
+        self.stream = BatchStream(self.data.train, self.data.directions, self.data.probs,
+                                  {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
+                                  cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world)
+        self.step, self.train_seconds, wandb_id = 0, 0.0, None
+        state = checkpoint.load(self.engine, run_dir) if cfg.train.resume else None
+        if state is not None:
+            self.step, self.train_seconds, wandb_id = state["step"], state["train_seconds"], state.get("wandb_id")
+            self.stream.load_state_dict(state["stream"])
+            log.info("resumed from step %d (%s)", self.step, checkpoint.latest_tag(run_dir))
+        self.layer_names = self.model.moe_layer_names()
+        self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), wandb_id)
+
+    def _expert_group(self):
+        """The expert-parallel process group when experts are sharded over ranks, else None."""
+        if not self.cfg.moe.enabled or self.cfg.moe.ep_size == 1:
+            return None
+        from deepspeed.utils import groups
+
+        name = f"ep_size_{self.cfg.moe.ep_size}"
+        assert groups._get_expert_parallel_rank(name) == self.rank % self.cfg.moe.ep_size, \
+            "DeepSpeed's expert-parallel rank differs from the one the experts were built for"
+        return groups._get_expert_parallel_group(name)
+
+    # -- pieces of the loop ----------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
+                "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size}
+
+    def save(self) -> None:
+        checkpoint.save(self.engine, self.run_dir, self.step, self._state(), keep=2, is_writer=self.is_main)
+
+    def validate(self) -> dict | None:
+        """All ranks take part when experts are sharded (decoding runs collectives); otherwise rank 0
+        validates alone and the others wait."""
+        result = None
+        if self.ep_group is not None or self.is_main:
+            result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
+                                    self.cfg.train.valid_bleu, self.cfg.train.bf16, self.ep_group)
+        barrier()
+        if result is not None and self.is_main:
+            record = {"kind": "valid", "step": self.step, "valid_loss": result["valid_loss"]}
+            if "valid_bleu" in result:
+                record["valid_bleu"], record["valid_chrf"] = result["valid_bleu"], result["valid_chrf"]
+            record["directions"] = result["directions"]
+            self.runlog.write(record)
+            log.info("step %d valid loss %.3f%s", self.step, result["valid_loss"],
+                     f" BLEU {result['valid_bleu']:.2f}" if "valid_bleu" in result else "")
+        return result
+
+    def _out_of_budget(self, started: float) -> bool:
+        t = self.cfg.train
+        if t.max_steps > 0 and self.step >= t.max_steps:
+            return True
+        if t.max_minutes > 0:
+            spent = self.train_seconds + (time.monotonic() - started)
+            return any_rank(spent >= t.max_minutes * 60)
+        return False
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, cfg.train.max_minutes, self.step)
+        batches = iter(self.stream)
+        window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
+        window_start = started = time.monotonic()
+        self.engine.train()
+        while not self._out_of_budget(started):
+            batch = next(batches)
+            # Reseed per (step, rank): dropout and RTS draws are then the same after a resume.
+            torch.manual_seed(cfg.train.seed * 1_000_003 + self.step * self.world + self.rank)
+            total, ce, aux, z, stats = compute_loss(self.engine, batch, cfg)
+            self.engine.backward(total)
+            self.engine.step()
+            self.step += 1
+            ntok = batch.num_target_tokens
+            window["loss"] += float(ce) * ntok
+            window["tokens"] += ntok
+            window["src_tokens"] += batch.num_source_tokens
+            window["aux"] += float(aux)
+            window["steps"] += 1
+
+            if self.step % cfg.train.log_every == 0:
+                loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
+                elapsed = time.monotonic() - window_start
+                record = {"kind": "train", "step": self.step, "loss": round(loss_sum / max(1, tokens), 4),
+                          "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.train.lr,
+                          "tokens_per_s": round(tokens / elapsed, 1),
+                          "src_tokens_per_s": round(src_tokens / elapsed, 1),
+                          "aux_loss": round(window["aux"] / window["steps"], 4),
+                          "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
+                if stats:
+                    record["routing"] = summarize_routing(stats, self.layer_names)
+                if self.is_main:
+                    self.runlog.write(record)
+                progress.update(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+                window = {k: 0 * v for k, v in window.items()}
+                window_start = time.monotonic()
+            if cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0:
+                self.train_seconds += time.monotonic() - started
+                started = time.monotonic()
+                self.save()
+            if cfg.train.valid_every > 0 and self.step % cfg.train.valid_every == 0:
+                self.validate()
+        self.train_seconds += time.monotonic() - started
+        progress.close()
+        self.save()
+        final = self.validate()
+        results = None
+        if self.is_main:
+            results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
+                       "world_size": self.world, **(final or {})}
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+            plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
+            self.runlog.close()
+        barrier()
+        return results or {}
+
+
+def _plain(cfg: TrainAppConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def train(cfg: TrainAppConfig, run_dir: Path) -> dict:
+    return Trainer(cfg, run_dir).run()

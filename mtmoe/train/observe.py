@@ -1,0 +1,130 @@
+"""What a run shows: a JSONL log of steps and validations, wandb (offline by default), a progress
+bar with ETA, routing telemetry summaries and the training-curve plot. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("mtmoe")
+
+
+def summarize_routing(stats: list[dict], layer_names: list[str]) -> dict:
+    """Per MoE layer: dropped-token share, load balance (max/mean expert load) and gate entropy."""
+    out = {}
+    for name, s in zip(layer_names, stats):
+        load = s["load"]
+        out[name] = {"dropped": round(float(s["dropped"]), 4),
+                     "balance": round(float(load.max() / load.mean().clamp_min(1e-9)), 3),
+                     "entropy": round(float(s["entropy"]), 3)}
+    return out
+
+
+class RunLog:
+    """Appends records to `train_log.jsonl` and mirrors them to wandb."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, config: Optional[dict] = None,
+                 wandb_id: Optional[str] = None):
+        self.enabled = enabled
+        self.path = run_dir / "train_log.jsonl"
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_SILENT", "true")
+                self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, mode=wandb_cfg.mode,
+                                        dir=str(run_dir), config=config, id=wandb_id, resume="allow")
+                self.wandb_id = self.wandb.id
+            except Exception as e:  # logging must never stop training
+                log.warning("wandb disabled: %s", e)
+                self.wandb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.wandb.log(flat, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Progress:
+    """Progress bar over steps (when max_steps is set) or over the time budget (ETA either way)."""
+
+    def __init__(self, enabled: bool, max_steps: int, max_minutes: float, start_step: int):
+        self.enabled = enabled
+        self.by_time = max_steps <= 0
+        self.start = time.monotonic()
+        self.bar = None
+        if enabled:
+            total = int(max_minutes * 60) if self.by_time else max_steps
+            unit = "s" if self.by_time else "step"
+            self.bar = tqdm(total=total, initial=0 if self.by_time else start_step, unit=unit,
+                            dynamic_ncols=True, mininterval=2.0, desc="train")
+
+    def update(self, step: int, postfix: dict) -> None:
+        if self.bar is None:
+            return
+        if self.by_time:
+            self.bar.n = min(self.bar.total, int(time.monotonic() - self.start))
+        else:
+            self.bar.n = step
+        self.bar.set_postfix(step=step, **postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
+    """train loss vs step, and validation loss/BLEU vs step, as one PNG."""
+    if not log_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, vsteps, vloss, vbleu = [], [], [], [], []
+    for line in log_path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train":
+            steps.append(r["step"])
+            losses.append(r["loss"])
+        elif r.get("kind") == "valid":
+            vsteps.append(r["step"])
+            vloss.append(r["valid_loss"])
+            vbleu.append(r.get("valid_bleu"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(steps, losses, label="train loss")
+    if vsteps:
+        axes[0].plot(vsteps, vloss, "o-", label="valid loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    if vsteps and any(b is not None for b in vbleu):
+        axes[1].plot(vsteps, vbleu, "o-", color="tab:green")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("valid BLEU (greedy, mean over directions)")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def tensor_stats_to_python(stats: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()}

@@ -1,0 +1,63 @@
+"""Periodic validation: per-direction loss (token NLL) and greedy BLEU/chrF on the val subset."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtmoe.data.batching import collate
+from mtmoe.data.prepare import TrainingData
+from mtmoe.data.vocab import PAD_ID
+from mtmoe.eval.decode import translate_ids
+from mtmoe.eval.score import score_direction, summarize
+
+
+@torch.no_grad()
+def direction_loss(model, data: TrainingData, src: str, tgt: str, max_tokens: int, max_len: int,
+                   bf16: bool = False) -> float:
+    """Mean token NLL (no label smoothing) of src->tgt over the validation lines."""
+    corpus = data.valid
+    tag = data.vocab.tag_id(tgt)
+    total, count = 0.0, 0
+    per_batch = max(1, max_tokens // 64)
+    for start in range(0, len(corpus), per_batch):
+        idx = range(start, min(len(corpus), start + per_batch))
+        batch = collate([corpus.line(src, i) for i in idx], [corpus.line(tgt, i) for i in idx],
+                        [tag] * len(idx), max_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _, _ = model(batch.src, batch.tgt_in)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                              reduction="sum")
+        total += float(nll)
+        count += int((batch.tgt_out != PAD_ID).sum())
+    return total / max(1, count)
+
+
+def run_validation(model, data: TrainingData, max_tokens: int, max_len: int, with_bleu: bool,
+                   bf16: bool = False, sync_group=None) -> dict:
+    """{'directions': {'en-de': {'loss', 'ppl', 'bleu', 'chrf', ...}}, 'valid_loss', 'valid_bleu'}."""
+    was_training = model.training
+    model.eval()
+    per_direction: dict[str, dict] = {}
+    try:
+        for src, tgt in data.directions:
+            loss = direction_loss(model, data, src, tgt, max_tokens, max_len, bf16)
+            entry = {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2)}
+            if with_bleu:
+                src_ids = [data.valid.line(src, i).astype(np.int64) for i in range(len(data.valid))]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    hyps = translate_ids(model, src_ids, data.vocab.tag_id(tgt), beam=1,
+                                         max_tokens=max_tokens * 4, sync_group=sync_group)
+                entry.update(score_direction([data.vocab.decode(h) for h in hyps], data.valid.texts[tgt]))
+            per_direction[f"{src}-{tgt}"] = entry
+    finally:
+        model.train(was_training)
+    result = {"directions": per_direction,
+              "valid_loss": round(sum(d["loss"] for d in per_direction.values()) / len(per_direction), 4)}
+    if with_bleu:
+        mean = summarize(per_direction)
+        result["valid_bleu"], result["valid_chrf"] = mean["bleu"], mean["chrf"]
+    return result
