@@ -30,7 +30,7 @@ class DataConfig:
     `json`/`parquet`/`csv`: one file `{prefix}.{format}` with one column per language (read by `datasets`)."""
     langs: list[str] = field(default_factory=lambda: ["en", "de", "fr", "cs"])
     directions: str = "all"
-    """`all` (every ordered pair), `pivot` (to and from `data.pivot`), or a comma list `en-de,de-en`."""
+    """`all` (every ordered pair), `pivot` (to and from `data.pivot`), or a quoted list: `'en-de,de-en'`."""
     pivot: str = "en"
     temperature: float = 5.0
     """Direction sampling: p(direction) ∝ size^(1/T); T=1 is proportional, large T is uniform."""
@@ -115,8 +115,9 @@ class TrainConfig:
     """torch threads per rank; 1 thread per rank is the fast layout on small CPU boxes."""
     log_every: int = 20
     valid_every: int = 1000
-    """Steps between validations (loss + greedy BLEU on `data.val_lines` per direction); 0 = only at the end."""
-    valid_bleu: bool = True
+    """Steps between validations (per-direction loss on `data.val_lines` lines); 0 = only at the end."""
+    valid_bleu: str = "final"
+    """Greedy BLEU/chrF in validation: `final` (the last validation only), `always`, or `never`."""
     save_every: int = 1000
     """Steps between DeepSpeed checkpoints; 0 = only at the end."""
     resume: bool = True
@@ -142,16 +143,18 @@ class EvalAppConfig:
     test: str = "data/multi30k/test_2016_flickr"
     """Corpus prefix: files `{test}.{lang}[.gz]`."""
     langs: Optional[list[str]] = None
-    directions: Optional[str] = None
-    """Comma list `en-de,de-en`; default: every direction between `langs` the model knows."""
+    directions: Optional[list[str]] = None
+    """e.g. `[en-de,de-en]`; default: every direction between the `langs` the model knows."""
     beam: int = 4
     length_penalty: float = 1.0
     max_tokens: int = 4096
     limit: int = 0
     """Score only the first N lines (0 = all)."""
     out: Optional[str] = None
+    workers: int = 1
+    """Decoding processes (directions are shared out); each uses `threads` threads (default 1)."""
     threads: int = 0
-    """0 = torch default."""
+    """torch threads per process; 0 = torch default (1 per worker when workers > 1)."""
 
 
 @dataclass
@@ -223,5 +226,7 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.langs={list(cfg.data.langs)} must list at least two distinct languages")
     if cfg.data.format not in ("text", "json", "parquet", "csv"):
         raise ConfigError(f"data.format={cfg.data.format!r}: expected text, json, parquet or csv")
+    if t.valid_bleu not in ("final", "always", "never"):
+        raise ConfigError(f"train.valid_bleu={t.valid_bleu!r}: expected final, always or never")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected offline, online or disabled")

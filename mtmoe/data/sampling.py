@@ -15,9 +15,12 @@ from mtmoe.config import ConfigError
 Direction = tuple[str, str]
 
 
-def parse_directions(spec: str, langs: Sequence[str], pivot: str = "en") -> list[Direction]:
-    """`all`: every ordered pair of `langs`; `pivot`: to and from `pivot`; else `en-de,de-en`."""
+def parse_directions(spec: str | Sequence[str], langs: Sequence[str], pivot: str = "en") -> list[Direction]:
+    """`all`: every ordered pair of `langs`; `pivot`: to and from `pivot`; else `en-de,de-en`
+    (or the list `["en-de", "de-en"]`)."""
     langs = list(langs)
+    if not isinstance(spec, str):
+        spec = ",".join(spec)
     if spec == "all":
         return [(s, t) for s in langs for t in langs if s != t]
     if spec == "pivot":

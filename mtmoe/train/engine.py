@@ -132,13 +132,15 @@ class Trainer:
     def save(self) -> None:
         checkpoint.save(self.engine, self.run_dir, self.step, self._state(), keep=2, is_writer=self.is_main)
 
-    def validate(self) -> dict | None:
+    def validate(self, final: bool = False) -> dict | None:
         """All ranks take part when experts are sharded (decoding runs collectives); otherwise rank 0
         validates alone and the others wait."""
         result = None
+        mode = self.cfg.train.valid_bleu
+        with_bleu = mode == "always" or (mode == "final" and final)
         if self.ep_group is not None or self.is_main:
             result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
-                                    self.cfg.train.valid_bleu, self.cfg.train.bf16, self.ep_group)
+                                    with_bleu, self.cfg.train.bf16, self.ep_group)
         barrier()
         if result is not None and self.is_main:
             record = {"kind": "valid", "step": self.step, "valid_loss": result["valid_loss"]}
@@ -176,10 +178,10 @@ class Trainer:
             self.engine.step()
             self.step += 1
             ntok = batch.num_target_tokens
-            window["loss"] += float(ce) * ntok
+            window["loss"] += ce.item() * ntok
             window["tokens"] += ntok
             window["src_tokens"] += batch.num_source_tokens
-            window["aux"] += float(aux)
+            window["aux"] += aux.item()
             window["steps"] += 1
 
             if self.step % cfg.train.log_every == 0:
@@ -207,7 +209,7 @@ class Trainer:
         self.train_seconds += time.monotonic() - started
         progress.close()
         self.save()
-        final = self.validate()
+        final = self.validate(final=True)
         results = None
         if self.is_main:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
