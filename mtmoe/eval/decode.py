@@ -49,55 +49,63 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
     memory, memory_keep, _, _ = model.encode(src)
     memory = memory.repeat_interleave(k, 0)
     memory_keep = memory_keep.repeat_interleave(k, 0)
-    src_len = int((src != PAD_ID).sum(1).max())
-    max_len = max(2, min(int(src_len * max_len_a + max_len_b), model.model_cfg.max_positions - 1))
+    # Each sentence's own length limit (not the batch's), so batching never changes a result.
+    limits = ((src != PAD_ID).sum(1).float() * max_len_a + max_len_b).long()
+    limits = limits.clamp(2, model.model_cfg.max_positions - 1)  # [B]
+    max_len = int(limits.max())
     cache: list = [dict() for _ in model.decoder]
     tokens = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long)
     scores = torch.zeros(bsz, k)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
     done = np.zeros(bsz, dtype=bool)
-    base = (torch.arange(bsz) * k)[:, None]
+    active = torch.arange(bsz)  # original index of each sentence still in the batch
 
     for step in range(max_len):
+        n = len(active)
         logits, _, _ = model.decode(tokens[:, -1:], memory, memory_keep, cache=cache, offset=step)
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # [B*k, V]
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # [n*k, V]
         logp[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
-        if step == max_len - 1:
-            eos_col = logp[:, EOS_ID].clone()
-            logp.fill_(float("-inf"))
-            logp[:, EOS_ID] = eos_col
+        at_limit = (limits - 1 == step).repeat_interleave(k)  # [n*k]: must end now
+        if at_limit.any():
+            eos_col = logp[at_limit, EOS_ID]
+            logp[at_limit] = float("-inf")
+            logp[at_limit, EOS_ID] = eos_col
         vocab = logp.shape[1]
-        cand = (scores.view(-1, 1) + logp).view(bsz, k * vocab)
-        top_scores, top_index = cand.topk(2 * k, dim=1)  # [B, 2k]
+        cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
+        top_scores, top_index = cand.topk(2 * k, dim=1)  # [n, 2k]
         top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = top_token == EOS_ID
 
         for b, j in zip(*torch.nonzero(is_eos[:, :k], as_tuple=True)):
             b, j = int(b), int(j)
-            if done[b] or not torch.isfinite(top_scores[b, j]):
+            sentence = int(active[b])
+            if done[sentence] or not torch.isfinite(top_scores[b, j]):
                 continue
             hyp = tokens[b * k + int(top_beam[b, j]), 1:].tolist()
-            finished[b].append((float(top_scores[b, j]) / (len(hyp) + 1) ** length_penalty, hyp))
-            if len(finished[b]) >= k:
-                done[b] = True
+            finished[sentence].append((float(top_scores[b, j]) / (len(hyp) + 1) ** length_penalty, hyp))
+            if len(finished[sentence]) >= k:
+                done[sentence] = True
         if _all_agree(bool(done.all()), sync_group):
             break
 
         cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        cont_scores, pick = cont_scores.topk(k, dim=1)  # [B, k] positions among the 2k
-        order = (base + top_beam.gather(1, pick)).view(-1)
-        tokens = torch.cat([tokens.index_select(0, order), top_token.gather(1, pick).view(-1, 1)], dim=1)
-        scores = cont_scores
+        scores, pick = cont_scores.topk(k, dim=1)  # [n, k] positions among the 2k
+        order = (torch.arange(n)[:, None] * k + top_beam.gather(1, pick))  # [n, k] rows to continue
+        new_tokens = top_token.gather(1, pick)
+        live = torch.from_numpy(~done[active.numpy()])
+        if sync_group is None and not live.all():
+            # Drop finished sentences from the batch (not under expert parallelism, where every
+            # rank must keep the same shapes in lock-step).
+            order, new_tokens, scores = order[live], new_tokens[live], scores[live]
+            active, limits = active[live], limits[live]
+            memory = memory.view(n, k, *memory.shape[1:])[live].flatten(0, 1)
+            memory_keep = memory_keep.view(n, k, -1)[live].flatten(0, 1)
+        order = order.reshape(-1)
+        tokens = torch.cat([tokens.index_select(0, order), new_tokens.reshape(-1, 1)], dim=1)
         _reorder_cache(cache, order)
 
-    best = []
-    for b in range(bsz):
-        if finished[b]:
-            best.append(max(finished[b], key=lambda item: item[0])[1])
-        else:  # only when max_len stopped a sentence before any EOS (cannot happen: EOS is forced)
-            best.append(tokens[b * k, 1:].tolist())
-    return best
+    return [max(hyps, key=lambda item: item[0])[1] for hyps in finished]
 
 
 def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int = 4,

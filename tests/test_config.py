@@ -1,0 +1,57 @@
+"""Hydra composition of the shipped configs and the generated DeepSpeed config."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mtmoe.cli.common import setup
+from mtmoe.config import ConfigError, TrainAppConfig, validate
+from mtmoe.paths import CONF_DIR
+from mtmoe.train.ds_config import build_deepspeed_config
+
+setup()
+
+
+def compose_train(overrides: list[str]) -> TrainAppConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=overrides))
+
+
+def test_default_and_presets_compose_and_validate():
+    cfg = compose_train([])
+    assert cfg.moe.enabled and cfg.moe.num_experts == 4 and cfg.data.directions == "all"
+    validate(cfg, world_size=1)
+    main = compose_train(["+experiment=main"])
+    assert main.data.directions == "pivot" and main.moe.ep_size == 2 and main.train.max_minutes <= 30
+    validate(main, world_size=2)
+    assert not compose_train(["moe=dense"]).moe.enabled
+    assert compose_train(["moe=top2"]).moe.top_k == 2
+    tiny = compose_train(["model=tiny"])
+    assert tiny.model.d_model == 32
+
+
+def test_unknown_key_and_wrong_type_are_rejected():
+    with pytest.raises(Exception, match="moe.nonexistent|nonexistent"):
+        compose_train(["moe.nonexistent=1"])
+    with pytest.raises(Exception, match="num_experts"):
+        compose_train(["moe.num_experts=four"])
+
+
+def test_deepspeed_config_from_hydra_with_raw_override():
+    cfg = compose_train(["train.zero_stage=2", "train.clip_norm=0.5",
+                         "+deepspeed.zero_optimization.reduce_bucket_size=1000",
+                         "+deepspeed.gradient_accumulation_steps=2"])
+    ds = build_deepspeed_config(cfg, cfg.deepspeed)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged, not replaced
+    assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 2
+
+
+def test_budget_and_zero3_are_rejected_early():
+    cfg = compose_train(["train.max_minutes=0", "train.max_steps=0"])
+    with pytest.raises(ConfigError, match="train.max_steps or train.max_minutes"):
+        validate(cfg)
+    cfg = compose_train(["train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="train.zero_stage=3"):
+        validate(cfg)

@@ -1,0 +1,152 @@
+"""Corpus validation, vocabulary with language tags, directions, sampling and batching."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from mtmoe.config import ConfigError
+from mtmoe.data.batching import BatchStream, collate, pack_by_tokens
+from mtmoe.data.corpus import CorpusError, load_corpus, read_lines
+from mtmoe.data.sampling import parse_directions, temperature_probs
+from mtmoe.data.tokenized import tokenize
+from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, get_or_train_vocab, lang_tag
+
+
+def write(path, text: bytes):
+    path.write_bytes(text)
+    return path
+
+
+def test_bundled_corpus_loads_aligned():
+    ds = load_corpus("data/multi30k", "val", ["en", "de", "fr", "cs"])
+    assert len(ds) == 1014 and ds.column_names == ["en", "de", "fr", "cs"]
+    assert all(line == line.strip() and line for line in ds["de"][:50])
+
+
+def test_misaligned_files_name_the_file(tmp_path):
+    write(tmp_path / "c.en", b"a\nb\nc\n")
+    write(tmp_path / "c.de", b"x\ny\n")
+    with pytest.raises(CorpusError, match=r"c\.de: misaligned corpus: 2 lines, but .*c\.en has 3"):
+        load_corpus(str(tmp_path), "c", ["en", "de"])
+
+
+def test_empty_line_names_file_and_line(tmp_path):
+    write(tmp_path / "c.en", b"a\n  \t\nc\n")
+    with pytest.raises(CorpusError, match=r"c\.en:2: empty line"):
+        read_lines(tmp_path / "c.en")
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    write(tmp_path / "c.en", b"ok\nbad \xff byte\n")
+    with pytest.raises(CorpusError, match=r"c\.en:2: invalid UTF-8"):
+        read_lines(tmp_path / "c.en")
+
+
+def test_gzip_bom_crlf_and_trailing_whitespace(tmp_path):
+    with gzip.open(tmp_path / "c.en.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbfHello \t\r\nWorld\r\n")
+    assert read_lines(tmp_path / "c.en.gz") == ["Hello", "World"]
+
+
+def test_language_without_data(tmp_path):
+    write(tmp_path / "c.en", b"a\n")
+    with pytest.raises(CorpusError, match=r"c\.xx\[\.gz\]: no such file \(language 'xx' has no data\)"):
+        load_corpus(str(tmp_path), "c", ["en", "xx"])
+
+
+def test_jsonl_corpus_through_datasets(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"en": "a cat", "de": "eine Katze"}\n{"en": "a dog ", "de": "ein Hund"}\n')
+    ds = load_corpus(str(tmp_path), "c", ["en", "de"], fmt="json")
+    assert ds["en"] == ["a cat", "a dog"] and ds["de"][1] == "ein Hund"
+
+
+def test_directions_and_temperature():
+    assert len(parse_directions("all", ["en", "de", "fr", "cs"])) == 12
+    pivot = parse_directions("pivot", ["en", "de", "fr", "cs"], "en")
+    assert set(pivot) == {("en", "de"), ("de", "en"), ("en", "fr"), ("fr", "en"), ("en", "cs"), ("cs", "en")}
+    assert parse_directions(["en-de", "de-en"], ["en", "de"]) == [("en", "de"), ("de", "en")]
+    with pytest.raises(ConfigError, match="unknown language 'xx'"):
+        parse_directions("en-xx", ["en", "de"])
+    p = temperature_probs([100, 1], 1.0)
+    assert np.allclose(p, [100 / 101, 1 / 101])
+    p5 = temperature_probs([100, 1], 5.0)
+    assert np.allclose(p5, np.array([100, 1]) ** 0.2 / (100 ** 0.2 + 1))
+    assert np.allclose(temperature_probs([100, 1], 1e9), [0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def vocab_and_corpus(corpus, cache_dir):
+    ds = load_corpus(str(corpus), "train", ["en", "de", "fr", "cs"])
+    vocab = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
+    return vocab, tokenize(ds, vocab, ds.column_names, cache_dir), ds
+
+
+def test_vocab_tags_round_trip_and_cache(vocab_and_corpus, cache_dir):
+    vocab, tok, ds = vocab_and_corpus
+    assert vocab.sp.pad_id() == PAD_ID and vocab.sp.bos_id() == BOS_ID and vocab.sp.eos_id() == EOS_ID
+    assert sorted(vocab.languages()) == ["cs", "de", "en", "fr"]
+    for lang in ("en", "de", "fr", "cs"):
+        tid = vocab.tag_id(lang)
+        assert vocab.sp.id_to_piece(tid) == lang_tag(lang)
+        assert vocab.sp.encode(lang_tag(lang)) [-1] == tid  # a tag is one piece
+    for lang in ("de", "cs"):
+        sentence = ds[lang][3]
+        assert vocab.decode(vocab.encode([sentence])[0]) == sentence
+        assert vocab.decode(tok.line(lang, 3).tolist()) == sentence
+    with pytest.raises(ConfigError, match="unknown language 'xx'"):
+        vocab.tag_id("xx")
+    # Trained once: the same text and settings give the same cached model file.
+    again = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
+    assert again.path == vocab.path
+
+
+def test_collate_layout():
+    b = collate([np.array([5, 6, 7]), np.array([8])], [np.array([9, 10]), np.array([11, 12, 13])], [4, 4], 64)
+    assert b.src.tolist() == [[4, 5, 6, 7, EOS_ID], [4, 8, EOS_ID, PAD_ID, PAD_ID]]
+    assert b.tgt_in.tolist() == [[BOS_ID, 9, 10, PAD_ID], [BOS_ID, 11, 12, 13]]
+    assert b.tgt_out.tolist() == [[9, 10, EOS_ID, PAD_ID], [11, 12, 13, EOS_ID]]
+
+
+def test_token_budget_packing():
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(3, 40, 500), rng.integers(3, 40, 500)
+    order = np.lexsort((src, tgt))
+    groups = pack_by_tokens(src[order], tgt[order], 300)
+    assert sum(len(g) for g in groups) == 500
+    for g in groups:
+        assert len(g) * max(src[order][g].max(), tgt[order][g].max()) <= 300 or len(g) == 1
+
+
+def test_stream_is_deterministic_resumable_and_sharded(vocab_and_corpus):
+    vocab, tok, _ = vocab_and_corpus
+    dirs = parse_directions("all", tok.langs)
+    tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
+    probs = temperature_probs([len(tok)] * len(dirs), 5.0)
+
+    def stream(rank=0, world=1):
+        return BatchStream(tok, dirs, probs, tags, max_tokens=200, max_len=64, seed=3, rank=rank, world_size=world,
+                           chunk_sentences=300)
+
+    full = stream()
+    it = iter(full)
+    first = [next(it) for _ in range(25)]
+    for b in first:
+        assert b.src.shape[0] * max(b.src.shape[1], b.tgt_in.shape[1]) <= 200 or b.src.shape[0] == 1
+        assert set(b.src[:, 0].tolist()) <= set(tags.values())  # every source starts with a tag
+    # Resume after 10 batches: the same continuation.
+    resumed = stream()
+    probe = iter(resumed)
+    for _ in range(10):
+        next(probe)
+    state = resumed.state_dict()
+    fresh = stream()
+    fresh.load_state_dict(state)
+    cont = iter(fresh)
+    for expected in first[10:20]:
+        assert next(cont).src.equal(expected.src)
+    # Two ranks: disjoint halves of the global order.
+    r0, r1 = iter(stream(0, 2)), iter(stream(1, 2))
+    assert next(r0).src.equal(first[0].src) and next(r1).src.equal(first[1].src)

@@ -1,0 +1,127 @@
+"""Model shapes, the MoE router's rules, and the index-based dispatch against a per-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtmoe.config import ConfigError, ModelConfig, MoEConfig, TrainAppConfig, validate
+from mtmoe.model.moe import MoEFFN, Router, assign_slots, expert_capacity
+from mtmoe.model.seq2seq import build_model
+
+TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
+
+
+def batch(vocab=100, b=3, s=7, t=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (b, s), generator=g)
+    tgt = torch.randint(4, vocab, (b, t), generator=g)
+    src[0, 4:] = 0
+    tgt[1, 3:] = 0
+    return src, tgt
+
+
+@pytest.mark.parametrize("moe", [MoEConfig(enabled=False), MoEConfig(num_experts=4, top_k=1),
+                                 MoEConfig(num_experts=4, top_k=2)], ids=["dense", "top1", "top2"])
+def test_forward_shapes(moe):
+    model = build_model(100, TINY, moe)
+    src, tgt = batch()
+    logits, (aux, z), stats = model(src, tgt)
+    assert logits.shape == (3, 5, 100)
+    assert aux.shape == () and z.shape == ()
+    n_moe = 2 if moe.enabled else 0  # layer 1 of encoder and of decoder
+    assert len(stats) == n_moe and model.moe_layer_names() == (["enc1", "dec1"] if moe.enabled else [])
+    if moe.enabled:
+        assert stats[0]["load"].shape == (4,)
+        assert torch.isclose(stats[0]["load"].sum(), torch.tensor(1.0))
+        assert stats[0]["tokens"] == (src != 0).sum()  # padding is not routed
+    logits.sum().backward()
+
+
+def test_experts_do_not_depend_on_layout():
+    """Expert e has the same initial weights whether built with ep_size 1 or as rank 1 of ep_size 2."""
+    full = MoEFFN(16, 32, num_experts=4, ep_size=1, init_seed=7)
+    half = MoEFFN(16, 32, num_experts=4, ep_size=2, ep_rank=1, init_seed=7)
+    assert list(half.global_expert_ids) == [2, 3]
+    assert torch.equal(full.experts[2].fc1.weight, half.experts[0].fc1.weight)
+    assert torch.equal(full.experts[3].fc2.weight, half.experts[1].fc2.weight)
+    a = build_model(50, TINY, MoEConfig(ep_size=1))
+    b = build_model(50, TINY, MoEConfig(ep_size=2), ep_rank=1)
+    assert torch.equal(a.embed.weight, b.embed.weight)
+    assert torch.equal(a.decoder[1].ffn.gate.wg.weight, b.decoder[1].ffn.gate.wg.weight)
+
+
+def test_capacity_never_exceeded_and_top2_distinct():
+    torch.manual_seed(0)
+    router = Router(16, num_experts=4, top_k=2, capacity_factor=0.5, min_capacity=1, use_rts=True)
+    x = torch.randn(200, 16)
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[150:] = False
+    plan, aux, z, stats = router(x, keep)
+    assert plan.capacity == expert_capacity(150, 4, 2, 0.5, 1)
+    assert (plan.expert[:, 0] != plan.expert[:, 1]).all()
+    for e in range(4):
+        slots = plan.slot[plan.kept & (plan.expert == e)]
+        assert len(slots) <= plan.capacity
+        assert len(set(slots.tolist())) == len(slots)  # no two tokens share a slot
+    assert not plan.kept[150:].any()  # padding never takes capacity
+    assert (plan.weight[~plan.kept] == 0).all()
+    assert stats["dropped"] > 0
+
+
+def test_position_rule_drops_latest_tokens():
+    """Without RTS, an overflowing expert keeps the earliest positions."""
+    expert = torch.zeros(10, 1, dtype=torch.long)  # every token chose expert 0
+    valid = torch.ones(10, 1, dtype=torch.bool)
+    slots = assign_slots(expert, valid, num_experts=2, priority=None)
+    assert slots[:, 0].tolist() == list(range(10))
+    rts = assign_slots(expert, valid, 2, priority=torch.tensor([9., 8, 7, 6, 5, 4, 3, 2, 1, 0]))
+    assert rts[:, 0].tolist() == list(range(9, -1, -1))
+
+
+def reference_moe(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Slow path: each token through its top-k experts, one at a time (no capacity limit)."""
+    out = torch.zeros_like(x)
+    probs = layer.gate.wg(x).float().softmax(-1)
+    for i in range(x.shape[0]):
+        p, e = probs[i].topk(layer.gate.top_k)
+        if layer.gate.top_k > 1:
+            p = p / p.sum()
+        for w, idx in zip(p, e):
+            out[i] += w * layer.experts[int(idx)](x[i])
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dispatch_equals_per_token_reference(top_k):
+    torch.manual_seed(0)
+    layer = MoEFFN(16, 32, num_experts=4, top_k=top_k, capacity_factor=0.0, eval_capacity_factor=0.0, init_seed=1)
+    layer.eval()
+    x = torch.randn(2, 9, 16)
+    y, _, stats = layer(x)
+    assert torch.allclose(y.view(-1, 16), reference_moe(layer, x.view(-1, 16)), atol=1e-5)
+    assert stats["dropped"] == 0
+
+
+def test_padding_does_not_change_real_outputs():
+    torch.manual_seed(0)
+    model = build_model(100, TINY, MoEConfig(num_experts=4, capacity_factor=0.0)).eval()
+    src, tgt = batch()
+    with torch.no_grad():
+        full, _, _ = model(src[:1, :4], tgt[:1])
+        padded, _, _ = model(src[:1], tgt[:1])  # src[0, 4:] is padding
+    assert torch.allclose(full, padded, atol=1e-5)
+
+
+def test_config_validation_names_the_field():
+    cfg = TrainAppConfig()
+    cfg.moe.num_experts, cfg.moe.ep_size = 6, 4
+    with pytest.raises(ConfigError, match=r"moe.num_experts=6 is not divisible by moe.ep_size=4"):
+        validate(cfg, world_size=4)
+    cfg.moe.num_experts, cfg.moe.ep_size = 4, 2
+    cfg.train.max_steps = 10
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by moe.ep_size=2"):
+        validate(cfg, world_size=3)
+    cfg.moe.top_k = 3
+    with pytest.raises(ConfigError, match=r"moe.top_k=3"):
+        validate(cfg, world_size=2)

@@ -1,0 +1,194 @@
+"""End to end on a tiny config: train (world of one) -> checkpoint -> resume -> export -> identical
+logits -> eval -> translate; a 2-rank `deepspeed` run with ep_size 2; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli, run_deepspeed, tiny_overrides
+
+
+def log_records(run_dir, kind="train"):
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+            if json.loads(line).get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, cache_dir):
+    """A tiny MoE run of 12 steps with checkpoints every 6."""
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=12, **{"train.save_every": 6}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_training_outputs(trained):
+    records = log_records(trained)
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
+        assert set(r["routing"]) == {"enc1", "dec1"}
+    assert records[-1]["loss"] < records[0]["loss"]
+    results = json.loads((trained / "results.json").read_text())
+    assert results["step"] == 12 and len(results["directions"]) == 12
+    assert {"loss", "bleu", "chrf"} <= set(results["directions"]["en-de"])
+    assert (trained / "train_curves.png").stat().st_size > 0
+    assert (trained / "checkpoints" / "latest").read_text().strip() == "step00000012"
+    assert len(list((trained / "checkpoints" / "step00000012").glob("layer_*_expert_*"))) == 8
+
+
+def test_resume_continues_the_same_run(trained, tmp_path, corpus, cache_dir):
+    """Resuming the step-6 checkpoint and training to 12 reproduces the uninterrupted losses."""
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(trained / "checkpoints" / "step00000006", resumed / "checkpoints" / "step00000006")
+    (resumed / "checkpoints" / "latest").write_text("step00000006")
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, resumed, steps=12, **{"train.save_every": 6}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 6" in proc.stderr + proc.stdout
+    expected = {r["step"]: r["loss"] for r in log_records(trained)}
+    got = {r["step"]: r["loss"] for r in log_records(resumed)}
+    assert sorted(got) == [8, 10, 12]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-4)
+
+
+def test_export_reload_gives_identical_logits(trained, tmp_path):
+    """The export (safetensors, no DeepSpeed) computes exactly what the live DeepSpeed model computes
+    after loading the same checkpoint."""
+    export = tmp_path / "export"
+    proc = run_cli("mtmoe-export", [f"checkpoint={trained}", f"out={export}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "spm.model"]
+    script = f"""
+import sys, torch
+torch.set_num_threads(1)  # the trainer below runs with 1 thread: same kernels, same bits
+sys.modules['deepspeed'] = None  # importing DeepSpeed would fail: the export must not need it
+from mtmoe.export.artifact import load_export
+model, vocab, config = load_export({str(export)!r})
+src = torch.tensor([[vocab.tag_id('de')] + vocab.encode(['A dog runs.'])[0] + [3]])
+tgt = torch.tensor([[2] + vocab.encode(['Ein Hund'])[0]])
+with torch.no_grad():
+    logits, _, _ = model(src, tgt)
+torch.save({{'src': src, 'tgt': tgt, 'logits': logits}}, {str(tmp_path / 'export_logits.pt')!r})
+"""
+    proc = run_cli_python(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "export_logits.pt", weights_only=True)
+
+    # The live model: the trainer rebuilt in this process, resumed from the same checkpoint.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtmoe.cli.common import setup
+    from mtmoe.paths import CONF_DIR
+    from mtmoe.train.engine import Trainer
+
+    setup()
+    overrides = [o for o in json.loads((trained / ".hydra" / "overrides.json").read_text())
+                 if not o.startswith("hydra.")] if (trained / ".hydra" / "overrides.json").exists() else None
+    if overrides is None:
+        overrides = [o for o in OmegaConf.load(trained / ".hydra" / "overrides.yaml") if not o.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=overrides))
+    trainer = Trainer(cfg, trained)
+    assert trainer.step == 12
+    trainer.model.eval()
+    with torch.no_grad():
+        live, _, _ = trainer.model(ref["src"], ref["tgt"])
+    assert torch.equal(live, ref["logits"])
+
+
+def run_cli_python(script: str):
+    import subprocess
+
+    from conftest import clean_env
+
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=clean_env())
+
+
+def test_eval_and_translate_cli(trained, tmp_path, corpus):
+    export = tmp_path / "export"
+    assert run_cli("mtmoe-export", [f"checkpoint={trained}", f"out={export}"]).returncode == 0
+    out = tmp_path / "eval.json"
+    proc = run_cli("mtmoe-eval", [f"model={export}", f"test={corpus}/test_2016_flickr", "langs=[en,de]", "beam=2",
+                                  "limit=5", f"out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["directions"]) == {"en-de", "de-en"}
+    assert "BLEU+case.mixed" in report["directions"]["en-de"]["bleu_signature"] or \
+        "nrefs:1" in report["directions"]["en-de"]["bleu_signature"]
+    assert "en-de" in proc.stdout and (tmp_path / "eval.en-de.hyp").exists()
+
+    lines = "A man is riding a bike.\n\nTwo dogs play in the snow.\n"
+    proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "beam=2"], stdin=lines)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_lines = proc.stdout.split("\n")
+    assert len(out_lines) == 4 and out_lines[-1] == "" and out_lines[1] == ""  # one line out per line in
+
+    proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=xx"], stdin="hi\n")
+    assert proc.returncode == 2 and "tgt='xx': unknown language" in proc.stderr and proc.stdout == ""
+
+
+def test_two_rank_expert_parallel_run(tmp_path, corpus, cache_dir):
+    """`deepspeed --num_gpus 2` with ep_size 2: each rank holds 2 of 4 experts; the checkpoint and
+    the export hold all 4."""
+    run_dir = tmp_path / "ep2"
+    proc = run_deepspeed("mtmoe.train", tiny_overrides(corpus, cache_dir, run_dir, steps=6, **{"moe.ep_size": 2}))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    records = log_records(run_dir)
+    assert records[-1]["step"] == 6
+    state = json.loads((run_dir / "checkpoints" / "step00000006" / "mtmoe_state.json").read_text())
+    assert state["world_size"] == 2 and state["ep_size"] == 2
+    export = tmp_path / "export"
+    assert run_cli("mtmoe-export", [f"checkpoint={run_dir}", f"out={export}"]).returncode == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(export / "model.safetensors"))
+    experts = sorted({k.split(".experts.")[1].split(".")[0] for k in weights if ".experts." in k})
+    assert experts == ["0", "1", "2", "3"]
+    # Experts 0/1 were trained on rank 0 and 2/3 on rank 1: all distinct.
+    fc1 = [weights[f"encoder.1.ffn.experts.{e}.fc1.weight"] for e in range(4)]
+    assert all(not torch.equal(fc1[i], fc1[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, corpus, cache_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for lang in ("en", "de", "fr", "cs"):
+        (bad / f"train.{lang}").write_text((corpus / f"train.{lang}").read_text())
+        (bad / f"val.{lang}").write_text((corpus / f"val.{lang}").read_text())
+    (bad / "train.fr").write_text("\n".join((corpus / "train.fr").read_text().splitlines()[:-1]) + "\n")
+    proc = run_cli("mtmoe-train", tiny_overrides(bad, cache_dir, tmp_path / "r1") )
+    assert proc.returncode == 2 and "train.fr: misaligned corpus: 399 lines" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, tmp_path / "r2", **{"moe.num_experts": 3,
+                                                                                         "moe.ep_size": 2}))
+    assert proc.returncode == 2 and "moe.num_experts=3 is not divisible by moe.ep_size=2" in proc.stderr
+
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, tmp_path / "r3", **{"moe.ep_size": 2}))
+    assert proc.returncode == 2 and "world size 1 is not divisible by moe.ep_size=2" in proc.stderr
+
+    proc = run_cli("mtmoe-export", [f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'e'}"])
+    assert proc.returncode == 2 and "no DeepSpeed checkpoint here" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_named(trained, tmp_path, corpus, cache_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    model_file = broken / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    proc = run_cli("mtmoe-export", [f"checkpoint={broken}", f"out={tmp_path / 'e'}"])
+    assert proc.returncode == 2 and "mp_rank_00_model_states.pt: unreadable checkpoint file" in proc.stderr
+    assert not (tmp_path / "e").exists()
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, broken, steps=14))
+    assert proc.returncode == 2 and "step00000012: cannot load checkpoint" in proc.stderr
