@@ -82,6 +82,8 @@ class MoEConfig:
     use_rts: bool = True
     """Random Token Selection: when an expert overflows, keep a uniformly random subset of its
     tokens instead of the earliest positions."""
+    kept_experts: dict[str, list[int]] = field(default_factory=dict)
+    """Set by expert pruning in exports: MoE layer (`enc1`, `dec1`, ...) -> ids of the experts it keeps."""
 
 
 @dataclass
@@ -151,6 +153,8 @@ class EvalAppConfig:
     limit: int = 0
     """Score only the first N lines (0 = all)."""
     out: Optional[str] = None
+    telemetry: bool = False
+    """Also record routing telemetry on the test set (teacher-forced): `<out stem>.telemetry.json` + `.png`."""
     workers: int = 1
     """Decoding processes (directions are shared out); each uses `threads` threads (default 1)."""
     threads: int = 0
@@ -158,10 +162,27 @@ class EvalAppConfig:
 
 
 @dataclass
+class PruneConfig:
+    keep: Optional[float] = None
+    """Global pruning: keep this many experts per layer (>= 1) or this fraction of them (< 1)."""
+    direction: Optional[str] = None
+    """Per-direction pruning, e.g. `en-de`: keep the experts carrying `mass` of its routing."""
+    mass: float = 0.9
+    calibration: str = "data/multi30k/val"
+    """Corpus prefix whose routing telemetry decides what is kept."""
+    lines: int = 300
+    """Calibration lines per direction (0 = all): ~4k tokens per direction and layer is plenty for
+    routing shares, and telemetry over all 12 x 1014 val pairs costs minutes on a CPU."""
+
+
+@dataclass
 class ExportAppConfig:
     checkpoint: str = "???"
-    """A training run dir (its latest checkpoint is used) or a checkpoint tag dir inside it."""
+    """A training run dir (its latest checkpoint), a checkpoint tag dir, or an existing export dir."""
     out: str = "???"
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: str = "none"
+    """Expert weight quantization: none, int8 or int4."""
 
 
 @dataclass

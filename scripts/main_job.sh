@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
 # The main job: train the default MoE model on the bundled Multi30k corpus with 2 DeepSpeed ranks
-# (~24 min budget), report its validation BLEU, export it (safetensors + JSON), and score the
-# export with beam 4 on test_2016_flickr (sacrebleu BLEU/chrF per direction).
+# (~24 min budget), export it (safetensors + JSON), score it with beam 4 on test_2016_flickr
+# (sacrebleu BLEU/chrF per direction, plus routing telemetry), then export an expert-pruned,
+# int8-quantized model and score it the same way, side by side with the full one.
 # Extra arguments are Hydra overrides for training, e.g. train.max_minutes=5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 RUN=${RUN:-runs/main-$(date +%Y%m%d-%H%M%S)}
+PRUNE=${PRUNE:-"prune.keep=0.5 quant=int8"}
+DIRECTIONS=[en-de,de-en,en-fr,fr-en,en-cs,cs-en]
+TEST=data/multi30k/test_2016_flickr
 started=$(date +%s)
 
 deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$RUN" "$@"
 trained=$(date +%s)
 mtmoe-export checkpoint="$RUN" out="$RUN/export"
-mtmoe-eval model="$RUN/export" test=data/multi30k/test_2016_flickr \
-  directions=[en-de,de-en,en-fr,fr-en,en-cs,cs-en] beam=4 workers=2 out="$RUN/test_2016_flickr.json"
+mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=2 telemetry=true \
+  out="$RUN/eval_full/test_2016_flickr.json"
+# shellcheck disable=SC2086
+mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" $PRUNE
+mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 workers=2 \
+  out="$RUN/eval_pruned/test_2016_flickr.json"
 finished=$(date +%s)
 
 python - "$RUN" "$started" "$trained" "$finished" <<'PY'
 import json, sys
+from mtmoe.export.artifact import export_bytes
 run, started, trained, finished = sys.argv[1], *map(int, sys.argv[2:])
 results = json.load(open(f"{run}/results.json"))
-test = json.load(open(f"{run}/test_2016_flickr.json"))
+full = json.load(open(f"{run}/eval_full/test_2016_flickr.json"))
+pruned = json.load(open(f"{run}/eval_pruned/test_2016_flickr.json"))
 log = [json.loads(l) for l in open(f"{run}/train_log.jsonl")]
-tps = [r["tokens_per_s"] for r in log if r.get("kind") == "train"]
+tps = sorted(r["tokens_per_s"] for r in log if r.get("kind") == "train")
+sizes = {name: export_bytes(f"{run}/{name}") for name in ("export", "export_pruned")}
+config = json.load(open(f"{run}/export_pruned/config.json"))
 print(f"\n== main job summary ({run}) ==")
-print(f"training: {results['step']} steps in {results['train_minutes']} min, "
-      f"median {sorted(tps)[len(tps) // 2]:.0f} target tokens/s (2 ranks); wall {trained - started} s")
+print(f"training: {results['step']} steps in {results['train_minutes']} min, median {tps[len(tps) // 2]:.0f} "
+      f"target tokens/s (2 ranks); training phase wall {trained - started} s")
 print(f"trained model, val (greedy, {len(results['directions'])} directions): "
       f"BLEU {results.get('valid_bleu')}  chrF {results.get('valid_chrf')}")
-print(f"export, test_2016_flickr (beam 4): mean BLEU {test['mean']['bleu']}  chrF {test['mean']['chrf']}")
+print(f"\ntest_2016_flickr, beam 4     full export     pruned export ({config['pruning']['rule']} "
+      f"keep={config['pruning'].get('keep')}, {config.get('quantization', {}).get('bits', 32)}-bit experts)")
+print(f"{'direction':<10} {'BLEU':>7} {'chrF':>7}   {'BLEU':>7} {'chrF':>7}  {'dBLEU':>6}")
+for d, f in full["directions"].items():
+    p = pruned["directions"][d]
+    print(f"{d:<10} {f['bleu']:>7.2f} {f['chrf']:>7.2f}   {p['bleu']:>7.2f} {p['chrf']:>7.2f}  {p['bleu'] - f['bleu']:>+6.2f}")
+print(f"{'mean':<10} {full['mean']['bleu']:>7.2f} {full['mean']['chrf']:>7.2f}   "
+      f"{pruned['mean']['bleu']:>7.2f} {pruned['mean']['chrf']:>7.2f}  {pruned['mean']['bleu'] - full['mean']['bleu']:>+6.2f}")
 scored = ["en-de", "de-en", "en-fr", "fr-en"]
-print(f"mean BLEU over en<->de, en<->fr: {sum(test['directions'][d]['bleu'] for d in scored) / 4:.2f}")
+print(f"mean BLEU over en<->de, en<->fr: full {sum(full['directions'][d]['bleu'] for d in scored) / 4:.2f}, "
+      f"pruned {sum(pruned['directions'][d]['bleu'] for d in scored) / 4:.2f}")
+for name, s in sizes.items():
+    print(f"{name}: {s['file_bytes'] / 1e6:.1f} MB (experts {s['expert_bytes'] / 1e6:.1f} MB)")
+print(f"decoding (2 workers): full {full['sentences_per_s']} sent/s, pruned {pruned['sentences_per_s']} sent/s")
+print(f"routing heatmap: {run}/eval_full/test_2016_flickr.telemetry.png")
 print(f"total wall time: {finished - started} s; outputs in {run}/")
 PY

@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     report = evaluate_export(cfg.model, cfg.test, list(cfg.langs) if cfg.langs else None, cfg.directions,
                              cfg.beam, cfg.length_penalty, cfg.max_tokens, cfg.limit, cfg.out, cfg.workers,
-                             cfg.threads)
+                             cfg.threads, cfg.telemetry)
     print(report["table"])
     print(f"decoding: {report['sentences_per_s']} sentences/s")
 

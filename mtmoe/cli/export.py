@@ -1,6 +1,8 @@
 """mtmoe-export: a training run's checkpoint -> standalone export (config.json, model.safetensors, spm.model).
 
     mtmoe-export checkpoint=runs/main out=exports/main
+    mtmoe-export checkpoint=runs/main out=exports/half-int8 prune.keep=0.5 quant=int8
+    mtmoe-export checkpoint=exports/main out=exports/en-de prune.direction=en-de prune.mass=0.9
 """
 
 from __future__ import annotations
@@ -19,8 +21,20 @@ setup()
 def main(cfg: DictConfig) -> None:
     from mtmoe.export.artifact import export_run
 
-    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out))
-    print(f"exported {cfg.checkpoint} -> {out}")
+    from mtmoe.export.artifact import export_bytes
+
+    prune = None
+    if cfg.prune.keep is not None or cfg.prune.direction:
+        if cfg.prune.keep is not None and cfg.prune.direction:
+            from mtmoe.config import ConfigError
+
+            raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
+        prune = {"keep": cfg.prune.keep, "direction": cfg.prune.direction, "mass": cfg.prune.mass,
+                 "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
+    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant)
+    sizes = export_bytes(out)
+    print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "
+          f"experts {sizes['expert_bytes'] / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def _decode_directions(model_dir: str, texts: dict, pairs: list, beam: int, leng
 
 def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None, directions: Optional[str] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
-                    out=None, workers: int = 1, threads: int = 0) -> dict:
+                    out=None, workers: int = 1, threads: int = 0, telemetry: bool = False) -> dict:
     """Translates and scores every requested direction; returns (and with `out`, writes) the report:
     `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses)."""
     model_dir = str(resolve(model_dir))
@@ -83,4 +83,13 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         out.with_suffix(".txt").write_text(report["table"] + "\n")
         for name, lines in hyps.items():
             out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
+    if telemetry:
+        from mtmoe.eval.telemetry import collect_routing, plot_heatmap
+
+        model, vocab, _ = load_export(model_dir)
+        routing = collect_routing(model, vocab, texts, pairs)
+        stem = out.with_suffix("") if out else Path("telemetry")
+        Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
+        plot_heatmap(routing, Path(f"{stem}.telemetry.png"))
+        report["telemetry"] = f"{stem}.telemetry.json"
     return report

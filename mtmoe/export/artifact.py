@@ -10,15 +10,17 @@ Our own checkpoints are read with `torch.load(weights_only=True)`, never full un
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.config import ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import Vocab
 from mtmoe.model.seq2seq import Seq2Seq
 
@@ -72,9 +74,24 @@ def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
     return model_cfg, moe_cfg
 
 
-def export_run(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Writes the export of a run's (latest) checkpoint to `out_dir`; returns out_dir."""
-    run_dir, tag_dir = resolve_checkpoint(Path(checkpoint))
+def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path) -> Path:
+    """Writes config.json + model.safetensors + spm.model; the directory appears complete or not at all."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    shutil.copyfile(spm_path, tmp / "spm.model")
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
+    """(full plain model, spm path, export config) from a run dir or checkpoint tag dir."""
+    run_dir, tag_dir = resolve_checkpoint(checkpoint)
     desc_path = run_dir / "model.json"
     if not desc_path.is_file():
         raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
@@ -86,20 +103,77 @@ def export_run(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ExportError(f"{tag_dir}: checkpoint does not match {desc_path}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    shutil.copyfile(run_dir / "spm.model", tmp / "spm.model")
     config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
               "model": asdict(model_cfg), "moe": asdict(moe_cfg),
               "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the export appears complete or not at all
-    return out
+    return model.eval(), run_dir / "spm.model", config
+
+
+def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
+               quant: Optional[str] = None) -> Path:
+    """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
+    (`prune`: {"keep": k} or {"direction": "en-de", "mass": 0.9}, plus "calibration" prefix and
+    "lines") and quantized (`quant`: "int8" | "int4")."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "config.json").is_file():
+        model, _, config = load_export(checkpoint)
+        spm_path = checkpoint / "spm.model"
+        config = copy.deepcopy(config)
+    else:
+        model, spm_path, config = _load_checkpoint_model(checkpoint)
+    if prune:
+        model, config = _prune(model, spm_path, config, prune)
+    if quant and quant != "none":
+        if config.get("quantization"):
+            raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
+        bits = {"int8": 8, "int4": 4}.get(quant)
+        if bits is None:
+            raise ConfigError(f"quant={quant!r}: expected none, int8 or int4")
+        from mtmoe.export.quantize import quantize_experts
+
+        quantize_experts(model, bits)
+        config["quantization"] = {"bits": bits, "scheme": "weight-only, per output channel, symmetric",
+                                  "targets": "expert fc1/fc2 weights"}
+    return _write(model, spm_path, config, Path(out_dir))
+
+
+def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[Seq2Seq, dict]:
+    from mtmoe.data.corpus import load_test_set
+    from mtmoe.data.sampling import parse_directions
+    from mtmoe.eval.telemetry import collect_routing
+    from mtmoe.export.prune import direction_keep, global_keep, prune_state_dict
+
+    if config.get("quantization"):
+        raise ExportError("prune before quantizing: this export is already quantized")
+    if config["moe"].get("kept_experts"):
+        raise ExportError("this export is already pruned; prune from the full model")
+    if not config["moe"]["enabled"]:
+        raise ConfigError("prune: the model has no MoE layers")
+    calibration = prune.get("calibration") or "data/multi30k/val"
+    langs = config["langs"]
+    direction = prune.get("direction")
+    directions = parse_directions(direction, langs) if direction else parse_directions("all", langs)
+    needed = sorted({lang for pair in directions for lang in pair})
+    texts = load_test_set(calibration, needed)
+    lines = int(prune.get("lines") or 0)
+    if lines:
+        texts = {lang: t[:lines] for lang, t in texts.items()}
+    telemetry = collect_routing(model, Vocab(spm_path), texts, directions)
+    top_k = config["moe"]["top_k"]
+    if direction:
+        kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
+        rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
+    else:
+        kept = global_keep(telemetry, float(prune["keep"]), min_experts=top_k)
+        rule = {"rule": "global", "keep": prune["keep"]}
+    config = copy.deepcopy(config)
+    config["moe"]["kept_experts"] = kept
+    config["pruning"] = {**rule, "kept": kept, "calibration": str(calibration),
+                         "calibration_lines": len(texts[needed[0]]), "telemetry": telemetry["overall"]}
+    model_cfg, moe_cfg = _configs(config)
+    pruned = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
+    pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)
+    return pruned.eval(), config
 
 
 def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Vocab, dict]:
@@ -116,11 +190,31 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Voc
         raise ExportError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
     model_cfg, moe_cfg = _configs(config)
     model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
+    if config.get("quantization"):
+        from mtmoe.export.quantize import quantize_experts
+
+        quantize_experts(model, config["quantization"]["bits"])
     try:
         state = load_file(str(d / "model.safetensors"))
     except Exception as e:
         raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{d / 'model.safetensors'}: does not match {config_path} ({str(e)[:300]})") from e
     model.eval()
     return model, Vocab(d / "spm.model"), config
 
+
+def export_bytes(export_dir: str | Path) -> dict:
+    """File size of model.safetensors and the bytes of its expert tensors."""
+    from safetensors import safe_open
+
+    path = Path(export_dir) / "model.safetensors"
+    experts = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if ".experts." in key:
+                t = f.get_tensor(key)
+                experts += t.numel() * t.element_size()
+    return {"file_bytes": path.stat().st_size, "expert_bytes": experts}

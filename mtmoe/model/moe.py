@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,10 +80,22 @@ class Router(nn.Module):
     DeepSpeed's TopKGate, whose checkpoint code knows that name."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, capacity_factor: float = 1.25,
-                 eval_capacity_factor: float = 0.0, min_capacity: int = 4, use_rts: bool = True):
+                 eval_capacity_factor: float = 0.0, min_capacity: int = 4, use_rts: bool = True,
+                 kept_experts: Optional[Sequence[int]] = None):
         super().__init__()
-        self.wg = nn.Linear(d_model, num_experts, bias=False)
-        self.num_experts = num_experts
+        self.wg = nn.Linear(d_model, num_experts, bias=False)  # one row per expert of the trained layer
+        # Expert pruning (export): only `kept_experts` can be chosen, and they are renumbered
+        # 0..m-1 for dispatch. Gate probabilities still come from the softmax over all rows, so a
+        # token whose choices are all kept gets exactly the weights of the unpruned model.
+        self.kept_experts = None if kept_experts is None else [int(e) for e in kept_experts]
+        self.num_experts = num_experts if kept_experts is None else len(self.kept_experts)
+        if self.kept_experts is not None:
+            selectable = torch.zeros(num_experts, dtype=torch.bool)
+            selectable[self.kept_experts] = True
+            compact = torch.full((num_experts,), -1, dtype=torch.long)
+            compact[self.kept_experts] = torch.arange(len(self.kept_experts))
+            self.register_buffer("selectable", selectable, persistent=False)
+            self.register_buffer("compact", compact, persistent=False)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -106,7 +118,12 @@ class Router(nn.Module):
         """x [N, D] (any dtype), keep [N] bool -> (plan, aux_loss, z_loss, stats)."""
         logits = self.wg(x).float()  # routing in fp32, as in every MoE recipe
         probs = logits.softmax(dim=-1)
-        top_p, top_e = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.kept_experts is None:
+            top_p, top_e = probs.topk(self.top_k, dim=-1)  # [N, k]
+        else:
+            top_p, top_e = probs.masked_fill(~self.selectable, -1.0).topk(self.top_k, dim=-1)
+            top_e = self.compact[top_e]
+            probs = probs[:, self.kept_experts]
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
         valid = keep[:, None].expand_as(top_e)
@@ -134,6 +151,8 @@ class Router(nn.Module):
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1)
             stats = {
                 "load": load.detach(),  # [E] share of real tokens whose first choice is e
+                "importance": importance.detach(),  # [E] mean gate probability over real tokens
+                "routed": (F.one_hot(top_e, self.num_experts) * valid[..., None]).sum((0, 1)).float(),  # [E] choices
                 "dropped": (valid & ~kept).float().sum() / (valid.float().sum().clamp_min(1.0)),
                 "entropy": (entropy * keep_f).sum() / denom,
                 "tokens": torch.tensor(float(num_real)),
@@ -209,14 +228,14 @@ class MoEFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1, dropout: float = 0.0,
                  activation: str = "relu", capacity_factor: float = 1.25, eval_capacity_factor: float = 0.0,
                  min_capacity: int = 4, use_rts: bool = True, ep_size: int = 1, ep_rank: int = 0,
-                 init_seed: Optional[int] = None):
+                 init_seed: Optional[int] = None, kept_experts: Optional[Sequence[int]] = None):
         super().__init__()
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.gate = Router(d_model, num_experts, top_k, capacity_factor, eval_capacity_factor,
-                           min_capacity, use_rts)
-        local = num_experts // ep_size
+                           min_capacity, use_rts, kept_experts)
+        local = self.gate.num_experts // ep_size
         with torch.random.fork_rng(devices=[]):  # the global RNG stream must not depend on ep_size
             self.experts = nn.ModuleList(FeedForward(d_model, d_ff, dropout, activation) for _ in range(local))
         if init_seed is not None:

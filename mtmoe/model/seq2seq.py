@@ -43,22 +43,21 @@ class Seq2Seq(nn.Module):
         self.positions = Positions(model.positions, model.max_positions, d)
         self.dropout = nn.Dropout(model.dropout)
 
-        def ffn(index: int) -> nn.Module:
+        def ffn(stack: str, index: int, position: int) -> nn.Module:
             if is_moe_layer(index, moe):
                 return MoEFFN(d, model.d_ff, moe.num_experts, moe.top_k, model.dropout, model.activation,
                               moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity,
-                              moe.use_rts, moe.ep_size, ep_rank, init_seed=init_seed * 100 + len(self._ffn_ids))
+                              moe.use_rts, moe.ep_size, ep_rank, init_seed=init_seed * 100 + position,
+                              kept_experts=moe.kept_experts.get(f"{stack}{index}"))
             return DenseFFN(d, model.d_ff, model.dropout, model.activation)
 
-        self._ffn_ids: list[int] = []
-        self.encoder = nn.ModuleList()
-        for i in range(model.encoder_layers):
-            self.encoder.append(EncoderLayer(d, model.n_heads, ffn(i), model.dropout, model.attention_dropout))
-            self._ffn_ids.append(i)
-        self.decoder = nn.ModuleList()
-        for i in range(model.decoder_layers):
-            self.decoder.append(DecoderLayer(d, model.n_heads, ffn(i), model.dropout, model.attention_dropout))
-            self._ffn_ids.append(i)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(d, model.n_heads, ffn("enc", i, i), model.dropout, model.attention_dropout)
+            for i in range(model.encoder_layers))
+        self.decoder = nn.ModuleList(
+            DecoderLayer(d, model.n_heads, ffn("dec", i, model.encoder_layers + i), model.dropout,
+                         model.attention_dropout)
+            for i in range(model.decoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder_norm = nn.LayerNorm(d)
 
@@ -79,9 +78,11 @@ class Seq2Seq(nn.Module):
         return self.encoder_norm(x), keep, aux, stats
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_keep: torch.Tensor,
-               cache: Optional[list] = None, offset: int = 0):
+               cache: Optional[list] = None, offset: int = 0, project: bool = True):
         """tgt_in [B, T] -> (logits [B, T, V], aux list, stats list). With `cache` (a list with one
-        dict per layer) this is one incremental step: T=1 at position `offset`."""
+        dict per layer) this is one incremental step: T=1 at position `offset`. `project=False`
+        returns the final hidden states [B, T, D] instead of logits (routing telemetry needs no
+        vocabulary projection, the largest single matmul)."""
         keep = tgt_in != PAD_ID
         x = self._embed(tgt_in, offset)
         aux, stats = [], []
@@ -89,8 +90,8 @@ class Seq2Seq(nn.Module):
             x, a, s = layer(x, keep, memory, memory_keep, None if cache is None else cache[i])
             aux.append(a)
             stats.append(s)
-        logits = F.linear(self.decoder_norm(x), self.embed.weight)
-        return logits, aux, stats
+        x = self.decoder_norm(x)
+        return (F.linear(x, self.embed.weight) if project else x), aux, stats
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor):
         memory, memory_keep, enc_aux, enc_stats = self.encode(src)
@@ -107,6 +108,12 @@ class Seq2Seq(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, MoEFFN):
                 yield name, module
+
+    @staticmethod
+    def moe_layer_prefix(name: str) -> str:
+        """Short MoE layer name -> state-dict prefix: `enc1` -> `encoder.1.ffn.`."""
+        stack = "encoder" if name.startswith("enc") else "decoder"
+        return f"{stack}.{int(name[3:])}.ffn."
 
     def moe_layer_names(self) -> list[str]:
         """Short names of the MoE layers in forward order, e.g. ['enc1', 'dec1']."""

@@ -1,0 +1,147 @@
+"""Expert pruning and int8/int4 quantization of exports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
+from mtmoe.export.quantize import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
+from mtmoe.model.moe import MoEFFN
+from mtmoe.model.seq2seq import build_model, Seq2Seq
+
+TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_pruned_layer_equals_full_layer_on_tokens_routed_to_kept_experts(top_k):
+    torch.manual_seed(0)
+    full = MoEFFN(16, 32, num_experts=6, top_k=top_k, eval_capacity_factor=0.0, init_seed=3).eval()
+    kept = [1, 2, 4] if top_k == 1 else [0, 2, 3, 5]
+    pruned = MoEFFN(16, 32, num_experts=6, top_k=top_k, eval_capacity_factor=0.0, kept_experts=kept).eval()
+    state = {f"x.ffn.{k}": v for k, v in full.state_dict().items()}
+    pruned_state = prune_state_dict({k.replace("x.ffn.", "encoder.1.ffn."): v for k, v in state.items()},
+                                    {"enc1": kept})
+    pruned.load_state_dict({k.replace("encoder.1.ffn.", ""): v for k, v in pruned_state.items()})
+    assert len(pruned.experts) == len(kept)
+    x = torch.randn(1, 400, 16)
+    with torch.no_grad():
+        y_full, _, _ = full(x)
+        y_pruned, _, _ = pruned(x)
+        choices = full.gate.wg(x[0]).softmax(-1).topk(top_k, dim=-1).indices  # [N, k]
+    routed_to_kept = torch.isin(choices, torch.tensor(kept)).all(dim=1)
+    assert routed_to_kept.sum() > 20 and (~routed_to_kept).sum() > 20
+    assert torch.allclose(y_full[0, routed_to_kept], y_pruned[0, routed_to_kept], atol=1e-6)
+    # Tokens whose choice was pruned now go to kept experts only.
+    assert not torch.allclose(y_full[0, ~routed_to_kept], y_pruned[0, ~routed_to_kept], atol=1e-6)
+
+
+def test_keep_rules():
+    tele = {"layers": ["enc1"], "overall": {"enc1": {"share": [0.1, 0.5, 0.15, 0.25]}},
+            "by_direction": {"en-de": {"enc1": {"share": [0.05, 0.6, 0.3, 0.05]}}}}
+    assert keep_count(0.5, 4) == 2 and keep_count(3, 4) == 3 and keep_count(0.3, 4) == 2
+    assert global_keep(tele, 2) == {"enc1": [1, 3]}
+    assert global_keep(tele, 0.25) == {"enc1": [1]}
+    assert direction_keep(tele, "en-de", 0.9) == {"enc1": [1, 2]}
+    assert direction_keep(tele, "en-de", 0.5) == {"enc1": [1]}
+    assert direction_keep(tele, "en-de", 0.5, min_experts=2) == {"enc1": [1, 2]}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_error_bounded_per_channel(bits):
+    torch.manual_seed(0)
+    w = torch.randn(64, 33) * torch.linspace(0.01, 3, 64)[:, None]  # very different channel ranges
+    q, scale = quantize(w, bits)
+    assert q.min() >= -QMAX[bits] - 1 and q.max() <= QMAX[bits]
+    err = (dequantize(q, scale) - w).abs().amax(dim=1)
+    assert (err <= scale / 2 + 1e-6).all()
+    assert torch.allclose(scale, w.abs().amax(dim=1) / QMAX[bits])
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(-8, 8, (5, 7), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 4)
+    assert torch.equal(unpack_int4(packed, 7), q)
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.3)])
+def test_quant_linear_close_to_float(bits, tol):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    ql = QuantLinear.from_linear(lin, bits)
+    x = torch.randn(10, 64)
+    rel = (ql(x) - lin(x)).norm() / lin(x).norm()
+    assert rel < tol
+
+
+def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache_dir):
+    """A checkpoint -> pruned + int4 export -> loads with torch + safetensors only, the record of
+    what was kept is in config.json, and expert bytes shrink accordingly."""
+    from conftest import clean_env, run_cli, tiny_overrides
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4, **{"train.valid_bleu": "never"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, half = tmp_path / "full", tmp_path / "half4"
+    assert run_cli("mtmoe-export", [f"checkpoint={run_dir}", f"out={full}"]).returncode == 0
+    proc = run_cli("mtmoe-export", [f"checkpoint={full}", f"out={half}", "prune.keep=0.5", "quant=int4",
+                                    f"prune.calibration={corpus}/val"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((half / "config.json").read_text())
+    assert {layer: len(ids) for layer, ids in config["pruning"]["kept"].items()} == {"enc1": 2, "dec1": 2}
+    assert config["quantization"]["bits"] == 4
+    import subprocess
+
+    script = f"""
+import sys, torch
+sys.modules['deepspeed'] = None
+from mtmoe.export.artifact import load_export, export_bytes
+model, vocab, config = load_export({str(half)!r})
+assert len(model.encoder[1].ffn.experts) == 2
+src = torch.tensor([[vocab.tag_id('de')] + vocab.encode(['A dog.'])[0] + [3]])
+logits, _, _ = model(src, torch.tensor([[2]]))
+assert torch.isfinite(logits).all()
+full, half = export_bytes({str(full)!r}), export_bytes({str(half)!r})
+print(full['expert_bytes'], half['expert_bytes'])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full_bytes, half_bytes = map(int, proc.stdout.split())
+    d, ff, layers, kept = 32, 64, 2, 2  # tiny: d_model, d_ff, MoE layers, experts kept per layer
+    fp32_expert = 4 * (ff * d + ff + d * ff + d)
+    int4_expert = (ff * d // 2 + 4 * ff + 4 * ff) + (d * ff // 2 + 4 * d + 4 * d)  # codes, scales, biases
+    assert full_bytes == layers * 4 * fp32_expert
+    assert half_bytes == layers * kept * int4_expert
+
+
+def test_routing_telemetry_and_heatmap(tmp_path):
+    from mtmoe.eval.telemetry import collect_routing, plot_heatmap
+
+    class FakeVocab:  # token ids straight from characters; tags 4..7
+        tags = {"en": 4, "de": 5, "fr": 6}
+
+        def encode(self, lines):
+            return [[8 + ord(c) % 40 for c in line] for line in lines]
+
+        def tag_id(self, lang):
+            return self.tags[lang]
+
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=2)).eval()
+    texts = {"en": ["a cat", "the dog runs"], "de": ["eine Katze", "der Hund rennt"], "fr": ["un chat", "le chien"]}
+    tele = collect_routing(model, FakeVocab(), texts, [("en", "de"), ("de", "en"), ("en", "fr")])
+    assert tele["layers"] == ["enc1", "dec1"] and tele["num_experts"] == 4
+    assert set(tele["by_direction"]) == {"en-de", "de-en", "en-fr"}
+    assert set(tele["by_language"]) == {"en", "de", "fr"}
+    assert "enc1" not in tele["by_language"]["fr"]  # fr is only a target: decoder layers only
+    for layer in ("enc1", "dec1"):
+        for part in ("share", "prob_mass"):
+            assert sum(tele["overall"][layer][part]) == pytest.approx(1.0, abs=1e-3)
+    # top-2: every real encoder token makes 2 choices
+    assert tele["by_direction"]["en-de"]["enc1"]["tokens"] == sum(len(s) + 2 for s in texts["en"])
+    png = plot_heatmap(tele, tmp_path / "heat.png")
+    assert png.stat().st_size > 1000
