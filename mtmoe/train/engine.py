@@ -166,8 +166,9 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, cfg.train.max_minutes, self.step)
         batches = iter(self.stream)
-        window = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
+        window = _new_window()
         window_start = started = time.monotonic()
+        saved_step = self.step
         self.engine.train()
         while not self._out_of_budget(started):
             batch = next(batches)
@@ -198,17 +199,19 @@ class Trainer:
                 if self.is_main:
                     self.runlog.write(record)
                 progress.update(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-                window = {k: 0 * v for k, v in window.items()}
+                window = _new_window()
                 window_start = time.monotonic()
             if cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0:
                 self.train_seconds += time.monotonic() - started
                 started = time.monotonic()
                 self.save()
+                saved_step = self.step
             if cfg.train.valid_every > 0 and self.step % cfg.train.valid_every == 0:
                 self.validate()
         self.train_seconds += time.monotonic() - started
         progress.close()
-        self.save()
+        if saved_step != self.step:
+            self.save()
         final = self.validate(final=True)
         results = None
         if self.is_main:
@@ -219,6 +222,11 @@ class Trainer:
             self.runlog.close()
         barrier()
         return results or {}
+
+
+def _new_window() -> dict:
+    """Sums over the steps since the last log record."""
+    return {"loss": 0.0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
 
 
 def _plain(cfg: TrainAppConfig) -> dict:
