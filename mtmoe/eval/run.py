@@ -20,17 +20,17 @@ from mtmoe.data.corpus import available_languages, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.eval.decode import translate
 from mtmoe.eval.score import format_table, score_direction, summarize
-from mtmoe.export.artifact import load_export
+from mtmoe.export.artifact import load_export, read_export_config
 from mtmoe.paths import resolve
 
 
-def _decode_directions(model_dir: str, texts: dict, pairs: list, beam: int, length_penalty: float,
-                       max_tokens: int, threads: int) -> dict[str, list[str]]:
-    """Worker: loads the export and translates each (src, tgt) pair."""
-    if threads:
-        torch.set_num_threads(threads)
+def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalty: float,
+                      max_tokens: int, threads: int) -> tuple[str, list[str]]:
+    """Worker process: loads the export and translates one (src, tgt) pair."""
+    torch.set_num_threads(threads)
     model, vocab, _ = load_export(model_dir)
-    return {f"{s}-{t}": translate(model, vocab, texts[s], t, beam, length_penalty, max_tokens) for s, t in pairs}
+    src, tgt = pair
+    return f"{src}-{tgt}", translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
 
 
 def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None, directions: Optional[str] = None,
@@ -39,9 +39,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     """Translates and scores every requested direction; returns (and with `out`, writes) the report:
     `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses)."""
     model_dir = str(resolve(model_dir))
-    config = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() \
-        else load_export(model_dir)[2]
-    known = config["langs"]
+    known = read_export_config(model_dir)["langs"]
     langs = list(langs) if langs else available_languages(test, known)
     unknown = [lang for lang in langs if lang not in known]
     if unknown:
@@ -55,19 +53,23 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     started = time.monotonic()
     hyps: dict[str, list[str]] = {}
     workers = max(1, min(workers, len(pairs)))
-    shards = [pairs[i::workers] for i in range(workers)]
+    model = vocab = None
     with tqdm(total=len(pairs), unit="direction", desc="decode") as bar:
         if workers == 1:
-            for pair in pairs:
-                hyps.update(_decode_directions(model_dir, texts, [pair], beam, length_penalty, max_tokens, threads))
+            if threads:
+                torch.set_num_threads(threads)
+            model, vocab, _ = load_export(model_dir)
+            for src, tgt in pairs:
+                hyps[f"{src}-{tgt}"] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_decode_directions, model_dir, texts, [pair], beam, length_penalty,
-                                       max_tokens, threads or 1) for shard in shards for pair in shard]
+                futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalty,
+                                       max_tokens, threads or 1) for pair in pairs]
                 for future in as_completed(futures):
-                    hyps.update(future.result())
+                    name, lines = future.result()
+                    hyps[name] = lines
                     bar.update(1)
     seconds = time.monotonic() - started
     per_direction = {f"{s}-{t}": score_direction(hyps[f"{s}-{t}"], texts[t]) for s, t in pairs}
@@ -86,7 +88,8 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     if telemetry:
         from mtmoe.eval.telemetry import collect_routing, plot_heatmap
 
-        model, vocab, _ = load_export(model_dir)
+        if model is None:  # decoded in worker processes
+            model, vocab, _ = load_export(model_dir)
         routing = collect_routing(model, vocab, texts, pairs)
         stem = out.with_suffix("") if out else Path("telemetry")
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))

@@ -176,10 +176,9 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     return pruned.eval(), config
 
 
-def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Vocab, dict]:
-    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only."""
-    d = Path(export_dir)
-    config_path = d / "config.json"
+def read_export_config(export_dir: str | Path) -> dict:
+    """An export's validated config.json (no weights are read)."""
+    config_path = Path(export_dir) / "config.json"
     if not config_path.is_file():
         raise ExportError(f"{config_path}: missing (not an mtmoe export)")
     try:
@@ -188,6 +187,14 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Voc
         raise ExportError(f"{config_path}: invalid JSON ({e})") from e
     if config.get("format") != FORMAT:
         raise ExportError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Vocab, dict]:
+    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only."""
+    d = Path(export_dir)
+    config_path = d / "config.json"
+    config = read_export_config(d)
     model_cfg, moe_cfg = _configs(config)
     model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
     if config.get("quantization"):
