@@ -38,7 +38,10 @@ class DataConfig:
     spm_model_type: str = "unigram"
     spm_sample_lines: int = 200000
     max_len: int = 128
-    """Token limit per side (longer training examples are truncated)."""
+    """Token limit per side, counting the language tag and </s>."""
+    too_long: str = "skip"
+    """Training lines longer than `max_len` in any language: `skip` (counted and reported),
+    `truncate`, or `fail` (error naming the first such file and line)."""
     max_train_lines: int = 0
     """Use only the first N training lines (0 = all); for quick experiments."""
     val_lines: int = 200
@@ -123,7 +126,11 @@ class TrainConfig:
     save_every: int = 1000
     """Steps between DeepSpeed checkpoints; 0 = only at the end."""
     resume: bool = True
-    """Resume from the run dir's latest checkpoint when there is one."""
+    """Re-running a command in the same run dir (`hydra.run.dir=...`) resumes from its newest good checkpoint."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest N); at least 2 so a corrupt newest one has a fallback."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive batches with a non-finite loss (each is skipped); 0 = never stop."""
     progress: bool = True
 
 
@@ -247,6 +254,14 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.langs={list(cfg.data.langs)} must list at least two distinct languages")
     if cfg.data.format not in ("text", "json", "parquet", "csv"):
         raise ConfigError(f"data.format={cfg.data.format!r}: expected text, json, parquet or csv")
+    if cfg.data.too_long not in ("skip", "truncate", "fail"):
+        raise ConfigError(f"data.too_long={cfg.data.too_long!r}: expected skip, truncate or fail")
+    if cfg.data.max_len < 4:
+        raise ConfigError(f"data.max_len={cfg.data.max_len} is too small (tag + token + </s> need 3)")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    if t.max_bad_steps < 0:
+        raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
     if t.valid_bleu not in ("final", "always", "never"):
         raise ConfigError(f"train.valid_bleu={t.valid_bleu!r}: expected final, always or never")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):

@@ -49,6 +49,21 @@ def tiny_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int = 12
     return [f"{k}={v}" for k, v in args.items()]
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, corpus, cache_dir) -> Path:
+    """A tiny MoE run of 12 steps with checkpoints every 6 (tests copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=12, **{"train.save_every": 6}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def export_of(trained: Path, out: Path) -> Path:
+    proc = run_cli("mtmoe-export", [f"checkpoint={trained}", f"out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

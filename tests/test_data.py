@@ -150,3 +150,28 @@ def test_stream_is_deterministic_resumable_and_sharded(vocab_and_corpus):
     # Two ranks: disjoint halves of the global order.
     r0, r1 = iter(stream(0, 2)), iter(stream(1, 2))
     assert next(r0).src.equal(first[0].src) and next(r1).src.equal(first[1].src)
+
+
+def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):
+    """`data.too_long`: skip drops whole multi-way rows over max_len (the stream never draws them),
+    truncate keeps every row, fail names the file and line of the first one."""
+    from mtmoe.config import DataConfig
+    from mtmoe.data.prepare import usable_rows
+
+    _, tok, _ = vocab_and_corpus
+    longest = np.max([tok.lengths(lang) for lang in tok.langs], axis=0)
+    max_len = int(np.sort(longest)[-5]) + 2  # the 4 longest rows do not fit (ties aside)
+    over = np.flatnonzero(longest > max_len - 2)
+    assert 1 <= len(over) < 10
+    cfg = DataConfig(corpus_dir="somewhere", max_len=max_len, too_long="skip")
+    rows = usable_rows(tok, cfg)
+    assert len(rows) == len(tok) - len(over) and not set(over) & set(rows.tolist())
+    assert len(usable_rows(tok, DataConfig(max_len=max_len, too_long="truncate"))) == len(tok)
+    with pytest.raises(CorpusError, match=rf"train\.\w\w:{over[0] + 1}: \d+ tokens, over data.max_len={max_len}"):
+        usable_rows(tok, DataConfig(corpus_dir="somewhere", max_len=max_len, too_long="fail"))
+
+    dirs = parse_directions("all", tok.langs)
+    stream = BatchStream(tok, dirs, temperature_probs([len(tok)] * len(dirs), 5.0),
+                         {lang: 4 for lang in tok.langs}, 400, max_len, 3, chunk_sentences=2000, rows=rows)
+    drawn = np.concatenate([lines for _, lines in stream._chunk(0)])
+    assert len(drawn) > 1000 and not set(over.tolist()) & set(drawn.tolist())

@@ -36,9 +36,11 @@ def setup() -> None:
 
 
 def friendly_errors(fn):
-    """Known bad-input errors become one line on stderr and exit code 2 (no traceback)."""
+    """Known errors become one line on stderr and no traceback: bad input or config (exit code 2),
+    a diverged run (exit code 3)."""
     from mtmoe.export.artifact import ExportError
     from mtmoe.train.checkpoint import CheckpointError
+    from mtmoe.train.guard import TrainingDiverged
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,5 +49,8 @@ def friendly_errors(fn):
         except (ConfigError, CorpusError, CheckpointError, ExportError) as e:
             print(f"mtmoe: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except TrainingDiverged as e:
+            print(f"mtmoe: error: {e}", file=sys.stderr)
+            sys.exit(3)
 
     return wrapper

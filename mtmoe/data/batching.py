@@ -92,8 +92,11 @@ class BatchStream:
 
     def __init__(self, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
                  tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000):
+                 rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000,
+                 rows: np.ndarray | None = None):
+        """`rows`: the corpus lines that may be drawn (default all; see `data.too_long`)."""
         self.corpus = corpus
+        self.rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
         self.directions = list(directions)
         self.probs = np.asarray(probs)
         self.tag_ids = tag_ids
@@ -110,7 +113,7 @@ class BatchStream:
         """[(direction_index[B], line_index[B]), ...] for every global batch of the chunk."""
         rng = np.random.default_rng([self.seed, chunk])
         dirs = rng.choice(len(self.directions), size=self.chunk_sentences, p=self.probs)
-        lines = rng.integers(0, len(self.corpus), size=self.chunk_sentences)
+        lines = self.rows[rng.integers(0, len(self.rows), size=self.chunk_sentences)]
         src_len = np.empty(self.chunk_sentences, dtype=np.int64)
         tgt_len = np.empty(self.chunk_sentences, dtype=np.int64)
         for d, (s, t) in enumerate(self.directions):

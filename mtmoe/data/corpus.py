@@ -11,12 +11,16 @@ invalid UTF-8, an empty line, or files of different lengths. Other formats (`jso
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 
 from mtmoe.paths import resolve
+
+
+log = logging.getLogger("mtmoe")
 
 
 class CorpusError(ValueError):
@@ -34,8 +38,10 @@ def find_language_file(prefix: Path, lang: str) -> Path | None:
 def read_lines(path: Path) -> list[str]:
     """Reads a UTF-8 text file (gzip if it ends in .gz): one stripped sentence per line.
 
-    Strips surrounding whitespace (Multi30k has trailing tabs), a UTF-8 BOM and CR of CRLF endings.
-    Raises CorpusError naming file and line for invalid UTF-8 or an empty line."""
+    Strips surrounding whitespace (Multi30k has trailing tabs). A UTF-8 BOM and CRLF line endings
+    are accepted with a warning naming the file (Windows tools write them; the text is intact).
+    Raises CorpusError naming file and line for invalid UTF-8, an empty line, a NUL byte, or a
+    carriage return inside a line (old Mac line endings: the file's lines are not what they seem)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -43,12 +49,21 @@ def read_lines(path: Path) -> list[str]:
     except (OSError, EOFError) as e:
         raise CorpusError(f"{path}: cannot read ({e})") from e
     if raw.startswith(b"\xef\xbb\xbf"):
+        log.warning("%s: starts with a UTF-8 byte-order mark (ignored)", path)
         raw = raw[3:]
     chunks = raw.split(b"\n")
     if chunks and chunks[-1] == b"":
         chunks.pop()
-    lines = []
+    lines, crlf = [], 0
     for number, chunk in enumerate(chunks, start=1):
+        if chunk.endswith(b"\r"):
+            crlf += 1
+            chunk = chunk[:-1]
+        if b"\r" in chunk:
+            raise CorpusError(f"{path}:{number}: carriage return inside the line (old Mac line endings or "
+                              f"joined files?): the file's lines would not align")
+        if b"\0" in chunk:
+            raise CorpusError(f"{path}:{number}: NUL byte (binary data, or UTF-16 text?)")
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -59,6 +74,8 @@ def read_lines(path: Path) -> list[str]:
         lines.append(text)
     if not lines:
         raise CorpusError(f"{path}: the file is empty")
+    if crlf:
+        log.warning("%s: %d of %d lines end in CRLF (Windows line endings; the CR is dropped)", path, crlf, len(lines))
     return lines
 
 

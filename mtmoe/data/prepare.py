@@ -7,10 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import logging
+from pathlib import Path
+
 import numpy as np
 
 from mtmoe.config import DataConfig
-from mtmoe.data.corpus import load_corpus
+from mtmoe.data.corpus import CorpusError, find_language_file, load_corpus
 from mtmoe.data.sampling import Direction, parse_directions, temperature_probs
 from mtmoe.data.tokenized import TokenizedCorpus, tokenize
 from mtmoe.data.vocab import Vocab, get_or_train_vocab
@@ -24,6 +27,40 @@ class TrainingData:
     valid: TokenizedCorpus
     directions: list[Direction]
     probs: np.ndarray  # [num_directions]
+    train_rows: np.ndarray  # [usable lines] indices of training lines within data.max_len
+
+
+log = logging.getLogger("mtmoe")
+
+
+def usable_rows(corpus: TokenizedCorpus, cfg: DataConfig) -> np.ndarray:
+    """Indices of the training lines that fit `cfg.max_len` in every language, by `cfg.too_long`:
+    all lines (`truncate`), the fitting ones (`skip`), or CorpusError at the first misfit (`fail`).
+
+    A line fits when tag/BOS + tokens + </s> <= max_len. Multi-way parallel rows are kept or dropped
+    whole, so every direction sees the same lines."""
+    limit = cfg.max_len - 2
+    too_long = np.zeros(len(corpus), dtype=bool)
+    for lang in corpus.langs:
+        too_long |= corpus.lengths(lang) > limit
+    count = int(too_long.sum())
+    if cfg.too_long == "truncate" or count == 0:
+        return np.arange(len(corpus))
+    if cfg.too_long == "fail":
+        row = int(np.argmax(too_long))
+        lang = next(lang for lang in corpus.langs if corpus.lengths(lang)[row] > limit)
+        prefix = Path(cfg.corpus_dir) / cfg.train_prefix
+        where = (f"{find_language_file(resolve(prefix), lang) or f'{prefix}.{lang}'}:{row + 1}" if cfg.format == "text"
+                 else f"{prefix}.{cfg.format}: row {row + 1}, column {lang!r}")
+        raise CorpusError(f"{where}: {int(corpus.lengths(lang)[row])} tokens, over data.max_len={cfg.max_len} "
+                          f"(with tag and </s>); {count} training lines are too long "
+                          f"(data.too_long=fail; `skip` drops them, `truncate` cuts them)")
+    if count == len(corpus):
+        raise CorpusError(f"{Path(cfg.corpus_dir) / cfg.train_prefix}: every training line is longer than "
+                          f"data.max_len={cfg.max_len}")
+    log.warning("skipping %d of %d training lines longer than data.max_len=%d tokens (data.too_long=skip)",
+                count, len(corpus), cfg.max_len)
+    return np.flatnonzero(~too_long)
 
 
 def prepare_training_data(cfg: DataConfig, is_first: bool = True,
@@ -38,9 +75,9 @@ def prepare_training_data(cfg: DataConfig, is_first: bool = True,
                                    cfg.vocab_size, cfg.spm_model_type, cfg.spm_sample_lines)
         train = tokenize(train_ds, vocab, cfg.langs, cache_dir)
         valid = tokenize(valid_ds, vocab, cfg.langs, cache_dir)
-        # Multi-way parallel corpus: every direction has len(train) examples.
+        # Multi-way parallel corpus: every direction has the same lines.
         probs = temperature_probs([len(train)] * len(directions), cfg.temperature)
-        return TrainingData(vocab, train, valid, directions, probs)
+        return TrainingData(vocab, train, valid, directions, probs, usable_rows(train, cfg))
 
     if is_first:
         data = build()

@@ -91,7 +91,12 @@ def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path) -> Path:
 
 def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
     """(full plain model, spm path, export config) from a run dir or checkpoint tag dir."""
+    from mtmoe.train.checkpoint import verify
+
     run_dir, tag_dir = resolve_checkpoint(checkpoint)
+    problem = verify(tag_dir)
+    if problem:
+        raise ExportError(f"unusable checkpoint: {problem}")
     desc_path = run_dir / "model.json"
     if not desc_path.is_file():
         raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")

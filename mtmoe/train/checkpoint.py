@@ -1,24 +1,42 @@
-"""DeepSpeed checkpoints of a run: `RUN_DIR/checkpoints/<tag>/` plus DeepSpeed's `latest` file,
-and the run's model description (`RUN_DIR/model.json`, `RUN_DIR/spm.model`) that export reads.
+"""Crash-safe DeepSpeed checkpoints of a run, and the run's model description for export.
+
+Layout of `RUN_DIR/checkpoints/`:
+
+    step00000400/            one complete checkpoint (DeepSpeed's files + mtmoe_state.json + manifest.json)
+    step00000600/
+    latest                   the tag to resume from, written last
+    .partial-step00000800/   a save in progress (or one a crash interrupted; removed on the next start)
+
+A save writes into `.partial-<tag>/` on every rank, fsyncs, then rank 0 writes `manifest.json`
+(size and sha256 of every file), renames the directory to `<tag>` and only then replaces `latest`
+(write-to-temp + rename). A kill at any point leaves either the old checkpoints untouched or a new
+one that is complete: a directory named `step*` always has its manifest. Loading verifies the
+manifest; a truncated or corrupt checkpoint is skipped with a warning and the previous one is used.
 
 The mtmoe training state (step, data-stream position, wandb id, time spent) travels in DeepSpeed's
-`client_state` and is mirrored to `<tag>/mtmoe_state.json` for people and tools.
+`client_state` and is mirrored to `<tag>/mtmoe_state.json` for people and tools. Shared storage
+across nodes is assumed (as DeepSpeed assumes by default): rank 0 renames what all ranks wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from mtmoe.train.distributed import barrier
+from mtmoe.train.distributed import any_rank, barrier, broadcast_object, is_first_rank
 
 log = logging.getLogger("mtmoe")
 
 MODEL_JSON = "model.json"
+MANIFEST = "manifest.json"
+STATE_JSON = "mtmoe_state.json"
+PARTIAL_PREFIX = ".partial-"
 
 
 class CheckpointError(RuntimeError):
@@ -29,49 +47,189 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(run_dir: Path) -> list[str]:
+    """Finished checkpoint tags of the run, oldest first (staging directories excluded)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+
+
 def latest_tag(run_dir: Path) -> Optional[str]:
+    """The tag `latest` names (None when the run has no checkpoint)."""
     latest = checkpoint_dir(run_dir) / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    if not (checkpoint_dir(run_dir) / tag).is_dir():
-        raise CheckpointError(f"{latest} names checkpoint {tag!r}, but {checkpoint_dir(run_dir) / tag} is missing")
-    return tag
+    return latest.read_text().strip() or None
+
+
+# -- integrity --------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename or new entry in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        _fsync_file(path)
+    except OSError:
+        pass
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replaces `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_manifest(tag_dir: Path) -> dict:
+    files = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": 1, "files": files}
+    write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify(tag_dir: Path, check_hashes: bool = True) -> Optional[str]:
+    """None when `tag_dir` matches its manifest, else the first problem (naming the file).
+
+    A checkpoint without a manifest (written before manifests existed) is accepted unverified."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        return None if (tag_dir / STATE_JSON).is_file() else f"{tag_dir}: no {MANIFEST} (incomplete save)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"{manifest_path}: unreadable manifest ({e})"
+    for name, expected in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)"
+        if check_hashes and _sha256(path) != expected["sha256"]:
+            return f"{path}: sha256 differs from the manifest (corrupt)"
+    return None
+
+
+# -- save -------------------------------------------------------------------------------------------
+def remove_stale_partials(run_dir: Path) -> None:
+    """Deletes staging directories a killed save left behind (call on one rank, before saving)."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(PARTIAL_PREFIX):
+                log.warning("removing %s (a save that did not finish)", p)
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bool) -> str:
-    """Saves on every rank (DeepSpeed writes each rank's experts), then prunes old tags."""
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, client_state={"mtmoe": state})
+    """Saves on every rank (DeepSpeed writes each rank's experts and optimizer shards) into a
+    staging directory, then rank 0 seals it (manifest, rename, `latest`) and prunes old tags."""
+    tag = tag_for_step(step)
+    root = checkpoint_dir(run_dir)
+    staging = root / f"{PARTIAL_PREFIX}{tag}"
+    if is_writer:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=staging.name, client_state={"mtmoe": state}, save_latest=False)
+    for path in staging.rglob("*"):  # each rank makes what it wrote durable (cheap for the rest)
+        if path.is_file():
+            _fsync_file(path)
     barrier()
     if is_writer:
-        (checkpoint_dir(run_dir) / tag / "mtmoe_state.json").write_text(json.dumps(state, indent=1))
-        tags = sorted(p.name for p in checkpoint_dir(run_dir).iterdir() if p.is_dir() and p.name.startswith("step"))
+        write_atomic(staging / STATE_JSON, json.dumps(state, indent=1))
+        write_manifest(staging)
+        final = root / tag
+        if final.exists():  # re-saving a step (e.g. a resumed run that ended where it began)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        write_atomic(root / "latest", tag)
+        tags = complete_tags(run_dir)
         for old in tags[:-keep] if keep > 0 else []:
-            shutil.rmtree(checkpoint_dir(run_dir) / old, ignore_errors=True)
+            shutil.rmtree(root / old, ignore_errors=True)
     barrier()
     return tag
 
 
-def load(engine, run_dir: Path) -> Optional[dict]:
-    """Loads the latest checkpoint of the run into `engine`; returns its mtmoe state (None when
-    the run has no checkpoint yet)."""
-    tag = latest_tag(run_dir)
-    if tag is None:
+# -- load -------------------------------------------------------------------------------------------
+def _candidates(run_dir: Path) -> list[str]:
+    """Tags to try, best first: the one `latest` names, then the others newest first."""
+    tags = complete_tags(run_dir)[::-1]
+    named = latest_tag(run_dir)
+    if named is not None and named not in tags:
+        log.warning("%s names checkpoint %r, which is missing; using the newest complete one",
+                    checkpoint_dir(run_dir) / "latest", named)
+    if named in tags:
+        tags.remove(named)
+        tags.insert(0, named)
+    return tags
+
+
+def load(engine, run_dir: Path, check_hashes: bool = True) -> Optional[dict]:
+    """Loads the newest good checkpoint of the run into `engine` and returns its mtmoe state (None
+    when the run has no checkpoint yet). A checkpoint that fails verification or loading is skipped
+    with a warning; CheckpointError when none is usable. Every rank takes the same decision."""
+    first = is_first_rank()
+    candidates = broadcast_object(_candidates(run_dir) if first else None)
+    if not candidates:
         return None
-    try:
-        path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-    except Exception as e:
-        raise CheckpointError(f"{checkpoint_dir(run_dir) / tag}: cannot load checkpoint ({type(e).__name__}: {e})") from e
-    if path is None or not client_state or "mtmoe" not in client_state:
-        raise CheckpointError(f"{checkpoint_dir(run_dir) / tag}: not an mtmoe checkpoint (no training state)")
-    return client_state["mtmoe"]
+    problems = []
+    for tag in candidates:
+        tag_dir = checkpoint_dir(run_dir) / tag
+        problem = broadcast_object(verify(tag_dir, check_hashes) if first else None)
+        state, error = None, None
+        if problem is None:
+            try:
+                path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag,
+                                                            load_optimizer_states=True, load_lr_scheduler_states=True)
+                if path is None or not client_state or "mtmoe" not in client_state:
+                    error = f"{tag_dir}: not an mtmoe checkpoint (no training state)"
+                else:
+                    state = client_state["mtmoe"]
+            except Exception as e:
+                error = f"{tag_dir}: cannot load checkpoint ({type(e).__name__}: {e})"
+            if any_rank(error is not None):
+                problem = error or f"{tag_dir}: cannot load checkpoint on another rank"
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s instead of a newer, unusable checkpoint", tag)
+            return state
+        problems.append(problem)
+        log.warning("skipping checkpoint %s: %s", tag, problem)
+    raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
 
 
 def write_model_description(run_dir: Path, vocab_path: Path, vocab_size: int, langs: list[str],
                             model_cfg, moe_cfg) -> None:
     """What export needs besides weights: architecture, vocabulary, languages."""
-    shutil.copyfile(vocab_path, run_dir / "spm.model")
+    tmp = run_dir / ".spm.model.tmp"
+    shutil.copyfile(vocab_path, tmp)
+    os.replace(tmp, run_dir / "spm.model")
     desc = {"vocab_size": vocab_size, "langs": list(langs), "model": asdict(model_cfg), "moe": asdict(moe_cfg)}
-    (run_dir / MODEL_JSON).write_text(json.dumps(desc, indent=1))
+    write_atomic(run_dir / MODEL_JSON, json.dumps(desc, indent=1))

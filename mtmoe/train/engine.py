@@ -26,6 +26,7 @@ from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train import checkpoint
 from mtmoe.train.distributed import all_reduce_sum, any_rank, barrier, init_distributed
 from mtmoe.train.ds_config import build_deepspeed_config
+from mtmoe.train.guard import DivergenceGuard
 from mtmoe.train.observe import Progress, RunLog, plot_training_curves, summarize_routing
 from mtmoe.train.validation import run_validation
 
@@ -103,15 +104,24 @@ class Trainer:
         self.ep_group = self._expert_group()
         self.stream = BatchStream(self.data.train, self.data.directions, self.data.probs,
                                   {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
-                                  cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world)
+                                  cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
+                                  rows=self.data.train_rows)
         self.step, self.train_seconds, wandb_id = 0, 0.0, None
+        self.guard = DivergenceGuard(cfg.train.max_bad_steps)
+        self.last_checkpoint: str | None = None
+        if self.is_main:
+            checkpoint.remove_stale_partials(run_dir)
+        barrier()
         state = checkpoint.load(self.engine, run_dir) if cfg.train.resume else None
         if state is not None:
             self.step, self.train_seconds, wandb_id = state["step"], state["train_seconds"], state.get("wandb_id")
             self.stream.load_state_dict(state["stream"])
-            log.info("resumed from step %d (%s)", self.step, checkpoint.latest_tag(run_dir))
+            self.guard.skipped = state.get("skipped_steps", 0)
+            self.last_checkpoint = checkpoint.tag_for_step(self.step)
+            log.info("resumed from step %d (%s)", self.step, self.last_checkpoint)
         self.layer_names = self.model.moe_layer_names()
-        self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), wandb_id)
+        self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), wandb_id,
+                             resume_step=self.step if state is not None else None)
 
     def _expert_group(self):
         """The expert-parallel process group when experts are sharded over ranks, else None."""
@@ -127,10 +137,15 @@ class Trainer:
     # -- pieces of the loop ----------------------------------------------------------------------
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
-                "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size}
+                "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
+                "skipped_steps": self.guard.skipped}
+
+    def _last_checkpoint_path(self) -> str | None:
+        return str(checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.run_dir, self.step, self._state(), keep=2, is_writer=self.is_main)
+        self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(),
+                                               keep=self.cfg.train.keep_checkpoints, is_writer=self.is_main)
 
     def validate(self, final: bool = False) -> dict | None:
         """All ranks take part when experts are sharded (decoding runs collectives); otherwise rank 0
@@ -175,6 +190,9 @@ class Trainer:
             # Reseed per (step, rank): dropout and RTS draws are then the same after a resume.
             torch.manual_seed(cfg.train.seed * 1_000_003 + self.step * self.world + self.rank)
             total, ce, aux, z, stats = compute_loss(self.engine, batch, cfg)
+            finite = not any_rank(not bool(torch.isfinite(total)))
+            if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
+                continue  # nothing applied: the next batch is tried at the same step
             self.engine.backward(total)
             self.engine.step()
             self.step += 1
@@ -193,6 +211,7 @@ class Trainer:
                           "tokens_per_s": round(tokens / elapsed, 1),
                           "src_tokens_per_s": round(src_tokens / elapsed, 1),
                           "aux_loss": round(window["aux"] / window["steps"], 4),
+                          "skipped_steps": self.guard.skipped,
                           "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
                 if stats:
                     record["routing"] = summarize_routing(stats, self.layer_names)
@@ -216,8 +235,8 @@ class Trainer:
         results = None
         if self.is_main:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
-                       "world_size": self.world, **(final or {})}
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+                       "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
+            checkpoint.write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
             plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
             self.runlog.close()
         barrier()

@@ -27,13 +27,29 @@ def summarize_routing(stats: list[dict], layer_names: list[str]) -> dict:
     return out
 
 
+def _step_of(line: str) -> float:
+    """The step of a log line; a line cut by a crash counts as after every step (dropped)."""
+    try:
+        return json.loads(line).get("step", -1)
+    except ValueError:
+        return float("inf")
+
+
 class RunLog:
     """Appends records to `train_log.jsonl` and mirrors them to wandb."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, config: Optional[dict] = None,
-                 wandb_id: Optional[str] = None):
+                 wandb_id: Optional[str] = None, resume_step: Optional[int] = None):
+        """`resume_step`: the run resumed from this step; records after it (written by the run that
+        died after its last checkpoint) are dropped, so the log reads as one uninterrupted run."""
         self.enabled = enabled
         self.path = run_dir / "train_log.jsonl"
+        if enabled and resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= resume_step]
+            tmp = self.path.with_name(".train_log.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         self.wandb = None
         self.wandb_id = wandb_id
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":

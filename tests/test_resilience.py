@@ -1,0 +1,235 @@
+"""Crash safety and hostile inputs: kill -9 of a 2-rank run then the same command again continues
+exactly; a save interrupted mid-way is ignored; a diverging run stops with a clear message and keeps
+its last good checkpoint; every kind of bad input gets one clear error and leaves no output that
+looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, clean_env, export_of, run_cli, run_deepspeed, tiny_overrides
+from mtmoe.train.guard import DivergenceGuard, TrainingDiverged
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("kind") == "train"]
+    assert len(steps) == len(set(steps)), f"duplicate steps in the log: {steps}"
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+# -- kill -9 ----------------------------------------------------------------------------------------
+def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_dir):
+    """A 2-rank (ep_size 2) run is killed with SIGKILL (launcher and ranks) after a checkpoint,
+    mid-interval; re-running the same command resumes and reproduces the uninterrupted losses."""
+    steps, every = 60, 10
+
+    def args(run_dir):
+        return tiny_overrides(corpus, cache_dir, run_dir, steps=steps, **{
+            "moe.ep_size": 2, "train.save_every": every, "train.log_every": 1, "train.valid_bleu": "never"})
+
+    reference = tmp_path / "reference"
+    proc = run_deepspeed("mtmoe.train", args(reference))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    expected = train_losses(reference)
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    crashed = tmp_path / "crashed"
+    cmd = [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--module", "mtmoe.train", *args(crashed)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    log_file, latest = crashed / "train_log.jsonl", crashed / "checkpoints" / "latest"
+    killed_at = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if latest.is_file() and log_file.is_file():
+            last_step = max((json.loads(line)["step"] for line in log_file.read_text().splitlines()
+                             if line.endswith("}")), default=0)
+            if last_step % every >= 3:  # past a checkpoint, before the next one
+                os.killpg(launcher.pid, signal.SIGKILL)
+                killed_at = last_step
+                break
+        time.sleep(0.02)
+    launcher.wait(timeout=60)
+    assert killed_at is not None, "the run ended before it could be killed (make it longer)"
+    assert killed_at < steps and not (crashed / "results.json").exists()
+    resume_step = int(latest.read_text().strip()[len("step"):])
+    assert 0 < resume_step < killed_at
+
+    proc = run_deepspeed("mtmoe.train", args(crashed))  # the same command again
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"resumed from step {resume_step}" in proc.stdout + proc.stderr
+    got = train_losses(crashed)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(resume_step + 1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+    final = json.loads((crashed / "results.json").read_text())
+    assert final["valid_loss"] == pytest.approx(json.loads((reference / "results.json").read_text())["valid_loss"],
+                                                abs=1e-5)
+
+
+def test_interrupted_save_is_ignored_and_cleaned(trained, tmp_path, corpus, cache_dir):
+    """A save killed before it was sealed leaves `.partial-<tag>/` and an unchanged `latest`: the
+    next start resumes from the last sealed checkpoint and removes the debris."""
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000006", "step00000012"]
+    assert json.loads((ckpts / "step00000012" / "manifest.json").read_text())["files"]
+    partial = ckpts / ".partial-step00000014"
+    shutil.copytree(ckpts / "step00000012", partial)
+    (partial / "manifest.json").unlink()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=14, **{
+        "train.save_every": 2, "train.valid_bleu": "never"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "resumed from step 12" in output and "a save that did not finish" in output
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000012", "step00000014"]
+    assert (ckpts / "latest").read_text() == "step00000014"
+
+
+# -- divergence guard -------------------------------------------------------------------------------
+def test_divergence_guard_counts_skips_and_stops():
+    guard = DivergenceGuard(max_consecutive=3)
+    assert guard.admit(True, 0, None)
+    assert not guard.admit(False, 1, "ck/step1") and not guard.admit(False, 1, "ck/step1")
+    assert guard.admit(True, 1, "ck/step1")  # a good batch resets the run of bad ones
+    assert guard.skipped == 2 and guard.consecutive == 0
+    guard.admit(False, 2, "ck/step1")
+    guard.admit(False, 2, "ck/step1")
+    with pytest.raises(TrainingDiverged, match=r"non-finite for 3 consecutive batches after step 2 .*ck/step1"):
+        guard.admit(False, 2, "ck/step1")
+    assert DivergenceGuard(0).admit(False, 5, None) is False  # 0: skip forever, never stop
+
+
+def test_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, corpus, cache_dir):
+    """An absurd learning rate blows the weights up after the first update: every later loss is
+    NaN, each step is skipped, and after train.max_bad_steps the run stops (exit 3) without saving."""
+    run_dir = tmp_path / "diverged"
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=20, **{
+        "train.lr": 1e30, "train.warmup_steps": 1, "train.clip_norm": 0, "train.save_every": 1,
+        "train.max_bad_steps": 3, "train.log_every": 1}))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "training diverged: the loss was non-finite for 3 consecutive batches" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpts = run_dir / "checkpoints"
+    last = (ckpts / "latest").read_text()
+    assert f"the last good checkpoint is {ckpts / last}" in proc.stderr
+    assert not (run_dir / "results.json").exists()
+    assert not any(p.name.startswith(".partial") for p in ckpts.iterdir())
+
+
+# -- hostile inputs ---------------------------------------------------------------------------------
+def copy_corpus(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_clean_failure(proc, message: str, run_dir: Path | None = None, code: int = 2):
+    assert proc.returncode == code, (proc.stdout + proc.stderr)[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if run_dir is not None:  # nothing that looks like a finished (or started) run
+        for name in ("checkpoints", "model.json", "results.json", "train_log.jsonl"):
+            assert not (run_dir / name).exists(), name
+
+
+@pytest.mark.parametrize("case", ["misaligned", "empty_line", "invalid_utf8", "lone_cr", "unknown_lang",
+                                  "impossible_layout", "ep_exceeds_world", "long_lines_fail", "missing_valid_lang"])
+def test_bad_training_input(case, tmp_path, corpus, cache_dir):
+    data = copy_corpus(corpus, tmp_path / "data")
+    extra, message = {}, None
+    if case == "misaligned":
+        lines = (data / "train.de").read_text().splitlines()
+        (data / "train.de").write_text("\n".join(lines[:-3]) + "\n")
+        message = "train.de: misaligned corpus: 397 lines, but"
+    elif case == "empty_line":
+        lines = (data / "train.fr").read_text().splitlines()
+        lines[9] = "   "
+        (data / "train.fr").write_text("\n".join(lines) + "\n")
+        message = "train.fr:10: empty line"
+    elif case == "invalid_utf8":
+        raw = (data / "train.cs").read_bytes().split(b"\n")
+        raw[4] = raw[4] + b" \xff\xfe"
+        (data / "train.cs").write_bytes(b"\n".join(raw))
+        message = "train.cs:5: invalid UTF-8"
+    elif case == "lone_cr":
+        raw = (data / "train.en").read_bytes().split(b"\n")
+        raw[6] = raw[6].replace(b" ", b"\r", 1)
+        (data / "train.en").write_bytes(b"\n".join(raw))
+        message = "train.en:7: carriage return inside the line"
+    elif case == "unknown_lang":
+        extra = {"data.langs": "[en,xx]", "data.directions": "all"}
+        message = "train.xx[.gz]: no such file (language 'xx' has no data)"
+    elif case == "impossible_layout":
+        extra = {"moe.num_experts": 6, "moe.ep_size": 4}
+        message = "moe.num_experts=6 is not divisible by moe.ep_size=4"
+    elif case == "ep_exceeds_world":
+        extra = {"moe.ep_size": 2}
+        message = "world size 1 is not divisible by moe.ep_size=2"
+    elif case == "long_lines_fail":
+        lines = (data / "train.de").read_text().splitlines()
+        lines[41] = " ".join(["Hund"] * 300)
+        (data / "train.de").write_text("\n".join(lines) + "\n")
+        extra = {"data.max_len": 200, "data.too_long": "fail"}
+        message = "train.de:42:"
+    elif case == "missing_valid_lang":
+        (data / "val.cs").unlink()
+        message = "val.cs[.gz]: no such file"
+    run_dir = tmp_path / "run"
+    proc = run_cli("mtmoe-train", tiny_overrides(data, cache_dir, run_dir, steps=2, **extra))
+    assert_clean_failure(proc, message, run_dir)
+    if case == "long_lines_fail":
+        assert "over data.max_len=200" in proc.stderr and "1 training lines are too long" in proc.stderr
+
+
+def test_windows_text_is_accepted_with_a_warning_and_long_lines_are_skipped(tmp_path, corpus, cache_dir):
+    """CRLF endings and a BOM are Windows habits, not damage: the run trains on the same text and
+    says what it normalised. A line over data.max_len is skipped and counted (data.too_long=skip)."""
+    data = copy_corpus(corpus, tmp_path / "data")
+    text = (data / "train.de").read_text()
+    (data / "train.de").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    lines = (data / "train.fr").read_text().splitlines()
+    lines[7] = " ".join(["chien"] * 300)
+    (data / "train.fr").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    proc = run_cli("mtmoe-train", tiny_overrides(data, cache_dir, run_dir, steps=2, **{"data.max_len": 200, "train.valid_bleu": "never"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "train.de: starts with a UTF-8 byte-order mark (ignored)" in output
+    assert "train.de: 400 of 400 lines end in CRLF" in output
+    assert "skipping 1 of 400 training lines longer than data.max_len=200" in output
+
+
+def test_missing_checkpoint_for_export(tmp_path):
+    proc = run_cli("mtmoe-export", [f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'e'}"])
+    assert_clean_failure(proc, "no DeepSpeed checkpoint here")
+    assert not (tmp_path / "e").exists()
+
+
+def test_bad_eval_input(trained, tmp_path, corpus):
+    """Eval: a test set missing a language the user asked for, a language the model does not know,
+    a misaligned test file: one clear error each, and no report or hypothesis files."""
+    export = export_of(trained, tmp_path / "export")
+    test = copy_corpus(corpus, tmp_path / "test")
+    (test / "test_2016_flickr.cs").unlink()
+    lines = (test / "test_2016_flickr.fr").read_text().splitlines()
+    (test / "test_2016_flickr.fr").write_text("\n".join(lines[:-1]) + "\n")
+    out = tmp_path / "report" / "eval.json"
+    cases = [("langs=[en,cs]", "test_2016_flickr.cs[.gz]: no such file"),
+             ("langs=[en,xx]", "langs: ['xx'] unknown to the model"),
+             ("langs=[en,fr]", "test_2016_flickr.fr: misaligned corpus: 19 lines, but")]
+    for langs, message in cases:
+        proc = run_cli("mtmoe-eval", [f"model={export}", f"test={test}/test_2016_flickr", langs, "beam=1",
+                                      f"out={out}"])
+        assert_clean_failure(proc, message)
+        assert not out.parent.exists() or not any(out.parent.iterdir())
