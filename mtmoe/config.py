@@ -115,7 +115,13 @@ class TrainConfig:
     clip_norm: float = 1.0
     bf16: bool = False
     """bf16 autocast for forward/backward (fp32 master weights); fast on CPUs with avx512_bf16."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step and rank (gradient accumulation): the global batch is
+    world size x accumulate token-budget batches, and the loss is normalised by its target tokens,
+    so world 1 x accumulate 2 computes the same update as world 2 x accumulate 1."""
     zero_stage: int = 0
+    offload_optimizer: str = "none"
+    """`cpu`: optimizer state and step on the CPU (DeepSpeedCPUAdam); needs train.zero_stage 1 or 2."""
     threads: int = 1
     """torch threads per rank; 1 thread per rank is the fast layout on small CPU boxes."""
     log_every: int = 20
@@ -248,6 +254,13 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(
             f"train.zero_stage={t.zero_stage}: DeepSpeed's native MoE supports ZeRO stages 0, 1 and 2")
+    if t.accumulate < 1:
+        raise ConfigError(f"train.accumulate={t.accumulate} must be >= 1")
+    if t.offload_optimizer not in ("none", "cpu"):
+        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer!r}: expected none or cpu")
+    if t.offload_optimizer != "none" and t.zero_stage not in (1, 2):
+        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs train.zero_stage=1 or 2 "
+                          f"(got {t.zero_stage}): DeepSpeed offloads the optimizer of a ZeRO optimizer")
     if cfg.data.temperature <= 0:
         raise ConfigError(f"data.temperature={cfg.data.temperature} must be > 0")
     if len(set(cfg.data.langs)) != len(cfg.data.langs) or len(cfg.data.langs) < 2:

@@ -40,12 +40,24 @@ def test_unknown_key_and_wrong_type_are_rejected():
 
 
 def test_deepspeed_config_from_hydra_with_raw_override():
-    cfg = compose_train(["train.zero_stage=2", "train.clip_norm=0.5",
-                         "+deepspeed.zero_optimization.reduce_bucket_size=1000",
-                         "+deepspeed.gradient_accumulation_steps=2"])
+    cfg = compose_train(["train.zero_stage=2", "train.clip_norm=0.5", "train.accumulate=2",
+                         "+deepspeed.zero_optimization.reduce_bucket_size=1000"])
     ds = build_deepspeed_config(cfg, cfg.deepspeed)
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged, not replaced
     assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 2
+    assert "optimizer" not in ds  # torch Adam, built by mtmoe
+    # Accumulation belongs to mtmoe (loss normalisation and data stream depend on it).
+    cfg = compose_train(["+deepspeed.gradient_accumulation_steps=2"])
+    with pytest.raises(ConfigError, match="set train.accumulate instead"):
+        build_deepspeed_config(cfg, cfg.deepspeed)
+    # Offload: DeepSpeed builds CPU-Adam with mtmoe's Adam settings; it needs a ZeRO optimizer.
+    cfg = compose_train(["parallel=ez_offload", "train.lr=0.002"])
+    validate(cfg, world_size=2)
+    ds = build_deepspeed_config(cfg, cfg.deepspeed)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["optimizer"]["params"]["lr"] == 0.002 and ds["optimizer"]["params"]["adam_w_mode"] is False
+    with pytest.raises(ConfigError, match="train.offload_optimizer=cpu needs train.zero_stage=1 or 2"):
+        validate(compose_train(["train.offload_optimizer=cpu"]))
 
 
 def test_budget_and_zero3_are_rejected_early():

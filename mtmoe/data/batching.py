@@ -8,6 +8,9 @@ sorts them by length so batches carry little padding, packs them greedily so tha
 
 Data parallelism: every rank builds the same global stream and takes batches
 `rank, rank + world, ...`, so ranks see disjoint batches and the global order is fixed by the seed.
+With gradient accumulation, micro-batch m of step s on rank r is global batch
+`(s * accumulate + m) * world + r`: world 1 x accumulate 2 and world 2 x accumulate 1 see the same
+batches in the same steps.
 """
 
 from __future__ import annotations
@@ -93,8 +96,10 @@ class BatchStream:
     def __init__(self, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
                  tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000,
-                 rows: np.ndarray | None = None):
-        """`rows`: the corpus lines that may be drawn (default all; see `data.too_long`)."""
+                 rows: np.ndarray | None = None, accumulate: int = 1):
+        """`rows`: the corpus lines that may be drawn (default all; see `data.too_long`).
+        `accumulate`: micro-batches per optimizer step; chunks hold whole steps, so global batch g
+        lands in the same step under every layout with the same world_size x accumulate."""
         self.corpus = corpus
         self.rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
         self.directions = list(directions)
@@ -106,6 +111,7 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.chunk_sentences = chunk_sentences
+        self.batches_per_step = world_size * accumulate
         self.position = StreamPosition()
         self._lengths = {lang: np.minimum(corpus.lengths(lang), 10**6) for lang in corpus.langs}
 
@@ -123,8 +129,8 @@ class BatchStream:
         order = np.lexsort((src_len, tgt_len))
         groups = pack_by_tokens(src_len[order], tgt_len[order], self.max_tokens)
         rng.shuffle(groups)
-        # Drop the tail so every rank gets a batch from each chunk round.
-        usable = len(groups) - len(groups) % self.world_size
+        # Drop the tail so that a chunk holds whole optimizer steps (every rank, every micro-batch).
+        usable = len(groups) - len(groups) % self.batches_per_step
         return [(dirs[order[g]], lines[order[g]]) for g in groups[:usable]]
 
     def make_batch(self, dir_idx: np.ndarray, line_idx: np.ndarray) -> Batch:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mtmoe.config import TrainAppConfig
+from mtmoe.config import ConfigError, TrainAppConfig
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -20,12 +20,17 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None) -> dict:
-    """Batches are token-budget batches built by mtmoe, one per rank per step, so DeepSpeed's
-    micro-batch size is 1 "batch" and there is no gradient accumulation by default."""
+    """Batches are token-budget batches built by mtmoe, so DeepSpeed's micro-batch is 1 "batch";
+    `train.accumulate` of them make an optimizer step. With optimizer offload DeepSpeed builds the
+    optimizer (DeepSpeedCPUAdam, L2-style Adam like the in-RAM torch.optim.Adam)."""
     t = cfg.train
+    raw_override = raw_override or {}
+    if "gradient_accumulation_steps" in raw_override or "train_batch_size" in raw_override:
+        raise ConfigError("deepspeed.gradient_accumulation_steps/train_batch_size: set train.accumulate instead "
+                          "(the loss normalisation and the data stream depend on it)")
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": t.accumulate,
         "gradient_clipping": t.clip_norm,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -33,4 +38,8 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": False},
     }
-    return deep_merge(ds, raw_override or {})
+    if t.offload_optimizer == "cpu":
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        ds["optimizer"] = {"type": "Adam", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
+                                                      "weight_decay": t.weight_decay, "adam_w_mode": False}}
+    return deep_merge(ds, raw_override)

@@ -59,15 +59,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict
     return optimizer, groups
 
 
-def compute_loss(model, batch: Batch, cfg: TrainAppConfig):
-    """-> (total loss for backward, label-smoothed CE, aux, z, routing stats)."""
+def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float):
+    """-> (loss for backward, summed label-smoothed CE, aux, z, routing stats).
+
+    `ce_scale` = micro-batches in the global batch / target tokens in the global batch. DeepSpeed
+    averages gradients over micro-batches (1/accumulate) and data-parallel ranks (1/world), so the
+    update is that of the CE summed over the whole global batch divided by its target tokens: every
+    token weighs the same whatever the layout. Aux and z losses are per-micro-batch means, averaged
+    the same way."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
         logits, (aux, z), stats = model(batch.src, batch.tgt_in)
-    ntok = max(1, batch.num_target_tokens)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
-                         label_smoothing=cfg.train.label_smoothing, reduction="sum") / ntok
-    total = ce + cfg.moe.aux_loss_weight * aux.float() + cfg.moe.z_loss_weight * z.float()
-    return total, ce, aux, z, stats
+    ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                             label_smoothing=cfg.train.label_smoothing, reduction="sum")
+    total = ce_sum * ce_scale + cfg.moe.aux_loss_weight * aux.float() + cfg.moe.z_loss_weight * z.float()
+    return total, ce_sum, aux, z, stats
+
+
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss of 0 that reaches every trainable parameter: backward of it stands in for a skipped
+    micro-batch, so DeepSpeed's accumulation and gradient hooks run as usual with nothing added."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
 class Trainer:
@@ -95,9 +106,10 @@ class Trainer:
             wrap_moe_layers(self.model)
         self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed)
         optimizer, groups = build_optimizer(self.model, cfg, self.ds_config)
-        scheduler = None
-        if optimizer is not None:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.train.warmup_steps))
+
+        def scheduler(opt):  # DeepSpeed calls this with the optimizer it ends up using
+            return torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(cfg.train.warmup_steps))
+
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=self.ds_config)
@@ -105,7 +117,7 @@ class Trainer:
         self.stream = BatchStream(self.data.train, self.data.directions, self.data.probs,
                                   {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
-                                  rows=self.data.train_rows)
+                                  rows=self.data.train_rows, accumulate=cfg.train.accumulate)
         self.step, self.train_seconds, wandb_id = 0, 0.0, None
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
         self.last_checkpoint: str | None = None
@@ -138,6 +150,7 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
+                "accumulate": self.cfg.train.accumulate,
                 "skipped_steps": self.guard.skipped}
 
     def _last_checkpoint_path(self) -> str | None:
@@ -176,6 +189,37 @@ class Trainer:
             return any_rank(spent >= t.max_minutes * 60)
         return False
 
+    def _train_step(self, micro_batches) -> bool:
+        """One optimizer step over `train.accumulate` micro-batches; False when it was skipped.
+
+        A micro-batch whose loss is not finite on some rank is skipped on every rank: with one
+        micro-batch per step nothing is applied; with several, it contributes no gradient."""
+        cfg, accumulate = self.cfg, self.cfg.train.accumulate
+        micro_batches = list(micro_batches)
+        global_tokens = all_reduce_sum([sum(b.num_target_tokens for b in micro_batches)])[0]
+        ce_scale = self.world * accumulate / max(1.0, global_tokens)
+        sums = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "aux": 0.0}
+        for m, batch in enumerate(micro_batches):
+            # Seeded by the global batch index: dropout and RTS draws are the same after a resume
+            # and under any layout with the same world size x accumulate.
+            global_batch = (self.step * accumulate + m) * self.world + self.rank
+            torch.manual_seed(cfg.train.seed * 1_000_003 + global_batch)
+            total, ce_sum, aux, z, self._last_stats = compute_loss(self.engine, batch, cfg, ce_scale)
+            finite = not any_rank(not bool(torch.isfinite(total)))
+            if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
+                if accumulate == 1:
+                    return False
+                total = zero_loss(self.engine)
+            else:
+                sums["loss"] += ce_sum.item()
+                sums["tokens"] += batch.num_target_tokens
+                sums["src_tokens"] += batch.num_source_tokens
+                sums["aux"] += aux.item() / accumulate
+            self.engine.backward(total)
+            self.engine.step()
+        self._last_step = sums
+        return True  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -186,35 +230,25 @@ class Trainer:
         saved_step = self.step
         self.engine.train()
         while not self._out_of_budget(started):
-            batch = next(batches)
-            # Reseed per (step, rank): dropout and RTS draws are then the same after a resume.
-            torch.manual_seed(cfg.train.seed * 1_000_003 + self.step * self.world + self.rank)
-            total, ce, aux, z, stats = compute_loss(self.engine, batch, cfg)
-            finite = not any_rank(not bool(torch.isfinite(total)))
-            if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
-                continue  # nothing applied: the next batch is tried at the same step
-            self.engine.backward(total)
-            self.engine.step()
+            if not self._train_step(next(batches) for _ in range(cfg.train.accumulate)):
+                continue  # nothing applied: the next batches are tried at the same step
             self.step += 1
-            ntok = batch.num_target_tokens
-            window["loss"] += ce.item() * ntok
-            window["tokens"] += ntok
-            window["src_tokens"] += batch.num_source_tokens
-            window["aux"] += aux.item()
+            for key, value in self._last_step.items():
+                window[key] += value
             window["steps"] += 1
 
             if self.step % cfg.train.log_every == 0:
                 loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
                 elapsed = time.monotonic() - window_start
-                record = {"kind": "train", "step": self.step, "loss": round(loss_sum / max(1, tokens), 4),
+                record = {"kind": "train", "step": self.step, "loss": round(loss_sum / max(1, tokens), 6),
                           "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.train.lr,
                           "tokens_per_s": round(tokens / elapsed, 1),
                           "src_tokens_per_s": round(src_tokens / elapsed, 1),
                           "aux_loss": round(window["aux"] / window["steps"], 4),
                           "skipped_steps": self.guard.skipped,
                           "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
-                if stats:
-                    record["routing"] = summarize_routing(stats, self.layer_names)
+                if self._last_stats:
+                    record["routing"] = summarize_routing(self._last_stats, self.layer_names)
                 if self.is_main:
                     self.runlog.write(record)
                 progress.update(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
