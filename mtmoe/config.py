@@ -141,12 +141,23 @@ class TrainConfig:
 
 
 @dataclass
+class LaunchConfig:
+    ranks: int = 0
+    """> 0: this Hydra job starts `deepspeed --num_gpus <ranks>` for itself and waits (one launch
+    per job, so multirun sweeps over distributed jobs work); 0: train in this process (world of
+    one, or the ranks a `deepspeed` launcher started)."""
+    launcher_args: str = ""
+    """Extra `deepspeed` launcher arguments, e.g. `--hostfile hosts --num_nodes 2 --master_port 29600`."""
+
+
+@dataclass
 class TrainAppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed JSON keys merged last over the generated DeepSpeed config."""
 

@@ -90,6 +90,13 @@ torch.save({{'src': src, 'tgt': tgt, 'logits': logits}}, {str(tmp_path / 'export
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     trainer = Trainer(cfg, trained)
     assert trainer.step == 12
+    # Consolidation (what export reads) equals the live model's weights, all experts included.
+    from mtmoe.export.artifact import consolidated_state_dict, to_plain_name
+
+    consolidated = consolidated_state_dict(trained / "checkpoints" / "step00000012")
+    live = {to_plain_name(k): v for k, v in trainer.model.state_dict().items()}
+    assert sorted(consolidated) == sorted(live)
+    assert all(torch.equal(consolidated[k], live[k]) for k in live)
     trainer.model.eval()
     with torch.no_grad():
         live, _, _ = trainer.model(ref["src"], ref["tgt"])

@@ -1,7 +1,8 @@
 """mtmoe-train: train a multilingual (MoE) translation model with DeepSpeed.
 
     mtmoe-train model=tiny train.max_steps=50 hydra.run.dir=runs/tiny
-    deepspeed --no_local_rank --num_gpus 2 -m mtmoe.train moe.ep_size=2
+    deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train parallel=ed
+    mtmoe-train -m launch.ranks=2 parallel=ed moe.use_rts=true,false   # one 2-rank launch per job
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ setup()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> float:
-    from mtmoe.train.engine import train
+    from mtmoe.cli.launch import run_job_under_launcher, under_launcher
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = train(OmegaConf.to_object(cfg), run_dir)
+    if cfg.launch.ranks > 0 and not under_launcher():
+        results = run_job_under_launcher(cfg.launch.ranks, cfg.launch.launcher_args,
+                                         list(HydraConfig.get().overrides.task), run_dir)
+    else:
+        from mtmoe.train.engine import train
+
+        results = train(OmegaConf.to_object(cfg), run_dir)
     if results:
         print(json.dumps({k: results[k] for k in ("step", "train_minutes", "valid_loss", "valid_bleu") if k in results}))
     return float(results.get("valid_loss", 0.0)) if results else 0.0

@@ -191,10 +191,35 @@ def _candidates(run_dir: Path) -> list[str]:
     return tags
 
 
-def load(engine, run_dir: Path, check_hashes: bool = True) -> Optional[dict]:
+def _prepare_layout(tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int, int]) -> str:
+    """The tag DeepSpeed should load: `tag_dir` itself, or a resharded copy of it when the
+    expert-parallel size changed (written by rank 0). CheckpointError when the change is impossible."""
+    from mtmoe.train.reshard import ReshardError, check_resumable, reshard_checkpoint, saved_layout
+
+    error, load_tag = None, tag_dir.name
+    if is_first_rank() and layout is not None and (tag_dir / STATE_JSON).is_file():
+        try:
+            if check_resumable(saved_layout(tag_dir), layout, tag_dir):
+                staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
+                reshard_checkpoint(tag_dir, staging, layout["ep_size"], *moe_shape)
+                load_tag = staging.name
+        except (ReshardError, OSError, RuntimeError, ValueError) as e:
+            error = str(e)
+    error, load_tag = broadcast_object((error, load_tag))
+    if error:
+        raise CheckpointError(f"cannot resume at this layout: {error}")
+    return load_tag
+
+
+def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict] = None,
+         moe_shape: tuple[int, int] = (1, 0)) -> Optional[dict]:
     """Loads the newest good checkpoint of the run into `engine` and returns its mtmoe state (None
     when the run has no checkpoint yet). A checkpoint that fails verification or loading is skipped
-    with a warning; CheckpointError when none is usable. Every rank takes the same decision."""
+    with a warning; CheckpointError when none is usable. Every rank takes the same decision.
+
+    `layout` (world_size, ep_size, zero_stage, accumulate) is the layout resuming; a ZeRO-0
+    checkpoint written with another ep_size is resharded on the way in (`moe_shape` = experts per
+    MoE layer, number of MoE layers)."""
     first = is_first_rank()
     candidates = broadcast_object(_candidates(run_dir) if first else None)
     if not candidates:
@@ -205,8 +230,9 @@ def load(engine, run_dir: Path, check_hashes: bool = True) -> Optional[dict]:
         problem = broadcast_object(verify(tag_dir, check_hashes) if first else None)
         state, error = None, None
         if problem is None:
+            load_tag = _prepare_layout(tag_dir, layout, moe_shape)
             try:
-                path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag,
+                path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=load_tag,
                                                             load_optimizer_states=True, load_lr_scheduler_states=True)
                 if path is None or not client_state or "mtmoe" not in client_state:
                     error = f"{tag_dir}: not an mtmoe checkpoint (no training state)"
@@ -214,6 +240,10 @@ def load(engine, run_dir: Path, check_hashes: bool = True) -> Optional[dict]:
                     state = client_state["mtmoe"]
             except Exception as e:
                 error = f"{tag_dir}: cannot load checkpoint ({type(e).__name__}: {e})"
+            if load_tag != tag:
+                barrier()
+                if first:
+                    shutil.rmtree(checkpoint_dir(run_dir) / load_tag, ignore_errors=True)
             if any_rank(error is not None):
                 problem = error or f"{tag_dir}: cannot load checkpoint on another rank"
         if problem is None:

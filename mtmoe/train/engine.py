@@ -124,7 +124,10 @@ class Trainer:
         if self.is_main:
             checkpoint.remove_stale_partials(run_dir)
         barrier()
-        state = checkpoint.load(self.engine, run_dir) if cfg.train.resume else None
+        layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
+                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate}
+        moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
+        state = checkpoint.load(self.engine, run_dir, layout=layout, moe_shape=moe_shape) if cfg.train.resume else None
         if state is not None:
             self.step, self.train_seconds, wandb_id = state["step"], state["train_seconds"], state.get("wandb_id")
             self.stream.load_state_dict(state["stream"])
@@ -150,7 +153,7 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
-                "accumulate": self.cfg.train.accumulate,
+                "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
                 "skipped_steps": self.guard.skipped}
 
     def _last_checkpoint_path(self) -> str | None:
