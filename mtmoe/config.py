@@ -130,7 +130,7 @@ class TrainConfig:
     valid_bleu: str = "final"
     """Greedy BLEU/chrF in validation: `final` (the last validation only), `always`, or `never`."""
     save_every: int = 1000
-    """Steps between DeepSpeed checkpoints; 0 = only at the end."""
+    """Steps between DeepSpeed checkpoints; 0 = only at the end; -1 = never (benchmarks)."""
     resume: bool = True
     """Re-running a command in the same run dir (`hydra.run.dir=...`) resumes from its newest good checkpoint."""
     keep_checkpoints: int = 2

@@ -125,3 +125,36 @@ def test_config_validation_names_the_field():
     cfg.moe.top_k = 3
     with pytest.raises(ConfigError, match=r"moe.top_k=3"):
         validate(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_rts_drops_are_position_independent(top_k):
+    """Every token prefers expert 0 (then 1); capacity holds a quarter of them. Over many draws RTS
+    keeps each position about equally often; the position rule keeps exactly the earliest ones."""
+    n, capacity_factor, trials = 64, 1.0 / top_k, 400  # capacity = k * n / 4 * factor = 16 per expert
+    x = torch.randn(n, 8).abs() + 0.5
+    keep_counts = {choice: torch.zeros(n) for choice in range(top_k)}
+    for use_rts in (True, False):
+        router = Router(8, num_experts=4, top_k=top_k, capacity_factor=capacity_factor, min_capacity=1,
+                        use_rts=use_rts)
+        with torch.no_grad():
+            router.wg.weight.zero_()
+            router.wg.weight[0] = 2.0
+            router.wg.weight[1] = 1.0
+        router.train()
+        for t in range(trials if use_rts else 1):
+            torch.manual_seed(t)
+            plan, _, _, _ = router(x, torch.ones(n, dtype=torch.bool))
+            assert plan.capacity == 16
+            assert (plan.expert[:, 0] == 0).all() and (top_k == 1 or (plan.expert[:, 1] == 1).all())
+            for choice in range(top_k):
+                kept = plan.kept[:, choice]
+                assert int(kept.sum()) == 16  # the expert is full, never over
+                if use_rts:
+                    keep_counts[choice] += kept.float()
+                else:
+                    assert kept.nonzero().flatten().tolist() == list(range(16))  # earliest positions
+    for choice in range(top_k):
+        share = keep_counts[choice] / trials  # expected 0.25 everywhere; binomial sd ~0.022
+        assert (share - 0.25).abs().max() < 0.11, share
+        assert abs(share[: n // 2].mean() - share[n // 2:].mean()) < 0.03

@@ -118,25 +118,32 @@ class Trainer:
                                   {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
                                   rows=self.data.train_rows, accumulate=cfg.train.accumulate)
-        self.step, self.train_seconds, wandb_id = 0, 0.0, None
+        self.step, self.train_seconds = 0, 0.0
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
         self.last_checkpoint: str | None = None
+        state = self._resume() if cfg.train.resume else None
+        self.layer_names = self.model.moe_layer_names()
+        self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
+                             resume_step=self.step if state is not None else None)
+
+    def _resume(self) -> dict | None:
+        """Loads the run dir's newest good checkpoint (resharded when the layout changed) and
+        restores step, time spent, data position and skip count; its mtmoe state, or None."""
+        cfg = self.cfg
         if self.is_main:
-            checkpoint.remove_stale_partials(run_dir)
+            checkpoint.remove_stale_partials(self.run_dir)
         barrier()
         layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
                   "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate}
         moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
-        state = checkpoint.load(self.engine, run_dir, layout=layout, moe_shape=moe_shape) if cfg.train.resume else None
+        state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
-            self.step, self.train_seconds, wandb_id = state["step"], state["train_seconds"], state.get("wandb_id")
+            self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.stream.load_state_dict(state["stream"])
             self.guard.skipped = state.get("skipped_steps", 0)
             self.last_checkpoint = checkpoint.tag_for_step(self.step)
             log.info("resumed from step %d (%s)", self.step, self.last_checkpoint)
-        self.layer_names = self.model.moe_layer_names()
-        self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), wandb_id,
-                             resume_step=self.step if state is not None else None)
+        return state
 
     def _expert_group(self):
         """The expert-parallel process group when experts are sharded over ranks, else None."""
@@ -266,7 +273,7 @@ class Trainer:
                 self.validate()
         self.train_seconds += time.monotonic() - started
         progress.close()
-        if saved_step != self.step:
+        if saved_step != self.step and cfg.train.save_every >= 0:
             self.save()
         final = self.validate(final=True)
         results = None
