@@ -141,6 +141,18 @@ class TrainConfig:
 
 
 @dataclass
+class InitConfig:
+    from_dense: Optional[str] = None
+    """Experts from Dense: a trained dense run dir (or export) of the same shape; every expert starts
+    as its layer's dense FFN, gates start fresh."""
+    aggregate: Optional[list[str]] = None
+    """Aggregation of Experts: two trained MoE runs (or exports) of the same shape whose expert counts
+    add up to moe.num_experts; experts and gate rows concatenated, shared weights averaged."""
+    noise: float = 0.0
+    """EfD: Gaussian noise added to each expert copy, as a fraction of the weight's std."""
+
+
+@dataclass
 class LaunchConfig:
     ranks: int = 0
     """> 0: this Hydra job starts `deepspeed --num_gpus <ranks>` for itself and waits (one launch
@@ -158,6 +170,7 @@ class TrainAppConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed JSON keys merged last over the generated DeepSpeed config."""
 
@@ -286,6 +299,15 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if t.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
+    if cfg.init.from_dense or cfg.init.aggregate:
+        if cfg.init.from_dense and cfg.init.aggregate:
+            raise ConfigError("init.from_dense and init.aggregate exclude each other")
+        if not cfg.moe.enabled:
+            raise ConfigError("init.from_dense/init.aggregate build an MoE model: moe.enabled must be true")
+        if cfg.init.aggregate is not None and len(cfg.init.aggregate) != 2:
+            raise ConfigError(f"init.aggregate={list(cfg.init.aggregate)}: expected two runs")
+    if cfg.init.noise < 0:
+        raise ConfigError(f"init.noise={cfg.init.noise} must be >= 0")
     if t.valid_bleu not in ("final", "always", "never"):
         raise ConfigError(f"train.valid_bleu={t.valid_bleu!r}: expected final, always or never")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):

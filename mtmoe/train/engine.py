@@ -100,6 +100,10 @@ class Trainer:
         if self.is_main:
             checkpoint.write_model_description(run_dir, self.data.vocab.path, len(self.data.vocab),
                                                cfg.data.langs, cfg.model, cfg.moe)
+        if (cfg.init.from_dense or cfg.init.aggregate) and not (cfg.train.resume and checkpoint.complete_tags(run_dir)):
+            from mtmoe.train.init_from import initialise
+
+            log.info("initial weights: %s", initialise(self.model, len(self.data.vocab), cfg.init, cfg.train.seed))
         if cfg.moe.enabled:
             from mtmoe.train.deepspeed_moe import wrap_moe_layers
 

@@ -1,0 +1,157 @@
+"""Starting an MoE run from trained models instead of random weights.
+
+Experts from Dense (EfD), `init.from_dense=RUN|EXPORT`: every weight outside the MoE layers is
+copied from a trained dense model of the same shape; each expert of an MoE layer starts as that
+layer's dense FFN (plus `init.noise` x its std of Gaussian noise, seeded per expert, so experts can
+diverge); gates start fresh. With top-2 routing (weights renormalised) and no token dropped, the
+first forward pass equals the dense model's exactly; top-1 scales each token by its gate
+probability (Switch), so it starts from a damped copy.
+
+Aggregation of Experts (AoE), `init.aggregate=[RUN_A,RUN_B]`: two MoE models of the same
+architecture become one with E_a + E_b experts per MoE layer: experts and gate rows concatenated
+(A's first), every shared weight averaged.
+
+All functions work on plain (export-named) full state dicts; `load_into` maps global expert ids
+to the local experts of an expert-parallel rank.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Sequence
+
+import torch
+
+from mtmoe.config import ConfigError
+from mtmoe.model.seq2seq import Seq2Seq
+
+EXPERT_KEY = re.compile(r"^(?P<prefix>(?:encoder|decoder)\.\d+\.ffn\.)experts\.(?P<id>\d+)\.(?P<param>.+)$")
+GATE_SUFFIX = "gate.wg.weight"
+
+
+def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full plain fp32 state dict, {"model": ..., "moe": ..., "vocab_size": ...}) of a training
+    run dir, a checkpoint tag dir, or an unpruned, unquantized export."""
+    from mtmoe.export.artifact import consolidated_state_dict, read_export_config, resolve_checkpoint
+    from mtmoe.paths import resolve
+
+    source = resolve(path)
+    if (source / "config.json").is_file():
+        config = read_export_config(source)
+        if config.get("quantization") or config["moe"].get("kept_experts"):
+            raise ConfigError(f"{source}: a pruned or quantized export cannot initialise training; use the run dir")
+        from safetensors.torch import load_file
+
+        return load_file(str(source / "model.safetensors")), config
+    run_dir, tag_dir = resolve_checkpoint(source)
+    desc_path = run_dir / "model.json"
+    if not desc_path.is_file():
+        raise ConfigError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
+    return consolidated_state_dict(tag_dir), json.loads(desc_path.read_text())
+
+
+def check_same_shape(source_desc: dict, model: Seq2Seq, vocab_size: int, source: str) -> None:
+    """The architecture fields that decide weight shapes must agree (dropout etc. may differ)."""
+    fields = ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "positions", "max_positions",
+              "activation")
+    theirs = {k: source_desc["model"][k] for k in fields}
+    ours = {k: getattr(model.model_cfg, k) for k in fields}
+    if theirs != ours or source_desc["vocab_size"] != vocab_size:
+        diff = {k: (theirs[k], ours[k]) for k in fields if theirs[k] != ours[k]}
+        if source_desc["vocab_size"] != vocab_size:
+            diff["vocab_size"] = (source_desc["vocab_size"], vocab_size)
+        raise ConfigError(f"{source}: its architecture differs from this run's (theirs, ours): {diff}")
+
+
+def experts_from_dense(dense: dict[str, torch.Tensor], moe_prefixes: Sequence[str], num_experts: int,
+                       noise: float = 0.0, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Full plain MoE state (gates excluded) from a dense model's state dict.
+
+    `moe_prefixes`: e.g. ["encoder.1.ffn.", "decoder.1.ffn."]; a dense layer there holds
+    `<prefix>ffn.fc1.weight` etc., which every expert `<prefix>experts.<e>.fc1.weight` copies."""
+    out = {k: v.clone() for k, v in dense.items() if not k.startswith(tuple(moe_prefixes))}
+    for prefix in moe_prefixes:
+        params = {k[len(prefix) + len("ffn."):]: v for k, v in dense.items() if k.startswith(prefix + "ffn.")}
+        if not params:
+            raise ConfigError(f"the dense model has no FFN at {prefix!r} (is it a dense model of this shape?)")
+        for e in range(num_experts):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + e * 7919 + zlib.crc32(prefix.encode()))
+            for name, value in params.items():
+                copy = value.clone()
+                if noise > 0 and value.dim() > 1:
+                    copy += noise * value.std() * torch.randn(value.shape, generator=generator)
+                out[f"{prefix}experts.{e}.{name}"] = copy
+    return out
+
+
+def aggregate_experts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                      experts_a: int, experts_b: int) -> dict[str, torch.Tensor]:
+    """Full plain state with experts_a + experts_b experts per MoE layer (see module doc)."""
+    if {k for k in a if not EXPERT_KEY.match(k)} != {k for k in b if not EXPERT_KEY.match(k)}:
+        raise ConfigError("init.aggregate: the two models have different layers")
+    out = {}
+    for key, value in a.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            out[key] = value.clone()
+        elif key.endswith(GATE_SUFFIX):
+            out[key] = torch.cat([value, b[key]], dim=0)  # [E_a + E_b, D]
+        elif value.is_floating_point():
+            out[key] = (value + b[key]) / 2
+        else:
+            out[key] = value.clone()
+    for key, value in b.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            out[f"{match['prefix']}experts.{experts_a + int(match['id'])}.{match['param']}"] = value.clone()
+    return out
+
+
+def load_into(model: Seq2Seq, full: dict[str, torch.Tensor], allow_missing_gates: bool = False) -> None:
+    """Loads a full plain state (global expert ids) into `model`, whose MoE layers may hold only
+    the experts of one expert-parallel rank."""
+    local_state = {}
+    firsts = {Seq2Seq.moe_layer_prefix(name): None for name in model.moe_layer_names()}
+    for module_name, module in model.named_modules():
+        if hasattr(module, "global_expert_ids"):
+            firsts[module_name + "."] = module.global_expert_ids
+    for key, value in full.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            ids = firsts.get(match["prefix"])
+            g = int(match["id"])
+            if ids is None or g not in ids:
+                continue  # another rank's expert
+            key = f"{match['prefix']}experts.{g - ids.start}.{match['param']}"
+        local_state[key] = value
+    missing, unexpected = model.load_state_dict(local_state, strict=False)
+    if allow_missing_gates:
+        missing = [k for k in missing if not k.endswith(GATE_SUFFIX)]
+    if missing or unexpected:
+        raise ConfigError(f"initial weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def initialise(model: Seq2Seq, vocab_size: int, init_cfg, seed: int) -> str | None:
+    """Applies `init.from_dense` or `init.aggregate` to a freshly built model; a one-line summary."""
+    prefixes = [Seq2Seq.moe_layer_prefix(name) for name in model.moe_layer_names()]
+    if init_cfg.from_dense:
+        state, desc = load_source(init_cfg.from_dense)
+        check_same_shape(desc, model, vocab_size, init_cfg.from_dense)
+        if desc["moe"].get("enabled", True):
+            raise ConfigError(f"init.from_dense={init_cfg.from_dense}: that model is an MoE model, not a dense one")
+        load_into(model, experts_from_dense(state, prefixes, model.moe_cfg.num_experts, init_cfg.noise, seed),
+                  allow_missing_gates=True)
+        return f"experts from dense: {init_cfg.from_dense} (noise {init_cfg.noise})"
+    if init_cfg.aggregate:
+        (state_a, desc_a), (state_b, desc_b) = (load_source(p) for p in init_cfg.aggregate)
+        for path, desc in zip(init_cfg.aggregate, (desc_a, desc_b)):
+            check_same_shape(desc, model, vocab_size, path)
+        e_a, e_b = desc_a["moe"]["num_experts"], desc_b["moe"]["num_experts"]
+        if e_a + e_b != model.moe_cfg.num_experts:
+            raise ConfigError(f"init.aggregate: {e_a} + {e_b} experts, but moe.num_experts={model.moe_cfg.num_experts}")
+        load_into(model, aggregate_experts(state_a, state_b, e_a, e_b))
+        return f"aggregation of experts: {init_cfg.aggregate[0]} ({e_a}) + {init_cfg.aggregate[1]} ({e_b})"
+    return None
+
