@@ -141,6 +141,18 @@ class TrainConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    kind: str = "constant"
+    """How the share of auxiliary tasks (denoising) moves: constant, linear, stepwise, curriculum."""
+    start: float = 0.0
+    end: float = 0.0
+    steps: int = 0
+    """Steps over which `linear`/`curriculum` go from `start` to `end`."""
+    milestones: list[list[float]] = field(default_factory=list)
+    """`stepwise`: [[step, share], ...]."""
+
+
+@dataclass
 class InitConfig:
     from_dense: Optional[str] = None
     """Experts from Dense: a trained dense run dir (or export) of the same shape; every expert starts
@@ -171,6 +183,10 @@ class TrainAppConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    tasks: dict[str, Any] = field(default_factory=lambda: {"translation": {}})
+    """Training tasks and their parameters (`mtmoe/data/tasks/`), e.g. `{translation: {},
+    denoising: {langs: [cs]}}`; the `tasks/` config group has presets."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed JSON keys merged last over the generated DeepSpeed config."""
 
@@ -306,6 +322,21 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
             raise ConfigError("init.from_dense/init.aggregate build an MoE model: moe.enabled must be true")
         if cfg.init.aggregate is not None and len(cfg.init.aggregate) != 2:
             raise ConfigError(f"init.aggregate={list(cfg.init.aggregate)}: expected two runs")
+    sch = cfg.schedule
+    if sch.kind not in ("constant", "linear", "stepwise", "curriculum"):
+        raise ConfigError(f"schedule.kind={sch.kind!r}: expected constant, linear, stepwise or curriculum")
+    for name, value in (("start", sch.start), ("end", sch.end), *((f"milestones[{i}]", m[1] if len(m) == 2 else -1)
+                                                                   for i, m in enumerate(sch.milestones))):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"schedule.{name}: a share in [0, 1] (milestones are [step, share] pairs), got {value}")
+    if sch.kind in ("linear", "curriculum") and sch.steps <= 0:
+        raise ConfigError(f"schedule.kind={sch.kind} needs schedule.steps > 0")
+    if not cfg.tasks:
+        raise ConfigError("tasks: at least one training task is needed")
+    from mtmoe.data.tasks import base as tasks  # registers the built-in tasks
+
+    for name, params in cfg.tasks.items():
+        tasks.parse_params(name, params)
     if cfg.init.noise < 0:
         raise ConfigError(f"init.noise={cfg.init.noise} must be >= 0")
     if t.valid_bleu not in ("final", "always", "never"):

@@ -173,5 +173,5 @@ def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):
     dirs = parse_directions("all", tok.langs)
     stream = BatchStream(tok, dirs, temperature_probs([len(tok)] * len(dirs), 5.0),
                          {lang: 4 for lang in tok.langs}, 400, max_len, 3, chunk_sentences=2000, rows=rows)
-    drawn = np.concatenate([lines for _, lines in stream._chunk(0)])
+    drawn = np.concatenate([lines for _, lines, _ in stream._chunk(0, 0)])
     assert len(drawn) > 1000 and not set(over.tolist()) & set(drawn.tolist())

@@ -17,7 +17,12 @@ import torch
 from conftest import run_cli, run_deepspeed, tiny_overrides
 
 STEPS = 6
-TOLERANCE = 2e-5  # largest |difference| of any final parameter (fp32, different reduction orders)
+TOLERANCE = 1e-2
+"""Per tensor: |final - reference final| / |reference final - initial| (L2). fp32 rounding differs
+between layouts (expert matmuls over differently concatenated tokens, all-to-all), and Adam turns
+rounding noise in near-zero gradients into update-sized noise on a few elements; measured ratios are
+<= 1e-3. A real layout bug (an expert group not averaged, a lost partition) gives ratios of O(1)."""
+LOSS_RTOL = 3e-5
 LAYOUTS = {
     # name: (ranks, overrides); `parallel=` picks a conf/parallel/ preset
     "dp2": (2, {}),
@@ -49,23 +54,39 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus, cache_dir):
-    """World of one, 2 micro-batches per step: the global batch of a 2-rank run."""
-    run_dir = tmp_path_factory.mktemp("parity") / "world1"
-    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.accumulate": 2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, losses(run_dir), final_weights(run_dir)
-
-
-def test_reference_trained(reference):
-    """Guards the parity tests: 6 steps move the weights far beyond their tolerance."""
+    """World of one, 2 micro-batches per step: the global batch of a 2-rank run.
+    -> (run dir, losses, final weights, initial weights)."""
     from mtmoe.export.artifact import _configs
     from mtmoe.model.seq2seq import build_model
 
-    run_dir, ref_losses, ref_weights = reference
+    run_dir = tmp_path_factory.mktemp("parity") / "world1"
+    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.accumulate": 2}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     desc = json.loads((run_dir / "model.json").read_text())
     initial = build_model(desc["vocab_size"], *_configs(desc), seed=1).state_dict()
-    change = max((ref_weights[k] - initial[k]).abs().max().item() for k in ref_weights)
-    assert change > 100 * TOLERANCE and ref_losses[-1] < ref_losses[0]
+    return run_dir, losses(run_dir), final_weights(run_dir), initial
+
+
+def update_ratios(weights: dict, reference) -> dict[str, float]:
+    """|weights - reference final| / |reference final - initial| per tensor (L2 norms).
+
+    Key-projection biases are left out: softmax ignores a shift shared by all keys, so their exact
+    gradient is 0 and all they receive is rounding noise, which Adam scales up to lr-sized steps."""
+    _, _, final, initial = reference
+    return {k: ((weights[k] - final[k]).norm() / (final[k] - initial[k]).norm().clamp_min(1e-12)).item()
+            for k in final if not k.endswith("k_proj.bias")}
+
+
+def test_reference_trained(reference):
+    """Guards the parity tests: training moved every checked tensor, and the loss fell."""
+    run_dir, ref_losses, final, initial = reference
+    assert all((final[k] - initial[k]).norm() > 1e-3 for k in update_ratios(final, reference))
+    assert ref_losses[-1] < ref_losses[0]
+    # A layout bug of the kind the ratio catches: one expert's update halved.
+    broken = dict(final)
+    key = "encoder.1.ffn.experts.1.fc1.weight"
+    broken[key] = initial[key] + 0.5 * (final[key] - initial[key])
+    assert update_ratios(broken, reference)[key] > 10 * TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +107,15 @@ def layout_run(tmp_path_factory, corpus, cache_dir):
 
 
 def assert_matches_reference(run_dir: Path, reference, from_step: int = 1):
-    _, ref_losses, ref_weights = reference
+    _, ref_losses, ref_weights, _ = reference
     got = losses(run_dir)
     assert len(got) == STEPS
-    assert got[from_step - 1:] == pytest.approx(ref_losses[from_step - 1:], rel=1e-5, abs=1e-5)
+    assert got[from_step - 1:] == pytest.approx(ref_losses[from_step - 1:], rel=LOSS_RTOL)
     weights = final_weights(run_dir)
     assert sorted(weights) == sorted(ref_weights)
-    # Key-projection biases are left out: softmax ignores a shift shared by all keys, so their exact
-    # gradient is 0 and what they get is rounding noise that Adam scales up to lr-sized steps.
-    diffs = {k: (weights[k] - ref_weights[k]).abs().max().item() for k in weights if not k.endswith("k_proj.bias")}
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] < TOLERANCE, f"largest parameter difference {diffs[worst]:.2e} ({worst})"
+    ratios = update_ratios(weights, reference)
+    worst = max(ratios, key=ratios.get)
+    assert ratios[worst] < TOLERANCE, f"{worst}: differs by {ratios[worst]:.2e} of its update"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

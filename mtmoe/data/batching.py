@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mtmoe.data.sampling import Direction
+from mtmoe.data.tasks.base import Source
 from mtmoe.data.tokenized import TokenizedCorpus
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -85,25 +86,36 @@ def pack_by_tokens(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) 
 class StreamPosition:
     chunk: int = 0
     batch: int = 0
+    batches_before: int = 0
+    """Global batches in the chunks before `chunk`: the multitask schedule's clock."""
 
     def as_dict(self) -> dict:
-        return {"chunk": self.chunk, "batch": self.batch}
+        return {"chunk": self.chunk, "batch": self.batch, "batches_before": self.batches_before}
+
+
+def translation_sources(corpus: TokenizedCorpus, directions: Sequence[Direction], rows: np.ndarray) -> list[Source]:
+    from mtmoe.data.tasks.translation import TranslationParams, TranslationTask
+
+    return TranslationTask(TranslationParams()).sources(corpus, rows, directions, vocab=None)
 
 
 class BatchStream:
-    """Endless, seed-determined stream of training batches over several directions."""
+    """Endless, seed-determined stream of training batches over several sources (directions,
+    denoising languages, ...)."""
 
     def __init__(self, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
                  tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000,
-                 rows: np.ndarray | None = None, accumulate: int = 1):
-        """`rows`: the corpus lines that may be drawn (default all; see `data.too_long`).
+                 rows: np.ndarray | None = None, accumulate: int = 1,
+                 sources: Sequence[Source] | None = None, mixture=None):
+        """Translation only: `directions` sampled with `probs`, lines from `rows` (default all; see
+        `data.too_long`). Multitask: `sources` (mtmoe.data.tasks) sampled by `mixture.probs(step)`.
         `accumulate`: micro-batches per optimizer step; chunks hold whole steps, so global batch g
         lands in the same step under every layout with the same world_size x accumulate."""
-        self.corpus = corpus
-        self.rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
-        self.directions = list(directions)
-        self.probs = np.asarray(probs)
+        rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
+        self.sources = list(sources) if sources is not None else translation_sources(corpus, directions, rows)
+        fixed = np.asarray(probs) if sources is None else None
+        self.probs_at = (lambda step: fixed) if mixture is None else mixture.probs
         self.tag_ids = tag_ids
         self.max_tokens = max_tokens
         self.max_len = max_len
@@ -113,46 +125,51 @@ class BatchStream:
         self.chunk_sentences = chunk_sentences
         self.batches_per_step = world_size * accumulate
         self.position = StreamPosition()
-        self._lengths = {lang: np.minimum(corpus.lengths(lang), 10**6) for lang in corpus.langs}
 
-    def _chunk(self, chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(direction_index[B], line_index[B]), ...] for every global batch of the chunk."""
+    def _chunk(self, chunk: int, batches_before: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[(source index[B], line index[B], example index in chunk[B]), ...] per global batch."""
         rng = np.random.default_rng([self.seed, chunk])
-        dirs = rng.choice(len(self.directions), size=self.chunk_sentences, p=self.probs)
-        lines = self.rows[rng.integers(0, len(self.rows), size=self.chunk_sentences)]
+        probs = self.probs_at(batches_before / self.batches_per_step)
+        src_idx = rng.choice(len(self.sources), size=self.chunk_sentences, p=probs)
+        draws = rng.random(self.chunk_sentences)
+        lines = np.empty(self.chunk_sentences, dtype=np.int64)
         src_len = np.empty(self.chunk_sentences, dtype=np.int64)
         tgt_len = np.empty(self.chunk_sentences, dtype=np.int64)
-        for d, (s, t) in enumerate(self.directions):
-            sel = dirs == d
-            src_len[sel] = np.minimum(self._lengths[s][lines[sel]], self.max_len - 2) + 2
-            tgt_len[sel] = np.minimum(self._lengths[t][lines[sel]], self.max_len - 1) + 1
+        for k, source in enumerate(self.sources):
+            sel = src_idx == k
+            lines[sel] = source.rows[(draws[sel] * len(source.rows)).astype(np.int64)]
+            src_len[sel] = np.minimum(source.src_len[lines[sel]], self.max_len - 2) + 2
+            tgt_len[sel] = np.minimum(source.tgt_len[lines[sel]], self.max_len - 1) + 1
         order = np.lexsort((src_len, tgt_len))
         groups = pack_by_tokens(src_len[order], tgt_len[order], self.max_tokens)
         rng.shuffle(groups)
         # Drop the tail so that a chunk holds whole optimizer steps (every rank, every micro-batch).
         usable = len(groups) - len(groups) % self.batches_per_step
-        return [(dirs[order[g]], lines[order[g]]) for g in groups[:usable]]
+        return [(src_idx[order[g]], lines[order[g]], order[g]) for g in groups[:usable]]
 
-    def make_batch(self, dir_idx: np.ndarray, line_idx: np.ndarray) -> Batch:
+    def make_batch(self, chunk: int, src_idx: np.ndarray, line_idx: np.ndarray, example_idx: np.ndarray) -> Batch:
         src, tgt, tags = [], [], []
-        for d, i in zip(dir_idx, line_idx):
-            s, t = self.directions[d]
-            src.append(self.corpus.line(s, i))
-            tgt.append(self.corpus.line(t, i))
-            tags.append(self.tag_ids[t])
-        return collate(src, tgt, tags, self.max_len, dir_idx.tolist())
+        for k, i, j in zip(src_idx, line_idx, example_idx):
+            source = self.sources[k]
+            rng = np.random.default_rng([self.seed, chunk, int(j)]) if source.random else None
+            s, t = source.make(int(i), rng)
+            src.append(s)
+            tgt.append(t)
+            tags.append(self.tag_ids[source.tgt_lang])
+        return collate(src, tgt, tags, self.max_len, src_idx.tolist())
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            groups = self._chunk(self.position.chunk)
+            pos = self.position
+            groups = self._chunk(pos.chunk, pos.batches_before)
             while self.position.batch < len(groups):
-                dir_idx, line_idx = groups[self.position.batch + self.rank]
+                src_idx, line_idx, example_idx = groups[self.position.batch + self.rank]
                 self.position.batch += self.world_size
-                yield self.make_batch(dir_idx, line_idx)
-            self.position = StreamPosition(self.position.chunk + 1, 0)
+                yield self.make_batch(pos.chunk, src_idx, line_idx, example_idx)
+            self.position = StreamPosition(pos.chunk + 1, 0, pos.batches_before + len(groups))
 
     def state_dict(self) -> dict:
         return self.position.as_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = StreamPosition(int(state["chunk"]), int(state["batch"]))
+        self.position = StreamPosition(int(state["chunk"]), int(state["batch"]), int(state.get("batches_before", 0)))

@@ -86,3 +86,15 @@ def prepare_training_data(cfg: DataConfig, is_first: bool = True,
         barrier()
         data = build()
     return data
+
+
+def training_mixture(data: TrainingData, tasks_cfg: dict, schedule_cfg, temperature: float):
+    """(sources of every configured task, their Mixture over training steps)."""
+    from mtmoe.data.schedule import Mixture
+    from mtmoe.data.tasks import build_sources
+
+    sources = build_sources(tasks_cfg, data.train, data.train_rows, data.directions, data.vocab)
+    mixture = Mixture([s.task for s in sources], [len(s.rows) for s in sources], schedule_cfg, temperature)
+    start = mixture.probs(0)
+    log.info("training sources at step 0: %s", ", ".join(f"{s.label} {p:.1%}" for s, p in zip(sources, start)))
+    return sources, mixture

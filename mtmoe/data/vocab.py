@@ -5,7 +5,8 @@ The model is trained once on the training text of all languages and cached under
 changed corpus or vocabulary size gets a new model and an unchanged one is never retrained.
 
 Special ids are fixed so that the model and exports agree without extra metadata:
-pad=0, unk=1, bos=2, eos=3, then the language tags `<2xx>` as user-defined symbols.
+pad=0, unk=1, bos=2, eos=3, then `<mask>` (denoising) and the language tags `<2xx>` as
+user-defined symbols.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sentencepiece as spm
 from mtmoe.config import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MASK = "<mask>"
 
 
 def lang_tag(lang: str) -> str:
@@ -48,6 +50,20 @@ class Vocab:
                               f"(known: {self.languages()})")
         return tid
 
+    @property
+    def mask_id(self) -> int:
+        mid = self.sp.piece_to_id(MASK)
+        if mid == UNK_ID:
+            raise ConfigError(f"{self.path} has no {MASK} token (trained before denoising existed): delete it "
+                              f"from the cache to retrain")
+        return mid
+
+    def sentence_end_mask(self):
+        """[vocab] bool: pieces that end a sentence (`.`, `!`, `?` last), for sentence permutation."""
+        import numpy as np
+
+        return np.array([self.sp.id_to_piece(i).rstrip().endswith((".", "!", "?")) for i in range(len(self))])
+
     def languages(self) -> list[str]:
         """Languages with a tag in this vocabulary."""
         out = []
@@ -68,7 +84,7 @@ class Vocab:
 def vocab_key(columns: dict[str, Sequence[str]], vocab_size: int, model_type: str,
               sample_lines: int) -> str:
     h = hashlib.sha256()
-    h.update(f"v1|{vocab_size}|{model_type}|{sample_lines}|{sorted(columns)}".encode())
+    h.update(f"v2|{vocab_size}|{model_type}|{sample_lines}|{sorted(columns)}".encode())
     for lang in sorted(columns):
         for line in columns[lang]:
             h.update(line.encode())
@@ -91,7 +107,7 @@ def train_vocab(columns: dict[str, Sequence[str]], out_dir: Path, vocab_size: in
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=1.0, num_threads=2,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=[lang_tag(lang) for lang in sorted(columns)],
+        user_defined_symbols=[MASK] + [lang_tag(lang) for lang in sorted(columns)],
         hard_vocab_limit=False, minloglevel=2)
     tmp = out_dir / "spm.model.tmp"
     tmp.write_bytes(model.getvalue())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mtmoe.config import TrainAppConfig, validate
 from mtmoe.data.batching import Batch, BatchStream
-from mtmoe.data.prepare import TrainingData, prepare_training_data
+from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train import checkpoint
@@ -118,10 +118,12 @@ class Trainer:
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=self.ds_config)
         self.ep_group = self._expert_group()
+        sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data.temperature)
         self.stream = BatchStream(self.data.train, self.data.directions, self.data.probs,
                                   {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
-                                  rows=self.data.train_rows, accumulate=cfg.train.accumulate)
+                                  rows=self.data.train_rows, accumulate=cfg.train.accumulate,
+                                  sources=sources, mixture=mixture)
         self.step, self.train_seconds = 0, 0.0
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
         self.last_checkpoint: str | None = None

@@ -1,0 +1,83 @@
+"""The task interface and registry.
+
+A `Source` yields examples `(src ids, tgt ids, target-language tag)` from lines of the tokenized
+corpus; `Task.sources()` lists a task's sources. The batch stream samples sources (by the
+multitask schedule, then by temperature within a task), draws lines from `source.rows`, and
+packs the examples into token-budget batches; the loss is the same cross-entropy for every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from mtmoe.config import ConfigError
+
+MakeExample = Callable[[int, np.random.Generator], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass
+class Source:
+    task: str
+    label: str
+    """e.g. `en-de` (translation) or `dae-cs` (denoising)."""
+    tgt_lang: str
+    rows: np.ndarray
+    """Corpus lines this source may draw (e.g. the first 3k for a low-resource direction)."""
+    src_len: np.ndarray
+    """[num corpus lines] source length upper bound of each line's example (for packing)."""
+    tgt_len: np.ndarray
+    make: MakeExample
+    """(line, rng) -> (src ids [S], tgt ids [T]) without tag/BOS/EOS."""
+    random: bool = False
+    """`make` draws from its rng (seeded per example by the stream, so batches stay reproducible)."""
+
+
+class Task(Protocol):
+    name: str
+
+    def sources(self, corpus, rows, directions, vocab) -> list[Source]: ...
+
+
+_REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register_task(name: str, params_cls: type):
+    """Class decorator: `@register_task("denoising", DenoisingParams)`."""
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = (cls, params_cls)
+        return cls
+    return wrap
+
+
+def task_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_params(name: str, raw: dict[str, Any] | None):
+    """The task's params dataclass from its config dict; unknown keys are an error naming them."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"tasks.{name}: unknown task (known: {task_names()})")
+    params_cls = _REGISTRY[name][1]
+    raw = dict(raw or {})
+    known = {f.name for f in fields(params_cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"tasks.{name}: unknown parameter(s) {unknown} (known: {sorted(known)})")
+    try:
+        return params_cls(**raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tasks.{name}: {e}") from e
+
+
+def build_sources(tasks_cfg: dict[str, Any], corpus, rows: np.ndarray, directions, vocab) -> list[Source]:
+    """Every source of every configured task, translation first."""
+    out = []
+    for name in sorted(tasks_cfg, key=lambda n: (n != "translation", n)):
+        cls, _ = _REGISTRY.get(name, (None, None))
+        params = parse_params(name, tasks_cfg[name])
+        out.extend(cls(params).sources(corpus, rows, directions, vocab))
+    return out

@@ -1,0 +1,39 @@
+"""Translation: one source per direction; line i of the source language -> line i of the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mtmoe.config import ConfigError
+from mtmoe.data.tasks.base import Source, register_task
+
+
+@dataclass
+class TranslationParams:
+    lines: dict[str, int] = field(default_factory=dict)
+    """Per-direction line limits, e.g. `{cs-en: 3000, en-cs: 3000}` (low-resource simulations):
+    the direction draws only the first N usable lines."""
+
+
+@register_task("translation", TranslationParams)
+class TranslationTask:
+    def __init__(self, params: TranslationParams):
+        self.params = params
+
+    def sources(self, corpus, rows, directions, vocab) -> list[Source]:
+        known = {f"{s}-{t}" for s, t in directions}
+        unknown = sorted(set(self.params.lines) - known)
+        if unknown:
+            raise ConfigError(f"tasks.translation.lines: {unknown} are not training directions ({sorted(known)})")
+        out = []
+        for s, t in directions:
+            label = f"{s}-{t}"
+            source_rows = rows[: int(self.params.lines[label])] if label in self.params.lines else rows
+
+            def make(i: int, rng: np.random.Generator, s=s, t=t):
+                return corpus.line(s, i), corpus.line(t, i)
+
+            out.append(Source("translation", label, t, source_rows, corpus.lengths(s), corpus.lengths(t), make))
+        return out
