@@ -67,3 +67,12 @@ def test_budget_and_zero3_are_rejected_early():
     cfg = compose_train(["train.zero_stage=3"])
     with pytest.raises(ConfigError, match="train.zero_stage=3"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe_no_rts", "moe_rts", "lowres_moe_rts", "lowres_moe_rts_dae",
+                                     "moe_efd"])
+def test_sample_efficiency_variants_compose(variant):
+    extra = ["init.from_dense=runs/x"] if variant == "moe_efd" else []  # ${hydra:sweep.dir} needs a real run
+    cfg = compose_train(["+experiment=sample_efficiency", f"+variant={variant}", *extra])
+    validate(cfg, world_size=2)
+    assert cfg.launch.ranks == 2 and cfg.train.max_steps in (150, 300)

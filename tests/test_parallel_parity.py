@@ -178,3 +178,15 @@ def test_multirun_sweep_of_distributed_jobs(tmp_path, corpus, cache_dir):
         assert state["ep_size"] == 2
         config = (sweep / job / ".hydra" / "config.yaml").read_text()
         assert f"use_rts: {str(rts).lower()}" in config
+    # The sweep collector: one table row per job, and the validation-loss plot.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/collect_sweep.py", str(sweep)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| 0") or
+            line.startswith("| 1")]
+    assert len(rows) == 2 and (sweep / "valid_loss.png").stat().st_size > 0
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [j["steps"] for j in summary] == [2, 2] and all(j["valid_loss"] > 0 for j in summary)
