@@ -21,11 +21,20 @@ from mtmoe.data.batching import collate, pack_by_tokens
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 
 
-def _reorder_cache(cache: list, order: torch.Tensor) -> None:
+def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[torch.Tensor]) -> None:
+    """Self-attention caches follow the surviving beams (`order` [rows]); cross-attention keys and
+    values are the same for every beam of a sentence, so they only lose finished sentences (`live`
+    [sentences] bool, None when none finished)."""
     for layer in cache:
-        for part in layer.values():
+        for name, part in layer.items():
             for key in ("k", "v"):
-                if key in part:
+                if key not in part:
+                    continue
+                if name == "cross":
+                    if live is not None:
+                        t = part[key]
+                        part[key] = t.view(-1, beam, *t.shape[1:])[live].flatten(0, 1)
+                else:
                     part[key] = part[key].index_select(0, order)
 
 
@@ -94,6 +103,7 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
         order = (torch.arange(n)[:, None] * k + top_beam.gather(1, pick))  # [n, k] rows to continue
         new_tokens = top_token.gather(1, pick)
         live = torch.from_numpy(~done[active.numpy()])
+        kept_sentences = None
         if sync_group is None and not live.all():
             # Drop finished sentences from the batch (not under expert parallelism, where every
             # rank must keep the same shapes in lock-step).
@@ -101,9 +111,10 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
             active, limits = active[live], limits[live]
             memory = memory.view(n, k, *memory.shape[1:])[live].flatten(0, 1)
             memory_keep = memory_keep.view(n, k, -1)[live].flatten(0, 1)
+            kept_sentences = live
         order = order.reshape(-1)
         tokens = torch.cat([tokens.index_select(0, order), new_tokens.reshape(-1, 1)], dim=1)
-        _reorder_cache(cache, order)
+        _reorder_cache(cache, order, k, kept_sentences)
 
     return [max(hyps, key=lambda item: item[0])[1] for hyps in finished]
 

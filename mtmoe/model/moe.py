@@ -177,10 +177,20 @@ class _AllToAll(torch.autograd.Function):
         return None, out
 
 
-def run_experts(experts: nn.ModuleList, buffer: torch.Tensor) -> torch.Tensor:
-    """buffer [G, L, C, D] (G source groups) -> same shape, expert l applied to [:, l]."""
-    outs = [expert(buffer[:, i]) for i, expert in enumerate(experts)]
-    return torch.stack(outs, dim=1)
+def run_experts(experts: nn.ModuleList, buffer: torch.Tensor, filled: Optional[list[int]] = None) -> torch.Tensor:
+    """buffer [G, L, C, D] (G source groups) -> same shape, expert l applied to [:, l].
+
+    `filled` [L] (one group only): rows in use per expert. Slots fill from 0, so each expert runs
+    on its first `filled[l]` rows and the empty tail of the capacity buffer (up to C - filled rows,
+    e.g. 1/3 of the rows with top-2 at capacity factor 1.5) costs nothing; the tail's output stays
+    0 and is never combined."""
+    if filled is None:
+        return torch.stack([expert(buffer[:, i]) for i, expert in enumerate(experts)], dim=1)
+    out = torch.zeros_like(buffer)
+    for i, expert in enumerate(experts):
+        if filled[i]:
+            out[0, i, :filled[i]] = expert(buffer[0, i, :filled[i]])
+    return out
 
 
 def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: Optional[torch.Tensor]):
@@ -208,7 +218,10 @@ def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: O
     buffer = buffer.view(ep_size, local, capacity, d)
     if ep_size > 1:
         buffer = _AllToAll.apply(group, buffer)
-    out = run_experts(experts, buffer)
+    filled = None
+    if ep_size == 1:  # with expert parallelism the counts live on other ranks: run full buffers
+        filled = torch.bincount(plan.expert.reshape(-1)[kept], minlength=num_experts).clamp(max=capacity).tolist()
+    out = run_experts(experts, buffer, filled)
     if ep_size > 1:
         out = _AllToAll.apply(group, out)
     out = out.reshape(num_experts * capacity, d)

@@ -1,0 +1,143 @@
+"""One training step per system on identical batches, timed in alternating rounds.
+
+Batches come from mtmoe's `BatchStream` (the training stream of the run config) and are built
+before any timing. A step is forward + backward + gradient clipping + optimizer step + lr schedule:
+
+- mtmoe: the DeepSpeed engine in a world of one, set up as `mtmoe.train.engine.Trainer` does
+  (build_model, wrap_moe_layers, build_deepspeed_config, build_optimizer, deepspeed.initialize),
+  loss from `compute_loss`, then `engine.backward` and `engine.step`.
+- HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
+  decoder_attention_mask, labels, output_router_logits=True)` (CE + aux loss), backward,
+  clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, foreach), the same lr schedule.
+
+Every system's step ends with `loss.item()`, as the mtmoe loop does.
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import islice
+from typing import Callable, Sequence
+
+import torch
+
+from mtmoe.config import TrainAppConfig
+from mtmoe.data.batching import Batch, BatchStream
+from mtmoe.data.prepare import TrainingData
+from mtmoe.data.vocab import PAD_ID
+
+from bench.vs_hf.systems import build_hf, set_hf_capacity
+
+
+def training_batches(data: TrainingData, cfg: TrainAppConfig, count: int) -> list[Batch]:
+    """The first `count` batches of the run's training stream (seed `train.seed`, rank 0 of 1)."""
+    stream = BatchStream(data.train, data.directions, data.probs,
+                         {lang: data.vocab.tag_id(lang) for lang in cfg.data.langs},
+                         cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, rows=data.train_rows)
+    return list(islice(iter(stream), count))
+
+
+def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The HF keyword arguments for an mtmoe batch: the same token tensors, PAD masked out."""
+    return {"input_ids": batch.src, "attention_mask": (batch.src != PAD_ID).long(),
+            "decoder_input_ids": batch.tgt_in, "decoder_attention_mask": (batch.tgt_in != PAD_ID).long(),
+            "labels": batch.tgt_out.masked_fill(batch.tgt_out == PAD_ID, -100)}
+
+
+class MtmoeStep:
+    """mtmoe's DeepSpeed engine (world of one) for one moe preset's config."""
+
+    def __init__(self, cfg: TrainAppConfig, vocab_size: int):
+        import deepspeed
+
+        from mtmoe.model.seq2seq import build_model
+        from mtmoe.train.distributed import init_distributed
+        from mtmoe.train.ds_config import build_deepspeed_config
+        from mtmoe.train.engine import build_optimizer, inverse_sqrt_schedule
+
+        init_distributed()
+        self.cfg = cfg
+        self.model = build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed)
+        if cfg.moe.enabled:
+            from mtmoe.train.deepspeed_moe import wrap_moe_layers
+
+            wrap_moe_layers(self.model)
+        ds_config = build_deepspeed_config(cfg, cfg.deepspeed)
+        optimizer, groups = build_optimizer(self.model, cfg, ds_config)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(cfg.train.warmup_steps))
+
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                               model_parameters=groups if optimizer is None else None,
+                                               lr_scheduler=scheduler, config=ds_config)
+        self.engine.train()
+
+    def __call__(self, batch: Batch) -> float:
+        from mtmoe.train.engine import compute_loss
+
+        total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens))
+        self.engine.backward(total)
+        self.engine.step()
+        return ce_sum.item()
+
+
+class HfStep:
+    """NLLB-MoE in a plain PyTorch training loop with the same optimizer settings as mtmoe."""
+
+    def __init__(self, cfg: TrainAppConfig, vocab_size: int, fixed_dispatch: bool = False):
+        from mtmoe.train.engine import inverse_sqrt_schedule
+
+        self.cfg = cfg
+        self.model = build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch)
+        self.model.train()
+        t = cfg.train
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                                          weight_decay=t.weight_decay, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(t.warmup_steps))
+
+    def __call__(self, batch: Batch) -> float:
+        set_hf_capacity(self.model, batch.num_source_tokens, int((batch.tgt_in != PAD_ID).sum()), self.cfg)
+        loss = self.model(**hf_inputs(batch), output_router_logits=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def make_train_step(system: str, cfg: TrainAppConfig, vocab_size: int) -> Callable[[Batch], float]:
+    """The step of `mtmoe*` (DeepSpeed engine for `cfg`'s moe preset), `hf` or `hf_fixed`."""
+    if system.startswith("mtmoe"):
+        return MtmoeStep(cfg, vocab_size)
+    return HfStep(cfg, vocab_size, fixed_dispatch=system == "hf_fixed")
+
+
+def tokens_per_second(step: Callable[[Batch], float], batches: Sequence[Batch]) -> float:
+    """Target tokens per second over `batches`, one step each."""
+    started = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    seconds = time.perf_counter() - started
+    return sum(b.num_target_tokens for b in batches) / seconds
+
+
+def alternate(steps: dict[str, Callable[[Batch], float]], batches: Sequence[Batch], warmup: int,
+              repeats: int) -> dict[str, list[float]]:
+    """Target tokens/s per system per round. Every system first runs `warmup` untimed steps; then
+    in each of `repeats` rounds every system, one after another, runs the round's batches (the
+    same for all systems; the order rotates per round), so a slow stretch of the machine does not
+    fall on one system only."""
+    warm, timed = batches[:warmup], batches[warmup:]
+    per_round = len(timed) // repeats
+    for step in steps.values():
+        for batch in warm:
+            step(batch)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        chunk = timed[r * per_round:(r + 1) * per_round]
+        names = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
+        for name in names:
+            rates[name].append(tokens_per_second(steps[name], chunk))
+    return rates
