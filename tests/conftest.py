@@ -80,7 +80,15 @@ def run_cli(name: str, args: list[str], stdin: str | None = None, timeout: int =
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+def deepspeed_command(module: str, args: list[str], num_ranks: int = 2) -> list[str]:
+    """A `deepspeed` launch on a free port (another launch on this box, e.g. a sweep, may hold 29500)."""
+    from mtmoe.train.distributed import free_port
+
+    return [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", str(num_ranks), "--master_port",
+            str(free_port()), "--module", module, *args]
+
+
 def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int = 900):
     env = clean_env()
-    cmd = [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", str(num_ranks), "--module", module, *args]
+    cmd = deepspeed_command(module, args, num_ranks)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

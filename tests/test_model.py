@@ -158,3 +158,19 @@ def test_rts_drops_are_position_independent(top_k):
         share = keep_counts[choice] / trials  # expected 0.25 everywhere; binomial sd ~0.022
         assert (share - 0.25).abs().max() < 0.11, share
         assert abs(share[: n // 2].mean() - share[n // 2:].mean()) < 0.03
+
+
+def test_expert_without_tokens_still_gets_a_zero_gradient():
+    """Experts run only on their filled slots; one that received no token must still produce a
+    (zero) gradient, or ZeRO-2's gradient partitioning desynchronises across ranks."""
+    torch.manual_seed(0)
+    layer = MoEFFN(16, 32, num_experts=4, top_k=1, capacity_factor=2.0, init_seed=1)
+    with torch.no_grad():
+        layer.gate.wg.weight.zero_()
+        layer.gate.wg.weight[0] = 1.0  # every token prefers expert 0
+    x = torch.rand(1, 6, 16) + 0.1
+    y, (aux, z), _ = layer(x)
+    (y.sum() + aux).backward()
+    assert layer.experts[0].fc1.weight.grad.abs().sum() > 0
+    for e in (1, 2, 3):
+        assert layer.experts[e].fc1.weight.grad is not None and layer.experts[e].fc1.weight.grad.abs().sum() == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, clean_env, export_of, run_cli, run_deepspeed, tiny_overrides
+from conftest import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
 from mtmoe.train.guard import DivergenceGuard, TrainingDiverged
 
 
@@ -43,7 +43,7 @@ def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_
     assert sorted(expected) == list(range(1, steps + 1))
 
     crashed = tmp_path / "crashed"
-    cmd = [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--module", "mtmoe.train", *args(crashed)]
+    cmd = deepspeed_command("mtmoe.train", args(crashed))
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     log_file, latest = crashed / "train_log.jsonl", crashed / "checkpoints" / "latest"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mtmoe.config import ConfigError
+from mtmoe.train.distributed import free_port
 
 
 def under_launcher() -> bool:
@@ -25,7 +26,10 @@ def launcher_command(ranks: int, launcher_args: str, task_overrides: list[str], 
     """The `deepspeed` command line for one job (launch.* overrides replaced, run dir pinned)."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     kept = [o for o in task_overrides if not o.lstrip("+~").startswith(("launch.", "hydra."))]
-    return [launcher, "--no_local_rank", "--num_gpus", str(ranks), *shlex.split(launcher_args),
+    extra = shlex.split(launcher_args)
+    if "--master_port" not in extra and "--hostfile" not in extra:
+        extra += ["--master_port", str(free_port())]  # single node: don't collide with other launches
+    return [launcher, "--no_local_rank", "--num_gpus", str(ranks), *extra,
             "--module", "mtmoe.train", *kept, "launch.ranks=0", f"hydra.run.dir={run_dir}"]
 
 

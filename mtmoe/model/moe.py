@@ -188,8 +188,9 @@ def run_experts(experts: nn.ModuleList, buffer: torch.Tensor, filled: Optional[l
         return torch.stack([expert(buffer[:, i]) for i, expert in enumerate(experts)], dim=1)
     out = torch.zeros_like(buffer)
     for i, expert in enumerate(experts):
-        if filled[i]:
-            out[0, i, :filled[i]] = expert(buffer[0, i, :filled[i]])
+        # An expert with no tokens still runs (on 0 rows): its parameters then get a zero gradient
+        # rather than none, which ZeRO's gradient partitioning expects from every rank.
+        out[0, i, :filled[i]] = expert(buffer[0, i, :filled[i]])
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -25,7 +25,7 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
