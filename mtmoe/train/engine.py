@@ -205,8 +205,9 @@ class Trainer:
             return any_rank(spent >= t.max_minutes * 60)
         return False
 
-    def _train_step(self, micro_batches) -> bool:
-        """One optimizer step over `train.accumulate` micro-batches; False when it was skipped.
+    def _train_step(self, micro_batches) -> dict | None:
+        """One optimizer step over `train.accumulate` micro-batches; its sums for the log window,
+        or None when it was skipped.
 
         A micro-batch whose loss is not finite on some rank is skipped on every rank: with one
         micro-batch per step nothing is applied; with several, it contributes no gradient."""
@@ -224,7 +225,7 @@ class Trainer:
             finite = not any_rank(not bool(torch.isfinite(total)))
             if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
                 if accumulate == 1:
-                    return False
+                    return None
                 total = zero_loss(self.engine)
             else:
                 sums["loss"] += ce_sum.item()
@@ -233,8 +234,7 @@ class Trainer:
                 sums["aux"] += aux.item() / accumulate
             self.engine.backward(total)
             self.engine.step()
-        self._last_step = sums
-        return True  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
+        return sums  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -246,10 +246,11 @@ class Trainer:
         saved_step = self.step
         self.engine.train()
         while not self._out_of_budget(started):
-            if not self._train_step(next(batches) for _ in range(cfg.train.accumulate)):
+            sums = self._train_step(next(batches) for _ in range(cfg.train.accumulate))
+            if sums is None:
                 continue  # nothing applied: the next batches are tried at the same step
             self.step += 1
-            for key, value in self._last_step.items():
+            for key, value in sums.items():
                 window[key] += value
             window["steps"] += 1
 

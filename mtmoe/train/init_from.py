@@ -113,14 +113,12 @@ def load_into(model: Seq2Seq, full: dict[str, torch.Tensor], allow_missing_gates
     """Loads a full plain state (global expert ids) into `model`, whose MoE layers may hold only
     the experts of one expert-parallel rank."""
     local_state = {}
-    firsts = {Seq2Seq.moe_layer_prefix(name): None for name in model.moe_layer_names()}
-    for module_name, module in model.named_modules():
-        if hasattr(module, "global_expert_ids"):
-            firsts[module_name + "."] = module.global_expert_ids
+    expert_ids = {name + ".": module.global_expert_ids for name, module in model.named_modules()
+                  if hasattr(module, "global_expert_ids")}
     for key, value in full.items():
         match = EXPERT_KEY.match(key)
         if match:
-            ids = firsts.get(match["prefix"])
+            ids = expert_ids.get(match["prefix"])
             g = int(match["id"])
             if ids is None or g not in ids:
                 continue  # another rank's expert
