@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from mtmoe.serve.config import ServeConfig
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
@@ -85,6 +87,10 @@ class MoEConfig:
     use_rts: bool = True
     """Random Token Selection: when an expert overflows, keep a uniformly random subset of its
     tokens instead of the earliest positions."""
+    pregate: bool = False
+    """Pre-gated MoE: each MoE layer's routing is computed one MoE layer earlier in the same stack
+    (the first routes itself), so a serving runtime knows the next layer's experts in advance
+    (`serve.prefetch=pregate`). Same parameters as a normal model."""
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
     """Set by expert pruning in exports: MoE layer (`enc1`, `dec1`, ...) -> ids of the experts it keeps."""
 
@@ -120,8 +126,19 @@ class TrainConfig:
     world size x accumulate token-budget batches, and the loss is normalised by its target tokens,
     so world 1 x accumulate 2 computes the same update as world 2 x accumulate 1."""
     zero_stage: int = 0
+    """0-2: DeepSpeed's native MoE with expert parallelism. 3: every parameter, experts included,
+    is partitioned over all ranks (no expert parallelism: moe.ep_size must be 1), which is what
+    lets parameters live on NVMe (`parallel=zero3_nvme`)."""
     offload_optimizer: str = "none"
-    """`cpu`: optimizer state and step on the CPU (DeepSpeedCPUAdam); needs train.zero_stage 1 or 2."""
+    """`cpu`: optimizer state and step on the CPU (DeepSpeedCPUAdam; ZeRO 1-3). `nvme`: Adam state
+    swapped to `train.nvme_path` (ZeRO-3 only)."""
+    offload_param: str = "none"
+    """`cpu` or `nvme`: parameters live off the accelerator between uses (ZeRO-3 only)."""
+    nvme_path: str = ""
+    """Swap directory for NVMe offload ('' = `<run dir>/nvme_swap`, removed when the run ends)."""
+    nvme_buffer_mib: int = 64
+    """Size of each of DeepSpeed's pinned parameter swap buffers (aio `buffer_size`); the largest single
+    parameter must fit in one, so big experts need more."""
     threads: int = 1
     """torch threads per rank; 1 thread per rank is the fast layout on small CPU boxes."""
     log_every: int = 20
@@ -160,6 +177,9 @@ class InitConfig:
     aggregate: Optional[list[str]] = None
     """Aggregation of Experts: two trained MoE runs (or exports) of the same shape whose expert counts
     add up to moe.num_experts; experts and gate rows concatenated, shared weights averaged."""
+    from_moe: Optional[str] = None
+    """Every weight from a trained MoE run (or unpruned export) of the same shape and expert count,
+    e.g. to fine-tune a normal MoE model into pre-gated form (`moe.pregate=true`)."""
     noise: float = 0.0
     """EfD: Gaussian noise added to each expert copy, as a fraction of the weight's std."""
 
@@ -212,6 +232,8 @@ class EvalAppConfig:
     """Decoding processes (directions are shared out); each uses `threads` threads (default 1)."""
     threads: int = 0
     """torch threads per process; 0 = torch default (1 per worker when workers > 1)."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Serving with only some experts resident (`serve.experts_per_layer`, `serve.prefetch`); see mtmoe.serve."""
 
 
 @dataclass
@@ -247,6 +269,8 @@ class TranslateAppConfig:
     length_penalty: float = 1.0
     batch_lines: int = 64
     threads: int = 0
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Serving with only some experts resident (`serve.experts_per_layer`, `serve.prefetch`); see mtmoe.serve."""
 
 
 def register_configs() -> None:
@@ -277,6 +301,11 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
         if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
             raise ConfigError(
                 f"moe.num_experts={moe.num_experts} is not divisible by moe.ep_size={moe.ep_size}")
+        if moe.pregate and max(model.encoder_layers, model.decoder_layers) // moe.every < 2:
+            raise ConfigError(
+                f"moe.pregate=true needs two MoE layers in a stack (the first routes the second); with "
+                f"moe.every={moe.every} and {model.encoder_layers}+{model.decoder_layers} layers there is one: "
+                f"set moe.every=1")
 
 
 def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
@@ -291,16 +320,30 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
     if t.max_tokens < 16:
         raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
-    if t.zero_stage not in (0, 1, 2):
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage}: expected 0, 1, 2 or 3")
+    if t.zero_stage == 3 and cfg.moe.enabled and cfg.moe.ep_size != 1:
         raise ConfigError(
-            f"train.zero_stage={t.zero_stage}: DeepSpeed's native MoE supports ZeRO stages 0, 1 and 2")
+            f"train.zero_stage=3 with moe.ep_size={cfg.moe.ep_size}: unsupported. DeepSpeed's native MoE "
+            f"(expert parallelism) refuses ZeRO-3; under ZeRO-3 mtmoe partitions every expert over all "
+            f"ranks instead: set moe.ep_size=1 (parallel=zero3_nvme does)")
+    if t.offload_param not in ("none", "cpu", "nvme"):
+        raise ConfigError(f"train.offload_param={t.offload_param!r}: expected none, cpu or nvme")
+    if t.offload_param != "none" and t.zero_stage != 3:
+        raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (got {t.zero_stage}): "
+                          f"only ZeRO-3 partitions parameters")
     if t.accumulate < 1:
         raise ConfigError(f"train.accumulate={t.accumulate} must be >= 1")
-    if t.offload_optimizer not in ("none", "cpu"):
-        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer!r}: expected none or cpu")
-    if t.offload_optimizer != "none" and t.zero_stage not in (1, 2):
-        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs train.zero_stage=1 or 2 "
-                          f"(got {t.zero_stage}): DeepSpeed offloads the optimizer of a ZeRO optimizer")
+    if t.offload_optimizer not in ("none", "cpu", "nvme"):
+        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer!r}: expected none, cpu or nvme")
+    if t.offload_optimizer != "none" and t.zero_stage == 0:
+        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs train.zero_stage 1, 2 or 3 "
+                          f"(got 0): DeepSpeed offloads the optimizer of a ZeRO optimizer")
+    if t.offload_optimizer == "nvme" and t.zero_stage != 3:
+        raise ConfigError(f"train.offload_optimizer=nvme needs train.zero_stage=3 (got {t.zero_stage}): "
+                          f"DeepSpeed swaps optimizer state to NVMe only under ZeRO-3")
+    if t.nvme_buffer_mib < 1:
+        raise ConfigError(f"train.nvme_buffer_mib={t.nvme_buffer_mib} must be >= 1")
     if cfg.data.temperature <= 0:
         raise ConfigError(f"data.temperature={cfg.data.temperature} must be > 0")
     if len(set(cfg.data.langs)) != len(cfg.data.langs) or len(cfg.data.langs) < 2:
@@ -315,11 +358,14 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if t.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
-    if cfg.init.from_dense or cfg.init.aggregate:
-        if cfg.init.from_dense and cfg.init.aggregate:
-            raise ConfigError("init.from_dense and init.aggregate exclude each other")
+    if cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe:
+        if sum(bool(x) for x in (cfg.init.from_dense, cfg.init.aggregate, cfg.init.from_moe)) > 1:
+            raise ConfigError("init.from_dense, init.aggregate and init.from_moe exclude each other")
         if not cfg.moe.enabled:
-            raise ConfigError("init.from_dense/init.aggregate build an MoE model: moe.enabled must be true")
+            raise ConfigError("init.from_dense/init.aggregate/init.from_moe build an MoE model: moe.enabled must be true")
+        if t.zero_stage == 3:
+            raise ConfigError("init.from_dense/init.aggregate/init.from_moe with train.zero_stage=3: unsupported (under ZeRO-3 the "
+                              "parameters are partitioned while the model is built, before weights could be copied in)")
         if cfg.init.aggregate is not None and len(cfg.init.aggregate) != 2:
             raise ConfigError(f"init.aggregate={list(cfg.init.aggregate)}: expected two runs")
     sch = cfg.schedule

@@ -16,4 +16,16 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[test]"
+# NVMe offload (parallel=zero3_nvme) needs libaio's headers for DeepSpeed's async_io op (built on
+# first use, ~5-9 min on 2 cores). Optional: without it everything else works and the NVMe tests skip.
+if [ ! -f /usr/include/libaio.h ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif sudo -n true 2>/dev/null; then APT="sudo -n apt-get"; else APT=""; fi
+  if [ -n "$APT" ]; then
+    DEBIAN_FRONTEND=noninteractive $APT install -y -qq libaio-dev >/dev/null 2>&1 \
+      || { $APT update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $APT install -y -qq libaio-dev >/dev/null 2>&1; } \
+      || echo "note: could not install libaio-dev; NVMe offload (parallel=zero3_nvme) is unavailable"
+  else
+    echo "note: libaio-dev missing and no root/sudo to install it; NVMe offload (parallel=zero3_nvme) is unavailable"
+  fi
+fi
 python -c "import torch, deepspeed, mtmoe; print(f'mtmoe ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')" 2>&1 | tail -1

@@ -56,16 +56,33 @@ def test_deepspeed_config_from_hydra_with_raw_override():
     ds = build_deepspeed_config(cfg, cfg.deepspeed)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["optimizer"]["params"]["lr"] == 0.002 and ds["optimizer"]["params"]["adam_w_mode"] is False
-    with pytest.raises(ConfigError, match="train.offload_optimizer=cpu needs train.zero_stage=1 or 2"):
+    with pytest.raises(ConfigError, match="train.offload_optimizer=cpu needs train.zero_stage 1, 2 or 3"):
         validate(compose_train(["train.offload_optimizer=cpu"]))
 
 
-def test_budget_and_zero3_are_rejected_early():
+def test_zero3_nvme_preset_and_unsupported_combinations():
+    cfg = compose_train(["parallel=zero3_nvme"])
+    validate(cfg, world_size=2)
+    ds = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path="/swap")
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "nvme" == zero["offload_optimizer"]["device"]
+    assert zero["offload_param"]["nvme_path"] == "/swap" == zero["offload_optimizer"]["nvme_path"]
+    assert ds["optimizer"]["type"] == "Adam" and "aio" in ds
+    # Each unsupported combination is one error naming the field, before any process group exists.
+    for overrides, message in [
+        (["parallel=zero3_nvme", "moe.ep_size=2"], "train.zero_stage=3 with moe.ep_size=2: unsupported"),
+        (["parallel=ez", "train.offload_param=nvme"], "train.offload_param=nvme needs train.zero_stage=3"),
+        (["parallel=ez", "train.offload_optimizer=nvme"], "train.offload_optimizer=nvme needs train.zero_stage=3"),
+        (["parallel=zero3_nvme", "train.offload_param=disk"], "train.offload_param='disk'"),
+        (["parallel=zero3_nvme", "init.from_dense=runs/x"], "init.from_dense/init.aggregate/init.from_moe with train.zero_stage=3"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_train(overrides), world_size=2)
+
+
+def test_budget_is_rejected_early():
     cfg = compose_train(["train.max_minutes=0", "train.max_steps=0"])
     with pytest.raises(ConfigError, match="train.max_steps or train.max_minutes"):
-        validate(cfg)
-    cfg = compose_train(["train.zero_stage=3"])
-    with pytest.raises(ConfigError, match="train.zero_stage=3"):
         validate(cfg)
 
 

@@ -81,7 +81,7 @@ def test_train_from_dense_end_to_end(tmp_path, corpus, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     efd = tmp_path / "efd"
     proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, efd, steps=2, **{
-        "moe.top_k": 2, "init.from_dense": str(dense), **extra}))
+        "moe.top_k": 2, "moe.every": 1, "init.from_dense": str(dense), **extra}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "initial weights: experts from dense" in proc.stdout + proc.stderr
 
@@ -91,6 +91,14 @@ def test_train_from_dense_end_to_end(tmp_path, corpus, cache_dir):
     dense_log = [json.loads(line) for line in (dense / "train_log.jsonl").read_text().splitlines()]
     dense_start, dense_end = dense_log[0]["loss"], [r for r in dense_log if r.get("kind") == "train"][-1]["loss"]
     assert first_loss(efd) < dense_end + 0.3 * (dense_start - dense_end)
+
+    # Fine-tuning that MoE model into pre-gated form: same weights, routing from the previous layer.
+    pregated = tmp_path / "pregated"
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, pregated, steps=2, **{
+        "moe.top_k": 2, "moe.every": 1, "moe.pregate": "true", "init.from_moe": str(efd), **extra}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all weights from the MoE model" in proc.stdout + proc.stderr and "(now pre-gated)" in proc.stdout + proc.stderr
+    assert first_loss(pregated) < dense_end + 0.3 * (dense_start - dense_end)
 
     proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, tmp_path / "bad", steps=2, **{
         "model.d_ff": 128, "init.from_dense": str(dense)}))

@@ -125,6 +125,10 @@ def test_config_validation_names_the_field():
     cfg.moe.top_k = 3
     with pytest.raises(ConfigError, match=r"moe.top_k=3"):
         validate(cfg, world_size=2)
+    cfg.moe.top_k, cfg.moe.pregate = 1, True  # base model: 3+3 layers, MoE every 2nd -> one per stack
+    cfg.model.encoder_layers = cfg.model.decoder_layers = 3
+    with pytest.raises(ConfigError, match=r"moe.pregate=true needs two MoE layers in a stack"):
+        validate(cfg, world_size=2)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -174,3 +178,32 @@ def test_expert_without_tokens_still_gets_a_zero_gradient():
     assert layer.experts[0].fc1.weight.grad.abs().sum() > 0
     for e in (1, 2, 3):
         assert layer.experts[e].fc1.weight.grad is not None and layer.experts[e].fc1.weight.grad.abs().sum() == 0
+
+
+def test_pregate_routes_each_moe_layer_from_the_previous_layers_input():
+    """moe.pregate: MoE layer j's routing is its own router applied to MoE layer j-1's FFN input
+    (the first layer routes itself); parameters are those of the normal model, so a normal
+    checkpoint loads into the pre-gated form (fine-tuning into pre-gating)."""
+    model_cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=4, decoder_layers=4, dropout=0.0)
+    moe_cfg = MoEConfig(num_experts=4, top_k=2, every=1, capacity_factor=0.0, pregate=True)
+    model = build_model(100, model_cfg, moe_cfg).eval()
+    normal = build_model(100, model_cfg, MoEConfig(num_experts=4, top_k=2, every=1, capacity_factor=0.0)).eval()
+    assert model.state_dict().keys() == normal.state_dict().keys()
+    model.load_state_dict(normal.state_dict())
+
+    inputs, routed = {}, {}
+    layers = [m for _, m in model.moe_layers() if m.relay is model.encoder[0].ffn.relay]  # encoder stack
+    for j, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda mod, args, j=j: inputs.__setitem__(j, args[0].reshape(-1, 32)))
+    layers[0].relay.listeners.append(lambda index, expert: routed.__setitem__(index, expert.clone()))
+    src, tgt_in = batch()
+    with torch.no_grad():
+        model(src, tgt_in)
+        for j in range(len(layers)):
+            source = inputs[max(j - 1, 0)]  # what layer j's routing is computed from
+            expected = layers[j].gate.wg(source).float().softmax(-1).topk(2, dim=-1).indices
+            assert torch.equal(routed[j], expected)
+        own = layers[2].gate.wg(inputs[2]).float().softmax(-1).topk(2, dim=-1).indices
+        assert not torch.equal(routed[2], own)  # really routed from an earlier hidden state
+        # Same weights, different routing source: outputs differ from the normal model's.
+        assert not torch.allclose(model(src, tgt_in)[0], normal(src, tgt_in)[0])

@@ -136,9 +136,11 @@ def test_eval_and_translate_cli(trained, tmp_path, corpus):
 
 def test_two_rank_expert_parallel_run(tmp_path, corpus, cache_dir):
     """`deepspeed --num_gpus 2` with ep_size 2: each rank holds 2 of 4 experts; the checkpoint and
-    the export hold all 4."""
+    the export hold all 4. Pre-gated routing (moe.pregate, MoE in every layer) trains under expert
+    parallelism and survives export."""
     run_dir = tmp_path / "ep2"
-    proc = run_deepspeed("mtmoe.train", tiny_overrides(corpus, cache_dir, run_dir, steps=6, **{"moe.ep_size": 2}))
+    proc = run_deepspeed("mtmoe.train", tiny_overrides(corpus, cache_dir, run_dir, steps=6, **{
+        "moe.ep_size": 2, "moe.every": 1, "moe.pregate": "true"}))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     records = log_records(run_dir)
     assert records[-1]["step"] == 6
@@ -154,6 +156,12 @@ def test_two_rank_expert_parallel_run(tmp_path, corpus, cache_dir):
     # Experts 0/1 were trained on rank 0 and 2/3 on rank 1: all distinct.
     fc1 = [weights[f"encoder.1.ffn.experts.{e}.fc1.weight"] for e in range(4)]
     assert all(not torch.equal(fc1[i], fc1[j]) for i in range(4) for j in range(i + 1, 4))
+    from mtmoe.export.artifact import load_export
+
+    model, _, config = load_export(export)
+    assert config["moe"]["pregate"] is True
+    relays = {id(m.relay) for _, m in model.moe_layers()}
+    assert len(relays) == 2 and None not in {m.relay for _, m in model.moe_layers()}  # one per stack
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, corpus, cache_dir):

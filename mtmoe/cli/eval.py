@@ -1,13 +1,14 @@
 """mtmoe-eval: score an export on a line-aligned test set, every direction, BLEU and chrF.
 
     mtmoe-eval model=exports/main test=data/multi30k/test_2016_flickr beam=4 out=results/test.json
+    mtmoe-eval model=exports/main serve.experts_per_layer=0.25 serve.prefetch=speculative
 """
 
 from __future__ import annotations
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
 from mtmoe.paths import CONF_DIR
@@ -24,8 +25,8 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     report = evaluate_export(cfg.model, cfg.test, list(cfg.langs) if cfg.langs else None, cfg.directions,
                              cfg.beam, cfg.length_penalty, cfg.max_tokens, cfg.limit, cfg.out, cfg.workers,
-                             cfg.threads, cfg.telemetry)
-    print(report["table"])
+                             cfg.threads, cfg.telemetry, OmegaConf.to_object(cfg.serve))
+    print(report["table"])  # with offloading, its last line is the serving metrics
     print(f"decoding: {report['sentences_per_s']} sentences/s")
 
 

@@ -1,15 +1,19 @@
 """mtmoe-translate: a Unix filter. One source line in, one translation out, nothing else on stdout.
 
     mtmoe-translate model=exports/main src=en tgt=de beam=4 < in.en > out.de
+    mtmoe-translate model=exports/main src=en tgt=de serve.experts_per_layer=0.25 serve.prefetch=speculative
+
+With `serve.*` only some experts stay resident (mtmoe.serve); the serving metrics go to stderr.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
 from mtmoe.paths import CONF_DIR, resolve
@@ -22,11 +26,12 @@ setup()
 def main(cfg: DictConfig) -> None:
     from mtmoe.config import ConfigError
     from mtmoe.eval.decode import translate
-    from mtmoe.export.artifact import load_export
+    from mtmoe.serve.metrics import format_summary
+    from mtmoe.serve.runtime import load_for_serving
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, vocab, config = load_export(resolve(cfg.model))
+    model, vocab, config, runtime = load_for_serving(resolve(cfg.model), OmegaConf.to_object(cfg.serve))
     for lang, field in ((cfg.src, "src"), (cfg.tgt, "tgt")):
         if lang not in config["langs"]:
             raise ConfigError(f"{field}={lang!r}: unknown language (the model knows {config['langs']})")
@@ -34,9 +39,12 @@ def main(cfg: DictConfig) -> None:
     def flush(lines: list[str]) -> None:
         keep = [i for i, line in enumerate(lines) if line.strip()]
         outs = [""] * len(lines)  # an empty input line gives an empty output line
+        started = time.perf_counter()
         for i, hyp in zip(keep, translate(model, vocab, [lines[i].strip() for i in keep], cfg.tgt, cfg.beam,
                                           cfg.length_penalty)):
             outs[i] = hyp
+        if runtime is not None:
+            runtime.metrics.add_decode(len(keep), time.perf_counter() - started)
         sys.stdout.write("".join(o + "\n" for o in outs))
         sys.stdout.flush()
 
@@ -48,6 +56,9 @@ def main(cfg: DictConfig) -> None:
             pending = []
     if pending:
         flush(pending)
+    if runtime is not None:  # stdout carries translations only
+        runtime.close()
+        print(format_summary(runtime.metrics.summary()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Scoring an export on a line-aligned test set: every requested direction, BLEU and chrF.
 
 Directions can be decoded by several worker processes (`workers`), each with one torch thread:
-on small CPU boxes two single-threaded processes decode faster than one with two threads."""
+on small CPU boxes two single-threaded processes decode faster than one with two threads.
+
+With `serve` offloading experts (mtmoe.serve), each decoding process has its own fast tier and
+the report gains a `serving` section: hit rate, bytes moved, stall time, peak resident expert bytes."""
 
 from __future__ import annotations
 
@@ -22,23 +25,37 @@ from mtmoe.eval.decode import translate
 from mtmoe.eval.score import format_table, score_direction, summarize
 from mtmoe.export.artifact import load_export, read_export_config
 from mtmoe.paths import resolve
+from mtmoe.serve.config import ServeConfig
+from mtmoe.serve.metrics import format_summary, merge_summaries
+from mtmoe.serve.runtime import load_for_serving
+from mtmoe.serve.validate import check_serve, offloading
 
 
 def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalty: float,
-                      max_tokens: int, threads: int) -> tuple[str, list[str]]:
-    """Worker process: loads the export and translates one (src, tgt) pair."""
+                      max_tokens: int, threads: int, serve: Optional[ServeConfig]
+                      ) -> tuple[str, list[str], Optional[dict]]:
+    """Worker process: loads the export and translates one (src, tgt) pair; with offloading, also
+    returns the serving metrics of this process."""
     torch.set_num_threads(threads)
-    model, vocab, _ = load_export(model_dir)
+    model, vocab, _, runtime = load_for_serving(model_dir, serve)
     src, tgt = pair
-    return f"{src}-{tgt}", translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
+    lines = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
+    if runtime is None:
+        return f"{src}-{tgt}", lines, None
+    runtime.close()
+    return f"{src}-{tgt}", lines, runtime.metrics.summary()
 
 
 def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None, directions: Optional[str] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
-                    out=None, workers: int = 1, threads: int = 0, telemetry: bool = False) -> dict:
+                    out=None, workers: int = 1, threads: int = 0, telemetry: bool = False,
+                    serve: Optional[ServeConfig] = None) -> dict:
     """Translates and scores every requested direction; returns (and with `out`, writes) the report:
-    `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses)."""
+    `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses).
+    `serve`: the serving runtime's options (default: every expert resident)."""
     model_dir = str(resolve(model_dir))
+    if serve is not None:
+        check_serve(serve)
     known = read_export_config(model_dir)["langs"]
     langs = list(langs) if langs else available_languages(test, known)
     unknown = [lang for lang in langs if lang not in known]
@@ -52,24 +69,32 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
 
     started = time.monotonic()
     hyps: dict[str, list[str]] = {}
+    serving: list[dict] = []  # serving metrics of each decoding process (offloading only)
     workers = max(1, min(workers, len(pairs)))
     model = vocab = None
     with tqdm(total=len(pairs), unit="direction", desc="decode") as bar:
         if workers == 1:
             if threads:
                 torch.set_num_threads(threads)
-            model, vocab, _ = load_export(model_dir)
+            model, vocab, _, runtime = load_for_serving(model_dir, serve)
             for src, tgt in pairs:
                 hyps[f"{src}-{tgt}"] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
                 bar.update(1)
+            if runtime is not None:
+                runtime.close()
+                serving.append(runtime.metrics.summary())
         else:
+            if offloading(serve):  # write the expert store once, before the workers read it
+                load_for_serving(model_dir, serve)[3].close()
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalty,
-                                       max_tokens, threads or 1) for pair in pairs]
+                                       max_tokens, threads or 1, serve) for pair in pairs]
                 for future in as_completed(futures):
-                    name, lines = future.result()
+                    name, lines, metrics = future.result()
                     hyps[name] = lines
+                    if metrics is not None:
+                        serving.append(metrics)
                     bar.update(1)
     seconds = time.monotonic() - started
     per_direction = {f"{s}-{t}": score_direction(hyps[f"{s}-{t}"], texts[t]) for s, t in pairs}
@@ -78,6 +103,9 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
               "directions": per_direction, "mean": summarize(per_direction),
               "decode_seconds": round(seconds, 1), "sentences_per_s": round(total / max(seconds, 1e-9), 2)}
     report["table"] = format_table(per_direction, f"{Path(model_dir).name} on {Path(test).name} (beam {beam})")
+    if serving:
+        report["serving"] = merge_summaries(serving, total, seconds)
+        report["table"] += "\n" + format_summary(report["serving"])
     if out:
         out = resolve(out)
         out.parent.mkdir(parents=True, exist_ok=True)

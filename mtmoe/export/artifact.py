@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -56,9 +57,51 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
 
 
+def _zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a ZeRO-3 checkpoint (`train.zero_stage=3`, e.g. `parallel=zero3_nvme`).
+
+    Each rank r saved, per optimizer sub-group, one flat fp32 tensor: for every parameter (in the
+    order of `param_shapes`) its r-th slice of ceil(numel / world) elements (the last rank's slice
+    zero-padded). A parameter is the concatenation of its slices over the ranks, cut to numel.
+    Same layout as DeepSpeed's `zero_to_fp32`, read here without unpickling arbitrary objects."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    model_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                         key=lambda p: int(p.name.split("_")[3]))
+    world = len(model_files)
+    first = _load_tensors(model_files[0])
+    flats = []
+    for rank in range(world):
+        path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        if not path.is_file():
+            raise ExportError(f"{path}: missing (a ZeRO-3 checkpoint needs the optimizer file of every rank)")
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+                groups = torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]["fp32_flat_groups"]
+        except Exception as e:
+            raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+        flats.append(torch.cat([g.detach().float() for g in groups]))
+    state, offset = {}, 0
+    for shapes in first["param_shapes"]:
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = -(-numel // world)
+            pieces = [flat.narrow(0, offset, part) for flat in flats]
+            state[name] = torch.cat(pieces).narrow(0, 0, numel).view(shape).clone()
+            offset += part
+    for name in first.get("buffer_names", []):
+        state[name] = first["module"][name]
+    return state
+
+
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict, plain names, all experts, from one DeepSpeed checkpoint tag."""
+    """Full fp32 state dict, plain names, all experts, from one DeepSpeed checkpoint tag
+    (native-MoE layouts with ZeRO 0-2, or ZeRO-3)."""
     main = tag_dir / "mp_rank_00_model_states.pt"
+    if not main.is_file() and (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+        state = _zero3_state_dict(tag_dir)
+        return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     if not main.is_file():
         raise ExportError(f"{main}: missing (incomplete checkpoint?)")
     state = {to_plain_name(k): v for k, v in _load_tensors(main)["module"].items()}

@@ -187,24 +187,72 @@ def run_experts(experts: nn.ModuleList, buffer: torch.Tensor, filled: Optional[l
     if filled is None:
         return torch.stack([expert(buffer[:, i]) for i, expert in enumerate(experts)], dim=1)
     out = torch.zeros_like(buffer)
-    for i, expert in enumerate(experts):
+    # An expert container may choose the order (an offloaded one runs its resident experts first,
+    # before loads evict them); the result does not depend on it.
+    order = experts.execution_order(filled) if hasattr(experts, "execution_order") else range(len(experts))
+    for i in order:
         # An expert with no tokens still runs (on 0 rows): its parameters then get a zero gradient
         # rather than none, which ZeRO's gradient partitioning expects from every rank.
-        out[0, i, :filled[i]] = expert(buffer[0, i, :filled[i]])
+        out[0, i, :filled[i]] = experts[i](buffer[0, i, :filled[i]])
     return out
 
 
-def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: Optional[torch.Tensor]):
+class RoutingRelay:
+    """Pre-gated routing (Pre-gated MoE, `moe.pregate=true`) for the MoE layers of one stack.
+
+    MoE layer j's routing is decided at layer j-1, from layer j-1's FFN input, by layer j's own
+    router weights; the first MoE layer of a stack also routes itself, and the last computes no
+    routing ahead. Knowing layer j's experts one layer early is what lets an offloaded runtime load
+    exactly those experts while layer j-1 computes. The router weights stay with the layer they
+    route (same parameter names as a normal model, so pruning, export, checkpoints and fine-tuning
+    a normal model into pre-gated form need nothing special); only the hidden state they see moves.
+
+    `routers` are the stack's Routers in forward order. `listeners` are called as
+    fn(index, expert [N, k]) as soon as the plan of MoE layer `index` is known (serving prefetch).
+    Not an nn.Module: it holds references, no parameters."""
+
+    def __init__(self, routers: Sequence[Router]):
+        self.routers = list(routers)
+        self.listeners: list = []
+        self._pending: dict[int, tuple] = {}
+
+    def route_ahead(self, index: int, tokens: torch.Tensor, keep: torch.Tensor) -> None:
+        """At MoE layer `index`: route layer index+1 from this layer's input tokens [N, D]."""
+        if index + 1 < len(self.routers):
+            routed = self.routers[index + 1](tokens, keep)
+            self._pending[index + 1] = routed
+            for listener in self.listeners:
+                listener(index + 1, routed[0].expert)
+
+    def take(self, index: int, router: Router, tokens: torch.Tensor, keep: torch.Tensor):
+        """Layer `index`'s routing: computed ahead by the previous layer, or here for the first."""
+        if index == 0:
+            routed = router(tokens, keep)
+            for listener in self.listeners:
+                listener(0, routed[0].expert)
+            return routed
+        if index not in self._pending:
+            raise RuntimeError(f"pre-gated MoE layer {index} ran before layer {index - 1} routed it")
+        return self._pending.pop(index)
+
+
+def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: Optional[torch.Tensor],
+                relay: Optional[RoutingRelay] = None, relay_index: int = 0):
     """The MoE FFN. x [B, T, D], keep [B, T] bool (None = all real) -> (y [B, T, D], aux, stats).
 
-    1. route: plan (expert, slot, kept, weight) per (token, choice);
+    1. route: plan (expert, slot, kept, weight) per (token, choice) — with a `relay` (pre-gating)
+       the plan was computed by the previous MoE layer, and this layer routes the next one;
     2. dispatch: scatter kept rows into buffer [E, C, D] (dropped rows go nowhere);
     3. with expert parallelism, all-to-all so each rank gets [ep, L, C, D] for its L experts;
     4. experts; reverse all-to-all; 5. combine: y = sum_k weight * buffer[expert, slot]."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
     keep_flat = torch.ones(b * t, dtype=torch.bool, device=x.device) if keep is None else keep.reshape(-1)
-    plan, aux_loss, z_loss, stats = router(tokens, keep_flat)
+    if relay is None:
+        plan, aux_loss, z_loss, stats = router(tokens, keep_flat)
+    else:
+        plan, aux_loss, z_loss, stats = relay.take(relay_index, router, tokens, keep_flat)
+        relay.route_ahead(relay_index, tokens, keep_flat)  # before the experts run: prefetch overlaps them
     num_experts, capacity = router.num_experts, plan.capacity
 
     flat_slot = (plan.expert * capacity + plan.slot.clamp(0, capacity - 1)).reshape(-1)  # [N*k]
@@ -251,15 +299,14 @@ class MoEFFN(nn.Module):
                            min_capacity, use_rts, kept_experts)
         local = self.gate.num_experts // ep_size
         with torch.random.fork_rng(devices=[]):  # the global RNG stream must not depend on ep_size
-            self.experts = nn.ModuleList(FeedForward(d_model, d_ff, dropout, activation) for _ in range(local))
-        if init_seed is not None:
-            for i, expert in enumerate(self.experts):
-                generator = torch.Generator().manual_seed(init_seed * 1000 + ep_rank * local + i)
-                with torch.no_grad():
-                    for fc in (expert.fc1, expert.fc2):
-                        bound = 1.0 / math.sqrt(fc.in_features)
-                        fc.weight.copy_(torch.empty_like(fc.weight).uniform_(-bound, bound, generator=generator))
-                        fc.bias.zero_()
+            self.experts = nn.ModuleList(
+                FeedForward(d_model, d_ff, dropout, activation,
+                            None if init_seed is None else
+                            torch.Generator().manual_seed(init_seed * 1000 + ep_rank * local + i))
+                for i in range(local))
+
+        self.relay: Optional[RoutingRelay] = None  # set by Seq2Seq when moe.pregate is on
+        self.relay_index = 0
 
     @property
     def global_expert_ids(self) -> range:
@@ -267,4 +314,4 @@ class MoEFFN(nn.Module):
         return range(self.ep_rank * local, (self.ep_rank + 1) * local)
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None):
-        return moe_forward(self.gate, self.experts, x, keep)
+        return moe_forward(self.gate, self.experts, x, keep, self.relay, self.relay_index)

@@ -16,7 +16,8 @@ from torch import nn
 
 from mtmoe.config import ModelConfig, MoEConfig
 from mtmoe.data.vocab import PAD_ID
-from mtmoe.model.moe import MoEFFN
+from mtmoe.model.moe import MoEFFN, RoutingRelay
+from mtmoe.model.partitioned import writable
 from mtmoe.model.transformer import DecoderLayer, DenseFFN, EncoderLayer, Positions
 
 
@@ -36,8 +37,8 @@ class Seq2Seq(nn.Module):
         self.model_cfg, self.moe_cfg, self.vocab_size = model, moe, vocab_size
         d = model.d_model
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD_ID)
-        nn.init.normal_(self.embed.weight, std=d ** -0.5)
-        with torch.no_grad():
+        with writable(self.embed.weight), torch.no_grad():
+            nn.init.normal_(self.embed.weight, std=d ** -0.5)
             self.embed.weight[PAD_ID].zero_()
         self.embed_scale = math.sqrt(d)
         self.positions = Positions(model.positions, model.max_positions, d)
@@ -60,6 +61,12 @@ class Seq2Seq(nn.Module):
             for i in range(model.decoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder_norm = nn.LayerNorm(d)
+        if moe.enabled and moe.pregate:
+            for stack in (self.encoder, self.decoder):
+                layers = [layer.ffn for layer in stack if isinstance(layer.ffn, MoEFFN)]
+                relay = RoutingRelay([m.gate for m in layers])
+                for index, m in enumerate(layers):
+                    m.relay, m.relay_index = relay, index
 
     # -- pieces -------------------------------------------------------------------------------
     def _embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:

@@ -14,14 +14,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtmoe.model.partitioned import writable
+
+
+class SeededLinear(nn.Linear):
+    """nn.Linear initialised from a given generator: weight ~ U(-1/sqrt(in), 1/sqrt(in)), bias 0.
+
+    The draw happens inside __init__ (nn.Linear calls reset_parameters there) because under
+    DeepSpeed ZeRO-3's `zero.Init` a module's parameters are partitioned, possibly to NVMe, the
+    moment its __init__ returns; writing them afterwards needs a gather per parameter, which for
+    hundreds of NVMe-offloaded experts takes longer than training a few steps."""
+
+    def __init__(self, in_features: int, out_features: int, generator: torch.Generator):
+        self._generator = generator
+        super().__init__(in_features, out_features)
+        del self._generator
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound, generator=self._generator)
+            self.bias.zero_()
+
 
 class FeedForward(nn.Module):
-    """fc2(act(fc1(x))): [..., D] -> [..., D]. Also the expert network of an MoE layer."""
+    """fc2(act(fc1(x))): [..., D] -> [..., D]. Also the expert network of an MoE layer.
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
+    `generator`: draw the initial weights from it (seeded experts: the same weights whatever the
+    expert-parallel layout); otherwise torch's default init."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        if generator is None:
+            self.fc1 = nn.Linear(d_model, d_ff)
+            self.fc2 = nn.Linear(d_ff, d_model)
+        else:
+            self.fc1 = SeededLinear(d_model, d_ff, generator)
+            self.fc2 = SeededLinear(d_ff, d_model, generator)
         self.dropout = nn.Dropout(dropout)
         self.act = F.relu if activation == "relu" else F.gelu
 
@@ -101,7 +131,8 @@ class Positions(nn.Module):
         self.kind = kind
         if kind == "learned":
             self.table = nn.Embedding(max_positions, d_model)
-            nn.init.normal_(self.table.weight, std=d_model ** -0.5)
+            with writable(self.table.weight):
+                nn.init.normal_(self.table.weight, std=d_model ** -0.5)
         else:
             self.register_buffer("table_buf", sinusoidal_table(max_positions, d_model), persistent=False)
 

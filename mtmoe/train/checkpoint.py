@@ -238,6 +238,10 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
                     error = f"{tag_dir}: not an mtmoe checkpoint (no training state)"
                 else:
                     state = client_state["mtmoe"]
+                    from mtmoe.train.zero3_swap import needs_swapped_restore, restore_swapped_partitions
+
+                    if needs_swapped_restore(engine):
+                        restore_swapped_partitions(engine, checkpoint_dir(run_dir) / load_tag)
             except Exception as e:
                 error = f"{tag_dir}: cannot load checkpoint ({type(e).__name__}: {e})"
             if load_tag != tag:

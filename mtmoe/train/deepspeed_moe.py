@@ -45,10 +45,12 @@ class DeepSpeedMoEFFN(MoE):
             p.group_name = self.expert_group_name
         self.deepspeed_moe = MOELayer(layer.gate, experts, self.expert_group_name, self.ep_size,
                                       self.num_local_experts)
+        self.relay, self.relay_index = layer.relay, layer.relay_index  # pre-gating (moe.pregate)
 
     def forward(self, x, keep=None):
         """Same contract as MoEFFN.forward: x [B, T, D], keep [B, T] -> (y, (aux, z), stats)."""
-        return moe_forward(self.deepspeed_moe.gate, self.deepspeed_moe.experts.deepspeed_experts, x, keep)
+        return moe_forward(self.deepspeed_moe.gate, self.deepspeed_moe.experts.deepspeed_experts, x, keep,
+                           self.relay, self.relay_index)
 
 
 def wrap_moe_layers(model: nn.Module) -> int:

@@ -28,7 +28,28 @@ def init_distributed() -> tuple[int, int]:
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_workspace() -> None:
+    """Removes this rank's name of DeepSpeed's CPU all-reduce workspace from /dev/shm.
+
+    DeepSpeed's shm_comm op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
+    (~66 MiB per rank) and never unlinks it, so every launch on a fresh port leaks RAM until reboot
+    (a CI run leaked ~8 GB). Once every rank has mapped every workspace (true when
+    `init_distributed` returns, then a barrier) the names are no longer needed: the mappings stay
+    valid, and the memory is freed when the last process exits, even after kill -9."""
+    if torch.cuda.is_available():
+        return
+    barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+        dist.get_rank())
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
 
 
 def barrier() -> None:

@@ -19,10 +19,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None) -> dict:
+def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None,
+                           nvme_path: str = "") -> dict:
     """Batches are token-budget batches built by mtmoe, so DeepSpeed's micro-batch is 1 "batch";
     `train.accumulate` of them make an optimizer step. With optimizer offload DeepSpeed builds the
-    optimizer (DeepSpeedCPUAdam, L2-style Adam like the in-RAM torch.optim.Adam)."""
+    optimizer (DeepSpeedCPUAdam, L2-style Adam like the in-RAM torch.optim.Adam).
+
+    ZeRO-3 (`parallel=zero3_nvme`): parameters and/or optimizer state offloaded to `nvme_path`
+    through DeepSpeed's async_io op. Prefetch/persistence thresholds are set to 0 so that no
+    parameter stays resident or is fetched early: the point of this layout is the smallest RAM."""
     t = cfg.train
     raw_override = raw_override or {}
     if "gradient_accumulation_steps" in raw_override or "train_batch_size" in raw_override:
@@ -42,4 +47,32 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         ds["optimizer"] = {"type": "Adam", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
                                                       "weight_decay": t.weight_decay, "adam_w_mode": False}}
+    if t.zero_stage == 3:
+        zero = ds["zero_optimization"]
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
+                     "stage3_max_live_parameters": 1, "stage3_max_reuse_distance": 0,
+                     "stage3_gather_16bit_weights_on_model_save": False,
+                     # The optimizer steps (and swaps) one sub-group at a time, through buffers of a
+                     # sub-group's size: DeepSpeed's default (1e9 elements, 4 GB per fp32 buffer)
+                     # would make the swap buffers alone larger than a mid-size model.
+                     "sub_group_size": 20_000_000,
+                     # Gradient reduce / parameter gather buckets: DeepSpeed's 5e8-element defaults
+                     # are 2 GB fp32 buffers per rank, more than the rest of an NVMe run's RAM.
+                     "reduce_bucket_size": 20_000_000, "allgather_bucket_size": 20_000_000})
+        for kind, device in (("offload_param", t.offload_param), ("offload_optimizer", t.offload_optimizer)):
+            if device == "none":
+                continue
+            zero[kind] = {"device": device, "pin_memory": False}
+            if device == "nvme":
+                zero[kind]["nvme_path"] = nvme_path
+        if t.offload_param == "nvme":
+            # Each swap buffer must hold the largest single parameter (elements, fp32 here).
+            zero["offload_param"].update({"buffer_count": 5, "buffer_size": t.nvme_buffer_mib * 2**20 // 4,
+                                          "max_in_cpu": 0})
+        if t.offload_optimizer != "none":
+            ds["optimizer"] = {"type": "Adam", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
+                                                          "weight_decay": t.weight_decay, "adam_w_mode": False}}
+        if "nvme" in (t.offload_param, t.offload_optimizer):
+            ds["aio"] = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1,
+                         "single_submit": False, "overlap_events": True}
     return deep_merge(ds, raw_override)

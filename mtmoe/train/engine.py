@@ -95,20 +95,21 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
 
         self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
-        ep_rank = self.rank % cfg.moe.ep_size if cfg.moe.enabled else 0
-        self.model: Seq2Seq = build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
+        self.zero3 = cfg.train.zero_stage == 3
+        self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else run_dir / "nvme_swap"
+        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir))
+        self.model: Seq2Seq = self._build_model()
         if self.is_main:
             checkpoint.write_model_description(run_dir, self.data.vocab.path, len(self.data.vocab),
                                                cfg.data.langs, cfg.model, cfg.moe)
-        if (cfg.init.from_dense or cfg.init.aggregate) and not (cfg.train.resume and checkpoint.complete_tags(run_dir)):
+        if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
 
             log.info("initial weights: %s", initialise(self.model, len(self.data.vocab), cfg.init, cfg.train.seed))
-        if cfg.moe.enabled:
+        if cfg.moe.enabled and not self.zero3:
             from mtmoe.train.deepspeed_moe import wrap_moe_layers
 
             wrap_moe_layers(self.model)
-        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed)
         optimizer, groups = build_optimizer(self.model, cfg, self.ds_config)
 
         def scheduler(opt):  # DeepSpeed calls this with the optimizer it ends up using
@@ -131,6 +132,31 @@ class Trainer:
         self.layer_names = self.model.moe_layer_names()
         self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
                              resume_step=self.step if state is not None else None)
+
+    def _build_model(self) -> Seq2Seq:
+        """The model with its seeded initial weights. Under ZeRO-3 it is built inside
+        `deepspeed.zero.Init`, so each parameter is partitioned (and swapped to NVMe with
+        `train.offload_param=nvme`) as soon as its module exists: no rank ever holds the whole model.
+        The MoE layers stay plain `MoEFFN`s (DeepSpeed's MoE container refuses ZeRO-3); their experts
+        are partitioned like every other parameter, and the mtmoe router, capacity and RTS run as usual."""
+        cfg = self.cfg
+        ep_rank = self.rank % cfg.moe.ep_size if cfg.moe.enabled else 0
+        if not self.zero3:
+            return build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
+        import deepspeed
+
+        _fixed_mmap_threshold()
+
+        if "nvme" in (cfg.train.offload_param, cfg.train.offload_optimizer):
+            self.swap_dir.mkdir(parents=True, exist_ok=True)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            model = build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
+        # Parameters used outside their own module's forward (the tied output projection, learned
+        # positions): ZeRO-3 must gather them whenever the model runs.
+        deepspeed.zero.register_external_parameter(model, model.embed.weight)
+        if cfg.model.positions == "learned":
+            deepspeed.zero.register_external_parameter(model.positions, model.positions.table.weight)
+        return model
 
     def _resume(self) -> dict | None:
         """Loads the run dir's newest good checkpoint (resharded when the layout changed) and
@@ -182,9 +208,15 @@ class Trainer:
         result = None
         mode = self.cfg.train.valid_bleu
         with_bleu = mode == "always" or (mode == "final" and final)
-        if self.ep_group is not None or self.is_main:
+        # Under ZeRO-3 every forward gathers parameters collectively: all ranks validate, in lockstep.
+        sync_group = self.ep_group
+        if self.zero3 and self.world > 1:
+            import torch.distributed as dist
+
+            sync_group = dist.group.WORLD
+        if sync_group is not None or self.is_main:
             result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
-                                    with_bleu, self.cfg.train.bf16, self.ep_group)
+                                    with_bleu, self.cfg.train.bf16, sync_group)
         barrier()
         if result is not None and self.is_main:
             record = {"kind": "valid", "step": self.step, "valid_loss": result["valid_loss"]}
@@ -291,7 +323,29 @@ class Trainer:
             plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
             self.runlog.close()
         barrier()
+        if self.is_main and not self.cfg.train.nvme_path and self.swap_dir.is_dir():
+            import shutil
+
+            shutil.rmtree(self.swap_dir, ignore_errors=True)  # DeepSpeed's swap files: scratch, not state
         return results or {}
+
+
+def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
+    """Makes glibc serve every allocation over 1 MiB by mmap, so freeing it returns the memory.
+
+    ZeRO-3 with offload allocates and frees parameter- and expert-sized CPU tensors (a few MiB) all
+    the time (swap in, swap out). glibc's default mmap threshold grows to 32 MiB after the first
+    large free, so these then come from the heap, which does not shrink: measured on a 0.22 B-param
+    model with `parallel=zero3_nvme`, resident memory halves (4.2 -> 2.1 GiB per rank) with the
+    threshold fixed. Same effect as MALLOC_MMAP_THRESHOLD_=1048576 in the environment."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _new_window() -> dict:

@@ -7,6 +7,10 @@ diverge); gates start fresh. With top-2 routing (weights renormalised) and no to
 first forward pass equals the dense model's exactly; top-1 scales each token by its gate
 probability (Switch), so it starts from a damped copy.
 
+`init.from_moe=RUN|EXPORT`: every weight from an MoE model of the same layout, e.g. to fine-tune
+a normal model into pre-gated form (`moe.pregate=true` routes with the same weights, from the
+previous MoE layer's input).
+
 Aggregation of Experts (AoE), `init.aggregate=[RUN_A,RUN_B]`: two MoE models of the same
 architecture become one with E_a + E_b experts per MoE layer: experts and gate rows concatenated
 (A's first), every shared weight averaged.
@@ -132,8 +136,18 @@ def load_into(model: Seq2Seq, full: dict[str, torch.Tensor], allow_missing_gates
 
 
 def initialise(model: Seq2Seq, vocab_size: int, init_cfg, seed: int) -> str | None:
-    """Applies `init.from_dense` or `init.aggregate` to a freshly built model; a one-line summary."""
+    """Applies `init.from_dense`, `init.aggregate` or `init.from_moe` to a freshly built model;
+    a one-line summary."""
     prefixes = [Seq2Seq.moe_layer_prefix(name) for name in model.moe_layer_names()]
+    if init_cfg.from_moe:
+        state, desc = load_source(init_cfg.from_moe)
+        check_same_shape(desc, model, vocab_size, init_cfg.from_moe)
+        theirs = {k: desc["moe"].get(k) for k in ("enabled", "num_experts", "every")}
+        ours = {k: getattr(model.moe_cfg, k) for k in theirs}
+        if theirs != ours:
+            raise ConfigError(f"init.from_moe={init_cfg.from_moe}: its MoE layout differs (theirs {theirs}, ours {ours})")
+        load_into(model, state)
+        return f"all weights from the MoE model {init_cfg.from_moe}" + (" (now pre-gated)" if model.moe_cfg.pregate else "")
     if init_cfg.from_dense:
         state, desc = load_source(init_cfg.from_dense)
         check_same_shape(desc, model, vocab_size, init_cfg.from_dense)

@@ -1,0 +1,21 @@
+"""Serving MoE models whose experts do not all fit in fast memory (issue #6).
+
+Only some experts of each MoE layer are resident; the rest live in a slow tier and are loaded on
+demand into a per-layer LRU cache, while a prefetch policy loads the next MoE layer's experts
+ahead of time. Decoding code does not change: the runtime swaps each `MoEFFN.experts` for a stand-in
+that serves experts from the cache, so outputs are identical to the all-resident model.
+
+Reading order (each module has one job):
+
+- `config`    ServeConfig, the `serve.*` options of mtmoe-eval and mtmoe-translate;
+- `validate`  checks them and turns `serve.experts_per_layer` into a cache size per layer;
+- `layout`    one expert's tensors packed into one flat byte buffer (one copy per load);
+- `store`     the slow tier: `experts.safetensors`, memory-mapped (pinned CPU RAM for a GPU model);
+- `metrics`   hit rate, prefetch hits, bytes moved, stall time, peak resident expert bytes;
+- `cache`     the fast tier of one MoE layer: slots, LRU eviction, on-demand loads;
+- `loader`    the background thread that performs prefetch loads;
+- `policies`  none / speculative / pregate: who calls `prefetch(layer, experts)`;
+- `runtime`   wires it together: `offload(model, ...)` and `load_for_serving(export_dir, serve)`.
+
+This file imports nothing: `mtmoe.config` imports `mtmoe.serve.config` for its schema.
+"""

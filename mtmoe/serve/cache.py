@@ -1,0 +1,230 @@
+"""The fast tier of one MoE layer: `capacity` slots holding experts, least recently used evicted.
+
+A slot is an expert module of the layer's own type (FeedForward, or its quantized form) whose
+tensors are views into the slot's flat buffer uint8 [nbytes] (`layout.ExpertLayout.bind`);
+loading expert e into it copies e's blob from the store into the buffer. Buffers are allocated
+on a slot's first load and reused, so the resident expert bytes never exceed capacity * nbytes.
+
+Eviction is least recently used, with two refinements for prefetches: an on-demand load evicts
+an expert that was prefetched and not used yet only when nothing else can go (the prefetch is a
+bet on the coming call, and experts run in index order, so without this a call's first on-demand
+loads would evict the experts prefetched for its later ones); and a prefetch wanting more experts
+than the cache holds reserves one slot fewer, leaving a slot for the on-demand loads of the rest.
+
+Two threads use a cache: compute (`use`, from the MoE layer's forward) and the loader thread
+(`fill`, prefetches reserved by `reserve_prefetch`). They share the slot states under one lock;
+copies run outside it. A slot is EMPTY, QUEUED (reserved by a prefetch, copy not started),
+LOADING or READY. The rules that make outputs independent of prefetching:
+
+- compute only runs a slot that is READY with the expert it asked for, and pins it meanwhile;
+- a pinned or LOADING slot is never evicted (so never overwritten under compute or a copy);
+- a prefetch that compute needs now is taken over if still QUEUED (compute loads it at once),
+  waited for if LOADING, and loaded again on demand if it failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mtmoe.serve.layout import ExpertLayout
+from mtmoe.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+EMPTY, QUEUED, LOADING, READY = "empty", "queued", "loading", "ready"
+
+
+class Slot:
+    """One place for an expert in the fast tier."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.expert: Optional[int] = None
+        self.state = EMPTY
+        self.pins = 0  # compute calls running on this slot right now
+        self.prefetched = False  # put here by a prefetch and not used since
+        self.done = threading.Event()  # cleared while a load is pending
+        self.done.set()
+        self.copy_event = None  # GPU store: the CUDA event compute must wait for; CPU: None
+        self.flat: Optional[torch.Tensor] = None  # uint8 [nbytes], allocated on the first load
+        self.module: Optional[nn.Module] = None  # the expert computing with views into `flat`
+
+
+class LayerCache:
+    """LRU cache of one MoE layer's experts (`num_experts` of them in the store, `capacity` slots).
+
+    `blueprint` is one expert of the layer on the meta device: slots are copies of it bound to
+    their buffers."""
+
+    def __init__(self, name: str, blueprint: nn.Module, layout: ExpertLayout, num_experts: int, capacity: int,
+                 store, metrics: ServeMetrics, device: torch.device):
+        self.name, self.layout, self.num_experts, self.capacity = name, layout, num_experts, capacity
+        self._blueprint, self._store, self._metrics, self._device = blueprint, store, metrics, device
+        self._slots = [Slot(i) for i in range(capacity)]
+        self._lru: OrderedDict[int, Slot] = OrderedDict()  # expert -> its slot (not EMPTY), oldest use first
+        self._lock = threading.Lock()
+
+    # -- compute side ------------------------------------------------------------------------
+    @contextmanager
+    def use(self, expert: int) -> Iterator[nn.Module]:
+        """The module of `expert`, resident for the duration of the block (loaded now if needed)."""
+        slot = self._acquire(expert)
+        try:
+            if slot.copy_event is not None:
+                torch.cuda.current_stream(self._device).wait_event(slot.copy_event)
+            yield slot.module
+        finally:
+            with self._lock:
+                slot.pins -= 1
+
+    def _acquire(self, expert: int) -> Slot:
+        """Pins and returns the READY slot of `expert`, counting a hit, late prefetch or miss."""
+        started = time.perf_counter()
+        outcome = None  # "late" once compute had to wait for, or take over, a pending prefetch
+        while True:
+            load = wait = None
+            with self._lock:
+                slot = self._lru.get(expert)
+                if slot is not None and slot.state == READY:
+                    slot.pins += 1
+                    self._lru.move_to_end(expert)
+                    if outcome is None:
+                        self._metrics.add(self.name, activations=1, hits=1, prefetch_hits=int(slot.prefetched))
+                    else:
+                        self._count_stall(outcome, started)
+                    slot.prefetched = False
+                    return slot
+                if slot is not None and slot.state == QUEUED:  # the loader has not started it: do it now
+                    slot.state, slot.prefetched = LOADING, False
+                    slot.pins += 1
+                    load, outcome = slot, outcome or "late"
+                elif slot is not None:  # LOADING in the loader thread
+                    wait, outcome = slot, outcome or "late"
+                else:
+                    victim = self._victim(protect=(), spare_prefetched=True)
+                    if victim is not None:
+                        self._reserve(victim, expert, LOADING, prefetched=False)
+                        victim.pins += 1
+                        load, outcome = victim, outcome or "miss"
+                    else:  # every free slot is mid-load: wait for one
+                        wait = next((s for s in self._slots if s.state == LOADING), None)
+                        if wait is None:
+                            raise RuntimeError(f"{self.name}: no slot can take expert {expert} (all pinned)")
+            if load is not None:
+                try:
+                    self._load(load, expert, by_prefetch=False)
+                except BaseException:
+                    with self._lock:
+                        load.pins -= 1
+                    raise
+                self._count_stall(outcome, started)
+                return load
+            wait.done.wait()
+
+    def _count_stall(self, outcome: str, started: float) -> None:
+        stall = time.perf_counter() - started
+        if outcome == "late":
+            self._metrics.add(self.name, activations=1, late_prefetches=1, stall_s=stall)
+        else:
+            self._metrics.add(self.name, activations=1, misses=1, stall_s=stall)
+
+    # -- prefetch side -----------------------------------------------------------------------
+    def reserve_prefetch(self, experts: Sequence[int]) -> list[tuple[Slot, int]]:
+        """Reserves slots for `experts` (most wanted first) and returns the (slot, expert) loads to
+        perform: all of them if the cache holds them, else the first capacity - 1. Wanted experts
+        already here become most recently used and are not evicted for the others; nothing pinned
+        or loading is evicted."""
+        wanted = list(dict.fromkeys(int(e) for e in experts))
+        wanted = wanted if len(wanted) <= self.capacity else wanted[: self.capacity - 1]
+        protect = set(wanted)
+        jobs = []
+        with self._lock:
+            for e in reversed(wanted):
+                if e in self._lru:
+                    self._lru.move_to_end(e)
+            for e in wanted:
+                if e in self._lru:
+                    continue
+                victim = self._victim(protect, spare_prefetched=False)
+                if victim is None:
+                    break
+                self._reserve(victim, e, QUEUED, prefetched=True)
+                jobs.append((victim, e))
+        return jobs
+
+    def fill(self, slot: Slot, expert: int) -> None:
+        """Loader thread: performs a reserved prefetch, unless compute took it over or it was
+        cancelled meanwhile. A failure frees the slot (compute then loads on demand)."""
+        with self._lock:
+            if slot.state != QUEUED or slot.expert != expert:
+                return
+            slot.state = LOADING
+        try:
+            self._load(slot, expert, by_prefetch=True)
+        except Exception as e:  # correctness never depends on a prefetch
+            log.warning("prefetch of expert %d of %s failed (%s); it will load on demand", expert, self.name, e)
+
+    # -- shared ------------------------------------------------------------------------------
+    def _load(self, slot: Slot, expert: int, by_prefetch: bool) -> None:
+        """Copies `expert` into `slot` (LOADING, owned by the calling thread), then marks it READY."""
+        try:
+            if slot.flat is None:
+                slot.flat = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self._device)
+                slot.module = copy.deepcopy(self._blueprint)
+                self.layout.bind(slot.module, slot.flat)
+                slot.module.eval()
+                self._metrics.add(self.name, resident_bytes=self.layout.nbytes)
+            event = self._store.read_into(self.name, expert, slot.flat)
+        except BaseException:
+            with self._lock:
+                self._free(slot)
+                slot.done.set()
+            raise
+        with self._lock:
+            slot.copy_event, slot.state = event, READY
+            slot.done.set()
+        self._metrics.add(self.name, bytes_moved=self.layout.nbytes, prefetch_loads=int(by_prefetch))
+
+    def _victim(self, protect, spare_prefetched: bool) -> Optional[Slot]:
+        """A slot to reuse (lock held): an empty one, else the least recently used READY or QUEUED
+        slot that is not pinned and whose expert is not in `protect` (with `spare_prefetched`,
+        unused prefetches last); it is freed here."""
+        for slot in self._slots:
+            if slot.state == EMPTY and slot.pins == 0:
+                return slot
+        candidates = [(e, slot) for e, slot in self._lru.items()
+                      if slot.pins == 0 and slot.state in (READY, QUEUED) and e not in protect]
+        if spare_prefetched:
+            candidates.sort(key=lambda item: item[1].prefetched)  # stable: LRU order within each group
+        if not candidates:
+            return None
+        slot = candidates[0][1]
+        if slot.prefetched:
+            self._metrics.add(self.name, wasted_prefetches=1)
+        self._free(slot)
+        return slot
+
+    def _reserve(self, slot: Slot, expert: int, state: str, prefetched: bool) -> None:
+        slot.expert, slot.state, slot.prefetched, slot.copy_event = expert, state, prefetched, None
+        slot.done.clear()
+        self._lru[expert] = slot  # most recently used
+
+    def _free(self, slot: Slot) -> None:
+        if slot.expert is not None and self._lru.get(slot.expert) is slot:
+            del self._lru[slot.expert]
+        slot.expert, slot.state, slot.prefetched = None, EMPTY, False
+
+    # -- introspection -----------------------------------------------------------------------
+    def resident(self) -> list[int]:
+        """Experts READY here, least recently used first."""
+        with self._lock:
+            return [e for e, slot in self._lru.items() if slot.state == READY]

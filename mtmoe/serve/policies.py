@@ -1,0 +1,134 @@
+"""Prefetch policies. A policy is whatever calls `prefetch(layer, experts)` (a layer name such as
+`dec3`, experts of that layer most wanted first) ahead of the layer's forward:
+
+- `none`: nothing is prefetched; experts load on demand.
+- `speculative` (Mixtral-offloading, Eliseev & Mazur 2023): a forward pre-hook on MoE layer j
+  applies the router of the next MoE layer of the same stack (enc -> enc, dec -> dec) to layer j's
+  FFN input and prefetches the experts it would pick, while layer j computes. A guess: layer j+1's
+  router really sees a later hidden state. The first MoE layer of a stack gets no prefetch.
+- `pregate`: a model trained with moe.pregate=true decides layer j+1's routing at layer j and hands
+  the plan to its routing relay (`mtmoe.model.moe.RoutingRelay`, the `relay` attribute of its
+  MoEFFN modules); the policy subscribes to it, so the prefetch is the exact plan.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from mtmoe.config import ConfigError
+from mtmoe.model.moe import MoEFFN, Router
+
+Prefetch = Callable[[str, Sequence[int]], None]
+
+
+class Policy(Protocol):
+    def close(self) -> None: ...
+
+
+def moe_stacks(model) -> dict[str, list[tuple[str, MoEFFN]]]:
+    """{'enc': [(name, layer), ...], 'dec': [...]}: the MoE layers of each stack in forward order."""
+    stacks: dict[str, list] = {"enc": [], "dec": []}
+    for name in model.moe_layer_names():
+        stacks[name[:3]].append((name, model.get_submodule(model.moe_layer_prefix(name)[:-1])))
+    return stacks
+
+
+def predicted_counts(router: Router, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """How many real tokens would pick each expert of `router`'s layer among their top-k.
+
+    x [N, D], keep [N] bool -> counts [E] (E: the layer's experts, the kept ones when pruned,
+    numbered as the layer's expert modules). The same choice as Router.forward makes, without
+    capacity (serving runs with no token dropped)."""
+    probs = router.wg(x).float().softmax(dim=-1)
+    if router.kept_experts is None:
+        top_e = probs.topk(router.top_k, dim=-1).indices
+    else:
+        top_e = router.compact[probs.masked_fill(~router.selectable, -1.0).topk(router.top_k, dim=-1).indices]
+    return torch.bincount(top_e[keep].reshape(-1), minlength=router.num_experts)
+
+
+def ranked(counts: torch.Tensor) -> list[int]:
+    """Experts with a nonzero count, the most demanded first (ties: lower id first)."""
+    order = torch.argsort(-counts, stable=True)
+    return order[counts[order] > 0].tolist()
+
+
+class Speculative:
+    def __init__(self, model, prefetch: Prefetch):
+        self._prefetch = prefetch
+        self._handles = []
+        for layers in moe_stacks(model).values():
+            for (_, layer), (next_name, next_layer) in zip(layers, layers[1:]):
+                hook = self._hook(next_name, next_layer.gate)
+                self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if not self._handles:
+            warnings.warn("serve.prefetch=speculative: no MoE layer has a next MoE layer in its stack, "
+                          "so nothing is ever prefetched (experts load on demand)")
+
+    def _hook(self, next_name: str, router: Router):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]  # [B, T, D]: this layer's FFN input
+            keep = args[1] if len(args) > 1 else kwargs.get("keep")  # [B, T] bool or None
+            tokens = x.reshape(-1, x.shape[-1])
+            keep = torch.ones(tokens.shape[0], dtype=torch.bool, device=x.device) if keep is None else keep.reshape(-1)
+            with torch.no_grad():
+                self._prefetch(next_name, ranked(predicted_counts(router, tokens, keep)))
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class Pregate:
+    """Subscribes to the model's routing relays (one per stack), which call their listeners with
+    (index of the MoE layer in the stack whose plan was just computed, expert ids [N, k] of that
+    layer, numbered as its expert modules; padding tokens included). The relay also reports the
+    first MoE layer's own plan just before its experts run, which gives its loads a head start."""
+
+    def __init__(self, model, prefetch: Prefetch):
+        from mtmoe.model import moe
+
+        self._prefetch = prefetch
+        relay_cls = getattr(moe, "RoutingRelay", None)
+        relays: dict[int, tuple[object, dict[int, tuple[str, int]]]] = {}  # id -> (relay, index -> layer)
+        for layers in moe_stacks(model).values():
+            for position, (name, layer) in enumerate(layers):
+                relay = getattr(layer, "relay", None)
+                if relay_cls is not None and isinstance(relay, relay_cls):
+                    index = getattr(layer, "relay_index", position)
+                    relays.setdefault(id(relay), (relay, {}))[1][index] = (name, len(layer.experts))
+        if not relays:
+            raise ConfigError("serve.prefetch=pregate needs a model trained with moe.pregate=true "
+                              "(this one has no routing relay)")
+        self._subscriptions = []
+        for relay, layers in relays.values():
+            listener = self._listener(layers)
+            relay.listeners.append(listener)
+            self._subscriptions.append((relay, listener))
+
+    def _listener(self, layers: dict[int, tuple[str, int]]):
+        def listen(index: int, experts: torch.Tensor) -> None:
+            name, num_experts = layers[index]
+            ids = experts.reshape(-1)
+            ids = ids[(ids >= 0) & (ids < num_experts)]  # padding or dropped choices may be marked out of range
+            self._prefetch(name, ranked(torch.bincount(ids, minlength=num_experts)))
+        return listen
+
+    def close(self) -> None:
+        for relay, listener in self._subscriptions:
+            relay.listeners.remove(listener)
+
+
+def install_policy(name: str, model, prefetch: Prefetch) -> Optional[Policy]:
+    """The policy `name` (serve.prefetch) attached to `model`; None for `none`."""
+    if name == "none":
+        return None
+    if name == "speculative":
+        return Speculative(model, prefetch)
+    if name == "pregate":
+        return Pregate(model, prefetch)
+    raise ConfigError(f"serve.prefetch={name!r}: expected none, speculative or pregate")

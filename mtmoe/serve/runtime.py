@@ -1,0 +1,201 @@
+"""The serving runtime: a Seq2Seq whose experts are served from a slow-tier store through
+per-layer LRU caches, with prefetching.
+
+`offload(model, weights, serve)` replaces each MoEFFN's `experts` (an nn.ModuleList) with
+OffloadedExperts, which `run_experts` iterates exactly as it did the list: item i is a callable
+[n, D] -> [n, D] that asks the layer's cache for expert i. Everything else (embeddings, attention,
+routers, norms) stays resident and untouched, and decoding code does not know the difference, so
+outputs are those of the all-resident model. An expert called on 0 rows (run_experts calls every
+expert) returns an empty result without touching the cache or the store.
+
+`load_for_serving(export_dir, serve)` builds an export's model this way without ever reading its
+experts into memory: the model is constructed, its (freshly initialised) experts are swapped out
+and dropped, and only the non-expert tensors of model.safetensors are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from mtmoe.config import ConfigError
+from mtmoe.data.vocab import Vocab
+from mtmoe.export.artifact import ExportError, _configs, load_export, read_export_config
+from mtmoe.model.moe import MoEFFN
+from mtmoe.model.seq2seq import Seq2Seq
+from mtmoe.serve.cache import LayerCache
+from mtmoe.serve.config import ServeConfig
+from mtmoe.serve.layout import ExpertLayout
+from mtmoe.serve.loader import Loader
+from mtmoe.serve.metrics import ServeMetrics
+from mtmoe.serve.policies import install_policy
+from mtmoe.serve.store import DiskStore, LayerSpec, PinnedStore, open_store
+from mtmoe.serve.validate import cache_sizes, check_serve, offloading
+
+
+class ExpertHandle:
+    """Expert `index` of an offloaded layer, called like the expert module: x [n, D] -> [n, D]."""
+
+    def __init__(self, cache: LayerCache, index: int):
+        self.cache, self.index = cache, index
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # no tokens: nothing to load (an expert maps D -> D, so the shape is x's)
+            return x.new_zeros(x.shape)
+        with self.cache.use(self.index) as expert:
+            return expert(x)
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for `MoEFFN.experts`: len() and iteration as the ModuleList, items ExpertHandles.
+    Holds no parameters: the experts live in the cache's slots and the store."""
+
+    def __init__(self, cache: LayerCache):
+        super().__init__()
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return self.cache.num_experts
+
+    def __getitem__(self, index: int) -> ExpertHandle:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return ExpertHandle(self.cache, index)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def execution_order(self, filled: Sequence[int]) -> list[int]:
+        """The order `run_experts` calls the experts in: those already resident first (least
+        recently used first), then the rest by index. In index order, the loads for the first
+        missing experts would evict resident ones still needed later in the same call (the
+        encoder, which runs a whole sentence at once, needs most experts of a layer)."""
+        resident = [e for e in self.cache.resident() if filled[e] > 0]
+        chosen = set(resident)
+        return resident + [e for e in range(len(self)) if e not in chosen]
+
+    def extra_repr(self) -> str:
+        return f"{self.cache.capacity} of {self.cache.num_experts} experts resident"
+
+
+class OffloadRuntime:
+    """Owns the caches, the loader thread and the prefetch policy of one offloaded model.
+
+    `prefetch(layer, experts)` is the one entry point of every policy. Close the runtime (or use
+    it as a context manager) to stop the loader thread and detach the policy."""
+
+    def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
+                 store, device: torch.device, model: Seq2Seq, policy: str):
+        all_bytes = sum(spec.layout.nbytes * spec.num_experts for spec in specs.values())
+        self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes)
+        self.caches: dict[str, LayerCache] = {}
+        for name, layer in layers.items():
+            blueprint = copy.deepcopy(layer.experts[0]).to("meta")  # type and shapes, no memory
+            cache = LayerCache(name, blueprint, specs[name].layout, specs[name].num_experts, capacities[name],
+                               store, self.metrics, device)
+            layer.experts = OffloadedExperts(cache)  # the resident experts are dropped here
+            self.caches[name] = cache
+        self.loader = Loader()
+        try:
+            self.policy = install_policy(policy, model, self.prefetch)
+        except BaseException:
+            self.loader.close()
+            raise
+
+    def prefetch(self, layer: str, experts: Sequence[int]) -> None:
+        """Starts loading `experts` of `layer` (most wanted first; as many as its cache holds)."""
+        cache = self.caches[layer]
+        self.loader.submit(cache, cache.reserve_prefetch(experts))
+
+    def wait_idle(self) -> None:
+        """Waits until no prefetch is pending (tests, benchmark warm-ups)."""
+        self.loader.wait_idle()
+
+    def close(self) -> None:
+        if self.policy is not None:
+            self.policy.close()
+            self.policy = None
+        self.loader.close()
+
+    def __enter__(self) -> "OffloadRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def moe_layers(model: Seq2Seq) -> dict[str, MoEFFN]:
+    """{short name: MoEFFN} in forward order, e.g. {'enc1': ..., 'dec1': ...}."""
+    return {name: model.get_submodule(model.moe_layer_prefix(name)[:-1]) for name in model.moe_layer_names()}
+
+
+def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None) -> OffloadRuntime:
+    """Serves `model`'s experts from a store cut from `weights` (a safetensors file holding them
+    under the model's state-dict names, e.g. an export's model.safetensors), in place.
+
+    The store is `store_path` (default: experts.safetensors beside `weights`), written on first
+    use. The fast tier is the device of the model's routers: on a GPU the store is held in pinned
+    CPU RAM, on a CPU it is the memory-mapped file."""
+    check_serve(serve)
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError("serve.experts_per_layer: the model has no MoE layers to offload")
+    if any(layer.ep_size != 1 for layer in layers.values()):
+        raise ConfigError("serve: offloading needs all experts in one process (moe.ep_size=1)")
+    top_k = max(layer.gate.top_k for layer in layers.values())
+    capacities = cache_sizes(serve, {name: len(layer.experts) for name, layer in layers.items()}, top_k)
+    specs = {name: LayerSpec(model.moe_layer_prefix(name), len(layer.experts), ExpertLayout.of(layer.experts[0]))
+             for name, layer in layers.items()}
+    weights = Path(weights)
+    store: DiskStore | PinnedStore = open_store(weights, Path(store_path or weights.with_name("experts.safetensors")),
+                                                specs, serve.slow_gbps)
+    device = next(iter(layers.values())).gate.wg.weight.device
+    if device.type == "cuda" and torch.cuda.is_available():
+        store = PinnedStore(store, device)
+    return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch)
+
+
+def store_path_for(export_dir: Path, serve: ServeConfig) -> Path:
+    """experts.safetensors in the export dir, or a per-export name in serve.store_dir."""
+    if not serve.store_dir:
+        return export_dir / "experts.safetensors"
+    tag = hashlib.sha1(str(export_dir.resolve()).encode()).hexdigest()[:8]
+    return Path(serve.store_dir).expanduser() / f"{export_dir.name}-{tag}.experts.safetensors"
+
+
+def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
+                     ) -> tuple[Seq2Seq, Vocab, dict, Optional[OffloadRuntime]]:
+    """(model in eval mode, vocabulary, config, runtime) of an export. Without offloading
+    (`serve` None or serve.experts_per_layer None) this is `load_export` and the runtime is None."""
+    d = Path(export_dir)
+    if serve is not None:
+        check_serve(serve)
+    if not offloading(serve):
+        return (*load_export(d), None)
+    config = read_export_config(d)
+    model_cfg, moe_cfg = _configs(config)
+    model = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
+    if config.get("quantization"):
+        from mtmoe.export.quantize import quantize_experts
+
+        quantize_experts(model, config["quantization"]["bits"])  # the expert module type the store must fill
+    weights = d / "model.safetensors"
+    runtime = offload(model, weights, serve, store_path_for(d, serve))
+    try:
+        prefixes = tuple(model.moe_layer_prefix(name) + "experts." for name in runtime.caches)
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefixes)}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ExportError(f"{weights}: does not match {d / 'config.json'} ({str(e)[:300]})") from e
+    except BaseException:
+        runtime.close()
+        raise
+    return model.eval(), Vocab(d / "spm.model"), config, runtime

@@ -1,0 +1,166 @@
+"""The slow tier: every expert of every MoE layer, one blob each, in `experts.safetensors`.
+
+File format: safetensors (no pickle), one uint8 tensor [nbytes] per expert named `{layer}.{e}`
+(e.g. `dec1.3`, e the expert's index in its layer: the compact index of a pruned layer), stored
+one after another; the metadata records each layer's ExpertLayout and the size and mtime of the
+model.safetensors it was cut from. It is written once, streaming one expert at a time, and
+rebuilt when model.safetensors changes or the file is unreadable.
+
+Reads go through `safe_open`, which memory-maps the file: reading an expert is one copy of its
+blob from the mapping into a fast-tier slot. The OS page cache may serve it from RAM rather than
+from the disk (on a box where the file fits in the page cache, after the first read it will);
+`slow_gbps` stretches each read to a chosen bandwidth to model a slower tier.
+
+A model on a GPU uses PinnedStore instead: the blobs in page-locked CPU RAM, copied to the GPU
+on a side CUDA stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mtmoe.export.artifact import ExportError
+from mtmoe.serve.layout import ExpertLayout
+
+STORE_FORMAT = "mtmoe-expert-store-1"
+
+
+@dataclass
+class LayerSpec:
+    """What the store holds for one MoE layer: `num_experts` blobs of `layout`, cut from the
+    source tensors `{prefix}experts.{e}.{tensor name}` (e.g. `decoder.1.ffn.experts.3.fc1.weight`)."""
+    prefix: str
+    num_experts: int
+    layout: ExpertLayout
+
+
+def expert_key(layer: str, expert: int) -> str:
+    return f"{layer}.{expert}"
+
+
+def _source_stamp(source: Path) -> str:
+    st = source.stat()
+    return json.dumps({"bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+
+
+def _metadata(source: Path, layers: dict[str, LayerSpec]) -> dict[str, str]:
+    return {"format": STORE_FORMAT, "source": _source_stamp(source),
+            "layers": json.dumps({name: {"experts": spec.num_experts, "layout": spec.layout.to_json()}
+                                  for name, spec in layers.items()})}
+
+
+def build_store(source: Path, out: Path, layers: dict[str, LayerSpec]) -> None:
+    """Writes the store from `source` (a model.safetensors), one expert in memory at a time;
+    the file appears complete or not at all (written under a temporary name, then renamed)."""
+    entries = [(expert_key(name, e), spec.layout.nbytes) for name, spec in layers.items()
+               for e in range(spec.num_experts)]
+    header: dict = {"__metadata__": _metadata(source, layers)}
+    offset = 0
+    for key, nbytes in entries:
+        header[key] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    try:
+        with safe_open(str(source), framework="pt") as src, open(tmp, "wb") as f:
+            _check_source_experts(source, set(src.keys()), layers)
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name, spec in layers.items():
+                for e in range(spec.num_experts):
+                    tensors = {s.name: src.get_tensor(f"{spec.prefix}experts.{e}.{s.name}") for s in spec.layout.specs}
+                    f.write(spec.layout.pack(tensors).numpy().tobytes())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_source_experts(source: Path, keys: set[str], layers: dict[str, LayerSpec]) -> None:
+    """The source's expert tensors are exactly the ones the model's layouts expect."""
+    for name, spec in layers.items():
+        have = {k for k in keys if k.startswith(spec.prefix + "experts.")}
+        want = {f"{spec.prefix}experts.{e}.{s.name}" for e in range(spec.num_experts) for s in spec.layout.specs}
+        if have != want:
+            raise ExportError(f"{source}: the experts of MoE layer {name} do not match the model "
+                              f"(missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]})")
+
+
+def _is_current(path: Path, source: Path, layers: dict[str, LayerSpec]) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() == _metadata(source, layers)
+    except Exception:  # missing, truncated or not safetensors: rebuild
+        return False
+
+
+class DiskStore:
+    """Expert blobs read from the memory-mapped store file (the slow tier of a CPU model)."""
+
+    def __init__(self, path: Path, layers: dict[str, LayerSpec], slow_gbps: float = 0.0):
+        self.path, self.layers, self.slow_gbps = Path(path), layers, slow_gbps
+        self._file = safe_open(str(self.path), framework="pt")  # a memory map; tensors read lazily
+
+    def nbytes(self, layer: str) -> int:
+        return self.layers[layer].layout.nbytes
+
+    def read_into(self, layer: str, expert: int, dst: torch.Tensor) -> None:
+        """Copies expert `expert` of `layer` into dst uint8 [nbytes] (CPU). Returns when done
+        (and, with `slow_gbps`, not before nbytes / bandwidth seconds have passed)."""
+        started = time.perf_counter()
+        dst.copy_(self._file.get_tensor(expert_key(layer, expert)))
+        if self.slow_gbps:
+            remaining = dst.numel() / (self.slow_gbps * 1e9) - (time.perf_counter() - started)
+            if remaining > 0:
+                time.sleep(remaining)
+
+
+def open_store(source: Path, path: Path, layers: dict[str, LayerSpec], slow_gbps: float = 0.0) -> DiskStore:
+    """The store at `path` for the experts of `source`, written first if missing or stale."""
+    source, path = Path(source), Path(path)
+    if not _is_current(path, source, layers):
+        try:
+            build_store(source, path, layers)
+        except OSError as e:
+            raise ExportError(f"{path}: cannot write the expert store ({e}); set serve.store_dir to a "
+                              "writable folder") from e
+    return DiskStore(path, layers, slow_gbps)
+
+
+class PinnedStore:
+    """The slow tier of a model on a GPU: every blob in page-locked CPU RAM, copied to the GPU on a
+    side CUDA stream, so copies overlap the kernels of the compute stream."""
+
+    def __init__(self, disk: DiskStore, device: torch.device):
+        self.layers = disk.layers
+        self._blobs = {}
+        for name, spec in disk.layers.items():
+            for e in range(spec.num_experts):
+                blob = torch.empty(spec.layout.nbytes, dtype=torch.uint8, pin_memory=True)
+                disk.read_into(name, e, blob)
+                self._blobs[name, e] = blob
+        self._copy_stream = torch.cuda.Stream(device)
+        self._compute_stream = torch.cuda.current_stream(device)
+
+    def nbytes(self, layer: str) -> int:
+        return self.layers[layer].layout.nbytes
+
+    def read_into(self, layer: str, expert: int, dst: torch.Tensor) -> torch.cuda.Event:
+        """Queues the copy into dst (GPU) and returns the event the compute stream must wait for.
+        The copy first waits for the compute stream: kernels still queued there may read the
+        slot's previous expert."""
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_stream(self._compute_stream)
+            dst.copy_(self._blobs[layer, expert], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return done

@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""Serving with only some experts resident: speed and cache behaviour vs the all-resident model.
+
+Sweeps, per export, the fast-tier size (1/4, 1/2 and all of each MoE layer's experts) x prefetch
+policy (none, speculative, and pregate when the model was trained with moe.pregate=true) x
+simulated slow-tier bandwidth, decoding --lines lines of one test direction, and reports
+sentences/s, speed relative to that model all resident (plain `load_export`), hit rate, prefetch
+hits, bytes moved slow -> fast, stall time and peak resident expert bytes. All settings are loaded
+and warmed up first, then timed in --rounds interleaved rounds in this one process; each keeps its
+fastest round (and that round's metrics). Writes <out>/results.json and <out>/results.md and
+prints the table.
+
+    python scripts/bench_serve.py --export exports/main               # existing export(s)
+    python scripts/bench_serve.py                                     # trains small MoEs first
+    python scripts/bench_serve.py --slow-gbps 0 2 --lines 200         # two slow tiers
+
+Without --export, two small MoEs with an MoE FFN in every layer (so prefetching has a next layer
+to predict) are benchmarked: one trained for --train-steps steps (runs/bench_serve/train, exported
+to runs/bench_serve/export), and the same fine-tuned for --pregate-steps steps with
+moe.pregate=true (init.from_moe; runs/bench_serve/train_pregate, export_pregate). Runs and exports
+are reused when they exist. Decoding defaults to greedy, one sentence at a time: interactive
+serving, the case offloading is for (a batch of many sentences needs nearly every expert of every
+layer at every step).
+
+The slow tier is the memory-mapped experts.safetensors on disk. Page caches cannot be dropped here,
+so after their first read the OS page cache serves the store from RAM: unthrottled figures measure
+a RAM-to-RAM copy, not a disk. --slow-gbps G stretches every expert read to bytes / G (sleeping the
+remainder in the reading thread) to model a slower tier; the output says which was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mtmoe.config import ConfigError  # noqa: E402
+from mtmoe.data.corpus import load_test_set  # noqa: E402
+from mtmoe.eval.decode import translate  # noqa: E402
+from mtmoe.export.artifact import load_export  # noqa: E402
+from mtmoe.paths import resolve  # noqa: E402
+from mtmoe.serve.config import ServeConfig  # noqa: E402
+from mtmoe.serve.runtime import load_for_serving  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+SMALL_MOE = ["model=base", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.encoder_layers=3",
+             "model.decoder_layers=3", "model.dropout=0.1", "moe.every=1", "moe.num_experts=8", "moe.top_k=1",
+             "data.directions='en-de,de-en'", "data.val_lines=20", "train.max_tokens=1024",
+             "train.warmup_steps=100", "train.lr=2e-3", "train.max_minutes=0", "train.valid_every=0",
+             "train.valid_bleu=never", "train.save_every=0", "train.progress=false", "wandb.mode=disabled"]
+"""The default model: d128, 3+3 layers, an MoE FFN (8 experts, top-1) in every layer, trained on
+en-de and de-en only (a few minutes on a 2-core CPU: enough for routing to specialise, not for
+good translations)."""
+
+
+def small_moe_export(name: str, overrides: list[str]) -> Path:
+    """Trains runs/bench_serve/<train name> with `overrides` and exports it; reuses either if present."""
+    run = ROOT / "runs/bench_serve" / name.replace("export", "train")
+    export = ROOT / "runs/bench_serve" / name
+    if (export / "config.json").is_file():
+        print(f"reusing {export}", file=sys.stderr)
+        return export
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not (run / "checkpoints" / "latest").is_file():
+        print(f"training {run} ...", file=sys.stderr)
+        subprocess.run([str(BIN / "mtmoe-train"), *SMALL_MOE, *overrides, f"hydra.run.dir={run}"],
+                       check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run([str(BIN / "mtmoe-export"), f"checkpoint={run}", f"out={export}"], check=True, env=env,
+                   cwd=ROOT, stdout=subprocess.DEVNULL)
+    return export
+
+
+def default_exports(steps: int, pregate_steps: int) -> list[Path]:
+    plain = small_moe_export("export", [f"train.max_steps={steps}"])
+    pregate = small_moe_export("export_pregate", [
+        f"train.max_steps={pregate_steps}", "train.warmup_steps=20", "train.lr=1e-3", "moe.pregate=true",
+        f"init.from_moe={ROOT / 'runs/bench_serve/train'}"])
+    return [plain, pregate]
+
+
+def decode(model, vocab, lines: list[str], tgt: str, beam: int, batch: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) to translate `lines`, `batch` sentences per call."""
+    started, cpu = time.perf_counter(), time.thread_time()
+    for i in range(0, len(lines), batch):
+        translate(model, vocab, lines[i:i + batch], tgt, beam)
+    return time.perf_counter() - started, time.thread_time() - cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export", nargs="+", help="export dir(s) (default: train and export small MoEs, see above)")
+    ap.add_argument("--train-steps", type=int, default=300, help="steps of the default model's training")
+    ap.add_argument("--pregate-steps", type=int, default=120, help="steps of its pre-gated fine-tuning")
+    ap.add_argument("--test", default="data/multi30k/test_2016_flickr")
+    ap.add_argument("--direction", default="en-de")
+    ap.add_argument("--lines", type=int, default=15)
+    ap.add_argument("--warmup-lines", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds; each setting keeps its fastest")
+    ap.add_argument("--beam", type=int, default=1)
+    ap.add_argument("--batch-sentences", type=int, default=1, help="sentences per decoding call")
+    ap.add_argument("--slow-gbps", type=float, nargs="+", default=[0.0],
+                    help="simulated slow-tier bandwidths to sweep, GB/s (0 = no limit)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the compute thread")
+    ap.add_argument("--store-dir", help="where experts.safetensors goes (default: the export dir)")
+    ap.add_argument("--out", default="bench/serve")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    exports = [resolve(e) for e in args.export] if args.export else default_exports(args.train_steps,
+                                                                                      args.pregate_steps)
+    src, tgt = args.direction.split("-")
+    texts = load_test_set(resolve(args.test), [src])[src]
+    warmup, lines = texts[:args.warmup_lines], texts[args.warmup_lines:args.warmup_lines + args.lines]
+
+    # Every setting is built and warmed up first, then timed in interleaved rounds (the box may be
+    # shared: a burst of load then hits all settings alike, and each keeps its fastest round).
+    settings, configs = [], {}
+    for export in exports:
+        model, vocab, configs[str(export)] = load_export(export)
+        layer_experts = max(len(layer.experts) for _, layer in model.moe_layers())
+        settings.append({"export": str(export), "label": "all (plain model)", "policy": "-", "slow_gbps": None,
+                         "model": model, "vocab": vocab, "runtime": None})
+        for gbps in args.slow_gbps:
+            for label, size in (("1/4", 0.25), ("1/2", 0.5), ("all", float(layer_experts))):
+                for policy in ("none", "speculative", "pregate"):
+                    serve = ServeConfig(experts_per_layer=size, prefetch=policy, slow_gbps=gbps,
+                                        store_dir=args.store_dir)
+                    try:
+                        served, _, _, runtime = load_for_serving(export, serve)
+                    except ConfigError:
+                        if policy == "pregate":  # not a pre-gate model: skipped, said in the notes
+                            continue
+                        raise
+                    settings.append({"export": str(export), "label": label, "policy": policy,
+                                     "slow_gbps": gbps or None, "model": served, "vocab": vocab, "runtime": runtime})
+    for setting in settings:
+        decode(setting["model"], setting["vocab"], warmup, tgt, args.beam, args.batch_sentences)
+    for round_ in range(args.rounds):
+        for setting in settings:
+            runtime = setting["runtime"]
+            if runtime is not None:
+                runtime.wait_idle()
+                runtime.metrics.reset()
+            seconds, cpu = decode(setting["model"], setting["vocab"], lines, tgt, args.beam, args.batch_sentences)
+            if seconds < setting.get("seconds", float("inf")):
+                setting["seconds"] = seconds
+                stall = 0.0
+                if runtime is not None:
+                    runtime.metrics.add_decode(len(lines), seconds)
+                    setting["summary"] = runtime.metrics.summary()
+                    stall = setting["summary"]["stall_s"]
+                # What the wall time would be on an idle box: the compute thread's own CPU time plus
+                # the time it waited for experts (an on-demand copy is in both: an upper bound).
+                setting["busy_s"] = cpu + stall
+            print(f"round {round_ + 1}: {Path(setting['export']).name} {setting['label']} {setting['policy']} "
+                  f"gbps={setting['slow_gbps']}: {len(lines) / seconds:.2f} sentences/s", file=sys.stderr)
+
+    rows = []
+    for setting in settings:
+        if setting["runtime"] is None:  # each model's all-resident reference comes first
+            base, base_busy = len(lines) / setting["seconds"], len(lines) / setting["busy_s"]
+        speed, busy = len(lines) / setting["seconds"], len(lines) / setting["busy_s"]
+        row = {"export": setting["export"], "experts_resident": setting["label"], "policy": setting["policy"],
+               "slow_gbps": setting["slow_gbps"], "sentences_per_s": round(speed, 2),
+               "speed_vs_resident": round(speed / base, 3), "sentences_per_cpu_stall_s": round(busy, 2),
+               "cpu_stall_speed_vs_resident": round(busy / base_busy, 3)}
+        if setting["runtime"] is not None:
+            setting["runtime"].close()
+            s = setting["summary"]
+            row.update({k: s[k] for k in ("experts_per_layer", "hit_rate", "prefetch_hits", "activations",
+                                          "late_prefetches", "wasted_prefetches", "bytes_moved", "stall_s",
+                                          "peak_resident_expert_bytes", "all_expert_bytes", "layers")})
+            row.update({f"{stack}_hit_rate": stack_hit_rate(s["layers"], stack) for stack in ("enc", "dec")})
+        rows.append(row)
+
+    pregate_ran = any(r["policy"] == "pregate" for r in rows)
+    setup = {"exports": {e: {"model": c["model"], "moe": c["moe"]} for e, c in configs.items()},
+             "direction": args.direction, "lines": len(lines), "warmup_lines": len(warmup), "rounds": args.rounds,
+             "beam": args.beam, "batch_sentences": args.batch_sentences, "threads": args.threads,
+             "slow_gbps": args.slow_gbps, "cpu": platform.processor() or platform.machine(),
+             "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(), "torch": torch.__version__}
+    notes = [
+        "Slow tier: the memory-mapped experts.safetensors on disk; the OS page cache may serve its reads "
+        "from RAM (page caches cannot be dropped here), so rows without a simulated bandwidth measure a "
+        "RAM-to-RAM copy.",
+        "Simulated bandwidth (slow GB/s column): every expert read is stretched to bytes / bandwidth by "
+        "sleeping the remainder in the reading thread; it is a model of a slower tier, not a measurement of one.",
+        "pregate: run on exports trained with moe.pregate=true only (the model's plan for the next MoE layer "
+        "drives the prefetch; on such a model `speculative` computes the same prediction from a hook)."
+        if pregate_ran else "pregate: not run (no export was trained with moe.pregate=true).",
+        "Hit rate = expert calls (with > 0 rows) served from the fast tier without waiting; enc/dec: the "
+        "encoder runs a whole sentence at once (prefill: most experts of every layer), the decoder one token "
+        "per step. Speed is relative to the plain all-resident model, timed in the same process, interleaved, "
+        "best of the rounds; the offloaded runtime also skips the expert calls with 0 rows that the plain "
+        "model makes.",
+        "sent/s (wall) depends on what else the box runs; sent/s (cpu+stall) = lines / (CPU time of the "
+        "compute thread + stall time), the wall time an idle box would show, for comparing settings on a "
+        "shared one.",
+    ]
+    out = resolve(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"setup": setup, "notes": notes, "rows": rows}, indent=1))
+    table = markdown(rows, setup, notes)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+def stack_hit_rate(layers: dict, stack: str) -> float:
+    """Activation-weighted hit rate of the MoE layers of one stack ('enc' or 'dec')."""
+    parts = [(v["hit_rate"] or 0.0, v["activations"]) for name, v in layers.items() if name.startswith(stack)]
+    total = sum(n for _, n in parts)
+    return round(sum(rate * n for rate, n in parts) / total, 4) if total else 0.0
+
+
+def describe(export: str, config: dict) -> str:
+    m, moe = config["model"], config["moe"]
+    return (f"`{Path(export).name}`: d{m['d_model']}, {m['encoder_layers']}+{m['decoder_layers']} layers, "
+            f"{moe['num_experts']} experts top-{moe['top_k']} in every {moe['every']} layer(s)"
+            + (", pre-gated" if moe.get("pregate") else ""))
+
+
+def markdown(rows: list[dict], setup: dict, notes: list[str]) -> str:
+    mib = 1 << 20
+    lines = [f"{setup['direction']}, {setup['lines']} lines (+{setup['warmup_lines']} warm-up), beam {setup['beam']}, "
+             f"{setup['batch_sentences']} sentence(s) per call, {setup['threads']} compute thread(s), best of "
+             f"{setup['rounds']} rounds. Models:", ""]
+    lines += [f"- {describe(e, c)}" for e, c in setup["exports"].items()]
+    lines += ["",
+              "| model | experts resident | prefetch | slow GB/s | sent/s (wall) | vs resident | sent/s (cpu+stall) "
+              "| vs resident | hit rate | enc / dec hit rate | prefetch hits | late | wasted | MiB moved | stall s "
+              "| peak resident MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = Path(r["export"]).name
+        speeds = (f"{r['sentences_per_s']} | {r['speed_vs_resident']:.2f}x | {r['sentences_per_cpu_stall_s']} | "
+                  f"{r['cpu_stall_speed_vs_resident']:.2f}x")
+        if "hit_rate" not in r:
+            lines.append(f"| {name} | {r['experts_resident']} | {r['policy']} | - | {speeds} | - | - | - | - | - | - "
+                         f"| - | all |")
+            continue
+        resident = f"{r['experts_resident']} ({min(r['experts_per_layer'].values())}/layer)"
+        lines.append(f"| {name} | {resident} | {r['policy']} | {r['slow_gbps'] or '-'} | {speeds} | "
+                     f"{r['hit_rate']:.3f} | {r['enc_hit_rate']:.2f} / {r['dec_hit_rate']:.2f} | "
+                     f"{r['prefetch_hits']}/{r['activations']} | {r['late_prefetches']} | {r['wasted_prefetches']} | "
+                     f"{r['bytes_moved'] / mib:.1f} | {r['stall_s']:.2f} | "
+                     f"{r['peak_resident_expert_bytes'] / mib:.2f} of {r['all_expert_bytes'] / mib:.2f} |")
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Serving with only some experts resident (mtmoe.serve): the LRU cache and its accounting, the
+expert store, prefetch policies, and outputs identical to the all-resident model for every
+policy and cache size, on plain, pruned and int8 models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import export_of, run_cli
+from mtmoe.config import ConfigError, ModelConfig, MoEConfig
+from mtmoe.data.vocab import EOS_ID
+from mtmoe.eval.decode import translate, translate_ids
+from mtmoe.export.artifact import export_run, load_export
+from mtmoe.export.quantize import QuantLinear, quantize_experts
+from mtmoe.model.seq2seq import build_model
+from mtmoe.model.transformer import FeedForward
+from mtmoe.serve import policies
+from mtmoe.serve.cache import LayerCache
+from mtmoe.serve.config import ServeConfig
+from mtmoe.serve.layout import ExpertLayout
+from mtmoe.serve.metrics import ServeMetrics, merge_summaries
+from mtmoe.serve.runtime import ExpertHandle, load_for_serving, offload
+from mtmoe.serve.validate import cache_sizes, check_serve
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread, and the loader thread needs a core of its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Two MoE layers per stack (moe.every=1: enc0, enc1, dec0, dec1), so speculative prefetching has
+# a next layer to predict.
+TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
+
+
+# -- a store in memory, for the cache alone ----------------------------------------------------
+class MemoryStore:
+    """Blobs of `experts` (FeedForward modules) held in a dict; records every read."""
+
+    def __init__(self, experts, layer="L"):
+        self.layout = ExpertLayout.of(experts[0])
+        self.blobs = {(layer, e): self.layout.pack(m.state_dict()) for e, m in enumerate(experts)}
+        self.reads = []
+
+    def read_into(self, layer, expert, dst):
+        self.reads.append(expert)
+        dst.copy_(self.blobs[layer, expert])
+
+
+def make_cache(capacity, num_experts=4):
+    torch.manual_seed(0)
+    experts = [FeedForward(8, 16).eval() for _ in range(num_experts)]
+    store = MemoryStore(experts)
+    metrics = ServeMetrics(["L"], "none", {"L": capacity}, 0)
+    blueprint = copy.deepcopy(experts[0]).to("meta")
+    cache = LayerCache("L", blueprint, store.layout, num_experts, capacity, store, metrics, torch.device("cpu"))
+    return cache, store, metrics, experts
+
+
+def counts(metrics):
+    s = metrics.summary()
+    return {k: s[k] for k in ("activations", "hits", "prefetch_hits", "late_prefetches", "misses", "prefetch_loads",
+                              "wasted_prefetches")}
+
+
+def test_lru_evicts_least_recently_used_and_counts_hits():
+    cache, store, metrics, experts = make_cache(capacity=2)
+    x = torch.randn(3, 8)
+    for e in (0, 1, 0, 2):  # 2 evicts 1 (0 was used after it)
+        with cache.use(e) as module:
+            assert torch.equal(module(x), experts[e](x))  # the slot computes expert e exactly
+    assert cache.resident() == [0, 2]
+    with cache.use(1):  # evicts 0, now the least recently used
+        pass
+    assert cache.resident() == [2, 1]
+    assert store.reads == [0, 1, 2, 1]
+    assert counts(metrics) == {"activations": 5, "hits": 1, "prefetch_hits": 0, "late_prefetches": 0, "misses": 4,
+                               "prefetch_loads": 0, "wasted_prefetches": 0}
+    s = metrics.summary()
+    assert s["hit_rate"] == 0.2
+    assert s["bytes_moved"] == 4 * store.layout.nbytes
+    assert s["peak_resident_expert_bytes"] == 2 * store.layout.nbytes  # two slots, allocated once
+
+
+def test_prefetch_hits_and_wasted_prefetches():
+    cache, store, metrics, _ = make_cache(capacity=2)
+
+    def prefetch(*experts):
+        jobs = cache.reserve_prefetch(experts)
+        for slot, e in jobs:
+            cache.fill(slot, e)
+        return [e for _, e in jobs]
+
+    with cache.use(0):
+        pass
+    assert prefetch(3, 1, 2) == [3]  # more than the cache holds: one slot stays for on-demand loads
+    with cache.use(0):
+        pass
+    with cache.use(1):  # evicts 0, not the least recently used 3: prefetched and not used yet
+        pass
+    assert cache.resident() == [3, 1]
+    with cache.use(3):  # a prefetch hit
+        pass
+    assert prefetch(2) == [2]  # evicts 1 (least recently used)
+    with cache.use(3):  # a plain hit
+        pass
+    assert prefetch(0) == [0]  # evicts 2, prefetched and never used: wasted
+    assert cache.resident() == [3, 0]
+    assert counts(metrics) == {"activations": 5, "hits": 3, "prefetch_hits": 1, "late_prefetches": 0, "misses": 2,
+                               "prefetch_loads": 3, "wasted_prefetches": 1}
+
+
+def test_queued_prefetch_taken_over_by_compute():
+    """A prefetch the loader has not started yet is loaded by compute itself, once."""
+    cache, store, metrics, _ = make_cache(capacity=2)
+    (slot, expert), = cache.reserve_prefetch([2])
+    with cache.use(2):
+        pass
+    cache.fill(slot, expert)  # the loader comes late: nothing left to do
+    assert store.reads == [2]
+    assert counts(metrics)["late_prefetches"] == 1 and counts(metrics)["prefetch_loads"] == 0
+
+
+def test_zero_row_expert_call_loads_nothing():
+    cache, store, metrics, _ = make_cache(capacity=1)
+    out = ExpertHandle(cache, 3)(torch.zeros(0, 8))
+    assert out.shape == (0, 8)
+    assert store.reads == [] and cache.resident() == [] and counts(metrics)["activations"] == 0
+    assert metrics.summary()["peak_resident_expert_bytes"] == 0
+
+
+def test_metrics_of_several_processes_merge():
+    """mtmoe-eval workers: counters add up, the peak is one process's, speed is the job's."""
+    summaries = []
+    for hits, peak in ((3, 100), (1, 300)):
+        m = ServeMetrics(["L"], "none", {"L": 1}, 400)
+        m.add("L", activations=4, hits=hits, misses=4 - hits, bytes_moved=10, stall_s=0.5, resident_bytes=peak)
+        summaries.append(m.summary())
+    merged = merge_summaries(summaries, sentences=20, seconds=4.0)
+    assert (merged["activations"], merged["hits"], merged["hit_rate"], merged["bytes_moved"]) == (8, 4, 0.5, 20)
+    assert merged["stall_s"] == 1.0 and merged["peak_resident_expert_bytes"] == 300
+    assert merged["sentences_per_s"] == 5.0 and merged["processes"] == 2
+
+
+# -- random models, served from a store -------------------------------------------------------
+def random_model(top_k=1, kept=None, bits=None, seed=0):
+    """A random tiny MoE model, 4 experts in every FFN, EOS likelier so hypotheses end at varied lengths."""
+    moe = MoEConfig(num_experts=4, top_k=top_k, every=1, kept_experts=kept or {})
+    model = build_model(60, TINY, moe, seed=seed).eval()
+    with torch.no_grad():
+        model.embed.weight[EOS_ID] *= 3.0
+    if bits:
+        quantize_experts(model, bits)
+    return model
+
+
+SENTENCES = [np.random.default_rng(0).integers(4, 60, size=n) for n in (2, 7, 4, 11, 5)]
+
+
+def decode_all(model):
+    """Beam 4 on a batch, and greedy one sentence at a time (batch-1 serving)."""
+    return (translate_ids(model, SENTENCES, tag_id=4, beam=4),
+            [translate_ids(model, [s], tag_id=4, beam=1)[0] for s in SENTENCES])
+
+
+def served(model, tmp_path, **serve):
+    """A copy of `model` offloaded through a store cut from its own weights."""
+    weights = tmp_path / "model.safetensors"
+    if not weights.exists():
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    model = copy.deepcopy(model)
+    return model, offload(model, weights, ServeConfig(**serve))
+
+
+@pytest.mark.parametrize("variant", ["plain", "top2", "pruned", "int8"])
+@pytest.mark.parametrize("policy", ["none", "speculative"])
+def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
+    """Token ids identical to the all-resident model, greedy and beam, with 1 (2 for top-2),
+    half and all experts resident; the speculative policy really prefetches."""
+    kept = {"enc0": [0, 2, 3], "enc1": [1, 3], "dec0": [0, 1, 2, 3], "dec1": [0, 3]}
+    model = random_model(top_k=2 if variant == "top2" else 1, kept=kept if variant == "pruned" else None,
+                         bits=8 if variant == "int8" else None)
+    if variant == "int8":
+        assert isinstance(model.encoder[0].ffn.experts[0].fc1, QuantLinear)
+    reference = decode_all(model)
+    for size in ((2, 0.5, 4) if variant == "top2" else (1, 0.5, 4)):
+        offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch=policy)
+        with runtime:
+            assert decode_all(offloaded) == reference, f"experts_per_layer={size}"
+        s = runtime.metrics.summary()
+        assert s["activations"] > 0 and s["hits"] + s["late_prefetches"] + s["misses"] == s["activations"]
+        if variant == "pruned":
+            assert {name: cache.num_experts for name, cache in runtime.caches.items()} == \
+                {name: len(ids) for name, ids in kept.items()}
+        if policy == "speculative" and size != 4:
+            assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
+        if policy == "none":
+            assert s["prefetch_loads"] == 0
+
+
+def test_speculative_prediction_is_the_routers_choice():
+    """predicted_counts picks what Router.forward picks (plain and pruned routers)."""
+    model = random_model(top_k=2, kept={"enc1": [0, 2, 3]})
+    x, keep = torch.randn(50, 32), torch.rand(50) > 0.2
+    for name in ("enc0", "enc1"):
+        router = model.get_submodule(model.moe_layer_prefix(name)[:-1]).gate
+        with torch.no_grad():
+            plan = router(x, keep)[0]
+        expected = torch.bincount(plan.expert[keep].reshape(-1), minlength=router.num_experts)
+        assert torch.equal(policies.predicted_counts(router, x, keep), expected)
+
+
+def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch):
+    """Every speculative guess replaced by experts the next router did not pick: all prefetches
+    are wasted or overruled, outputs stay identical."""
+    model = random_model()
+    reference = decode_all(model)
+    right = policies.predicted_counts
+    monkeypatch.setattr(policies, "predicted_counts", lambda router, x, keep: (right(router, x, keep) == 0).long())
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative")
+    with runtime:
+        assert decode_all(offloaded) == reference
+    s = runtime.metrics.summary()
+    assert s["prefetch_loads"] > 0 and s["wasted_prefetches"] > 0
+
+
+def test_failed_or_slow_prefetches_fall_back_to_on_demand_loads(tmp_path):
+    """Prefetches that fail in the loader thread, or are still loading when compute needs them
+    (a 2 MB/s slow tier), change nothing but the timing."""
+    model = random_model()
+    reference = decode_all(model)
+
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative")
+    for cache in runtime.caches.values():
+        store_read = cache._store.read_into
+
+        def failing(layer, expert, dst, read=store_read):
+            if threading.current_thread().name == "mtmoe-expert-loader":
+                raise OSError("simulated read error")
+            return read(layer, expert, dst)
+
+        cache._store = type("FailingStore", (), {"read_into": staticmethod(failing)})()
+    with runtime:
+        assert decode_all(offloaded) == reference
+    assert runtime.metrics.summary()["prefetch_loads"] == 0
+
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative", slow_gbps=0.002)
+    with runtime:
+        assert translate_ids(offloaded, SENTENCES[:2], tag_id=4, beam=1) == \
+            translate_ids(model, SENTENCES[:2], tag_id=4, beam=1)
+    s = runtime.metrics.summary()
+    assert s["late_prefetches"] > 0 and s["stall_s"] > 0
+
+
+def test_unrouted_experts_are_never_loaded(tmp_path):
+    """A 2-token source, top-1: in each encoder MoE layer at most 2 of 4 experts have rows, and
+    exactly those are read from the store (run_experts still calls all 4)."""
+    model = random_model()
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=4)
+    src = torch.tensor([[7, EOS_ID]])
+    with runtime, torch.no_grad():
+        _, _, _, stats = offloaded.encode(src)
+    routed = {name: set(torch.nonzero(s["routed"]).flatten().tolist()) for name, s in zip(("enc0", "enc1"), stats)}
+    for name in ("enc0", "enc1"):
+        assert set(runtime.caches[name].resident()) == routed[name] and len(routed[name]) <= 2
+    assert runtime.caches["dec0"].resident() == []
+    s = runtime.metrics.summary()
+    assert s["activations"] == sum(len(r) for r in routed.values()) == s["misses"]
+
+
+def test_expert_store_is_safetensors_and_rebuilt_when_stale(tmp_path):
+    model = random_model()
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=2)
+    runtime.close()
+    store = tmp_path / "experts.safetensors"
+    with safe_open(str(store), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(f"{layer}.{e}" for layer in ("enc0", "enc1", "dec0", "dec1") for e in range(4))
+        meta = f.metadata()
+        layout = ExpertLayout.from_json(json.loads(meta["layers"])["dec1"]["layout"])
+        blob = f.get_tensor("dec1.2")
+    assert blob.dtype == torch.uint8 and blob.numel() == layout.nbytes
+    assert torch.equal(layout.views(blob)["fc1.weight"], model.decoder[1].ffn.experts[2].fc1.weight)
+
+    other = random_model(seed=5)  # new weights in the same file: the store follows
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    offloaded, runtime = served(other, tmp_path, experts_per_layer=2)
+    with runtime:
+        assert decode_all(offloaded) == decode_all(other)
+
+
+def test_pregate_policy_prefetches_the_relayed_plan(tmp_path):
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1, every=1, pregate=True), seed=0).eval()
+    reference = decode_all(model)
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="pregate")
+    with runtime:
+        assert decode_all(offloaded) == reference
+    s = runtime.metrics.summary()
+    assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
+
+
+def test_pregate_needs_a_pregate_model(tmp_path):
+    with pytest.raises(ConfigError, match="serve.prefetch=pregate needs a model trained with moe.pregate=true"):
+        served(random_model(), tmp_path, experts_per_layer=1, prefetch="pregate")
+
+
+# -- config errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("serve,message", [
+    (dict(experts_per_layer=1, prefetch="oracle"), r"serve.prefetch='oracle': expected one of none, speculative"),
+    (dict(experts_per_layer=0), r"serve.experts_per_layer=0 must be > 0"),
+    (dict(experts_per_layer=1.5), r"serve.experts_per_layer=1.5: a count"),
+    (dict(prefetch="speculative"), r"serve.prefetch=speculative needs serve.experts_per_layer"),
+    (dict(experts_per_layer=1, slow_gbps=-1), r"serve.slow_gbps=-1 must be >= 0"),
+])
+def test_bad_serve_config(serve, message):
+    with pytest.raises(ConfigError, match=message):
+        check_serve(ServeConfig(**serve))
+
+
+def test_cache_sizes():
+    sizes = cache_sizes(ServeConfig(experts_per_layer=0.25), {"enc1": 8, "dec1": 3}, top_k=1)
+    assert sizes == {"enc1": 2, "dec1": 1}  # fractions of each layer's own experts, rounded up
+    assert cache_sizes(ServeConfig(experts_per_layer=6), {"enc1": 8, "dec1": 3}, top_k=2) == {"enc1": 6, "dec1": 3}
+    with pytest.raises(ConfigError, match=r"serve.experts_per_layer=0.25 keeps 1 of the 4 experts of MoE layer "
+                                          r"enc1 resident, fewer than moe.top_k=2"):
+        cache_sizes(ServeConfig(experts_per_layer=0.25), {"enc1": 4}, top_k=2)
+
+
+# -- exports and the command line ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory, corpus):
+    """The tiny trained run exported as is, expert-pruned to 2 of 4, and int8-quantized."""
+    root = tmp_path_factory.mktemp("serve_exports")
+    full = export_of(trained, root / "full")
+    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "calibration": f"{corpus}/val", "lines": 10})
+    int8 = export_run(full, root / "int8", quant="int8")
+    return {"full": full, "pruned": pruned, "int8": int8}
+
+
+LINES = ["A man is riding a bike.", "Two dogs play in the snow.", "A girl in a red dress.", "People walk."]
+
+
+@pytest.mark.parametrize("kind", ["full", "pruned", "int8"])
+def test_served_exports_equal_resident(exports, kind, tmp_path):
+    model, vocab, config = load_export(exports[kind])
+    reference = [translate(model, vocab, LINES, "de", beam=b) for b in (1, 2)]
+    experts = len(model.encoder[1].ffn.experts)
+    assert experts == (2 if kind == "pruned" else 4)
+    for size in (1, 0.5, experts):
+        served_model, _, _, runtime = load_for_serving(exports[kind], ServeConfig(
+            experts_per_layer=size, prefetch="none", store_dir=str(tmp_path)))
+        with runtime:
+            assert [translate(served_model, vocab, LINES, "de", beam=b) for b in (1, 2)] == reference
+        slots = sum(cache.capacity * cache.layout.nbytes for cache in runtime.caches.values())
+        assert 0 < runtime.metrics.summary()["peak_resident_expert_bytes"] <= slots
+    assert not (exports[kind] / "experts.safetensors").exists()  # serve.store_dir was used
+
+
+def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
+    model, vocab, _ = load_export(exports["full"])
+    expected = translate(model, vocab, LINES, "de", beam=2)
+    proc = run_cli("mtmoe-translate", [f"model={exports['full']}", "src=en", "tgt=de", "beam=2",
+                                       "serve.experts_per_layer=0.25", "serve.prefetch=none"],
+                   stdin="\n".join(LINES) + "\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == expected
+    assert "serving: prefetch=none experts/layer={'enc1': 1, 'dec1': 1} hit rate" in proc.stderr
+
+    out = tmp_path / "eval.json"
+    proc = run_cli("mtmoe-eval", [f"model={exports['int8']}", f"test={corpus}/test_2016_flickr", "langs=[en,de]",
+                                  "beam=1", "limit=4", f"out={out}", "serve.experts_per_layer=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    serving = json.loads(out.read_text())["serving"]
+    assert serving["sentences"] == 8 and serving["experts_per_layer"] == {"enc1": 2, "dec1": 2}
+    assert 0 <= serving["hit_rate"] <= 1 and serving["bytes_moved"] > 0 and serving["stall_s"] >= 0
+    assert "serving: prefetch=none" in proc.stdout and "serving: prefetch=none" in out.with_suffix(".txt").read_text()
