@@ -17,7 +17,7 @@ Modes:
                  (on a CPU-only box "offload" moves nothing out of RAM; on a GPU it frees 12 B/param
                  of GPU memory: the figure here shows what ZeRO-2 partitioning costs or saves)
   zero3_nvme     2 ranks, ZeRO-3 (`parallel=zero3_nvme`): parameters and Adam state in swap files
-                 on disk (16 B/param of disk), RAM holds what the current layer needs. Bounded by the
+                 on disk (~20 B/param of disk), RAM ~4.5 B/param (gradient partitions). Bounded by the
                  free disk, so `--experts 64,128` tries given sizes instead of a doubling search.
 
     python scripts/bench_scale.py --modes zero3_nvme --experts 64,128 --timeout 2400
