@@ -36,7 +36,8 @@ tps = sorted(r["tokens_per_s"] for r in log if r.get("kind") == "train")
 sizes = {name: export_bytes(f"{run}/{name}") for name in ("export", "export_pruned")}
 config = json.load(open(f"{run}/export_pruned/config.json"))
 print(f"\n== main job summary ({run}) ==")
-print(f"training: {results['step']} steps in {results['train_minutes']} min, median {tps[len(tps) // 2]:.0f} "
+median = f"{tps[len(tps) // 2]:.0f}" if tps else "n/a (no step logged)"  # a run shorter than train.log_every steps
+print(f"training: {results['step']} steps in {results['train_minutes']} min, median {median} "
       f"target tokens/s (2 ranks); training phase wall {trained - started} s")
 print(f"trained model, val (greedy, {len(results['directions'])} directions): "
       f"BLEU {results.get('valid_bleu')}  chrF {results.get('valid_chrf')}")
