@@ -57,6 +57,23 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
 
 
+def load_zero3_optimizer_state(tag_dir: Path, rank: int) -> dict:
+    """Rank `rank`'s ZeRO-3 optimizer file (`optimizer_state_dict`: fp32 flat groups, Adam state,
+    param groups), read with `weights_only=True` and only DeepSpeed's loss-scaler and stage enum
+    allowed besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    if not path.is_file():
+        raise ExportError(f"{path}: missing (a ZeRO-3 checkpoint needs the optimizer file of every rank)")
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+            return torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    except Exception as e:
+        raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+
+
 def _zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict from a ZeRO-3 checkpoint (`train.zero_stage=3`, e.g. `parallel=zero3_nvme`).
 
@@ -64,23 +81,13 @@ def _zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     order of `param_shapes`) its r-th slice of ceil(numel / world) elements (the last rank's slice
     zero-padded). A parameter is the concatenation of its slices over the ranks, cut to numel.
     Same layout as DeepSpeed's `zero_to_fp32`, read here without unpickling arbitrary objects."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
     model_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
                          key=lambda p: int(p.name.split("_")[3]))
     world = len(model_files)
     first = _load_tensors(model_files[0])
     flats = []
     for rank in range(world):
-        path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        if not path.is_file():
-            raise ExportError(f"{path}: missing (a ZeRO-3 checkpoint needs the optimizer file of every rank)")
-        try:
-            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
-                groups = torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]["fp32_flat_groups"]
-        except Exception as e:
-            raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+        groups = load_zero3_optimizer_state(tag_dir, rank)["fp32_flat_groups"]
         flats.append(torch.cat([g.detach().float() for g in groups]))
     state, offset = {}, 0
     for shapes in first["param_shapes"]:

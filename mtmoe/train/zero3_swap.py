@@ -25,19 +25,17 @@ import torch
 
 def needs_swapped_restore(engine) -> bool:
     optimizer = getattr(engine, "optimizer", None)
-    return bool(getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "offload_param", False)
-                and any(flat is None for flat in getattr(optimizer, "fp16_partitioned_groups_flat", [])))
+    params_swapped = getattr(optimizer, "offload_param", False) and any(
+        flat is None for flat in getattr(optimizer, "fp16_partitioned_groups_flat", []))
+    return bool(getattr(optimizer, "swap_optimizer", False) or params_swapped)
 
 
 def _saved_partitions(tag_dir: Path, dp_rank: int) -> tuple[list[torch.Tensor], list[dict], list[dict]]:
     """This rank's fp32 master partitions and Adam state (one per sub-group) and the optimizer's
     param-group hyperparameters, from the checkpoint."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from mtmoe.export.artifact import load_zero3_optimizer_state
 
-    path = tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
-        saved = torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    saved = load_zero3_optimizer_state(tag_dir, dp_rank)
     flats = list(saved["fp32_flat_groups"])
     states = [saved["optimizer_state_dict"]["state"][i] for i in range(len(flats))]
     groups = [{k: v for k, v in g.items() if k != "params"} for g in saved["optimizer_state_dict"]["param_groups"]]
