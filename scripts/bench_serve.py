@@ -2,8 +2,8 @@
 """Serving with only some experts resident: speed and cache behaviour vs the all-resident model.
 
 Sweeps, per export, the fast-tier size (1/4, 1/2 and all of each MoE layer's experts) x prefetch
-policy (none, speculative, and pregate when the model was trained with moe.pregate=true) x
-simulated slow-tier bandwidth, decoding --lines lines of one test direction, and reports
+policy (none, speculative, language when the export has routing statistics, and pregate when the
+model was trained with moe.pregate=true) x simulated slow-tier bandwidth, decoding --lines lines of one test direction, and reports
 sentences/s, speed relative to that model all resident (plain `load_export`), hit rate, prefetch
 hits, bytes moved slow -> fast, stall time and peak resident expert bytes. All settings are loaded
 and warmed up first, then timed in --rounds interleaved rounds in this one process; each keeps its
@@ -13,6 +13,7 @@ prints the table.
     python scripts/bench_serve.py --export exports/main               # existing export(s)
     python scripts/bench_serve.py                                     # trains small MoEs first
     python scripts/bench_serve.py --slow-gbps 0 2 --lines 200         # two slow tiers
+    python scripts/bench_serve.py --export runs/main/export --beam 4 --lines 200 --sizes 1/2 --out bench/serve/main
 
 Without --export, two small MoEs with an MoE FFN in every layer (so prefetching has a next layer
 to predict) are benchmarked: one trained for --train-steps steps (runs/bench_serve/train, exported
@@ -44,14 +45,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtmoe.config import ConfigError  # noqa: E402
+from mtmoe.export.artifact import ExportError  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.eval.decode import translate  # noqa: E402
 from mtmoe.export.artifact import load_export  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
 from mtmoe.serve.config import ServeConfig  # noqa: E402
 from mtmoe.serve.runtime import load_for_serving  # noqa: E402
+from mtmoe.serve.validate import POLICIES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"1/4": 0.25, "1/2": 0.5, "all": None}  # None: every expert of the layer (through the runtime)
 BIN = Path(sys.executable).parent
 
 SMALL_MOE = ["model=base", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.encoder_layers=3",
@@ -112,6 +116,9 @@ def main() -> None:
     ap.add_argument("--slow-gbps", type=float, nargs="+", default=[0.0],
                     help="simulated slow-tier bandwidths to sweep, GB/s (0 = no limit)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the compute thread")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
+                    help="fast-tier sizes (fractions of each MoE layer's experts)")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     ap.add_argument("--store-dir", help="where experts.safetensors goes (default: the export dir)")
     ap.add_argument("--out", default="bench/serve")
     args = ap.parse_args()
@@ -132,16 +139,18 @@ def main() -> None:
         settings.append({"export": str(export), "label": "all (plain model)", "policy": "-", "slow_gbps": None,
                          "model": model, "vocab": vocab, "runtime": None})
         for gbps in args.slow_gbps:
-            for label, size in (("1/4", 0.25), ("1/2", 0.5), ("all", float(layer_experts))):
-                for policy in ("none", "speculative", "pregate"):
+            for label in args.sizes:
+                size = SIZES[label] or float(layer_experts)
+                for policy in args.policies:
                     serve = ServeConfig(experts_per_layer=size, prefetch=policy, slow_gbps=gbps,
                                         store_dir=args.store_dir)
                     try:
                         served, _, _, runtime = load_for_serving(export, serve)
-                    except ConfigError:
-                        if policy == "pregate":  # not a pre-gate model: skipped, said in the notes
+                    except (ConfigError, ExportError):
+                        if policy in ("pregate", "language"):  # not a pre-gate model / no routing.json: noted
                             continue
                         raise
+                    runtime.set_direction(src, tgt)  # the language policy seeds and holds its caches
                     settings.append({"export": str(export), "label": label, "policy": policy,
                                      "slow_gbps": gbps or None, "model": served, "vocab": vocab, "runtime": runtime})
     for setting in settings:
@@ -185,6 +194,7 @@ def main() -> None:
         rows.append(row)
 
     pregate_ran = any(r["policy"] == "pregate" for r in rows)
+    language_ran = any(r["policy"] == "language" for r in rows)
     setup = {"exports": {e: {"model": c["model"], "moe": c["moe"]} for e, c in configs.items()},
              "direction": args.direction, "lines": len(lines), "warmup_lines": len(warmup), "rounds": args.rounds,
              "beam": args.beam, "batch_sentences": args.batch_sentences, "threads": args.threads,
@@ -199,6 +209,10 @@ def main() -> None:
         "pregate: run on exports trained with moe.pregate=true only (the model's plan for the next MoE layer "
         "drives the prefetch; on such a model `speculative` computes the same prediction from a hook)."
         if pregate_ran else "pregate: not run (no export was trained with moe.pregate=true).",
+        "language: each layer's cache seeded and held for the direction from the export's routing statistics "
+        "(decoder: capacity - 1 experts held, encoder: capacity - 2), the next MoE layer's router applied one "
+        "sub-layer ahead for every token, and each call's missing experts streamed while its others compute."
+        if language_ran else "language: not run (no export has routing statistics, routing.json).",
         "Hit rate = expert calls (with > 0 rows) served from the fast tier without waiting; enc/dec: the "
         "encoder runs a whole sentence at once (prefill: most experts of every layer), the decoder one token "
         "per step. Speed is relative to the plain all-resident model, timed in the same process, interleaved, "
@@ -213,7 +227,43 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"setup": setup, "notes": notes, "rows": rows}, indent=1))
     table = markdown(rows, setup, notes)
     (out / "results.md").write_text(table + "\n")
+    plot(rows, out / "hit_rate.png")
     print(table)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Hit rate and speed vs all-resident per policy, one panel per model and slow tier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    served = [r for r in rows if "hit_rate" in r and r["experts_resident"] != "all"]
+    panels = list(dict.fromkeys((Path(r["export"]).name, r["slow_gbps"]) for r in served))
+    if not panels:
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 6), squeeze=False)
+    for j, (model, gbps) in enumerate(panels):
+        part = [r for r in served if (Path(r["export"]).name, r["slow_gbps"]) == (model, gbps)]
+        sizes = list(dict.fromkeys(r["experts_resident"] for r in part))
+        policies = list(dict.fromkeys(r["policy"] for r in part))
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
+            for k, key in enumerate(("hit_rate", "cpu_stall_speed_vs_resident")):
+                values = [next((r[key] for r in part if r["policy"] == policy and r["experts_resident"] == size), 0)
+                          for size in sizes]
+                axes[k, j].bar(np.arange(len(sizes)) + (i - (len(policies) - 1) / 2) * width, values, width,
+                               label=policy)
+        for k, label in enumerate(("hit rate", "speed vs all-resident\n(cpu+stall)")):
+            axes[k, j].set_xticks(range(len(sizes)), [f"{s} resident" for s in sizes])
+            axes[k, j].set_ylabel(label)
+            axes[k, j].axhline(1.0, color="k", linewidth=0.6)
+        axes[0, j].set_title(f"{model}, slow tier {gbps or 'page cache'}" + (" GB/s" if gbps else ""))
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def stack_hit_rate(layers: dict, stack: str) -> float:

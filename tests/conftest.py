@@ -92,3 +92,16 @@ def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int
     env = clean_env()
     cmd = deepspeed_command(module, args, num_ranks)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def exports(trained, tmp_path_factory, corpus):
+    """The tiny trained run exported as is (with routing statistics on the bundled val set, as
+    mtmoe-export writes them), expert-pruned to 2 of 4, and int8-quantized."""
+    from mtmoe.export.artifact import export_run
+
+    root = tmp_path_factory.mktemp("exports")
+    full = export_of(trained, root / "full")
+    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "calibration": f"{corpus}/val", "lines": 10})
+    int8 = export_run(full, root / "int8", quant="int8")
+    return {"full": full, "pruned": pruned, "int8": int8}

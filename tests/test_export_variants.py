@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from mtmoe.config import ModelConfig, MoEConfig
-from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
+from mtmoe.config import ConfigError, ModelConfig, MoEConfig
+from mtmoe.export.prune import check_rule, direction_keep, global_keep, keep_count, prune_state_dict
 from mtmoe.export.quantize import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.seq2seq import build_model, Seq2Seq
@@ -145,3 +147,108 @@ def test_routing_telemetry_and_heatmap(tmp_path):
     assert tele["by_direction"]["en-de"]["enc1"]["tokens"] == sum(len(s) + 2 for s in texts["en"])
     png = plot_heatmap(tele, tmp_path / "heat.png")
     assert png.stat().st_size > 1000
+
+
+def test_coverage_rule_keeps_every_languages_top_expert():
+    """Each language prefers a different expert while two shared experts carry the most overall:
+    the global rule keeps the shared ones and starves languages; coverage keeps each one's top
+    expert (decoder layers by target language, encoder layers by source language)."""
+    from mtmoe.export.prune import coverage, coverage_keep
+
+    # 6 experts; en, de, fr each put 0.55 on their own expert (4, 1, 5) and 0.45 on experts 0 and 2.
+    own = {"en": 4, "de": 1, "fr": 5}
+
+    def shares(lang):
+        share = [0.25, 0.0, 0.2, 0.0, 0.0, 0.0]
+        share[own[lang]] = 0.55
+        return {"share": share}
+
+    tele = {"layers": ["enc1", "dec1"],
+            "overall": {layer: {"share": [0.25, 0.55 / 3, 0.2, 0.0, 0.55 / 3, 0.55 / 3]} for layer in ("enc1", "dec1")},
+            "by_language": {"en": {"enc1": shares("en"), "dec1": shares("en")},
+                            "de": {"dec1": shares("de")}, "fr": {"dec1": shares("fr")}}}
+    assert global_keep(tele, 3) == {"enc1": [0, 1, 2], "dec1": [0, 1, 2]}  # en and fr lose their own expert
+    kept = coverage_keep(tele, 3)
+    assert kept["dec1"] == [1, 4, 5]  # every target language keeps its top expert
+    assert kept["enc1"] == [0, 2, 4]  # only en is a source: its three experts
+    cov = coverage(tele, kept)
+    assert cov["dec1"] == {"de": 0.55, "en": 0.55, "fr": 0.55} and cov["enc1"] == {"en": 1.0}
+    assert coverage(tele, global_keep(tele, 3))["dec1"] == {"de": 1.0, "en": 0.45, "fr": 0.45}
+    assert coverage_keep(tele, 0.5)["dec1"] == [1, 4, 5]  # a fraction: 3 of 6
+    with pytest.raises(ConfigError, match=r"prune.rule='best': expected one of loss, coverage, global"):
+        check_rule("best")
+
+
+def test_coverage_rule_greedy_beyond_the_exhaustive_limit(monkeypatch):
+    """Many experts: the greedy search still gives each language its top expert."""
+    from mtmoe.export import prune
+
+    monkeypatch.setattr(prune, "EXHAUSTIVE_LIMIT", 10)
+    shares = np.zeros((4, 16))
+    for lang, expert in enumerate((3, 7, 11, 15)):
+        shares[lang, expert] = 0.6
+        shares[lang, :3] = 0.4 / 3  # experts 0-2 shared, largest overall
+    overall = shares.mean(axis=0)
+    assert prune.best_cover(shares, overall, 4) == [3, 7, 11, 15]
+
+
+class FakeVocab:
+    """Token ids straight from characters; language tags 4..7."""
+    tags = {"en": 4, "de": 5, "fr": 6}
+
+    def encode(self, lines):
+        return [[8 + ord(c) % 40 for c in line] for line in lines]
+
+    def tag_id(self, lang):
+        return self.tags[lang]
+
+
+CALIBRATION = {"en": ["a cat sits", "the dog runs far", "two men"], "de": ["eine Katze", "der Hund rennt", "zwei"]}
+
+
+def pruned_copy(model, kept):
+    import copy
+
+    moe = copy.deepcopy(model.moe_cfg)
+    moe.kept_experts = kept
+    pruned = Seq2Seq(model.vocab_size, model.model_cfg, moe).eval()
+    pruned.load_state_dict(prune_state_dict(model.state_dict(), kept))
+    return pruned
+
+
+def test_loss_rule_keeps_the_set_whose_pruned_model_loses_least():
+    """The loss rule's in-place restriction computes as the pruned model does, and the kept set of
+    each layer is the one whose really pruned model has the smallest mean + worst NLL increase."""
+    from mtmoe.export.calibrate import direction_nll, loss_keep, restricted, score
+
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1)).eval()
+    pairs = [("en", "de"), ("de", "en")]
+    src = torch.tensor([[5, 9, 12, 30, 3], [5, 14, 3, 0, 0]])
+    tgt = torch.tensor([[2, 20, 21, 22], [2, 9, 0, 0]])
+    layer = model.get_submodule(model.moe_layer_prefix("dec1")[:-1])
+    with torch.no_grad(), restricted(layer, [1, 3]):
+        logits = model(src, tgt)[0]
+    assert torch.allclose(logits, pruned_copy(model, {"dec1": [1, 3]})(src, tgt)[0], atol=1e-5)
+    assert len(layer.experts) == 4 and layer.gate.kept_experts is None  # restored
+
+    kept, report = loss_keep(model, FakeVocab(), CALIBRATION, pairs, {"enc1": 2, "dec1": 2}, progress=lambda _: None)
+    base = direction_nll(model, FakeVocab(), CALIBRATION, pairs)
+    for name in ("enc1", "dec1"):
+        scores = {}
+        for ids in itertools.combinations(range(4), 2):
+            nll = direction_nll(pruned_copy(model, {name: list(ids)}), FakeVocab(), CALIBRATION, pairs)
+            scores[ids] = score({d: nll[d] - base[d] for d in nll})
+        assert kept[name] == list(min(scores, key=scores.get))
+        assert score(report["increase"][name]) == pytest.approx(min(scores.values()), abs=1e-3)
+
+
+def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):
+    from mtmoe.export import calibrate
+
+    monkeypatch.setattr(calibrate, "EXHAUSTIVE_SETS", 1)
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1)).eval()
+    tried = []
+    kept, _ = calibrate.loss_keep(model, FakeVocab(), CALIBRATION, [("en", "de")], {"enc1": 1, "dec1": 4},
+                                  progress=tried.append)
+    assert len(kept["enc1"]) == 1 and kept["dec1"] == [0, 1, 2, 3]
+    assert len(tried) == 4 + 3 + 2  # sets of 3, then 2, then 1 (dec1 keeps everything: nothing tried)

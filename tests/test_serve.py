@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -14,11 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import export_of, run_cli
+from conftest import run_cli
 from mtmoe.config import ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import EOS_ID
 from mtmoe.eval.decode import translate, translate_ids
-from mtmoe.export.artifact import export_run, load_export
+from mtmoe.export.artifact import ExportError, load_export
 from mtmoe.export.quantize import QuantLinear, quantize_experts
 from mtmoe.model.seq2seq import build_model
 from mtmoe.model.transformer import FeedForward
@@ -132,6 +133,47 @@ def test_queued_prefetch_taken_over_by_compute():
     assert counts(metrics)["late_prefetches"] == 1 and counts(metrics)["prefetch_loads"] == 0
 
 
+def test_held_experts_stay_resident():
+    """Held experts are never evicted (on-demand loads and prefetches use the other slots), at
+    most capacity - 1 are held, and holding others releases them."""
+    cache, store, metrics, _ = make_cache(capacity=3, num_experts=6)
+    for slot, e in cache.hold([5, 4, 3]):  # only 2 of 3 slots may be held
+        cache.fill(slot, e)
+    assert cache.held() == [5, 4] and sorted(cache.resident()) == [4, 5]
+    for e in (0, 1, 2, 0, 3):
+        with cache.use(e):
+            pass
+    assert sorted(cache.resident()) == [3, 4, 5]  # 0, 1, 2 took turns in the one free slot
+    for slot, e in cache.reserve_prefetch([1, 2], fill=True):  # room for one besides the held two
+        cache.fill(slot, e)
+    assert sorted(cache.resident()) == [1, 4, 5]
+    for slot, e in cache.hold([0]):  # 4 and 5 are no longer held: the least recently used (5) goes
+        cache.fill(slot, e)
+    assert cache.held() == [0] and sorted(cache.resident()) == [0, 1, 4]
+    with cache.use(2):  # evicts 4, now older than 1
+        pass
+    assert sorted(cache.resident()) == [0, 1, 2]
+
+
+def test_streaming_loads_a_calls_missing_experts_in_order():
+    """plan_call reserves the call's missing experts in free slots (not one the call still needs
+    or a held one); each finished expert frees its slot for the next."""
+    cache, store, metrics, _ = make_cache(capacity=3, num_experts=6)
+    for slot, e in cache.hold([0]):
+        cache.fill(slot, e)
+    with cache.use(1):
+        pass
+    jobs = cache.plan_call([1, 0, 2, 3, 4])  # 1 and 0 resident; one free slot for 2
+    assert [e for _, e in jobs] == [2]
+    assert cache.after_use(1) != [] and cache.after_use(0) == []  # 1's slot takes 3; 0 is held
+    assert sorted(e for e, slot in cache._lru.items()) == [0, 2, 3]
+    for e in (2, 3):
+        with cache.use(e):  # taken over by compute: the loader never ran (late prefetches)
+            pass
+    assert [e for _, e in cache.after_use(2)] == [4]
+    assert counts(metrics)["late_prefetches"] == 2 and store.reads == [0, 1, 2, 3]
+
+
 def test_zero_row_expert_call_loads_nothing():
     cache, store, metrics, _ = make_cache(capacity=1)
     out = ExpertHandle(cache, 3)(torch.zeros(0, 8))
@@ -174,20 +216,36 @@ def decode_all(model):
             [translate_ids(model, [s], tag_id=4, beam=1)[0] for s in SENTENCES])
 
 
+def fake_routing(model):
+    """Routing statistics in routing.json's form for en-de: each layer prefers its experts in
+    reverse id order (the language policy's seeding and holding; outputs never depend on them)."""
+    layers = {name: len(layer.experts) for name, layer in model.moe_layers()}
+    names = model.moe_layer_names()
+    stats = {name: {"share": [float(e + 1) / sum(range(1, n + 1)) for e in range(n)]}
+             for name, n in zip(names, layers.values())}
+    return {"layers": names, "overall": stats, "by_direction": {"en-de": stats},
+            "by_language": {"en": {k: v for k, v in stats.items() if k.startswith("enc")},
+                            "de": {k: v for k, v in stats.items() if k.startswith("dec")}}}
+
+
 def served(model, tmp_path, **serve):
-    """A copy of `model` offloaded through a store cut from its own weights."""
+    """A copy of `model` offloaded through a store cut from its own weights (the language policy
+    set to en-de)."""
     weights = tmp_path / "model.safetensors"
     if not weights.exists():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     model = copy.deepcopy(model)
-    return model, offload(model, weights, ServeConfig(**serve))
+    language = serve.get("prefetch") == "language"
+    runtime = offload(model, weights, ServeConfig(**serve), routing=fake_routing(model) if language else None)
+    runtime.set_direction("en", "de")
+    return model, runtime
 
 
 @pytest.mark.parametrize("variant", ["plain", "top2", "pruned", "int8"])
-@pytest.mark.parametrize("policy", ["none", "speculative"])
+@pytest.mark.parametrize("policy", ["none", "speculative", "language"])
 def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
     """Token ids identical to the all-resident model, greedy and beam, with 1 (2 for top-2),
-    half and all experts resident; the speculative policy really prefetches."""
+    half and all experts resident; the speculative and language policies really prefetch."""
     kept = {"enc0": [0, 2, 3], "enc1": [1, 3], "dec0": [0, 1, 2, 3], "dec1": [0, 3]}
     model = random_model(top_k=2 if variant == "top2" else 1, kept=kept if variant == "pruned" else None,
                          bits=8 if variant == "int8" else None)
@@ -203,7 +261,7 @@ def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
         if variant == "pruned":
             assert {name: cache.num_experts for name, cache in runtime.caches.items()} == \
                 {name: len(ids) for name, ids in kept.items()}
-        if policy == "speculative" and size != 4:
+        if policy in ("speculative", "language") and size != 4:
             assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
         if policy == "none":
             assert s["prefetch_loads"] == 0
@@ -235,13 +293,15 @@ def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch
     assert s["prefetch_loads"] > 0 and s["wasted_prefetches"] > 0
 
 
-def test_failed_or_slow_prefetches_fall_back_to_on_demand_loads(tmp_path):
-    """Prefetches that fail in the loader thread, or are still loading when compute needs them
-    (a 2 MB/s slow tier), change nothing but the timing."""
+@pytest.mark.parametrize("policy", ["speculative", "language"])
+def test_failed_or_slow_prefetches_fall_back_to_on_demand_loads(tmp_path, policy):
+    """Prefetches (and streamed loads) that fail in the loader thread, or are still loading when
+    compute needs them (a 2 MB/s slow tier), change nothing but the timing."""
     model = random_model()
     reference = decode_all(model)
 
-    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative")
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch=policy)
+    runtime.wait_idle()  # the language policy's seeding loads, before the store starts failing
     for cache in runtime.caches.values():
         store_read = cache._store.read_into
 
@@ -251,11 +311,12 @@ def test_failed_or_slow_prefetches_fall_back_to_on_demand_loads(tmp_path):
             return read(layer, expert, dst)
 
         cache._store = type("FailingStore", (), {"read_into": staticmethod(failing)})()
+    runtime.metrics.reset()
     with runtime:
         assert decode_all(offloaded) == reference
     assert runtime.metrics.summary()["prefetch_loads"] == 0
 
-    offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative", slow_gbps=0.002)
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch=policy, slow_gbps=0.002)
     with runtime:
         assert translate_ids(offloaded, SENTENCES[:2], tag_id=4, beam=1) == \
             translate_ids(model, SENTENCES[:2], tag_id=4, beam=1)
@@ -309,6 +370,72 @@ def test_pregate_policy_prefetches_the_relayed_plan(tmp_path):
     assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
 
 
+def test_language_policy_holds_the_directions_experts(tmp_path):
+    """set_direction holds each layer's most used experts for the direction (decoder: capacity - 1,
+    encoder: capacity - 2) and fills the rest; a direction without statistics seeds nothing."""
+    model = random_model()
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=3, prefetch="language")  # en-de
+    with runtime:
+        runtime.wait_idle()
+        assert {name: cache.held() for name, cache in runtime.caches.items()} == \
+            {"enc0": [3], "enc1": [3], "dec0": [3, 2], "dec1": [3, 2]}  # fake_routing prefers high ids
+        assert all(sorted(cache.resident()) == [1, 2, 3] for cache in runtime.caches.values())
+        with pytest.warns(UserWarning, match="no routing statistics for fr-cs at enc0"):
+            runtime.set_direction("fr", "cs")
+        assert all(cache.held() == [] for cache in runtime.caches.values())
+
+
+def test_language_policy_on_a_model_with_dense_layers_first(tmp_path):
+    """MoE in every second layer (the main job's layout): the MoE layer's router is applied ahead at
+    the dense FFN before it; outputs identical, the prefetches are used."""
+    moe = MoEConfig(num_experts=4, top_k=1, every=2)
+    model = build_model(60, TINY, moe, seed=0).eval()
+    reference = decode_all(model)
+    for size in (1, 2):
+        offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch="language")
+        with runtime:
+            assert decode_all(offloaded) == reference
+        s = runtime.metrics.summary()
+        assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
+
+
+def test_language_policy_needs_routing_statistics(tmp_path, exports):
+    model = random_model()
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    with pytest.raises(ConfigError, match="serve.prefetch=language needs the routing statistics"):
+        offload(copy.deepcopy(model), weights, ServeConfig(experts_per_layer=1, prefetch="language"))
+    old = tmp_path / "old_export"
+    shutil.copytree(exports["full"], old)
+    (old / "routing.json").unlink()
+    with pytest.raises(ExportError, match=r"routing.json: missing \(this export has no routing statistics.* "
+                                          r"Re-export it: mtmoe-export checkpoint="):
+        load_for_serving(old, ServeConfig(experts_per_layer=1, prefetch="language"))
+
+
+def test_mixed_requests_decode_by_direction(exports, tmp_path, monkeypatch):
+    """Requests of mixed directions: one decoding call per direction, the runtime set to it first,
+    translations in request order and identical to the all-resident model's."""
+    from mtmoe.serve import requests as serve_requests
+
+    model, vocab, _ = load_export(exports["full"])
+    requests = [("en", "de", LINES[0]), ("de", "en", "Ein Hund."), ("en", "de", LINES[1]), ("en", "fr", LINES[2]),
+                ("de", "en", "Zwei Männer.")]
+    expected = [translate(model, vocab, [line], tgt, beam=2)[0] for _, tgt, line in requests]
+    served_model, _, _, runtime = load_for_serving(exports["full"], ServeConfig(
+        experts_per_layer=1, prefetch="language", store_dir=str(tmp_path)))
+    calls, directions = [], []
+    real_translate, real_set = serve_requests.translate, runtime.set_direction
+    monkeypatch.setattr(serve_requests, "translate", lambda m, v, lines, tgt, *a: calls.append(len(lines))
+                        or real_translate(m, v, lines, tgt, *a))
+    monkeypatch.setattr(runtime, "set_direction", lambda src, tgt: directions.append(f"{src}-{tgt}") or real_set(src, tgt))
+    with runtime:
+        assert serve_requests.translate_requests(served_model, vocab, requests, runtime, beam=2) == expected
+    assert directions == ["en-de", "de-en", "en-fr"] and calls == [2, 2, 1]
+    with pytest.raises(ConfigError, match="unknown language 'xx'"):
+        serve_requests.translate_requests(model, vocab, [("en", "xx", "A dog.")])
+
+
 def test_pregate_needs_a_pregate_model(tmp_path):
     with pytest.raises(ConfigError, match="serve.prefetch=pregate needs a model trained with moe.pregate=true"):
         served(random_model(), tmp_path, experts_per_layer=1, prefetch="pregate")
@@ -337,16 +464,6 @@ def test_cache_sizes():
 
 
 # -- exports and the command line ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def exports(trained, tmp_path_factory, corpus):
-    """The tiny trained run exported as is, expert-pruned to 2 of 4, and int8-quantized."""
-    root = tmp_path_factory.mktemp("serve_exports")
-    full = export_of(trained, root / "full")
-    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "calibration": f"{corpus}/val", "lines": 10})
-    int8 = export_run(full, root / "int8", quant="int8")
-    return {"full": full, "pruned": pruned, "int8": int8}
-
-
 LINES = ["A man is riding a bike.", "Two dogs play in the snow.", "A girl in a red dress.", "People walk."]
 
 

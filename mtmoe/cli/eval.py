@@ -1,7 +1,8 @@
 """mtmoe-eval: score an export on a line-aligned test set, every direction, BLEU and chrF.
 
     mtmoe-eval model=exports/main test=data/multi30k/test_2016_flickr beam=4 out=results/test.json
-    mtmoe-eval model=exports/main serve.experts_per_layer=0.25 serve.prefetch=speculative
+    mtmoe-eval model=exports/main serve.experts_per_layer=0.25 serve.prefetch=language
+    mtmoe-eval model=exports/main subset.mass=0.9        # per direction, only the experts it needs
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     report = evaluate_export(cfg.model, cfg.test, list(cfg.langs) if cfg.langs else None, cfg.directions,
                              cfg.beam, cfg.length_penalty, cfg.max_tokens, cfg.limit, cfg.out, cfg.workers,
-                             cfg.threads, cfg.telemetry, OmegaConf.to_object(cfg.serve))
+                             cfg.threads, cfg.telemetry, OmegaConf.to_object(cfg.serve), OmegaConf.to_object(cfg.subset))
     print(report["table"])  # with offloading, its last line is the serving metrics
     print(f"decoding: {report['sentences_per_s']} sentences/s")
 

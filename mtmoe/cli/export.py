@@ -2,6 +2,7 @@
 
     mtmoe-export checkpoint=runs/main out=exports/main
     mtmoe-export checkpoint=runs/main out=exports/half-int8 prune.keep=0.5 quant=int8
+    mtmoe-export checkpoint=runs/main out=exports/half-cov prune.keep=0.5 prune.rule=coverage
     mtmoe-export checkpoint=exports/main out=exports/en-de prune.direction=en-de prune.mass=0.9
 """
 
@@ -19,9 +20,7 @@ setup()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="export")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from mtmoe.export.artifact import export_run
-
-    from mtmoe.export.artifact import export_bytes
+    from mtmoe.export.artifact import export_bytes, export_run
 
     prune = None
     if cfg.prune.keep is not None or cfg.prune.direction:
@@ -29,9 +28,12 @@ def main(cfg: DictConfig) -> None:
             from mtmoe.config import ConfigError
 
             raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
-        prune = {"keep": cfg.prune.keep, "direction": cfg.prune.direction, "mass": cfg.prune.mass,
-                 "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
-    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant)
+        prune = {"keep": cfg.prune.keep, "rule": cfg.prune.rule, "direction": cfg.prune.direction, "mass": cfg.prune.mass,
+                 "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines,
+                 "loss_lines": cfg.prune.loss_lines}
+    routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
+               if cfg.routing_stats else None)
+    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing)
     sizes = export_bytes(out)
     print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "
           f"experts {sizes['expert_bytes'] / 1e6:.2f} MB)")

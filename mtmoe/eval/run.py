@@ -4,7 +4,9 @@ Directions can be decoded by several worker processes (`workers`), each with one
 on small CPU boxes two single-threaded processes decode faster than one with two threads.
 
 With `serve` offloading experts (mtmoe.serve), each decoding process has its own fast tier and
-the report gains a `serving` section: hit rate, bytes moved, stall time, peak resident expert bytes."""
+the report gains a `serving` section: hit rate, bytes moved, stall time, peak resident expert bytes.
+With `subset.mass`, each direction is decoded by a model holding only the experts it needs, and the
+report gains a `subset` section: the experts and expert bytes held per direction."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from mtmoe.config import ConfigError
+from mtmoe.config import ConfigError, SubsetConfig, validate_subset
 from mtmoe.data.corpus import available_languages, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.eval.decode import translate
 from mtmoe.eval.score import format_table, score_direction, summarize
 from mtmoe.export.artifact import load_export, read_export_config
+from mtmoe.export.subset import choose_subset, format_held, load_subset
 from mtmoe.paths import resolve
 from mtmoe.serve.config import ServeConfig
 from mtmoe.serve.metrics import format_summary, merge_summaries
@@ -31,31 +34,55 @@ from mtmoe.serve.runtime import load_for_serving
 from mtmoe.serve.validate import check_serve, offloading
 
 
+def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: int, length_penalty: float,
+                     max_tokens: int, serve: Optional[ServeConfig], subset_mass: Optional[float], on_done=None
+                     ) -> tuple[dict[str, list[str]], Optional[dict], dict[str, dict], Optional[tuple]]:
+    """Translates the (src, tgt) `pairs` with one load of the export (with `subset_mass`, one load
+    of that direction's expert subset per pair). Returns (hypotheses per direction, serving metrics
+    (offloading only), experts held per direction (subsets only), (model, vocab) of the full export
+    when it was loaded whole and resident)."""
+    hyps: dict[str, list[str]] = {}
+    held: dict[str, dict] = {}
+    model = vocab = runtime = None
+    try:
+        for src, tgt in pairs:
+            name = f"{src}-{tgt}"
+            if subset_mass:
+                model, vocab, _, held[name] = load_subset(model_dir, name, subset_mass)
+            elif model is None:
+                model, vocab, _, runtime = load_for_serving(model_dir, serve)
+            if runtime is not None:
+                runtime.set_direction(src, tgt)  # language-aware serving seeds its caches for it
+            hyps[name] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
+            if on_done is not None:
+                on_done()
+    finally:
+        if runtime is not None:
+            runtime.close()
+    full = (model, vocab) if model is not None and runtime is None and not subset_mass else None
+    return hyps, None if runtime is None else runtime.metrics.summary(), held, full
+
+
 def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalty: float,
-                      max_tokens: int, threads: int, serve: Optional[ServeConfig]
-                      ) -> tuple[str, list[str], Optional[dict]]:
-    """Worker process: loads the export and translates one (src, tgt) pair; with offloading, also
-    returns the serving metrics of this process."""
+                      max_tokens: int, threads: int, serve: Optional[ServeConfig], subset_mass: Optional[float]):
+    """Worker process: translates one (src, tgt) pair (see _translate_pairs)."""
     torch.set_num_threads(threads)
-    model, vocab, _, runtime = load_for_serving(model_dir, serve)
-    src, tgt = pair
-    lines = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
-    if runtime is None:
-        return f"{src}-{tgt}", lines, None
-    runtime.close()
-    return f"{src}-{tgt}", lines, runtime.metrics.summary()
+    return _translate_pairs(model_dir, texts, [pair], beam, length_penalty, max_tokens, serve, subset_mass)[:3]
 
 
 def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None, directions: Optional[str] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
                     out=None, workers: int = 1, threads: int = 0, telemetry: bool = False,
-                    serve: Optional[ServeConfig] = None) -> dict:
+                    serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None) -> dict:
     """Translates and scores every requested direction; returns (and with `out`, writes) the report:
     `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses).
-    `serve`: the serving runtime's options (default: every expert resident)."""
+    `serve`: the serving runtime's options (default: every expert resident); `subset`: per
+    direction, only the experts carrying `subset.mass` of its routing (mtmoe.export.subset)."""
     model_dir = str(resolve(model_dir))
     if serve is not None:
         check_serve(serve)
+    if subset is not None:
+        validate_subset(subset, serve or ServeConfig())
     known = read_export_config(model_dir)["langs"]
     langs = list(langs) if langs else available_languages(test, known)
     unknown = [lang for lang in langs if lang not in known]
@@ -67,32 +94,35 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     if limit:
         texts = {lang: lines[:limit] for lang, lines in texts.items()}
 
+    subset_mass = subset.mass if subset is not None else None
+    if subset_mass:
+        for src, tgt in pairs:  # every direction has statistics, before any decoding
+            choose_subset(model_dir, f"{src}-{tgt}", subset_mass)
+
     started = time.monotonic()
     hyps: dict[str, list[str]] = {}
     serving: list[dict] = []  # serving metrics of each decoding process (offloading only)
+    held: dict[str, dict] = {}  # experts held per direction (subsets only)
     workers = max(1, min(workers, len(pairs)))
-    model = vocab = None
+    full = None
     with tqdm(total=len(pairs), unit="direction", desc="decode") as bar:
         if workers == 1:
             if threads:
                 torch.set_num_threads(threads)
-            model, vocab, _, runtime = load_for_serving(model_dir, serve)
-            for src, tgt in pairs:
-                hyps[f"{src}-{tgt}"] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
-                bar.update(1)
-            if runtime is not None:
-                runtime.close()
-                serving.append(runtime.metrics.summary())
+            hyps, metrics, held, full = _translate_pairs(model_dir, texts, pairs, beam, length_penalty, max_tokens,
+                                                         serve, subset_mass, on_done=lambda: bar.update(1))
+            serving += [metrics] if metrics is not None else []
         else:
             if offloading(serve):  # write the expert store once, before the workers read it
                 load_for_serving(model_dir, serve)[3].close()
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalty,
-                                       max_tokens, threads or 1, serve) for pair in pairs]
+                                       max_tokens, threads or 1, serve, subset_mass) for pair in pairs]
                 for future in as_completed(futures):
-                    name, lines, metrics = future.result()
-                    hyps[name] = lines
+                    lines, metrics, pair_held = future.result()
+                    hyps.update(lines)
+                    held.update(pair_held)
                     if metrics is not None:
                         serving.append(metrics)
                     bar.update(1)
@@ -106,6 +136,9 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     if serving:
         report["serving"] = merge_summaries(serving, total, seconds)
         report["table"] += "\n" + format_summary(report["serving"])
+    if held:
+        report["subset"] = {"mass": subset_mass, "directions": {f"{s}-{t}": held[f"{s}-{t}"] for s, t in pairs}}
+        report["table"] += "".join("\n" + format_held(held[f"{s}-{t}"]) for s, t in pairs)
     if out:
         out = resolve(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +149,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     if telemetry:
         from mtmoe.eval.telemetry import collect_routing, plot_heatmap
 
-        if model is None:  # decoded in worker processes
-            model, vocab, _ = load_export(model_dir)
+        model, vocab = full or load_export(model_dir)[:2]  # decoded in workers, offloaded or by subsets
         routing = collect_routing(model, vocab, texts, pairs)
         stem = out.with_suffix("") if out else Path("telemetry")
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import shutil
 from dataclasses import asdict
@@ -19,13 +20,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtmoe.config import ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import Vocab
 from mtmoe.model.seq2seq import Seq2Seq
 
+log = logging.getLogger(__name__)
+
 FORMAT = "mtmoe-export-v1"
+ROUTING_FILE = "routing.json"
+ROUTING_FORMAT = "mtmoe-routing-v1"
 DS_GATE = "deepspeed_moe.gate."
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 
@@ -124,14 +130,17 @@ def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
     return model_cfg, moe_cfg
 
 
-def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path) -> Path:
-    """Writes config.json + model.safetensors + spm.model; the directory appears complete or not at all."""
+def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
+    """Writes config.json + model.safetensors + spm.model (+ routing.json); the directory appears
+    complete or not at all."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     shutil.copyfile(spm_path, tmp / "spm.model")
+    if routing is not None:
+        (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -164,16 +173,34 @@ def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
     return model.eval(), run_dir / "spm.model", config
 
 
+DEFAULT_CALIBRATION = {"calibration": "data/multi30k/val", "lines": 300, "loss_lines": 100}
+"""The calibration set of export-time routing statistics and pruning (`prune.calibration`,
+`prune.lines`, and `prune.loss_lines` for the loss rule)."""
+DEFAULT_RULE = "loss"
+"""`prune.rule` when none is given (see PruneConfig.rule)."""
+
+
 def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
-               quant: Optional[str] = None) -> Path:
+               quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION) -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
-    (`prune`: {"keep": k} or {"direction": "en-de", "mass": 0.9}, plus "calibration" prefix and
-    "lines") and quantized (`quant`: "int8" | "int4")."""
+    (`prune`: {"keep": k, "rule": "coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
+    plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4").
+
+    `routing` ({"calibration": prefix, "lines": per direction}; None = skip): routing statistics
+    of the exported model on that set, stored as routing.json (`read_routing_stats`), which
+    per-direction subsets (`subset.mass`) and language-aware serving read."""
     checkpoint = Path(checkpoint)
+    if prune and not prune.get("direction"):
+        from mtmoe.export.prune import check_rule
+
+        check_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
+    if quant and quant != "none" and quant not in ("int8", "int4"):
+        raise ConfigError(f"quant={quant!r}: expected none, int8 or int4")
     if (checkpoint / "config.json").is_file():
         model, _, config = load_export(checkpoint)
         spm_path = checkpoint / "spm.model"
         config = copy.deepcopy(config)
+        config.pop("routing", None)
     else:
         model, spm_path, config = _load_checkpoint_model(checkpoint)
     if prune:
@@ -181,22 +208,60 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     if quant and quant != "none":
         if config.get("quantization"):
             raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
-        bits = {"int8": 8, "int4": 4}.get(quant)
-        if bits is None:
-            raise ConfigError(f"quant={quant!r}: expected none, int8 or int4")
         from mtmoe.export.quantize import quantize_experts
 
+        bits = {"int8": 8, "int4": 4}[quant]
         quantize_experts(model, bits)
         config["quantization"] = {"bits": bits, "scheme": "weight-only, per output channel, symmetric",
                                   "targets": "expert fc1/fc2 weights"}
-    return _write(model, spm_path, config, Path(out_dir))
+    stats = None
+    if routing is not None and config["moe"]["enabled"]:
+        stats = routing_statistics(model, Vocab(spm_path), config["langs"], routing["calibration"],
+                                   int(routing.get("lines") or 0))
+        if stats is not None:
+            config["routing"] = {"file": ROUTING_FILE, "calibration": stats["calibration"],
+                                 "lines_per_direction": stats["lines_per_direction"]}
+    return _write(model, spm_path, config, Path(out_dir), stats)
+
+
+def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, pairs, lines: int) -> tuple[dict, int]:
+    """(routing telemetry of `model` on the calibration set for the direction `pairs`, lines used
+    per direction), the first `lines` lines (0 = all)."""
+    from mtmoe.data.corpus import load_test_set
+    from mtmoe.eval.telemetry import collect_routing
+
+    texts = load_test_set(calibration, telemetry_langs(pairs))
+    if lines:
+        texts = {lang: t[:lines] for lang, t in texts.items()}
+    return collect_routing(model, vocab, texts, pairs), len(next(iter(texts.values())))
+
+
+def telemetry_langs(pairs) -> list[str]:
+    """The languages of the direction `pairs`, sorted."""
+    return sorted({lang for pair in pairs for lang in pair})
+
+
+def routing_statistics(model: Seq2Seq, vocab: Vocab, langs: list[str], calibration: str | Path,
+                       lines: int) -> Optional[dict]:
+    """routing.json's content: the telemetry (mtmoe.eval.telemetry) of every direction between the
+    model's languages that the calibration set has; None (with a warning) when it has < 2 of them."""
+    from mtmoe.data.corpus import available_languages
+    from mtmoe.data.sampling import parse_directions
+
+    have = available_languages(calibration, langs)
+    if len(have) < 2:
+        log.warning(
+            "no routing statistics stored: the calibration set %s has %s of the model's languages %s "
+            "(set prune.calibration to a set with them)", calibration, have or "none", langs)
+        return None
+    telemetry, used = calibration_routing(model, vocab, calibration, parse_directions("all", have), lines)
+    return {"format": ROUTING_FORMAT, "calibration": str(calibration), "lines_per_direction": used, **telemetry}
 
 
 def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[Seq2Seq, dict]:
     from mtmoe.data.corpus import load_test_set
     from mtmoe.data.sampling import parse_directions
-    from mtmoe.eval.telemetry import collect_routing
-    from mtmoe.export.prune import direction_keep, global_keep, prune_state_dict
+    from mtmoe.export.prune import SHARE_RULES, check_rule, coverage, direction_keep, keep_count, prune_state_dict
 
     if config.get("quantization"):
         raise ExportError("prune before quantizing: this export is already quantized")
@@ -204,52 +269,92 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
         raise ExportError("this export is already pruned; prune from the full model")
     if not config["moe"]["enabled"]:
         raise ConfigError("prune: the model has no MoE layers")
-    calibration = prune.get("calibration") or "data/multi30k/val"
-    langs = config["langs"]
+    calibration = prune.get("calibration") or DEFAULT_CALIBRATION["calibration"]
     direction = prune.get("direction")
-    directions = parse_directions(direction, langs) if direction else parse_directions("all", langs)
-    needed = sorted({lang for pair in directions for lang in pair})
-    texts = load_test_set(calibration, needed)
-    lines = int(prune.get("lines") or 0)
-    if lines:
-        texts = {lang: t[:lines] for lang, t in texts.items()}
-    telemetry = collect_routing(model, Vocab(spm_path), texts, directions)
+    directions = parse_directions(direction or "all", config["langs"])
+    telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
     top_k = config["moe"]["top_k"]
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
+    elif check_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
+        from mtmoe.export.calibrate import loss_keep
+
+        lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])
+        texts = {lang: t[:lines] for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
+        counts = {layer: max(keep_count(float(prune["keep"]), len(telemetry["overall"][layer]["share"])), top_k)
+                  for layer in telemetry["layers"]}
+        kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
+        rule = {"rule": "loss", "keep": prune["keep"], "loss_lines": lines, "calibration_loss": measured}
     else:
-        kept = global_keep(telemetry, float(prune["keep"]), min_experts=top_k)
-        rule = {"rule": "global", "keep": prune["keep"]}
+        name = prune.get("rule") or DEFAULT_RULE
+        kept = SHARE_RULES[name](telemetry, float(prune["keep"]), min_experts=top_k)
+        rule = {"rule": name, "keep": prune["keep"]}
     config = copy.deepcopy(config)
     config["moe"]["kept_experts"] = kept
-    config["pruning"] = {**rule, "kept": kept, "calibration": str(calibration),
-                         "calibration_lines": len(texts[needed[0]]), "telemetry": telemetry["overall"]}
+    config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),
+                         "calibration_lines": used, "telemetry": telemetry["overall"]}
     model_cfg, moe_cfg = _configs(config)
     pruned = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
     pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)
     return pruned.eval(), config
 
 
+def _read_json(path: Path, fmt: str, missing: str) -> dict:
+    """A JSON file of an export whose "format" must be `fmt`; `missing` says why it may be absent."""
+    if not path.is_file():
+        raise ExportError(f"{path}: missing ({missing})")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: invalid JSON ({e})") from e
+    if content.get("format") != fmt:
+        raise ExportError(f"{path}: format {content.get('format')!r}, expected {fmt!r}")
+    return content
+
+
 def read_export_config(export_dir: str | Path) -> dict:
     """An export's validated config.json (no weights are read)."""
-    config_path = Path(export_dir) / "config.json"
-    if not config_path.is_file():
-        raise ExportError(f"{config_path}: missing (not an mtmoe export)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
-    if config.get("format") != FORMAT:
-        raise ExportError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return _read_json(Path(export_dir) / "config.json", FORMAT, "not an mtmoe export")
+
+
+def read_routing_stats(export_dir: str | Path) -> dict:
+    """The routing statistics stored with an export (routing.json, written by export_run): the
+    telemetry of mtmoe.eval.telemetry on the calibration set, per direction and language."""
+    d = Path(export_dir)
+    return _read_json(d / ROUTING_FILE, ROUTING_FORMAT,
+                      "this export has no routing statistics: exported before they were stored, or its "
+                      "calibration set had none of its languages. Re-export it: "
+                      f"mtmoe-export checkpoint={d} out=<new dir> [prune.calibration=<corpus prefix>]")
+
+
+def subset_config(config: dict, experts: dict[str, list[int]]) -> dict:
+    """The config of an export loaded with only `experts` ({MoE layer: indices of its experts in
+    model.safetensors}): the model is that export pruned to them (kept ids are gate rows)."""
+    config = copy.deepcopy(config)
+    kept = {}
+    for layer, ids in experts.items():
+        rows = config["moe"].get("kept_experts", {}).get(layer) or list(range(config["moe"]["num_experts"]))
+        if any(not 0 <= i < len(rows) for i in ids):
+            raise ExportError(f"MoE layer {layer} has {len(rows)} experts, asked for {ids}")
+        kept[layer] = [rows[i] for i in ids]
+    config["moe"]["kept_experts"] = kept
+    config.pop("routing", None)  # indices of the whole export, not of this model
     return config
 
 
-def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Vocab, dict]:
-    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only."""
+def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dict[str, list[int]]] = None
+                ) -> tuple[Seq2Seq, Vocab, dict]:
+    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only.
+
+    `experts` ({MoE layer: indices of its experts in model.safetensors}): read only those experts
+    (safe_open reads each tensor on demand; the others are never read) and build the model pruned to
+    them, as an export pruned to the same experts; the config then describes that model."""
     d = Path(export_dir)
     config_path = d / "config.json"
     config = read_export_config(d)
+    if experts is not None:
+        config = subset_config(config, experts)
     model_cfg, moe_cfg = _configs(config)
     model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
     if config.get("quantization"):
@@ -257,7 +362,14 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Voc
 
         quantize_experts(model, config["quantization"]["bits"])
     try:
-        state = load_file(str(d / "model.safetensors"))
+        if experts is None:
+            state = load_file(str(d / "model.safetensors"))
+        else:
+            from mtmoe.export.prune import pruned_name
+
+            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+                names = ((key, pruned_name(key, experts)) for key in f.keys())
+                state = {name: f.get_tensor(key) for key, name in names if name is not None}
     except Exception as e:
         raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
     try:
@@ -270,8 +382,6 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq) -> tuple[Seq2Seq, Voc
 
 def export_bytes(export_dir: str | Path) -> dict:
     """File size of model.safetensors and the bytes of its expert tensors."""
-    from safetensors import safe_open
-
     path = Path(export_dir) / "model.safetensors"
     experts = 0
     with safe_open(str(path), framework="pt") as f:

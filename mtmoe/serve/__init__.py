@@ -14,8 +14,10 @@ Reading order (each module has one job):
 - `metrics`   hit rate, prefetch hits, bytes moved, stall time, peak resident expert bytes;
 - `cache`     the fast tier of one MoE layer: slots, LRU eviction, on-demand loads;
 - `loader`    the background thread that performs prefetch loads;
-- `policies`  none / speculative / pregate: who calls `prefetch(layer, experts)`;
-- `runtime`   wires it together: `offload(model, ...)` and `load_for_serving(export_dir, serve)`.
+- `policies`  none / speculative / pregate / language: who calls `prefetch(layer, experts)` (and
+              `hold`: the language-aware policy keeps a direction's experts resident);
+- `runtime`   wires it together: `offload(model, ...)` and `load_for_serving(export_dir, serve)`;
+- `requests`  requests of mixed directions decoded one direction at a time.
 
 This file imports nothing: `mtmoe.config` imports `mtmoe.serve.config` for its schema.
 """

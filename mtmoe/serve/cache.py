@@ -11,6 +11,13 @@ bet on the coming call, and experts run in index order, so without this a call's
 loads would evict the experts prefetched for its later ones); and a prefetch wanting more experts
 than the cache holds reserves one slot fewer, leaving a slot for the on-demand loads of the rest.
 
+Language-aware serving (`serve.prefetch=language`) adds two things. Held experts (`hold`): the
+ones the request's direction uses most stay resident across calls (never evicted; at most
+capacity - 1, so a slot always remains for the others). Streaming (`plan_call`/`after_use`): once
+a call's experts are known (the router has run, before any expert does), the missing ones are
+reserved into slots the call does not need, in execution order, and each expert that finishes
+frees its slot for the next, so loads overlap the computation of the call's other experts.
+
 Two threads use a cache: compute (`use`, from the MoE layer's forward) and the loader thread
 (`fill`, prefetches reserved by `reserve_prefetch`). They share the slot states under one lock;
 copies run outside it. A slot is EMPTY, QUEUED (reserved by a prefetch, copy not started),
@@ -72,6 +79,9 @@ class LayerCache:
         self._slots = [Slot(i) for i in range(capacity)]
         self._lru: OrderedDict[int, Slot] = OrderedDict()  # expert -> its slot (not EMPTY), oldest use first
         self._lock = threading.Lock()
+        self._held: list[int] = []  # never evicted (hold)
+        self._call_left: set[int] = set()  # streaming: experts of the current call not computed yet
+        self._call_stream: list[int] = []  # streaming: its missing experts without a slot yet, in order
 
     # -- compute side ------------------------------------------------------------------------
     @contextmanager
@@ -109,8 +119,8 @@ class LayerCache:
                     load, outcome = slot, outcome or "late"
                 elif slot is not None:  # LOADING in the loader thread
                     wait, outcome = slot, outcome or "late"
-                else:
-                    victim = self._victim(protect=(), spare_prefetched=True)
+                else:  # (streaming: not a slot whose expert the call still needs)
+                    victim = self._victim(protect=self._call_left - {expert}, spare_prefetched=True)
                     if victim is not None:
                         self._reserve(victim, expert, LOADING, prefetched=False)
                         victim.pins += 1
@@ -138,27 +148,72 @@ class LayerCache:
             self._metrics.add(self.name, activations=1, misses=1, stall_s=stall)
 
     # -- prefetch side -----------------------------------------------------------------------
-    def reserve_prefetch(self, experts: Sequence[int]) -> list[tuple[Slot, int]]:
+    def reserve_prefetch(self, experts: Sequence[int], fill: bool = False) -> list[tuple[Slot, int]]:
         """Reserves slots for `experts` (most wanted first) and returns the (slot, expert) loads to
-        perform: all of them if the cache holds them, else the first capacity - 1. Wanted experts
-        already here become most recently used and are not evicted for the others; nothing pinned
-        or loading is evicted."""
-        wanted = list(dict.fromkeys(int(e) for e in experts))
-        wanted = wanted if len(wanted) <= self.capacity else wanted[: self.capacity - 1]
+        perform: all of them if the cache holds them, else as many as fit (`fill`) or one fewer,
+        leaving a slot for on-demand loads. Held experts take no room from the others. Wanted
+        experts already here become most recently used and are not evicted for the others; nothing
+        pinned, loading or held is evicted."""
+        with self._lock:
+            return self._reserve_wanted(list(dict.fromkeys(int(e) for e in experts)), fill)
+
+    def _reserve_wanted(self, wanted: list[int], fill: bool) -> list[tuple[Slot, int]]:
+        room = self.capacity - len(self._held)
+        others = [e for e in wanted if e not in self._held]
+        others = others if len(others) <= room else others[: room if fill else room - 1]
+        wanted = [e for e in wanted if e in self._held or e in others]
         protect = set(wanted)
         jobs = []
+        for e in reversed(wanted):
+            if e in self._lru:
+                self._lru.move_to_end(e)
+        for e in wanted:
+            if e in self._lru:
+                continue
+            victim = self._victim(protect, spare_prefetched=False)
+            if victim is None:
+                break
+            self._reserve(victim, e, QUEUED, prefetched=True)
+            jobs.append((victim, e))
+        return jobs
+
+    def hold(self, experts: Sequence[int]) -> list[tuple[Slot, int]]:
+        """Keeps `experts` (at most capacity - 1, most wanted first) resident from now on, instead of
+        the ones held before; returns the loads of those not here yet (like reserve_prefetch)."""
         with self._lock:
-            for e in reversed(wanted):
-                if e in self._lru:
-                    self._lru.move_to_end(e)
-            for e in wanted:
-                if e in self._lru:
-                    continue
-                victim = self._victim(protect, spare_prefetched=False)
+            self._held = list(dict.fromkeys(int(e) for e in experts))[: max(self.capacity - 1, 0)]
+            return self._reserve_wanted(list(self._held), fill=True)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return list(self._held)
+
+    def plan_call(self, order: Sequence[int]) -> list[tuple[Slot, int]]:
+        """Streaming: the experts the current call will run, in execution order. Reserves slots for
+        the missing ones in that order, in slots holding nothing the call needs (and not held), and
+        returns the loads to start now; `after_use` continues as slots free up."""
+        with self._lock:
+            self._call_left = set(order)
+            self._call_stream = [e for e in order if e not in self._lru]
+            return self._stream()
+
+    def after_use(self, expert: int) -> list[tuple[Slot, int]]:
+        """Streaming: `expert` is done for the current call; its slot may take the next missing one."""
+        with self._lock:
+            self._call_left.discard(expert)
+            return self._stream() if self._call_stream else []
+
+    def _stream(self) -> list[tuple[Slot, int]]:
+        jobs = []
+        while self._call_stream:
+            expert = self._call_stream[0]
+            if expert not in self._lru:
+                victim = self._victim(protect=self._call_left, spare_prefetched=False)
                 if victim is None:
                     break
-                self._reserve(victim, e, QUEUED, prefetched=True)
-                jobs.append((victim, e))
+                self._reserve(victim, expert, QUEUED, prefetched=True)
+                jobs.append((victim, expert))
+            self._call_stream.pop(0)
         return jobs
 
     def fill(self, slot: Slot, expert: int) -> None:
@@ -202,7 +257,8 @@ class LayerCache:
             if slot.state == EMPTY and slot.pins == 0:
                 return slot
         candidates = [(e, slot) for e, slot in self._lru.items()
-                      if slot.pins == 0 and slot.state in (READY, QUEUED) and e not in protect]
+                      if slot.pins == 0 and slot.state in (READY, QUEUED) and e not in protect
+                      and e not in self._held]
         if spare_prefetched:
             candidates.sort(key=lambda item: item[1].prefetched)  # stable: LRU order within each group
         if not candidates:
@@ -228,3 +284,9 @@ class LayerCache:
         """Experts READY here, least recently used first."""
         with self._lock:
             return [e for e, slot in self._lru.items() if slot.state == READY]
+
+    def present(self) -> list[int]:
+        """Experts READY here (least recently used first), then those being loaded (oldest reservation first)."""
+        with self._lock:
+            ready = [e for e, slot in self._lru.items() if slot.state == READY]
+            return ready + [e for e, slot in self._lru.items() if slot.state != READY]

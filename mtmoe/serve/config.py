@@ -19,7 +19,10 @@ class ServeConfig:
     prefetch: str = "none"
     """How the next MoE layer's experts are loaded ahead of time: `none` (on demand only),
     `speculative` (the next layer's router applied to this layer's input), `pregate` (the plan of a
-    model trained with moe.pregate=true)."""
+    model trained with moe.pregate=true), `language` (each layer's cache seeded and held with the
+    experts the request's direction uses most, from the export's routing statistics; the router of
+    each MoE layer applied one sub-layer ahead for every token; a call's missing experts streamed
+    while its others compute)."""
     store_dir: Optional[str] = None
     """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
     slow_gbps: float = 0.0

@@ -9,6 +9,11 @@
 - `pregate`: a model trained with moe.pregate=true decides layer j+1's routing at layer j and hands
   the plan to its routing relay (`mtmoe.model.moe.RoutingRelay`, the `relay` attribute of its
   MoEFFN modules); the policy subscribes to it, so the prefetch is the exact plan.
+- `language`: uses what is known before decoding starts, the request's direction, and the routing
+  statistics stored with the export (routing.json): see Language.
+
+A policy is built by `install_policy(name, model, runtime)`; it may call runtime.prefetch(layer,
+experts, fill) and runtime.hold(layer, experts), and read runtime.capacities and runtime.routing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from mtmoe.config import ConfigError
 from mtmoe.model.moe import MoEFFN, Router
+from mtmoe.serve.validate import POLICIES
 
 Prefetch = Callable[[str, Sequence[int]], None]
 
@@ -123,12 +129,97 @@ class Pregate:
             relay.listeners.remove(listener)
 
 
-def install_policy(name: str, model, prefetch: Prefetch) -> Optional[Policy]:
-    """The policy `name` (serve.prefetch) attached to `model`; None for `none`."""
+class Language:
+    """`serve.prefetch=language`. Multilingual MoE layers route by language (a decoder layer by
+    target language, an encoder layer by source language), and the direction of a request is known
+    before it is decoded. So:
+
+    - `set_direction(src, tgt)` (the runtime's, called before a direction's requests) ranks each
+      MoE layer's experts by their share of that direction's routing in the stored statistics
+      (`by_direction`; without it, the source language's share in encoder layers and the target
+      language's in decoder layers), holds the top ones in the layer's cache (never evicted) and
+      fills the other slots with the next ones. Decoder layers hold capacity - 1 (a decoding step
+      needs one or two experts; one slot serves the rest); encoder layers hold capacity - 2, since
+      the encoder runs a whole sentence at once, needs most of a layer's experts, and streams them
+      through two slots (one computes while the other loads).
+    - Ahead: a forward pre-hook one sub-layer before each MoE layer (the FFN of the previous layer
+      of the stack, dense or MoE; for a stack's first layer, the layer itself through its FFN norm)
+      applies the MoE layer's router to that input, for every token (in the encoder the whole
+      sentence), and fills the layer's free slots with the predicted experts, most demanded first,
+      while the layers in between compute.
+    - `streams`: the runtime loads each call's missing experts in execution order while the call's
+      other experts compute (LayerCache.plan_call).
+    """
+
+    streams = True
+
+    def __init__(self, model, runtime):
+        if not runtime.routing:
+            raise ConfigError("serve.prefetch=language needs the routing statistics of the export "
+                              "(routing.json, written by mtmoe-export)")
+        self._runtime, self._routing = runtime, runtime.routing
+        self._handles = []
+        self._layers = moe_stacks(model)
+        for stack_name, layers in self._layers.items():
+            stack = model.encoder if stack_name == "enc" else model.decoder
+            for name, layer in layers:
+                overall = self._routing.get("overall", {}).get(name)
+                if overall is None or len(overall["share"]) != len(layer.experts):
+                    raise ConfigError(f"serve.prefetch=language: the routing statistics do not match MoE layer "
+                                      f"{name} ({len(layer.experts)} experts); re-export the model")
+                index = int(name[3:])
+                if index > 0:
+                    hook = self._hook(name, layer.gate, None)
+                    self._handles.append(stack[index - 1].ffn.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    hook = self._hook(name, layer.gate, stack[0].ffn_norm)
+                    self._handles.append(stack[0].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _hook(self, name: str, router: Router, norm):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]  # [B, T, D]
+            keep = args[1] if len(args) > 1 else kwargs.get("keep")  # [B, T] bool or None
+            tokens = x.reshape(-1, x.shape[-1])
+            keep = torch.ones(tokens.shape[0], dtype=torch.bool, device=x.device) if keep is None else keep.reshape(-1)
+            with torch.no_grad():
+                if norm is not None:
+                    tokens = norm(tokens)
+                self._runtime.prefetch(name, ranked(predicted_counts(router, tokens, keep)), fill=True)
+        return hook
+
+    def ranking(self, layer: str, src: str, tgt: str) -> list[int]:
+        """`layer`'s experts with a nonzero share of the direction's routing, largest first."""
+        stats = self._routing.get("by_direction", {}).get(f"{src}-{tgt}", {}).get(layer)
+        if stats is None:
+            stats = self._routing.get("by_language", {}).get(src if layer.startswith("enc") else tgt, {}).get(layer)
+        if stats is None:
+            warnings.warn(f"serve.prefetch=language: no routing statistics for {src}-{tgt} at {layer}; "
+                          "its cache is not seeded")
+            return []
+        return ranked(torch.tensor(stats["share"]))
+
+    def set_direction(self, src: str, tgt: str) -> None:
+        for stack_name, layers in self._layers.items():
+            for name, _ in layers:
+                order = self.ranking(name, src, tgt)
+                capacity = self._runtime.capacities[name]
+                self._runtime.hold(name, order[:max(capacity - (2 if stack_name == "enc" else 1), 0)])
+                self._runtime.prefetch(name, order[:capacity], fill=True)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def install_policy(name: str, model, runtime) -> Optional[Policy]:
+    """The policy `name` (serve.prefetch) attached to `model`, calling `runtime`'s prefetch (and
+    hold); None for `none`."""
     if name == "none":
         return None
     if name == "speculative":
-        return Speculative(model, prefetch)
+        return Speculative(model, runtime.prefetch)
     if name == "pregate":
-        return Pregate(model, prefetch)
-    raise ConfigError(f"serve.prefetch={name!r}: expected none, speculative or pregate")
+        return Pregate(model, runtime.prefetch)
+    if name == "language":
+        return Language(model, runtime)
+    raise ConfigError(f"serve.prefetch={name!r}: expected one of {', '.join(POLICIES)}")

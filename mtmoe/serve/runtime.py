@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,7 +26,7 @@ from torch import nn
 
 from mtmoe.config import ConfigError
 from mtmoe.data.vocab import Vocab
-from mtmoe.export.artifact import ExportError, _configs, load_export, read_export_config
+from mtmoe.export.artifact import ExportError, _configs, load_export, read_export_config, read_routing_stats
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.seq2seq import Seq2Seq
 from mtmoe.serve.cache import LayerCache
@@ -39,26 +39,37 @@ from mtmoe.serve.store import DiskStore, LayerSpec, PinnedStore, open_store
 from mtmoe.serve.validate import cache_sizes, check_serve, offloading
 
 
+Submit = Callable[[LayerCache, list], None]
+"""Queues (slot, expert) loads of a cache on the loader thread (Loader.submit)."""
+
+
 class ExpertHandle:
     """Expert `index` of an offloaded layer, called like the expert module: x [n, D] -> [n, D]."""
 
-    def __init__(self, cache: LayerCache, index: int):
-        self.cache, self.index = cache, index
+    def __init__(self, cache: LayerCache, index: int, stream: Optional[Submit] = None):
+        self.cache, self.index, self.stream = cache, index, stream
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # no tokens: nothing to load (an expert maps D -> D, so the shape is x's)
             return x.new_zeros(x.shape)
         with self.cache.use(self.index) as expert:
-            return expert(x)
+            y = expert(x)
+        if self.stream is not None:  # its slot may now take the call's next missing expert
+            self.stream(self.cache, self.cache.after_use(self.index))
+        return y
 
 
 class OffloadedExperts(nn.Module):
     """Stands in for `MoEFFN.experts`: len() and iteration as the ModuleList, items ExpertHandles.
-    Holds no parameters: the experts live in the cache's slots and the store."""
+    Holds no parameters: the experts live in the cache's slots and the store.
 
-    def __init__(self, cache: LayerCache):
+    `stream` (language-aware serving): when a call's experts are known (execution_order), their
+    missing ones are loaded in execution order while the others compute (LayerCache.plan_call)."""
+
+    def __init__(self, cache: LayerCache, stream: Optional[Submit] = None):
         super().__init__()
         self.cache = cache
+        self.stream = stream
 
     def __len__(self) -> int:
         return self.cache.num_experts
@@ -66,19 +77,22 @@ class OffloadedExperts(nn.Module):
     def __getitem__(self, index: int) -> ExpertHandle:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return ExpertHandle(self.cache, index)
+        return ExpertHandle(self.cache, index, self.stream)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
     def execution_order(self, filled: Sequence[int]) -> list[int]:
         """The order `run_experts` calls the experts in: those already resident first (least
-        recently used first), then the rest by index. In index order, the loads for the first
-        missing experts would evict resident ones still needed later in the same call (the
-        encoder, which runs a whole sentence at once, needs most experts of a layer)."""
-        resident = [e for e in self.cache.resident() if filled[e] > 0]
-        chosen = set(resident)
-        return resident + [e for e in range(len(self)) if e not in chosen]
+        recently used first), then those being loaded, then the rest by index. In index order, the
+        loads for the first missing experts would evict resident ones still needed later in the
+        same call (the encoder, which runs a whole sentence at once, needs most experts of a layer)."""
+        present = [e for e in self.cache.present() if filled[e] > 0]
+        chosen = set(present)
+        order = present + [e for e in range(len(self)) if e not in chosen]
+        if self.stream is not None:
+            self.stream(self.cache, self.cache.plan_call([e for e in order if filled[e] > 0]))
+        return order
 
     def extra_repr(self) -> str:
         return f"{self.cache.capacity} of {self.cache.num_experts} experts resident"
@@ -91,27 +105,41 @@ class OffloadRuntime:
     it as a context manager) to stop the loader thread and detach the policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
-                 store, device: torch.device, model: Seq2Seq, policy: str):
+                 store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict] = None):
         all_bytes = sum(spec.layout.nbytes * spec.num_experts for spec in specs.values())
         self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes)
         self.caches: dict[str, LayerCache] = {}
+        self.capacities, self.routing = capacities, routing
+        self.loader = Loader()
+        try:
+            self.policy = install_policy(policy, model, self)
+        except BaseException:
+            self.loader.close()
+            raise
+        stream = self.loader.submit if getattr(self.policy, "streams", False) else None
         for name, layer in layers.items():
             blueprint = copy.deepcopy(layer.experts[0]).to("meta")  # type and shapes, no memory
             cache = LayerCache(name, blueprint, specs[name].layout, specs[name].num_experts, capacities[name],
                                store, self.metrics, device)
-            layer.experts = OffloadedExperts(cache)  # the resident experts are dropped here
+            layer.experts = OffloadedExperts(cache, stream)  # the resident experts are dropped here
             self.caches[name] = cache
-        self.loader = Loader()
-        try:
-            self.policy = install_policy(policy, model, self.prefetch)
-        except BaseException:
-            self.loader.close()
-            raise
 
-    def prefetch(self, layer: str, experts: Sequence[int]) -> None:
-        """Starts loading `experts` of `layer` (most wanted first; as many as its cache holds)."""
+    def prefetch(self, layer: str, experts: Sequence[int], fill: bool = False) -> None:
+        """Starts loading `experts` of `layer` (most wanted first; as many as its cache holds, or
+        one fewer unless `fill`)."""
         cache = self.caches[layer]
-        self.loader.submit(cache, cache.reserve_prefetch(experts))
+        self.loader.submit(cache, cache.reserve_prefetch(experts, fill))
+
+    def hold(self, layer: str, experts: Sequence[int]) -> None:
+        """Keeps `experts` of `layer` resident (at most its capacity - 1) and starts loading them."""
+        cache = self.caches[layer]
+        self.loader.submit(cache, cache.hold(experts))
+
+    def set_direction(self, src: str, tgt: str) -> None:
+        """The direction of the requests decoded next: a language-aware policy seeds and holds each
+        layer's cache for it; other policies ignore it."""
+        if hasattr(self.policy, "set_direction"):
+            self.policy.set_direction(src, tgt)
 
     def wait_idle(self) -> None:
         """Waits until no prefetch is pending (tests, benchmark warm-ups)."""
@@ -135,13 +163,15 @@ def moe_layers(model: Seq2Seq) -> dict[str, MoEFFN]:
     return {name: model.get_submodule(model.moe_layer_prefix(name)[:-1]) for name in model.moe_layer_names()}
 
 
-def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None) -> OffloadRuntime:
+def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None,
+            routing: Optional[dict] = None) -> OffloadRuntime:
     """Serves `model`'s experts from a store cut from `weights` (a safetensors file holding them
     under the model's state-dict names, e.g. an export's model.safetensors), in place.
 
     The store is `store_path` (default: experts.safetensors beside `weights`), written on first
     use. The fast tier is the device of the model's routers: on a GPU the store is held in pinned
-    CPU RAM, on a CPU it is the memory-mapped file."""
+    CPU RAM, on a CPU it is the memory-mapped file. `routing`: the model's routing statistics
+    (routing.json), which `serve.prefetch=language` needs."""
     check_serve(serve)
     layers = moe_layers(model)
     if not layers:
@@ -158,7 +188,7 @@ def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optio
     device = next(iter(layers.values())).gate.wg.weight.device
     if device.type == "cuda" and torch.cuda.is_available():
         store = PinnedStore(store, device)
-    return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch)
+    return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch, routing)
 
 
 def store_path_for(export_dir: Path, serve: ServeConfig) -> Path:
@@ -179,6 +209,7 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
     if not offloading(serve):
         return (*load_export(d), None)
     config = read_export_config(d)
+    routing = read_routing_stats(d) if serve.prefetch == "language" else None
     model_cfg, moe_cfg = _configs(config)
     model = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
     if config.get("quantization"):
@@ -186,7 +217,7 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
 
         quantize_experts(model, config["quantization"]["bits"])  # the expert module type the store must fill
     weights = d / "model.safetensors"
-    runtime = offload(model, weights, serve, store_path_for(d, serve))
+    runtime = offload(model, weights, serve, store_path_for(d, serve), routing)
     try:
         prefixes = tuple(model.moe_layer_prefix(name) + "experts." for name in runtime.caches)
         with safe_open(str(weights), framework="pt") as f:

@@ -9,7 +9,7 @@ import math
 from mtmoe.config import ConfigError
 from mtmoe.serve.config import ServeConfig
 
-POLICIES = ("none", "speculative", "pregate")
+POLICIES = ("none", "speculative", "pregate", "language")
 
 
 def check_serve(serve: ServeConfig) -> None:
