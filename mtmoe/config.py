@@ -78,7 +78,8 @@ class MoEConfig:
     ep_size: int = 1
     """Expert-parallel group size: each rank holds num_experts/ep_size experts."""
     capacity_factor: float = 1.25
-    """Training capacity = ceil(k * tokens / num_experts * factor); <= 0 disables dropping."""
+    """Training capacity = ceil(k * tokens / num_experts * factor); 0 (or less) is dropless: every
+    real token reaches its top-k experts, no capacity at all (MegaBlocks' dMoE)."""
     eval_capacity_factor: float = 0.0
     """Capacity factor in eval mode (validation, decoding, export); 0 = no token is dropped."""
     min_capacity: int = 4
@@ -91,6 +92,10 @@ class MoEConfig:
     """Pre-gated MoE: each MoE layer's routing is computed one MoE layer earlier in the same stack
     (the first routes itself), so a serving runtime knows the next layer's experts in advance
     (`serve.prefetch=pregate`). Same parameters as a normal model."""
+    dispatch: str = "grouped"
+    """`grouped`: kept (token, expert) rows ordered by expert, experts run as one grouped GEMM, no
+    host sync (mtmoe.model.moe). `reference`: the capacity-buffer index dispatch it replaced, one
+    expert at a time (slower; for checking and benchmarks). Same results either way."""
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
     """Set by expert pruning in exports: MoE layer (`enc1`, `dec1`, ...) -> ids of the experts it keeps."""
 
@@ -294,6 +299,8 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
             raise ConfigError(f"moe.num_experts={moe.num_experts} must be >= 1")
         if moe.top_k not in (1, 2):
             raise ConfigError(f"moe.top_k={moe.top_k}: only top-1 and top-2 routing are supported")
+        if moe.dispatch not in ("grouped", "reference"):
+            raise ConfigError(f"moe.dispatch={moe.dispatch!r}: expected 'grouped' or 'reference'")
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.every < 1:

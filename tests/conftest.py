@@ -27,6 +27,18 @@ def cut_corpus(out: Path, train_lines: int = 400, val_lines: int = 30, test_line
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, saying why, on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return cut_corpus(tmp_path_factory.mktemp("corpus"))

@@ -37,8 +37,8 @@ class _Accumulator:
     def add(self, stats: dict) -> None:
         n = float(stats["tokens"])
         self.tokens += n
-        self.routed += stats["routed"].numpy()
-        self.prob += stats["importance"].numpy() * n
+        self.routed += stats["routed"].cpu().numpy()
+        self.prob += stats["importance"].cpu().numpy() * n
 
     def summary(self) -> dict:
         total = max(self.routed.sum(), 1e-9)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from mtmoe.config import ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import Vocab
+from mtmoe.model.experts import per_expert_state
 from mtmoe.model.seq2seq import Seq2Seq
 
 FORMAT = "mtmoe-export-v1"
@@ -107,7 +108,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     (native-MoE layouts with ZeRO 0-2, or ZeRO-3)."""
     main = tag_dir / "mp_rank_00_model_states.pt"
     if not main.is_file() and (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-        state = _zero3_state_dict(tag_dir)
+        state = per_expert_state(_zero3_state_dict(tag_dir))
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     if not main.is_file():
         raise ExportError(f"{main}: missing (incomplete checkpoint?)")
@@ -130,7 +131,9 @@ def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
     shutil.copyfile(spm_path, tmp / "spm.model")
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if out.exists():

@@ -40,13 +40,9 @@ def predicted_counts(router: Router, x: torch.Tensor, keep: torch.Tensor) -> tor
     """How many real tokens would pick each expert of `router`'s layer among their top-k.
 
     x [N, D], keep [N] bool -> counts [E] (E: the layer's experts, the kept ones when pruned,
-    numbered as the layer's expert modules). The same choice as Router.forward makes, without
+    numbered as the layer's expert modules): the router's own selection (`Router.select`), without
     capacity (serving runs with no token dropped)."""
-    probs = router.wg(x).float().softmax(dim=-1)
-    if router.kept_experts is None:
-        top_e = probs.topk(router.top_k, dim=-1).indices
-    else:
-        top_e = router.compact[probs.masked_fill(~router.selectable, -1.0).topk(router.top_k, dim=-1).indices]
+    top_e = router.select(x)[3]
     return torch.bincount(top_e[keep].reshape(-1), minlength=router.num_experts)
 
 

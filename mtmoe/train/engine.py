@@ -67,7 +67,7 @@ def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float):
     update is that of the CE summed over the whole global batch divided by its target tokens: every
     token weighs the same whatever the layout. Aux and z losses are per-micro-batch means, averaged
     the same way."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         logits, (aux, z), stats = model(batch.src, batch.tgt_in)
     ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                              label_smoothing=cfg.train.label_smoothing, reduction="sum")
@@ -166,7 +166,8 @@ class Trainer:
             checkpoint.remove_stale_partials(self.run_dir)
         barrier()
         layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
-                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate}
+                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
+                  "expert_storage": "stacked" if cfg.moe.enabled else None}
         moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
         state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
@@ -193,7 +194,7 @@ class Trainer:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
                 "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
-                "skipped_steps": self.guard.skipped}
+                "skipped_steps": self.guard.skipped, "expert_storage": "stacked"}
 
     def _last_checkpoint_path(self) -> str | None:
         return str(checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None

@@ -8,9 +8,10 @@ rank of the *same* layout wrote. What depends on the layout in a ZeRO-0 MoE chec
     expp_rank_{r}_..._optim_states.pt       Adam state of the dense params (the same on every rank)
                                             + of the E/ep experts rank r holds    depends on ep_size
 
-So resharding rewrites the optimizer files: it takes each expert's Adam moments out of the rank
-file that held it (local id l on rank r is global expert r * E/ep + l) and regroups them for the
-new ep_size; everything else is linked unchanged. Changing only the world size needs no rewrite.
+So resharding rewrites the optimizer files: a rank's expert parameters are stacked per MoE layer
+([E/ep, ...], local id l on rank r is global expert r * E/ep + l), so their Adam moments are
+concatenated over the old ranks and cut into blocks for the new ep_size; everything else is linked
+unchanged. Changing only the world size needs no rewrite.
 ZeRO-1/2 checkpoints hold flat per-rank partitions of the optimizer state and must be resumed at
 the layout that wrote them.
 """
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,12 +45,18 @@ def saved_layout(tag_dir: Path) -> dict:
     if zero is None:  # checkpoints written before the stage was recorded
         zero = 1 if any(tag_dir.glob("zero_pp_rank_*")) else 0
     return {"world_size": state.get("world_size", 1), "ep_size": state.get("ep_size", 1), "zero_stage": zero,
-            "accumulate": state.get("accumulate", 1)}
+            "accumulate": state.get("accumulate", 1),
+            "expert_storage": state.get("expert_storage", "per_expert")}  # "stacked" since grouped dispatch
 
 
 def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
     """True when the optimizer files must be rewritten (ep_size changed); ReshardError when the
     change cannot be made; False when the checkpoint loads as it is."""
+    if current.get("expert_storage") == "stacked" and saved["expert_storage"] != "stacked":
+        raise ReshardError(f"{tag_dir}: written before mtmoe stored each MoE layer's experts stacked; its optimizer "
+                           f"state has one entry per expert tensor and does not fit this version. Its weights are "
+                           f"fine: export it (mtmoe-export checkpoint=<run dir>) and continue in a new run dir with "
+                           f"init.from_moe=<export>")
     if saved["zero_stage"] != current["zero_stage"]:
         raise ReshardError(f"{tag_dir}: written with train.zero_stage={saved['zero_stage']}, resumed with "
                            f"{current['zero_stage']}: the optimizer state is laid out differently; resume with "
@@ -73,10 +81,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _split_state(state: dict, start: int, stop: int, local: int) -> dict:
+    """Rows start..stop-1 of every per-row tensor (dim 0 of size `local`) of an Adam state entry;
+    scalars (step) unchanged."""
+    return {key: value[start:stop].clone() if torch.is_tensor(value) and value.dim() and value.shape[0] == local
+            else value for key, value in state.items()}
+
+
+def _join_states(states: list[dict]) -> dict:
+    """Adam state entries of the same stacked parameter from several ranks, concatenated along dim 0."""
+    first = states[0]
+    return {key: torch.cat([s[key] for s in states]) if torch.is_tensor(value) and value.dim() else value
+            for key, value in first.items()}
+
+
 def reshard_optimizer_states(files: list[dict], num_experts: int, num_moe_layers: int, new_ep: int) -> list[dict]:
     """Regroups the expert Adam states of `files` (one loaded optim file per old ep rank) into
-    `new_ep` files. Param order within a rank's expert group is layer-major, then local expert,
-    then the expert's parameters (module order), as DeepSpeed's param-group split leaves it."""
+    `new_ep` files. A rank's expert group holds, per MoE layer, the layer's stacked expert tensors
+    (w1, b1, w2, b2 of mtmoe.model.experts.GroupedExperts: [local experts, ...]) in module order;
+    expert g's moments are row g % local of rank g // local's tensors, so regrouping concatenates
+    the ranks' rows and cuts them into new_ep blocks."""
     old_ep = len(files)
     if num_experts % old_ep or num_experts % new_ep:
         raise ReshardError(f"{num_experts} experts cannot be split over ep_size {old_ep} -> {new_ep}")
@@ -87,22 +111,27 @@ def reshard_optimizer_states(files: list[dict], num_experts: int, num_moe_layers
         raise ReshardError(f"expected one expert parameter group, found {len(expert_group)}")
     e_idx = expert_group[0]
     n_local = len(ref["param_groups"][e_idx]["params"])
-    per_expert, rest = divmod(n_local, num_moe_layers * local_old)
-    if rest or per_expert == 0:
-        raise ReshardError(f"{n_local} expert parameters per rank do not split into {num_moe_layers} layers x "
-                           f"{local_old} experts")
-    # (layer, global expert, param) -> Adam state
-    expert_states: dict[tuple[int, int, int], dict] = {}
-    for rank, f in enumerate(files):
-        sd = f["optimizer"]
-        ids = sd["param_groups"][e_idx]["params"]
-        if len(ids) != n_local:
-            raise ReshardError(f"ep rank {rank}: {len(ids)} expert parameters, rank 0 has {n_local}")
-        for i, pid in enumerate(ids):
-            layer, within = divmod(i, local_old * per_expert)
-            local, param = divmod(within, per_expert)
-            if pid in sd["state"]:
-                expert_states[(layer, rank * local_old + local, param)] = sd["state"][pid]
+    if num_moe_layers == 0 or n_local % num_moe_layers:
+        raise ReshardError(f"{n_local} expert parameters per rank do not split into {num_moe_layers} MoE layers")
+    # stacked expert parameter i (layer-major) -> its Adam state over all E experts
+    full: list[Optional[dict]] = []
+    for i in range(n_local):
+        parts = []
+        for rank, f in enumerate(files):
+            ids = f["optimizer"]["param_groups"][e_idx]["params"]
+            if len(ids) != n_local:
+                raise ReshardError(f"ep rank {rank}: {len(ids)} expert parameters, rank 0 has {n_local}")
+            parts.append(f["optimizer"]["state"].get(ids[i]))
+        rows = {v.shape[0] for p in parts if p is not None for v in p.values() if torch.is_tensor(v) and v.dim()}
+        if rows and rows != {local_old}:
+            raise ReshardError(f"expert parameter {i}: Adam state rows {sorted(rows)}, expected {local_old} experts "
+                               f"per ep rank (a checkpoint from before experts were stacked?)")
+        if all(p is None for p in parts):
+            full.append(None)
+        elif any(p is None for p in parts):
+            raise ReshardError(f"expert parameter {i} has optimizer state on some ep ranks only")
+        else:
+            full.append(_join_states(parts))
     out = []
     for rank in range(new_ep):
         groups, state, next_id = [], {}, 0
@@ -110,9 +139,8 @@ def reshard_optimizer_states(files: list[dict], num_experts: int, num_moe_layers
             new_group = {k: v for k, v in group.items() if k != "params"}
             if g_idx == e_idx:
                 new_group["name"] = f"ep_size_{new_ep}"
-                keys = [(layer, rank * local_new + local, param) for layer in range(num_moe_layers)
-                        for local in range(local_new) for param in range(per_expert)]
-                sources = [expert_states.get(k) for k in keys]
+                sources = [None if s is None else _split_state(s, rank * local_new, (rank + 1) * local_new, num_experts)
+                           for s in full]
             else:
                 sources = [ref["state"].get(pid) for pid in group["params"]]
             new_group["params"] = list(range(next_id, next_id + len(sources)))
