@@ -96,6 +96,10 @@ class MoEConfig:
     """`grouped`: kept (token, expert) rows ordered by expert, experts run as one grouped GEMM, no
     host sync (mtmoe.model.moe). `reference`: the capacity-buffer index dispatch it replaced, one
     expert at a time (slower; for checking and benchmarks). Same results either way."""
+    expert_storage: str = "stacked"
+    """`stacked`: each MoE layer's experts in [E, ...] tensors (one grouped GEMM). `per_expert`: one
+    module per expert, run one after another; for ZeRO-3 with offload (`parallel=zero3_nvme` sets
+    it), where a parameter is gathered whole when it runs. Same weights, checkpoints and exports."""
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
     """Set by expert pruning in exports: MoE layer (`enc1`, `dec1`, ...) -> ids of the experts it keeps."""
 
@@ -301,6 +305,8 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
             raise ConfigError(f"moe.top_k={moe.top_k}: only top-1 and top-2 routing are supported")
         if moe.dispatch not in ("grouped", "reference"):
             raise ConfigError(f"moe.dispatch={moe.dispatch!r}: expected 'grouped' or 'reference'")
+        if moe.expert_storage not in ("stacked", "per_expert"):
+            raise ConfigError(f"moe.expert_storage={moe.expert_storage!r}: expected 'stacked' or 'per_expert'")
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.every < 1:

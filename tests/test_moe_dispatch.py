@@ -294,3 +294,65 @@ def test_cuda_step_has_no_host_sync_and_bf16_grouped_equals_reference():
     for name in a[4]:
         err = (a[4][name] - b[4][name]).norm() / b[4][name].norm().clamp_min(1e-6)
         assert err < 2e-2, (name, float(err))
+
+
+def test_per_expert_storage_is_the_same_layer():
+    """moe.expert_storage=per_expert (one module per expert, for ZeRO-3 offload): the same initial
+    weights, state dict and outputs as the stacked experts."""
+    stacked, _ = layer_pair(2, 0.6, True)
+    torch.manual_seed(0)
+    separate = MoEFFN(D, FF, E, top_k=2, capacity_factor=0.6, min_capacity=1, init_seed=3, expert_storage="per_expert")
+    separate.load_state_dict(stacked.state_dict())  # only the router's sharpening differs
+    fresh = MoEFFN(D, FF, E, init_seed=3, expert_storage="per_expert").experts.state_dict()
+    assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in stacked.experts.state_dict().items()}
+    assert all(torch.equal(fresh[k], v) for k, v in MoEFFN(D, FF, E, init_seed=3).experts.state_dict().items())
+    x, grad = torch.randn(2, 9, D), torch.randn(2, 9, D)
+    a, b = run(stacked.train(), x, None, grad), run(separate.train(), x, None, grad)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[3], b[3], atol=1e-6, rtol=0)
+    for i in range(E):
+        torch.testing.assert_close(a[4]["experts.w1"][i], b[4][f"experts.{i}.fc1.weight"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["stacked", "per_expert"])
+def test_reshard_regroups_expert_adam_state(storage):
+    """ZeRO-0 optimizer files of ep ranks -> files for another ep_size: each expert's moments land
+    on the rank and position that hold that expert (both expert storages)."""
+    from mtmoe.train.reshard import reshard_optimizer_states
+
+    layers, shapes = 2, [(FF, D), (FF,), (D, FF), (D,)]
+
+    def files(ep: int) -> list[dict]:
+        local, out = E // ep, []
+        for rank in range(ep):
+            state, ids = {}, []
+            for layer in range(layers):
+                if storage == "stacked":
+                    tensors = [torch.stack([torch.full(sh, 10.0 * layer + rank * local + j) for j in range(local)])
+                               for sh in shapes]
+                else:
+                    tensors = [torch.full(sh, 10.0 * layer + rank * local + j) for j in range(local) for sh in shapes]
+                for t in tensors:
+                    state[len(ids) + 1] = {"step": torch.tensor(3.0), "exp_avg": t, "exp_avg_sq": t * 2}
+                    ids.append(len(ids) + 1)
+            state[0] = {"step": torch.tensor(3.0), "exp_avg": torch.ones(5), "exp_avg_sq": torch.ones(5)}
+            groups = [{"params": [0], "lr": 0.1}, {"params": ids, "lr": 0.1, "moe": True, "name": f"ep_size_{ep}"}]
+            out.append({"optimizer": {"state": state, "param_groups": groups}, "other": rank})
+        return out
+
+    for new_ep in (1, 4):
+        result = reshard_optimizer_states(files(2), E, layers, new_ep, storage)
+        assert len(result) == new_ep
+        local = E // new_ep
+        for rank, f in enumerate(result):
+            group = f["optimizer"]["param_groups"][1]
+            assert group["name"] == f"ep_size_{new_ep}" and f["other"] == 0
+            values = [f["optimizer"]["state"][pid]["exp_avg"] for pid in group["params"]]
+            expected = [10.0 * layer + rank * local + j for layer in range(layers) for j in range(local)]
+            if storage == "stacked":
+                got = [float(v[j].flatten()[0]) for v in values[::4] for j in range(local)]
+                assert all(v.shape[0] == local for v in values)
+            else:
+                got = [float(v.flatten()[0]) for v in values[::4]]
+            assert got == expected
+            assert torch.equal(f["optimizer"]["state"][0]["exp_avg"], torch.ones(5))

@@ -92,9 +92,9 @@ def generated_tokens(sequences: torch.Tensor) -> int:
 
 
 def make_decoder(system: str, cfg, vocab_size: int, device: torch.device = torch.device("cpu")):
-    """(decode function, model in eval mode on `device`) for `mtmoe`, `hf` or `hf_fixed`; on a GPU
-    the function decodes under bf16 autocast."""
-    if system == "mtmoe":
+    """(decode function, model in eval mode on `device`) for `mtmoe*` (built from `cfg`), `hf` or
+    `hf_fixed`; on a GPU the function decodes under bf16 autocast."""
+    if system.startswith("mtmoe"):
         from mtmoe.model.seq2seq import build_model
 
         decode, model = mtmoe_decode, build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed)

@@ -109,6 +109,15 @@ def markdown(results: dict) -> str:
                 memory = f"{gpu_memory[name]:.2f}" if gpu_memory else "–"
                 lines.append(f"| {_training_label(threads)} | {NAMES[name]} | {rate:.0f} | {dense:.0f} | "
                              f"{dense / rate:.3f} | {memory} |")
+    if "mtmoe_reference" in results["decoding"]:
+        lines += ["", "## Dispatch: grouped (default) vs the capacity-buffer reference, mtmoe top-2", "",
+                  "| metric | grouped | reference | grouped / reference |", "|---" * 4 + "|"]
+        for threads, train in results["training"].items():
+            if "mtmoe_reference" in train:
+                a, b = train["mtmoe"]["tokens_per_s"], train["mtmoe_reference"]["tokens_per_s"]
+                lines.append(f"| {_training_label(threads)} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+        a, b = dec["mtmoe"]["sentences_per_s"], dec["mtmoe_reference"]["sentences_per_s"]
+        lines.append(f"| decode sent/s (beam {s['beam']}) | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
     lines += ["", "## Parameters by kind", "", "| kind | " + " | ".join(NAMES[n] for n in results["parameters"])
               + " |", "|---" * (1 + len(results["parameters"])) + "|"]
     kinds = sorted({k for counts in results["parameters"].values() for k in counts} - {"total", "active"})

@@ -130,13 +130,16 @@ def run_training(configs: dict, data, args, threads: list[int], device: torch.de
     return results
 
 
-def run_decoding(cfg, data, args, threads: int, device: torch.device) -> dict:
-    """Beam search speed of mtmoe, hf and hf_fixed on the same batches of test sentences."""
+def run_decoding(configs: dict, data, args, threads: int, device: torch.device) -> dict:
+    """Beam search speed of mtmoe, hf and hf_fixed (and mtmoe_reference when it runs) on the same
+    batches of test sentences."""
+    cfg = configs["mtmoe"]
     torch.set_num_threads(threads)
     src, tgt = args.direction.split("-")
     lines = load_test_set(str(Path(cfg.data.corpus_dir) / cfg.data.test_prefix), [src])[src][:args.decode_sentences]
     batches = sentence_batches(data.vocab, lines, args.decode_batch)
-    systems = {name: make_decoder(name, cfg, model_vocab(args.size, data), device) for name in report.COMPARED}
+    names = [*report.COMPARED, *(n for n in ("mtmoe_reference",) if n in configs)]
+    systems = {name: make_decoder(name, configs[name], model_vocab(args.size, data), device) for name in names}
     results = alternate_decoding(systems, batches, data.vocab.tag_id(tgt), args.beam, args.decode_repeats)
     print("decoding: " + ", ".join(f"{name} {r['sentences_per_s']:.2f} sent/s, {r['tokens_per_s']:.0f} tok/s"
                                    for name, r in results.items()), flush=True)
@@ -161,7 +164,7 @@ def run_memory(overrides: list[str], args, threads: int) -> dict:
 
 def setup_notes(configs: dict, training: dict, decoding: dict, beam: int) -> list[str]:
     """What the numbers mean and where the systems differ."""
-    top2, top1 = configs["mtmoe"], configs["mtmoe_top1"]
+    top2 = configs["mtmoe"]
     b = training["batches"]
     return [
         f"Training batches: mtmoe BatchStream (train.max_tokens={top2.train.max_tokens}, seed {top2.train.seed}, "
@@ -177,8 +180,9 @@ def setup_notes(configs: dict, training: dict, decoding: dict, beam: int) -> lis
         f"capacity ceil(2 * real tokens / E * {top2.moe.capacity_factor}) (min {top2.moe.min_capacity}) for both "
         "(HF's router capacity is set per batch to mtmoe's value), padding not routed, no dropping in eval. "
         f"mtmoe uses Random Token Selection (use_rts={top2.moe.use_rts}); NLLB-MoE drops by position.",
-        f"MoE overhead: mtmoe `moe=top1` (capacity factor {top1.moe.capacity_factor}) vs `moe=dense`, same d_ff, "
-        "i.e. the same FFN FLOPs per token (plus the router); ratio = dense tok/s / MoE tok/s = step-time ratio.",
+        "MoE step time / dense step time: each mtmoe MoE system vs `moe=dense` (same d_ff) on the same batches; "
+        "top-1 (`moe=top1`, capacity factor 1.25) does the dense model's FFN FLOPs per token (plus the router), top-2 "
+        "doubles the FFN FLOPs of the MoE layers; ratio = dense tok/s / MoE tok/s = step-time ratio.",
         "HF NLLB-MoE in transformers 5.x dispatches tokens wrongly (NllbMoeExperts.forward one-hot encodes the "
         "top-1 mask as if it held expert ids): expert 0 runs all (token, non-top-1 expert) pairs, expert 1 all "
         "top-1 pairs, other experts never run, i.e. E x N expert rows instead of 2N. `HF NLLB-MoE, fixed "
@@ -220,7 +224,7 @@ def main(argv=None) -> dict:
     parameters = count_parameters(configs, model_vocab(args.size, data))
     torch.set_num_threads(threads[0])
     training = run_training(configs, data, args, threads, device)
-    decoding = run_decoding(configs["mtmoe"], data, args, threads[0], device)
+    decoding = run_decoding(configs, data, args, threads[0], device)
     gpu_memory = training.pop("peak_memory_gib", None)
     memory = {} if args.no_memory or device.type == "cuda" else run_memory(overrides, args, threads[0])
     notes = setup_notes(configs, training, decoding, args.beam)

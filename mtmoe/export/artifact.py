@@ -120,8 +120,10 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
+    """The model to build from a run's model.json or an export's config.json: all experts in one
+    process, stored stacked (how a run laid its experts out is training's business)."""
     model_cfg = ModelConfig(**desc["model"])
-    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1})
+    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1, "expert_storage": "stacked"})
     return model_cfg, moe_cfg
 
 

@@ -34,6 +34,7 @@ the reference dispatch equal.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Sequence
 
@@ -225,6 +226,44 @@ class GroupedExperts(FeedForwardGroup):
 
     def blueprint(self) -> nn.Module:
         return FeedForward(self.d_model, self.d_ff, self.dropout.p, self.activation).to("meta")
+
+
+class ExpertList(ExpertGroup):
+    """`num_local` FeedForward experts as separate modules (children "0", "1", ...): the storage
+    for layouts that move parameters one at a time. Under ZeRO-3 with NVMe offload an expert is
+    gathered from disk when it runs, so per-expert tensors bound the memory a gather needs (a
+    stacked [E, F, D] weight would be gathered whole). Runs the experts one after another; same
+    state-dict names and the same seeded initial weights as GroupedExperts."""
+
+    def __init__(self, num_local: int, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
+                 generators: Optional[Sequence[torch.Generator]] = None):
+        super().__init__()
+        self.num_local = num_local
+        for i in range(num_local):
+            self.add_module(str(i), FeedForward(d_model, d_ff, dropout, activation,
+                                                None if generators is None else generators[i]))
+
+    def __getitem__(self, index: int) -> FeedForward:
+        return self._modules[str(index)]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        pieces, start = [], 0
+        for e, n in enumerate(counts.tolist()):  # every expert runs (on 0 rows if it has none): each gets a gradient
+            pieces.append(self[e](x[start:start + n]))
+            start += n
+        if start < x.shape[0]:
+            pieces.append(x.new_zeros(x.shape[0] - start, x.shape[1]))
+        return torch.cat(pieces)
+
+    def forward_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self[index](x)
+
+    def blueprint(self) -> nn.Module:
+        return copy.deepcopy(self[0]).to("meta")
+
+
+EXPERT_STORAGES = {"stacked": GroupedExperts, "per_expert": ExpertList}
+"""`moe.expert_storage` -> the ExpertGroup a layer's float experts are built as."""
 
 
 def is_materialised(tensors) -> bool:

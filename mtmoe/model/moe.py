@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtmoe.model.experts import ExpertGroup, GroupedExperts
+from mtmoe.model.experts import EXPERT_STORAGES, ExpertGroup
 
 DISPATCHES = ("grouped", "reference")
 
@@ -420,7 +420,8 @@ def moe_forward(router: Router, experts: ExpertGroup, x: torch.Tensor, keep: Opt
 
 
 class MoEFFN(nn.Module):
-    """MoE FFN sub-layer: `gate` (Router) and `experts` (an ExpertGroup of the local experts).
+    """MoE FFN sub-layer: `gate` (Router) and `experts` (an ExpertGroup of the local experts:
+    stacked, or one module per expert with `expert_storage="per_expert"`).
 
     With ep_size > 1 this rank holds experts [ep_rank*L, (ep_rank+1)*L) of the E experts. Expert g
     is initialised from a generator seeded by (init_seed, g), so every layout (any ep_size) starts
@@ -430,7 +431,7 @@ class MoEFFN(nn.Module):
                  activation: str = "relu", capacity_factor: float = 1.25, eval_capacity_factor: float = 0.0,
                  min_capacity: int = 4, use_rts: bool = True, ep_size: int = 1, ep_rank: int = 0,
                  init_seed: Optional[int] = None, kept_experts: Optional[Sequence[int]] = None,
-                 dispatch: str = "grouped"):
+                 dispatch: str = "grouped", expert_storage: str = "stacked"):
         super().__init__()
         if dispatch not in DISPATCH:
             raise ValueError(f"dispatch={dispatch!r}: expected one of {DISPATCHES}")
@@ -444,7 +445,8 @@ class MoEFFN(nn.Module):
         generators = None if init_seed is None else [
             torch.Generator().manual_seed(init_seed * 1000 + ep_rank * local + i) for i in range(local)]
         with torch.random.fork_rng(devices=[]):  # the global RNG stream must not depend on ep_size
-            self.experts: ExpertGroup = GroupedExperts(local, d_model, d_ff, dropout, activation, generators)
+            self.experts: ExpertGroup = EXPERT_STORAGES[expert_storage](local, d_model, d_ff, dropout, activation,
+                                                                        generators)
 
         self.relay: Optional[RoutingRelay] = None  # set by Seq2Seq when moe.pregate is on
         self.relay_index = 0

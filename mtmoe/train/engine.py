@@ -167,7 +167,7 @@ class Trainer:
         barrier()
         layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
                   "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
-                  "expert_storage": "stacked" if cfg.moe.enabled else None}
+                  "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None}
         moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
         state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
@@ -194,7 +194,7 @@ class Trainer:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
                 "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
-                "skipped_steps": self.guard.skipped, "expert_storage": "stacked"}
+                "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
 
     def _last_checkpoint_path(self) -> str | None:
         return str(checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
