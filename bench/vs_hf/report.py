@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import textwrap
 from pathlib import Path
 
 NAMES = {"mtmoe": "mtmoe (top-2)", "hf": "HF NLLB-MoE", "hf_fixed": "HF NLLB-MoE, fixed dispatch",
@@ -158,8 +159,7 @@ def bar_chart(results: dict, path: Path) -> None:
         names = list(values)
         bars = ax.bar(range(len(names)), [values[n] for n in names], color=[colors[n] for n in names])
         ax.bar_label(bars, fmt="%.0f" if max(values.values()) >= 100 else "%.1f", fontsize=7)
-        ax.set_xticks(range(len(names)), [NAMES[n].replace(", ", "\n").replace(" (", "\n(") for n in names],
-                      fontsize=6)
+        ax.set_xticks(range(len(names)), [textwrap.fill(NAMES[n], 14) for n in names], fontsize=6)
         ax.set_title(title, fontsize=8)
     fig.suptitle(f"mtmoe vs HF NLLB-MoE — {results['machine'].get('gpu') or results['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
