@@ -58,8 +58,12 @@ class Snapshot:
         if not self.run_dir.is_dir():
             return
         for p in self.run_dir.iterdir():
-            if p.name not in self.entries and (p.name in STARTUP_ENTRIES or p.suffix == ".log"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if p.name in self.entries or not (p.name in STARTUP_ENTRIES or p.suffix == ".log"):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
         hydra_dir = self.run_dir / ".hydra"
         if hydra_dir.is_dir():
             for p in hydra_dir.iterdir():
