@@ -67,7 +67,7 @@ def main() -> None:
         if prune:
             prune = {**prune, "calibration": str(resolve(args.calibration)), "lines": args.calibration_lines}
         started = time.monotonic()
-        export_run(resolve(args.run), export_dir, prune, quant)
+        export_run(resolve(args.run), export_dir, prune, quant, overwrite=True)  # the bench rebuilds its own exports
         built.append((name, export_dir, round(time.monotonic() - started, 1)))
         print(f"built {name} in {built[-1][2]} s", flush=True)
     models = {name: load_export(export_dir) for name, export_dir, _ in built}

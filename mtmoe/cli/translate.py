@@ -4,6 +4,8 @@
     mtmoe-translate model=exports/main src=en tgt=de serve.experts_per_layer=0.25 serve.prefetch=speculative
 
 With `serve.*` only some experts stay resident (mtmoe.serve); the serving metrics go to stderr.
+stdin is read as UTF-8: a line that is not stops the filter with an error naming it (the lines
+before it are translated).
 """
 
 from __future__ import annotations
@@ -16,32 +18,40 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
-from mtmoe.paths import CONF_DIR, resolve
+from mtmoe.paths import TOOLS_CONF_DIR, resolve
 
 setup()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="translate")
+@hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from mtmoe.config import ConfigError
-    from mtmoe.eval.decode import translate
+    from mtmoe.config import ConfigError, validate_translate
+    from mtmoe.data.corpus import CorpusError, decode_line
+    from mtmoe.eval.decode import translate, warn_cut_lines
+    from mtmoe.export.artifact import warn_zero_shot
     from mtmoe.serve.metrics import format_summary
     from mtmoe.serve.runtime import load_for_serving
 
+    cfg = OmegaConf.to_object(cfg)
+    validate_translate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, vocab, config, runtime = load_for_serving(resolve(cfg.model), OmegaConf.to_object(cfg.serve))
+    model, vocab, config, runtime = load_for_serving(resolve(cfg.model), cfg.serve)
     for lang, field in ((cfg.src, "src"), (cfg.tgt, "tgt")):
         if lang not in config["langs"]:
             raise ConfigError(f"{field}={lang!r}: unknown language (the model knows {config['langs']})")
+    warn_zero_shot(config, [(cfg.src, cfg.tgt)], "src/tgt")
 
-    def flush(lines: list[str]) -> None:
+    def flush(lines: list[str], numbers: list[int]) -> None:
+        if not lines:
+            return
         keep = [i for i, line in enumerate(lines) if line.strip()]
+        sources = [lines[i].strip() for i in keep]
+        warn_cut_lines(vocab, sources, config["model"]["max_positions"], "<stdin>", [numbers[i] for i in keep])
         outs = [""] * len(lines)  # an empty input line gives an empty output line
         started = time.perf_counter()
-        for i, hyp in zip(keep, translate(model, vocab, [lines[i].strip() for i in keep], cfg.tgt, cfg.beam,
-                                          cfg.length_penalty)):
+        for i, hyp in zip(keep, translate(model, vocab, sources, cfg.tgt, cfg.beam, cfg.length_penalty)):
             outs[i] = hyp
         if runtime is not None:
             runtime.metrics.add_decode(len(keep), time.perf_counter() - started)
@@ -49,15 +59,25 @@ def main(cfg: DictConfig) -> None:
         sys.stdout.flush()
 
     pending: list[str] = []
-    for line in sys.stdin:
-        pending.append(line.rstrip("\n"))
-        if len(pending) >= cfg.batch_lines:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
+    numbers: list[int] = []
+    try:
+        for number, raw in enumerate(sys.stdin.buffer, start=1):
+            try:
+                line = decode_line(raw.rstrip(b"\n"), "<stdin>", number)
+            except CorpusError:
+                flush(pending, numbers)  # one line out per line in, up to the bad one
+                raise
+            pending.append(line)
+            numbers.append(number)
+            if len(pending) >= cfg.batch_lines:
+                flush(pending, numbers)
+                pending, numbers = [], []
+        if pending:
+            flush(pending, numbers)
+    finally:
+        if runtime is not None:
+            runtime.close()
     if runtime is not None:  # stdout carries translations only
-        runtime.close()
         print(format_summary(runtime.metrics.summary()), file=sys.stderr)
 
 

@@ -10,6 +10,7 @@ decision a group-wide agreement (all_reduce MIN of "all finished").
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from mtmoe.data.batching import collate, pack_by_tokens
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+
+log = logging.getLogger("mtmoe")
 
 
 def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[torch.Tensor]) -> None:
@@ -146,6 +149,22 @@ def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int =
     finally:
         model.train(was_training)
     return out
+
+
+def warn_cut_lines(vocab: Vocab, lines: Sequence[str], max_positions: int, source: str,
+                   line_numbers: Optional[Sequence[int]] = None, shown: int = 3) -> list[int]:
+    """Warns (one log line naming `source`:line) about source lines longer than the model takes:
+    `translate_ids` cuts them to their first max_positions - 2 tokens (tag and </s> take two), so
+    their translations cover only that part. Returns the line numbers (1-based unless given)."""
+    limit = max_positions - 2
+    numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
+    cut = [(numbers[i], len(ids)) for i, ids in enumerate(vocab.encode(lines)) if len(ids) > limit]
+    if cut:
+        named = ", ".join(f"{source}:{n} ({tokens} tokens)" for n, tokens in cut[:shown])
+        more = f" and {len(cut) - shown} more lines" if len(cut) > shown else ""
+        log.warning("%s%s: longer than the model's max_positions=%d allows; cut to the first %d tokens "
+                    "(the translation covers only those)", named, more, max_positions, limit)
+    return [n for n, _ in cut]
 
 
 def translate(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: int = 4,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig
+from mtmoe.config import QUANT_BITS, ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import Vocab
 from mtmoe.model.experts import per_expert_state
 from mtmoe.model.seq2seq import Seq2Seq
@@ -31,8 +33,33 @@ DS_GATE = "deepspeed_moe.gate."
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 
 
+log = logging.getLogger("mtmoe")
+
+
 class ExportError(RuntimeError):
     """A missing or unusable checkpoint/export; the message names the path."""
+
+
+def trained_directions(config: dict) -> Optional[list[str]]:
+    """The translation directions the model was trained on (`training.directions` of config.json,
+    from the run's model.json), e.g. ["en-de", "de-en"]; None for exports made before it was recorded."""
+    training = config.get("training")
+    return list(training["directions"]) if training and "directions" in training else None
+
+
+def zero_shot(config: dict, pairs) -> list[str]:
+    """The directions of `pairs` ((src, tgt) tuples) the model was not trained on ([] when unknown)."""
+    trained = trained_directions(config)
+    return [] if trained is None else [f"{s}-{t}" for s, t in pairs if f"{s}-{t}" not in trained]
+
+
+def warn_zero_shot(config: dict, pairs, field: str) -> list[str]:
+    """Warns (one line, naming `field`) about directions of `pairs` the model was not trained on; returns them."""
+    untrained = zero_shot(config, pairs)
+    if untrained:
+        log.warning("%s: %s not among the directions the model was trained on (%s): zero-shot, expect poor output",
+                    field, ", ".join(untrained), ", ".join(trained_directions(config)))
+    return untrained
 
 
 def to_plain_name(name: str) -> str:
@@ -127,15 +154,38 @@ def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
     return model_cfg, moe_cfg
 
 
+def check_output_dir(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """ExportError unless `out_dir` may receive an export: it does not exist, is an empty
+    directory, or is an export and `overwrite` is set. Anything else is never replaced."""
+    out = Path(out_dir).absolute()
+    if source is not None and out == Path(source).absolute():
+        raise ExportError(f"out={out_dir} is the export being read: write to another directory")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / "config.json").is_file():
+        raise ExportError(f"out={out_dir} exists and is not an mtmoe export: choose another directory "
+                          f"(it is never replaced)")
+    if not overwrite:
+        raise ExportError(f"out={out_dir} already holds an export: give overwrite=true to replace it, or "
+                          f"another out=")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path) -> Path:
     """Writes config.json + model.safetensors + spm.model; the directory appears complete or not at all."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    weights = tmp / "model.safetensors"
     # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    os.chmod(weights, 0o666 & ~_umask())  # safetensors writes 0600; the other files get the usual mode
     shutil.copyfile(spm_path, tmp / "spm.model")
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if out.exists():
@@ -159,22 +209,33 @@ def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
     model_cfg, moe_cfg = _configs(desc)
     model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
     state = consolidated_state_dict(tag_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{tag_dir}: checkpoint does not match {desc_path}: "
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        from mtmoe.train.checkpoint import summarize_load_error
+
+        raise ExportError(f"{tag_dir} does not match {desc_path} ({summarize_load_error(str(e))}): the run's "
+                          f"model.json describes another model than its checkpoint (was it overwritten by a "
+                          f"start with other model settings?)") from None
     config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
               "model": asdict(model_cfg), "moe": asdict(moe_cfg),
               "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
+    if desc.get("training"):
+        config["training"] = desc["training"]
     return model.eval(), run_dir / "spm.model", config
 
 
 def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
-               quant: Optional[str] = None) -> Path:
+               quant: Optional[str] = None, overwrite: bool = False) -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
     (`prune`: {"keep": k} or {"direction": "en-de", "mass": 0.9}, plus "calibration" prefix and
-    "lines") and quantized (`quant`: "int8" | "int4")."""
+    "lines") and quantized (`quant`: "int8" | "int4"). An existing export at `out_dir` is replaced
+    only with `overwrite` (checked before any work)."""
     checkpoint = Path(checkpoint)
+    check_output_dir(Path(out_dir), overwrite, checkpoint)
+    bits = QUANT_BITS.get(quant) if quant and quant != "none" else None
+    if quant and quant != "none" and bits is None:
+        raise ConfigError(f"quant={quant!r}: expected none, {' or '.join(QUANT_BITS)}")
     if (checkpoint / "config.json").is_file():
         model, _, config = load_export(checkpoint)
         spm_path = checkpoint / "spm.model"
@@ -183,12 +244,9 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
         model, spm_path, config = _load_checkpoint_model(checkpoint)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
-    if quant and quant != "none":
+    if bits is not None:
         if config.get("quantization"):
             raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
-        bits = {"int8": 8, "int4": 4}.get(quant)
-        if bits is None:
-            raise ConfigError(f"quant={quant!r}: expected none, int8 or int4")
         from mtmoe.export.quantize import quantize_experts
 
         quantize_experts(model, bits)
@@ -213,12 +271,14 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     langs = config["langs"]
     direction = prune.get("direction")
     directions = parse_directions(direction, langs) if direction else parse_directions("all", langs)
+    if direction:
+        warn_zero_shot(config, directions, "prune.direction")
     needed = sorted({lang for pair in directions for lang in pair})
     texts = load_test_set(calibration, needed)
     lines = int(prune.get("lines") or 0)
     if lines:
         texts = {lang: t[:lines] for lang, t in texts.items()}
-    telemetry = collect_routing(model, Vocab(spm_path), texts, directions)
+    telemetry = collect_routing(model, Vocab(spm_path), texts, directions, progress="calibration")
     top_k = config["moe"]["top_k"]
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)

@@ -13,13 +13,15 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
 from mtmoe.config import ConfigError
 from mtmoe.model.moe import MoEFFN, Router
+
+log = logging.getLogger("mtmoe")
 
 Prefetch = Callable[[str, Sequence[int]], None]
 
@@ -61,8 +63,11 @@ class Speculative:
                 hook = self._hook(next_name, next_layer.gate)
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if not self._handles:
-            warnings.warn("serve.prefetch=speculative: no MoE layer has a next MoE layer in its stack, "
-                          "so nothing is ever prefetched (experts load on demand)")
+            every = getattr(getattr(model, "moe_cfg", None), "every", "?")
+            log.warning("serve.prefetch=speculative has nothing to predict from: this model has one MoE layer "
+                        "per stack (moe.every=%s), and a prediction is made by the next MoE layer's router, so "
+                        "experts load on demand (prefetch=none). Models with two or more MoE layers per stack "
+                        "(e.g. moe.every=1) can prefetch", every)
 
     def _hook(self, next_name: str, router: Router):
         def hook(module, args, kwargs):
