@@ -1,13 +1,18 @@
 """Structured configs: one dataclass per concern, registered in Hydra's ConfigStore, plus one
 `validate()` that checks the whole tree before any compute starts.
 
-The YAML files under `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
-(structured-config schema), and `validate()` rejects impossible combinations with a message that
-names the field (e.g. ``moe.num_experts=6 is not divisible by moe.ep_size=4``).
+The YAML files under `conf/` fill these dataclasses; Hydra rejects wrong types and unknown keys
+in YAML and plain overrides (structured-config schema). Keys added with `+key=value` get past the
+schema (OmegaConf keeps them as extra attributes), so each app config has its own `validate*()`
+that rejects unknown keys under typed sections (naming the closest known key) and impossible
+values or combinations, with a message that names the field (e.g.
+``moe.num_experts=6 is not divisible by moe.ep_size=4``), before any compute starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -78,7 +83,8 @@ class MoEConfig:
     ep_size: int = 1
     """Expert-parallel group size: each rank holds num_experts/ep_size experts."""
     capacity_factor: float = 1.25
-    """Training capacity = ceil(k * tokens / num_experts * factor); <= 0 disables dropping."""
+    """Training capacity = ceil(k * tokens / num_experts * factor); 0 (or less) is dropless: every
+    real token reaches its top-k experts, no capacity at all (MegaBlocks' dMoE)."""
     eval_capacity_factor: float = 0.0
     """Capacity factor in eval mode (validation, decoding, export); 0 = no token is dropped."""
     min_capacity: int = 4
@@ -91,6 +97,14 @@ class MoEConfig:
     """Pre-gated MoE: each MoE layer's routing is computed one MoE layer earlier in the same stack
     (the first routes itself), so a serving runtime knows the next layer's experts in advance
     (`serve.prefetch=pregate`). Same parameters as a normal model."""
+    dispatch: str = "grouped"
+    """`grouped`: kept (token, expert) rows ordered by expert, experts run as one grouped GEMM, no
+    host sync (mtmoe.model.moe). `reference`: the capacity-buffer index dispatch it replaced, one
+    expert at a time (slower; for checking and benchmarks). Same results either way."""
+    expert_storage: str = "stacked"
+    """`stacked`: each MoE layer's experts in [E, ...] tensors (one grouped GEMM). `per_expert`: one
+    module per expert, run one after another; for ZeRO-3 with offload (`parallel=zero3_nvme` sets
+    it), where a parameter is gathered whole when it runs. Same weights, checkpoints and exports."""
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
     """Set by expert pruning in exports: MoE layer (`enc1`, `dec1`, ...) -> ids of the experts it keeps."""
 
@@ -219,17 +233,6 @@ class SubsetConfig:
     subset per direction."""
 
 
-def validate_subset(subset: SubsetConfig, serve: ServeConfig) -> None:
-    """`subset.*` in range and not combined with offloading (checked before any weight is read)."""
-    if subset.mass is None:
-        return
-    if not 0 < subset.mass <= 1:
-        raise ConfigError(f"subset.mass={subset.mass} must be in (0, 1]")
-    if serve.experts_per_layer is not None:
-        raise ConfigError("subset.mass and serve.experts_per_layer exclude each other: a subset holds its "
-                          "experts resident; offload the full export instead")
-
-
 @dataclass
 class EvalAppConfig:
     model: str = "???"
@@ -237,8 +240,10 @@ class EvalAppConfig:
     test: str = "data/multi30k/test_2016_flickr"
     """Corpus prefix: files `{test}.{lang}[.gz]`."""
     langs: Optional[list[str]] = None
-    directions: Optional[list[str]] = None
-    """e.g. `[en-de,de-en]`; default: every direction between the `langs` the model knows."""
+    directions: Any = None
+    """A list `[en-de,de-en]`, a string `en-de,de-en`, or `all`; default: the directions the model was
+    trained on (its config.json `training` record; every direction for older exports) among `langs`.
+    Directions outside that record are scored as zero-shot and reported apart."""
     beam: int = 4
     length_penalty: float = 1.0
     max_tokens: int = 4096
@@ -277,6 +282,9 @@ class PruneConfig:
     """Calibration lines per direction (0 = all): ~4k tokens per direction and layer is plenty for
     routing shares, and telemetry over all 12 x 1014 val pairs costs minutes on a CPU."""
     loss_lines: int = 100
+    per_layer: bool = False
+    """`rule=loss`: keep the same number of experts in every MoE layer, instead of `keep` of the
+    model's experts spent where the measured loss says (mtmoe.export.calibrate)."""
     """Calibration lines per direction for `rule=loss` (each candidate set is one teacher-forced pass
     over them)."""
 
@@ -286,13 +294,22 @@ class ExportAppConfig:
     checkpoint: str = "???"
     """A training run dir (its latest checkpoint), a checkpoint tag dir, or an existing export dir."""
     out: str = "???"
+    overwrite: bool = False
+    """Replace an existing export at `out` (otherwise an existing export is never touched)."""
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: str = "none"
-    """Expert weight quantization: none, int8 or int4."""
+    """Expert weight quantization: none, int8 or int4 (`QUANT_BITS`)."""
     routing_stats: bool = True
     """Store the exported model's routing statistics on `prune.calibration` (`prune.lines` lines per
     direction) as routing.json: per-direction subsets (`subset.mass`) and language-aware serving
     (`serve.prefetch=language`) read them."""
+
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+"""`quant=` choices (besides `none`) and their bits per expert weight."""
+
+PRUNE_RULES = ("loss", "coverage", "global")
+"""`prune.rule` choices for `prune.keep` (mtmoe.export.prune)."""
 
 
 @dataclass
@@ -318,6 +335,86 @@ def register_configs() -> None:
     cs.store(name="translate_schema", node=TranslateAppConfig)
 
 
+RUN_DEFINING = {
+    "model": ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "activation", "positions",
+              "max_positions"),
+    "moe": ("enabled", "num_experts", "top_k", "every", "pregate"),
+    "vocab": ("vocab_size", "spm_model_type", "spm_sample_lines"),
+}
+"""The settings that define a run's weights (its model.json): resuming with other values is refused
+(`train/checkpoint.py`). The other model/MoE settings (dropout, capacity factors, loss weights, RTS,
+ep_size) are training choices a resumed run may change; `vocab` are the `data.*` settings that
+decide the vocabulary (besides the languages and the training text)."""
+
+
+def check_known_keys(obj: Any, prefix: str = "") -> None:
+    """Rejects keys a typed section does not have, e.g. `+train.max_step=5` (OmegaConf keeps a key
+    added with `+` as an extra attribute of the dataclass). Dict-typed fields (`tasks`, whose
+    parameters the task plugins check, the raw `deepspeed` section, `moe.kept_experts`) take any key."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    known = [f.name for f in dataclasses.fields(obj)]
+    for key in vars(obj):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key}: unknown key ({hint})")
+    for name in known:
+        check_known_keys(getattr(obj, name), f"{prefix}{name}.")
+
+
+def _check_beam(beam: int) -> None:
+    """The beam size eval and translate share."""
+    if beam < 1:
+        raise ConfigError(f"beam={beam} must be >= 1 (1 = greedy)")
+
+
+def check_subset(subset: SubsetConfig, serve: ServeConfig) -> None:
+    """`subset.*` in range and not combined with offloading (checked before any weight is read)."""
+    if subset.mass is None:
+        return
+    if not 0 < subset.mass <= 1:
+        raise ConfigError(f"subset.mass={subset.mass} must be in (0, 1]")
+    if serve.experts_per_layer is not None:
+        raise ConfigError("subset.mass and serve.experts_per_layer exclude each other: a subset holds its "
+                          "experts resident; offload the full export instead")
+
+
+def validate_eval(cfg: EvalAppConfig) -> None:
+    """Rejects an impossible `mtmoe-eval` config before any weight or text is read."""
+    check_known_keys(cfg)
+    _check_beam(cfg.beam)
+    d = cfg.directions
+    if d is not None and not (isinstance(d, str) or (isinstance(d, list) and all(isinstance(x, str) for x in d))):
+        raise ConfigError(f"directions={d!r}: expected a list [en-de,de-en], a string 'en-de,de-en' or all")
+    for name in ("limit", "workers", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+    if cfg.max_tokens < 1:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} must be >= 1")
+    check_subset(cfg.subset, cfg.serve)
+
+
+def validate_translate(cfg: TranslateAppConfig) -> None:
+    """Rejects an impossible `mtmoe-translate` config before the model is loaded."""
+    check_known_keys(cfg)
+    _check_beam(cfg.beam)
+    if cfg.batch_lines < 1:
+        raise ConfigError(f"batch_lines={cfg.batch_lines} must be >= 1")
+    check_subset(cfg.subset, cfg.serve)
+
+
+def validate_export(cfg: ExportAppConfig) -> None:
+    """Rejects an impossible `mtmoe-export` config before the checkpoint is read."""
+    check_known_keys(cfg)
+    if cfg.prune.keep is not None and cfg.prune.direction:
+        raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
+    if cfg.quant != "none" and cfg.quant not in QUANT_BITS:
+        raise ConfigError(f"quant={cfg.quant!r}: expected none, {' or '.join(QUANT_BITS)}")
+    if cfg.prune.rule not in PRUNE_RULES:
+        raise ConfigError(f"prune.rule={cfg.prune.rule!r}: expected one of {', '.join(PRUNE_RULES)}")
+
+
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
     """Checks the model/MoE fields that do not depend on the parallel layout."""
     if model.d_model % model.n_heads:
@@ -331,6 +428,10 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
             raise ConfigError(f"moe.num_experts={moe.num_experts} must be >= 1")
         if moe.top_k not in (1, 2):
             raise ConfigError(f"moe.top_k={moe.top_k}: only top-1 and top-2 routing are supported")
+        if moe.dispatch not in ("grouped", "reference"):
+            raise ConfigError(f"moe.dispatch={moe.dispatch!r}: expected 'grouped' or 'reference'")
+        if moe.expert_storage not in ("stacked", "per_expert"):
+            raise ConfigError(f"moe.expert_storage={moe.expert_storage!r}: expected 'stacked' or 'per_expert'")
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.every < 1:
@@ -347,6 +448,7 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
 
 def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
     """Rejects impossible configs before any data is read or any process group is used."""
+    check_known_keys(cfg)
     validate_model(cfg.model, cfg.moe)
     if cfg.moe.enabled and world_size % cfg.moe.ep_size:
         raise ConfigError(

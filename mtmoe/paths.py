@@ -7,6 +7,10 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
+"""mtmoe-train's config groups (`data/`, `model/`, `moe/`, ...)."""
+TOOLS_CONF_DIR = PROJECT_ROOT / "conf_tools"
+"""The configs of mtmoe-eval, mtmoe-export and mtmoe-translate (apart, so that mtmoe-train does not
+offer them as a config group)."""
 
 
 def resolve(path: str | os.PathLike) -> Path:

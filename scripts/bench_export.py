@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Export variants of one trained model, side by side: size, decoding speed, BLEU on every scored direction.
 
-Builds from a training run (or a full export): full; expert-pruned to 1/2 and 1/4 of each layer's
-experts by the loss rule (the default); int8; int4; 1/2 + int8 by the loss, coverage and global
-rules; and, from the full export without a second one, per-direction expert subsets loaded at run
+Builds from a training run (or a full export): full; expert-pruned to 1/2 and 1/4 of the model's
+experts by the loss rule (the default: the budget spent over the layers); int8; int4; 1/2 + int8 by
+the loss rule, the loss rule with the same count in every layer, the coverage and the global rules; and, from the full export without a second one, per-direction expert subsets loaded at run
 time (`subset.mass`, 0.9 by default). For each it reports the file bytes
 (total, experts; for subsets the expert bytes held, mean over the directions), beam-search
 sentences/s on one direction (decoded in this one process with the same thread count, after a
@@ -46,6 +46,7 @@ VARIANTS = {  # name: (prune, quant, built from); "subset" rows are loaded from 
     "int8": (None, "int8", "full"),
     "int4": (None, "int4", "full"),
     "pruned-1/2+int8": (None, "int8", "pruned-1/2"),  # the same kept set, quantized
+    "pruned-1/2+int8 loss per layer": ({"keep": 0.5, "rule": "loss", "per_layer": True}, "int8", "full"),
     "pruned-1/2+int8 coverage": ({"keep": 0.5, "rule": "coverage"}, "int8", "full"),
     "pruned-1/2+int8 global": ({"keep": 0.5, "rule": "global"}, "int8", "full"),
     "subset": (None, "none", None),

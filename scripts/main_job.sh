@@ -15,11 +15,11 @@ started=$(date +%s)
 
 deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$RUN" "$@"
 trained=$(date +%s)
-mtmoe-export checkpoint="$RUN" out="$RUN/export"
+mtmoe-export checkpoint="$RUN" out="$RUN/export" overwrite=true  # re-running the job rebuilds its exports
 mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=2 telemetry=true \
   out="$RUN/eval_full/test_2016_flickr.json"
 # shellcheck disable=SC2086
-mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" $PRUNE
+mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" overwrite=true $PRUNE
 mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 workers=2 \
   out="$RUN/eval_pruned/test_2016_flickr.json"
 finished=$(date +%s)

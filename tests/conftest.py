@@ -27,6 +27,18 @@ def cut_corpus(out: Path, train_lines: int = 400, val_lines: int = 30, test_line
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, saying why, on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return cut_corpus(tmp_path_factory.mktemp("corpus"))
@@ -97,11 +109,12 @@ def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int
 @pytest.fixture(scope="session")
 def exports(trained, tmp_path_factory, corpus):
     """The tiny trained run exported as is (with routing statistics on the bundled val set, as
-    mtmoe-export writes them), expert-pruned to 2 of 4, and int8-quantized."""
+    mtmoe-export writes them), expert-pruned to 2 of 4 in each MoE layer, and int8-quantized."""
     from mtmoe.export.artifact import export_run
 
     root = tmp_path_factory.mktemp("exports")
     full = export_of(trained, root / "full")
-    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "calibration": f"{corpus}/val", "lines": 10})
+    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "per_layer": True, "calibration": f"{corpus}/val",
+                                                      "lines": 10})
     int8 = export_run(full, root / "int8", quant="int8")
     return {"full": full, "pruned": pruned, "int8": int8}

@@ -56,16 +56,36 @@ def test_suite_tiny(corpus, cache_dir, tmp_path):
     results = main(["--size", "tiny", "--set", f"data.corpus_dir={corpus}", "--set", "data.vocab_size=300",
                     "--set", f"data.cache_dir={cache_dir}", "--set", "train.max_tokens=256", "--threads", "1",
                     "--warmup", "1", "--train-batches", "1", "--repeats", "2", "--decode-sentences", "6",
-                    "--decode-batch", "3", "--no-memory", "--out", str(out)])
+                    "--decode-batch", "3", "--no-memory", "--out", str(out),
+                    "--systems", "mtmoe_top1,mtmoe_dense,mtmoe_dropless,mtmoe_reference"])
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "results.png"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["parameters"]["mtmoe"]["total"] == saved["parameters"]["hf"]["total"]
-    for name in ("mtmoe", "hf", "hf_fixed", "mtmoe_top1", "mtmoe_dense"):
+    for name in ("mtmoe", "hf", "hf_fixed", "mtmoe_top1", "mtmoe_dense", "mtmoe_dropless", "mtmoe_reference"):
         assert len(results["training"]["1"][name]["rounds"]) == 2
         assert results["training"]["1"][name]["tokens_per_s"] > 0
     for name in ("mtmoe", "hf", "hf_fixed"):
         assert results["decoding"][name]["sentences"] == 6 and results["decoding"][name]["tokens_generated"] > 0
-    assert "| train target tok/s, 1 thread(s) |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| train target tok/s, 1 thread(s) |" in table
+    assert "| train target tok/s, 1 thread(s) | mtmoe top-2, reference dispatch |" in table  # MoE / dense rows
+
+
+def test_plain_training_step_on_the_cpu(corpus, cache_dir):
+    """The GPU suite's mtmoe step (plain loop, no DeepSpeed) runs and learns on the CPU too."""
+    import torch
+
+    from mtmoe.data.prepare import prepare_training_data
+
+    from bench.vs_hf.training import PlainStep, training_batches
+
+    cfg = compose_config("top2", ["model=tiny", f"data.corpus_dir={corpus}", "data.vocab_size=300",
+                                  f"data.cache_dir={cache_dir}", "train.max_tokens=256", "train.warmup_steps=1"])
+    data = prepare_training_data(cfg.data)
+    step = PlainStep(cfg, len(data.vocab), torch.device("cpu"))
+    batch = training_batches(data, cfg, 1)[0]
+    losses = [step(batch) for _ in range(4)]
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("system,phase", [("mtmoe", "train"), ("hf", "decode")])

@@ -87,7 +87,8 @@ def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache
     from conftest import clean_env, run_cli, tiny_overrides
 
     run_dir = tmp_path / "run"
-    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4, **{"train.valid_bleu": "never"}))
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4,
+                                                 **{"train.valid_bleu": "never", "data.directions": "pivot"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, half = tmp_path / "full", tmp_path / "half4"
     assert run_cli("mtmoe-export", [f"checkpoint={run_dir}", f"out={full}"]).returncode == 0
@@ -95,7 +96,11 @@ def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache
                                     f"prune.calibration={corpus}/val"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((half / "config.json").read_text())
-    assert {layer: len(ids) for layer, ids in config["pruning"]["kept"].items()} == {"enc1": 2, "dec1": 2}
+    kept = {layer: len(ids) for layer, ids in config["pruning"]["kept"].items()}
+    assert sum(kept.values()) == 4 and min(kept.values()) >= 1  # half of the model's 8, spent by the loss
+    trained = config["training"]["directions"]  # pivot: to and from English only
+    assert sorted(config["pruning"]["calibration_directions"]) == sorted(trained) and all("en" in d for d in trained)
+    assert set(config["pruning"]["calibration_loss"]["increase"]) == set(trained)
     assert config["quantization"]["bits"] == 4
     import subprocess
 
@@ -104,7 +109,7 @@ import sys, torch
 sys.modules['deepspeed'] = None
 from mtmoe.export.artifact import load_export, export_bytes
 model, vocab, config = load_export({str(half)!r})
-assert len(model.encoder[1].ffn.experts) == 2
+assert len(model.encoder[1].ffn.experts) == {kept['enc1']}
 src = torch.tensor([[vocab.tag_id('de')] + vocab.encode(['A dog.'])[0] + [3]])
 logits, _, _ = model(src, torch.tensor([[2]]))
 assert torch.isfinite(logits).all()
@@ -114,11 +119,11 @@ print(full['expert_bytes'], half['expert_bytes'])
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     full_bytes, half_bytes = map(int, proc.stdout.split())
-    d, ff, layers, kept = 32, 64, 2, 2  # tiny: d_model, d_ff, MoE layers, experts kept per layer
+    d, ff, layers = 32, 64, 2  # tiny: d_model, d_ff, MoE layers
     fp32_expert = 4 * (ff * d + ff + d * ff + d)
     int4_expert = (ff * d // 2 + 4 * ff + 4 * ff) + (d * ff // 2 + 4 * d + 4 * d)  # codes, scales, biases
     assert full_bytes == layers * 4 * fp32_expert
-    assert half_bytes == layers * kept * int4_expert
+    assert half_bytes == sum(kept.values()) * int4_expert
 
 
 def test_routing_telemetry_and_heatmap(tmp_path):
@@ -240,6 +245,34 @@ def test_loss_rule_keeps_the_set_whose_pruned_model_loses_least():
             scores[ids] = score({d: nll[d] - base[d] for d in nll})
         assert kept[name] == list(min(scores, key=scores.get))
         assert score(report["increase"][name]) == pytest.approx(min(scores.values()), abs=1e-3)
+
+
+def test_loss_rule_spends_the_model_budget_where_it_costs_least():
+    """budget_keep (the loss rule's default): the kept total is the budget, every layer keeps at
+    least min_experts, each step drops the (layer, expert) whose really pruned model (with the
+    earlier drops) loses least, and the reported increase is the final pruned model's."""
+    from mtmoe.export.calibrate import budget_keep, direction_nll, score
+
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1)).eval()
+    pairs = [("en", "de"), ("de", "en")]
+    kept, report = budget_keep(model, FakeVocab(), CALIBRATION, pairs, budget=3, min_experts=1,
+                               progress=lambda _: None)
+    assert sum(len(ids) for ids in kept.values()) == 3 and all(len(ids) >= 1 for ids in kept.values())
+    base = direction_nll(model, FakeVocab(), CALIBRATION, pairs)
+
+    def really(sets):
+        nll = direction_nll(pruned_copy(model, sets), FakeVocab(), CALIBRATION, pairs)
+        return {d: nll[d] - base[d] for d in nll}
+
+    full = {"enc1": [0, 1, 2, 3], "dec1": [0, 1, 2, 3]}
+    first = {(name, e): score(really({**full, name: [x for x in full[name] if x != e]}))
+             for name in full for e in full[name]}
+    assert (report["steps"][0]["layer"], report["steps"][0]["dropped"]) == min(first, key=first.get)
+    assert len(report["steps"]) == 5
+    final = really(kept)
+    assert all(report["increase"][d] == pytest.approx(final[d], abs=1e-3) for d in final)
+    with pytest.raises(ValueError, match="budget 1 < 1 expert"):
+        budget_keep(model, FakeVocab(), CALIBRATION, pairs, budget=1, progress=lambda _: None)
 
 
 def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):

@@ -36,7 +36,7 @@ def test_efd_first_forward_equals_the_dense_model():
         got, _, _ = moe(src, tgt)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     # Gates stay fresh (the MoE model's own init), experts are copies.
-    assert torch.equal(moe.encoder[1].ffn.experts[3].fc1.weight, dense.encoder[1].ffn.ffn.fc1.weight)
+    assert torch.equal(moe.encoder[1].ffn.experts.w1[3], dense.encoder[1].ffn.ffn.fc1.weight)
 
 
 def test_efd_noise_makes_experts_differ_deterministically():
@@ -59,8 +59,8 @@ def test_aoe_concatenates_experts_and_gates_and_averages_the_rest():
     gate = model.encoder[1].ffn.gate.wg.weight
     assert gate.shape == (5, 32) and len(model.encoder[1].ffn.experts) == 5
     assert torch.equal(gate[:2], a["encoder.1.ffn.gate.wg.weight"]) and torch.equal(gate[2:], b["encoder.1.ffn.gate.wg.weight"])
-    assert torch.equal(model.decoder[1].ffn.experts[4].fc2.weight, b["decoder.1.ffn.experts.2.fc2.weight"])
-    assert torch.equal(model.decoder[1].ffn.experts[1].fc2.weight, a["decoder.1.ffn.experts.1.fc2.weight"])
+    assert torch.equal(model.decoder[1].ffn.experts.w2[4], b["decoder.1.ffn.experts.2.fc2.weight"])
+    assert torch.equal(model.decoder[1].ffn.experts.w2[1], a["decoder.1.ffn.experts.1.fc2.weight"])
     shared = "encoder.0.self_attn.q_proj.weight"
     assert torch.allclose(model.state_dict()[shared], (a[shared] + b[shared]) / 2)
 
@@ -69,7 +69,7 @@ def test_expert_parallel_rank_gets_its_global_experts():
     full = build_model(100, MODEL, MoEConfig(num_experts=4), seed=1).state_dict()
     rank1 = build_model(100, MODEL, MoEConfig(num_experts=4, ep_size=2), ep_rank=1, seed=7)
     load_into(rank1, full)
-    assert torch.equal(rank1.encoder[1].ffn.experts[0].fc1.weight, full["encoder.1.ffn.experts.2.fc1.weight"])
+    assert torch.equal(rank1.encoder[1].ffn.experts.w1[0], full["encoder.1.ffn.experts.2.fc1.weight"])
 
 
 def test_train_from_dense_end_to_end(tmp_path, corpus, cache_dir):

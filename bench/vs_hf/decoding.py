@@ -75,7 +75,7 @@ def hf_decode(model, batch: Sequence[np.ndarray], tag_id: int, beam: int) -> int
     from transformers import LogitsProcessorList
 
     max_positions = model.config.max_position_embeddings
-    src = source_tensor(batch, tag_id, max_positions)
+    src = source_tensor(batch, tag_id, max_positions).to(model.device)
     limits = length_limits(src, max_positions)
     out = model.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), num_beams=beam,
                          do_sample=False, length_penalty=1.0, early_stopping=False,
@@ -91,15 +91,25 @@ def generated_tokens(sequences: torch.Tensor) -> int:
     return int(lengths.sum())
 
 
-def make_decoder(system: str, cfg, vocab_size: int):
-    """(decode function, model in eval mode) for `mtmoe`, `hf` or `hf_fixed`."""
-    if system == "mtmoe":
+def make_decoder(system: str, cfg, vocab_size: int, device: torch.device = torch.device("cpu")):
+    """(decode function, model in eval mode on `device`) for `mtmoe*` (built from `cfg`), `hf` or
+    `hf_fixed`; on a GPU the function decodes under bf16 autocast."""
+    if system.startswith("mtmoe"):
         from mtmoe.model.seq2seq import build_model
 
-        return mtmoe_decode, build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed).eval()
-    from bench.vs_hf.systems import build_hf
+        decode, model = mtmoe_decode, build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed)
+    else:
+        from bench.vs_hf.systems import build_hf
 
-    return hf_decode, build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch=system == "hf_fixed").eval()
+        decode, model = hf_decode, build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch=system == "hf_fixed")
+    if device.type == "cpu":
+        return decode, model.eval()
+
+    def on_device(model, batch, tag_id, beam):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return decode(model, batch, tag_id, beam)
+
+    return on_device, model.to(device).eval()
 
 
 def alternate_decoding(systems: dict, batches: Sequence[Sequence[np.ndarray]], tag_id: int, beam: int,

@@ -3,6 +3,7 @@
     python scripts/bench_vs_hf.py                          # default size, ~10 min on a 2-core CPU
     python scripts/bench_vs_hf.py --size tiny --threads 1 --train-batches 2 --decode-sentences 8
     python scripts/bench_vs_hf.py --set data.corpus_dir=/my/corpus --set data.vocab_size=300
+    python scripts/bench_vs_hf.py --device cuda --size big --out bench/vs_hf/cuda_big   # on a GPU
 
 Systems (all from random weights, fp32, dropout 0):
   mtmoe        `moe=top2` preset (4 experts in every 2nd layer, capacity factor 1.5, RTS) in its
@@ -11,6 +12,15 @@ Systems (all from random weights, fp32, dropout 0):
   hf_fixed     the same with transformers 4.x's expert dispatch (see `systems.fix_hf_dispatch`)
   mtmoe_top1   `moe=top1` preset (capacity factor 1.25) and
   mtmoe_dense  `moe=dense` (same d_ff): the MoE overhead at equal active FLOPs per token
+  mtmoe_dropless     top-2, `moe.capacity_factor=0` (no capacity: every token reaches its experts)
+  mtmoe_reference    top-2 with `moe.dispatch=reference` (the capacity-buffer index dispatch the
+                     grouped dispatch replaced): before/after in one run
+The default systems are the first five on a CPU and all seven on a GPU (`--systems` picks).
+
+On a GPU (`--device cuda`): every system trains in a plain PyTorch loop on the device under bf16
+autocast with fused AdamW (mtmoe's DeepSpeed engine on a GPU is the trainer's business), decoding
+runs under bf16 autocast, and memory is each system's peak allocated GPU memory in training, built
+alone before the timed rounds.
 
 Measurements: training target tokens/s at each `--threads` count, all five systems in one process
 in alternating rounds after warm-up, median over rounds; beam search sentences/s and generated
@@ -41,16 +51,22 @@ from mtmoe.paths import resolve
 from bench.vs_hf import report
 from bench.vs_hf.decoding import alternate_decoding, make_decoder, sentence_batches
 from bench.vs_hf.memory import measure
-from bench.vs_hf.systems import SIZES, active_parameters, build_hf, compose_config, parameter_counts
-from bench.vs_hf.training import alternate, make_train_step, training_batches
+from bench.vs_hf.systems import MODEL_VOCAB, SIZES, active_parameters, build_hf, compose_config, parameter_counts
+from bench.vs_hf.training import alternate, make_train_step, peak_training_memory, training_batches
 
-PRESETS = {"mtmoe": "top2", "hf": "top2", "hf_fixed": "top2", "mtmoe_top1": "top1", "mtmoe_dense": "dense"}
+PRESETS = {"mtmoe": "top2", "hf": "top2", "hf_fixed": "top2", "mtmoe_top1": "top1", "mtmoe_dense": "dense",
+           "mtmoe_dropless": "top2", "mtmoe_reference": "top2"}
+SYSTEM_OVERRIDES = {"mtmoe_dropless": ["moe.capacity_factor=0"], "mtmoe_reference": ["moe.dispatch=reference"]}
+CPU_SYSTEMS = ("mtmoe", "hf", "hf_fixed", "mtmoe_top1", "mtmoe_dense")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--size", choices=sorted(SIZES), default="default", help="model size preset")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--systems", default="", help=f"comma-separated subset of {','.join(PRESETS)} "
+                    "(default: the first five on a CPU, all on a GPU); mtmoe, hf and hf_fixed are always run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for every mtmoe config (e.g. data.vocab_size=300); repeatable")
     ap.add_argument("--threads", default="1,2", help="torch thread counts for training (decoding uses the first)")
@@ -69,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def model_vocab(size: str, data) -> int:
+    """The models' vocabulary: the data's, or the size's larger MODEL_VOCAB."""
+    return max(len(data.vocab), MODEL_VOCAB.get(size, 0))
+
+
 def count_parameters(configs: dict, vocab_size: int) -> dict[str, dict[str, int]]:
     """Parameters by kind of every system (mtmoe as the plain model; DeepSpeed adds none)."""
     counts = {}
@@ -79,18 +100,28 @@ def count_parameters(configs: dict, vocab_size: int) -> dict[str, dict[str, int]
     return counts
 
 
-def run_training(configs: dict, data, args, threads: list[int]) -> dict[str, dict]:
-    """{threads: {system: {tokens_per_s (median), rounds}}} on the same batches for all systems."""
-    vocab_size = len(data.vocab)
+def run_training(configs: dict, data, args, threads: list[int], device: torch.device) -> dict[str, dict]:
+    """{threads (or "cuda"): {system: {tokens_per_s (median), rounds}}} on the same batches for all
+    systems; on a GPU also {"peak_memory_gib": {system: GiB}} (each system built alone first)."""
+    vocab_size = model_vocab(args.size, data)
     batches = training_batches(data, configs["mtmoe"], args.warmup + args.train_batches * args.repeats)
-    steps = {name: make_train_step(name, cfg, vocab_size) for name, cfg in configs.items()}
     results = {}
+    if device.type == "cuda":
+        results["peak_memory_gib"] = {
+            name: round(peak_training_memory(lambda cfg=cfg, name=name: make_train_step(name, cfg, vocab_size, device),
+                                             batches[:args.memory_steps], device), 3)
+            for name, cfg in configs.items()}
+        print("peak GPU memory (GiB): " + ", ".join(f"{k} {v}" for k, v in results["peak_memory_gib"].items()),
+              flush=True)
+        threads = [threads[0]]
+    steps = {name: make_train_step(name, cfg, vocab_size, device) for name, cfg in configs.items()}
     for n in threads:
         torch.set_num_threads(n)
+        key = "cuda" if device.type == "cuda" else str(n)
         rates = alternate(steps, batches, args.warmup, args.repeats)
-        results[str(n)] = {name: {"tokens_per_s": statistics.median(r), "rounds": r} for name, r in rates.items()}
-        print(f"training, {n} thread(s): "
-              + ", ".join(f"{name} {v['tokens_per_s']:.0f} tok/s" for name, v in results[str(n)].items()), flush=True)
+        results[key] = {name: {"tokens_per_s": statistics.median(r), "rounds": r} for name, r in rates.items()}
+        print(f"training, {key}: "
+              + ", ".join(f"{name} {v['tokens_per_s']:.0f} tok/s" for name, v in results[key].items()), flush=True)
     timed = batches[args.warmup:]
     results["batches"] = {"warmup": args.warmup, "timed_per_round": args.train_batches, "rounds": args.repeats,
                           "mean_target_tokens": sum(b.num_target_tokens for b in timed) / len(timed),
@@ -99,13 +130,16 @@ def run_training(configs: dict, data, args, threads: list[int]) -> dict[str, dic
     return results
 
 
-def run_decoding(cfg, data, args, threads: int) -> dict:
-    """Beam search speed of mtmoe, hf and hf_fixed on the same batches of test sentences."""
+def run_decoding(configs: dict, data, args, threads: int, device: torch.device) -> dict:
+    """Beam search speed of mtmoe, hf and hf_fixed (and mtmoe_reference when it runs) on the same
+    batches of test sentences."""
+    cfg = configs["mtmoe"]
     torch.set_num_threads(threads)
     src, tgt = args.direction.split("-")
     lines = load_test_set(str(Path(cfg.data.corpus_dir) / cfg.data.test_prefix), [src])[src][:args.decode_sentences]
     batches = sentence_batches(data.vocab, lines, args.decode_batch)
-    systems = {name: make_decoder(name, cfg, len(data.vocab)) for name in report.COMPARED}
+    names = [*report.COMPARED, *(n for n in ("mtmoe_reference",) if n in configs)]
+    systems = {name: make_decoder(name, configs[name], model_vocab(args.size, data), device) for name in names}
     results = alternate_decoding(systems, batches, data.vocab.tag_id(tgt), args.beam, args.decode_repeats)
     print("decoding: " + ", ".join(f"{name} {r['sentences_per_s']:.2f} sent/s, {r['tokens_per_s']:.0f} tok/s"
                                    for name, r in results.items()), flush=True)
@@ -130,7 +164,7 @@ def run_memory(overrides: list[str], args, threads: int) -> dict:
 
 def setup_notes(configs: dict, training: dict, decoding: dict, beam: int) -> list[str]:
     """What the numbers mean and where the systems differ."""
-    top2, top1 = configs["mtmoe"], configs["mtmoe_top1"]
+    top2 = configs["mtmoe"]
     b = training["batches"]
     return [
         f"Training batches: mtmoe BatchStream (train.max_tokens={top2.train.max_tokens}, seed {top2.train.seed}, "
@@ -146,8 +180,9 @@ def setup_notes(configs: dict, training: dict, decoding: dict, beam: int) -> lis
         f"capacity ceil(2 * real tokens / E * {top2.moe.capacity_factor}) (min {top2.moe.min_capacity}) for both "
         "(HF's router capacity is set per batch to mtmoe's value), padding not routed, no dropping in eval. "
         f"mtmoe uses Random Token Selection (use_rts={top2.moe.use_rts}); NLLB-MoE drops by position.",
-        f"MoE overhead: mtmoe `moe=top1` (capacity factor {top1.moe.capacity_factor}) vs `moe=dense`, same d_ff, "
-        "i.e. the same FFN FLOPs per token (plus the router); ratio = dense tok/s / MoE tok/s = step-time ratio.",
+        "MoE step time / dense step time: each mtmoe MoE system vs `moe=dense` (same d_ff) on the same batches; "
+        "top-1 (`moe=top1`, capacity factor 1.25) does the dense model's FFN FLOPs per token (plus the router), top-2 "
+        "doubles the FFN FLOPs of the MoE layers; ratio = dense tok/s / MoE tok/s = step-time ratio.",
         "HF NLLB-MoE in transformers 5.x dispatches tokens wrongly (NllbMoeExperts.forward one-hot encodes the "
         "top-1 mask as if it held expert ids): expert 0 runs all (token, non-top-1 expert) pairs, expert 1 all "
         "top-1 pairs, other experts never run, i.e. E x N expert rows instead of 2N. `HF NLLB-MoE, fixed "
@@ -177,23 +212,38 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     load_before = os.getloadavg()
     threads = [int(t) for t in args.threads.split(",")]
+    device = torch.device(args.device)
     overrides = SIZES[args.size] + list(args.set)
-    configs = {name: compose_config(preset, overrides) for name, preset in PRESETS.items()}
+    names = [n for n in args.systems.split(",") if n] or list(CPU_SYSTEMS if device.type == "cpu" else PRESETS)
+    unknown = sorted(set(names) - set(PRESETS))
+    if unknown:
+        raise SystemExit(f"--systems: unknown {unknown} (known: {', '.join(PRESETS)})")
+    names = list(dict.fromkeys([*report.COMPARED, *names]))
+    configs = {name: compose_config(PRESETS[name], overrides + SYSTEM_OVERRIDES.get(name, [])) for name in names}
     data = prepare_training_data(configs["mtmoe"].data)
-    parameters = count_parameters(configs, len(data.vocab))
+    parameters = count_parameters(configs, model_vocab(args.size, data))
     torch.set_num_threads(threads[0])
-    training = run_training(configs, data, args, threads)
-    decoding = run_decoding(configs["mtmoe"], data, args, threads[0])
-    memory = {} if args.no_memory else run_memory(overrides, args, threads[0])
+    training = run_training(configs, data, args, threads, device)
+    decoding = run_decoding(configs, data, args, threads[0], device)
+    gpu_memory = training.pop("peak_memory_gib", None)
+    memory = {} if args.no_memory or device.type == "cuda" else run_memory(overrides, args, threads[0])
     notes = setup_notes(configs, training, decoding, args.beam)
-    results = {"machine": {**report.machine(), "load_average_1_5_15_min": {"start": load_before,
+    if device.type == "cuda":
+        notes.insert(0, "GPU run: every system trains in a plain PyTorch loop on the device (mtmoe: its Seq2Seq and "
+                        "compute_loss, no DeepSpeed) under bf16 autocast with fused AdamW; decoding under bf16 autocast. "
+                        "Peak GPU memory: each system built alone, max allocated over "
+                        f"{args.memory_steps} training steps minus what was allocated before.")
+    results = {"machine": {**report.machine(device), "load_average_1_5_15_min": {"start": load_before,
                                                                             "end": os.getloadavg()}},
-               "settings": {"size": args.size, "overrides": overrides, "threads": threads, "beam": args.beam,
+               "settings": {"size": args.size, "device": str(device), "systems": names,
+                            "model_vocab": model_vocab(args.size, data),
+                            "overrides": overrides, "threads": threads, "beam": args.beam,
                             "model": asdict(configs["mtmoe"].model), "moe": asdict(configs["mtmoe"].moe),
                             "vocab_size": len(data.vocab), "memory_steps": args.memory_steps,
                             "memory_sentences": args.memory_sentences},
                "parameters": parameters, "training": {k: v for k, v in training.items() if k != "batches"},
-               "training_batches": training["batches"], "decoding": decoding, "memory": memory, "notes": notes,
+               "training_batches": training["batches"], "decoding": decoding, "memory": memory,
+               "gpu_memory_gib": gpu_memory, "notes": notes,
                "seconds": round(time.monotonic() - started, 1)}
     out = resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)

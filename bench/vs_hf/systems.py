@@ -42,7 +42,15 @@ SIZES = {
     "default": [],
     # Seconds-scale: the `model=tiny` preset (d32, 2+2 layers, 2 heads, FFN 64).
     "tiny": ["model=tiny"],
+    # GPU size (issue 14's second row): d1024, 6+6 layers, 16 heads, FFN 4096, 8 experts in every
+    # 2nd layer, 16k-token batches; the models' vocabulary is 32k (MODEL_VOCAB).
+    "big": ["model.d_model=1024", "model.n_heads=16", "model.d_ff=4096", "model.encoder_layers=6",
+            "model.decoder_layers=6", "moe.num_experts=8", "train.max_tokens=16384"],
 }
+MODEL_VOCAB = {"big": 32000}
+"""Embedding / output-projection rows of the models at a size, when larger than the data's
+SentencePiece vocabulary (Multi30k cannot fill 32k pieces): batches keep the data's token ids, the
+models pay for the full vocabulary (the output projection and softmax are a large part of a step)."""
 
 
 def compose_config(moe_preset: str, overrides: Sequence[str] = ()) -> TrainAppConfig:

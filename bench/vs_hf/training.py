@@ -9,12 +9,17 @@ before any timing. A step is forward + backward + gradient clipping + optimizer 
 - HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
   decoder_attention_mask, labels, output_router_logits=True)` (CE + aux loss), backward,
   clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, foreach), the same lr schedule.
+- On a GPU (`--device cuda`) both run in the plain loop (`PlainStep` for mtmoe: its Seq2Seq and
+  `compute_loss` without DeepSpeed, whose GPU set-up belongs to the trainer), on the device, under
+  bf16 autocast, with fused AdamW (same lr/betas/eps): the set-up of the issue's first GPU figures.
 
-Every system's step ends with `loss.item()`, as the mtmoe loop does.
+Every system's step ends with `loss.item()`, as the mtmoe loop does. Batches move to the device
+inside the step (pinned host memory, non-blocking copy), as a trainer's would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from itertools import islice
 from typing import Callable, Sequence
@@ -35,6 +40,25 @@ def training_batches(data: TrainingData, cfg: TrainAppConfig, count: int) -> lis
                          {lang: data.vocab.tag_id(lang) for lang in cfg.data.langs},
                          cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, rows=data.train_rows)
     return list(islice(iter(stream), count))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on `device` (a copy from pinned memory off the CPU)."""
+    if device.type == "cpu":
+        return batch
+    move = {f.name: getattr(batch, f.name).pin_memory().to(device, non_blocking=True)
+            for f in dataclasses.fields(batch)}
+    return dataclasses.replace(batch, **move)
+
+
+def make_optimizer(params, cfg: TrainAppConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam as mtmoe trains on a CPU (foreach); fused AdamW on a GPU (weight decay as configured)."""
+    t = cfg.train
+    if device.type == "cuda":
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay,
+                                 fused=True)
+    return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay,
+                            foreach=True)
 
 
 def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -82,43 +106,94 @@ class MtmoeStep:
         return ce_sum.item()
 
 
-class HfStep:
-    """NLLB-MoE in a plain PyTorch training loop with the same optimizer settings as mtmoe."""
+def plain_update(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler, clip_norm: float) -> None:
+    """The plain loop's update: backward, grad-norm clipping, optimizer and lr-schedule step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
-    def __init__(self, cfg: TrainAppConfig, vocab_size: int, fixed_dispatch: bool = False):
+
+class PlainStep:
+    """mtmoe's Seq2Seq in a plain PyTorch loop on `device` (no DeepSpeed), bf16 autocast on a GPU."""
+
+    def __init__(self, cfg: TrainAppConfig, vocab_size: int, device: torch.device):
+        from mtmoe.model.seq2seq import build_model
         from mtmoe.train.engine import inverse_sqrt_schedule
 
-        self.cfg = cfg
-        self.model = build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch)
+        self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=device.type == "cuda"))
+        self.device = device
+        self.model = build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed).to(device).train()
+        self.optimizer = make_optimizer(self.model.parameters(), cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(cfg.train.warmup_steps))
+
+    def __call__(self, batch: Batch) -> float:
+        from mtmoe.train.engine import compute_loss
+
+        scale = 1.0 / max(1, batch.num_target_tokens)
+        total, ce_sum, _, _, _ = compute_loss(self.model, to_device(batch, self.device), self.cfg, scale)
+        plain_update(total, self.model, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
+        return ce_sum.item()
+
+
+class HfStep:
+    """NLLB-MoE in a plain PyTorch loop with the same optimizer settings as mtmoe."""
+
+    def __init__(self, cfg: TrainAppConfig, vocab_size: int, fixed_dispatch: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        from mtmoe.train.engine import inverse_sqrt_schedule
+
+        self.cfg, self.device = cfg, device
+        self.model = build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch).to(device)
         self.model.train()
-        t = cfg.train
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
-                                          weight_decay=t.weight_decay, foreach=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(t.warmup_steps))
+        self.optimizer = make_optimizer(self.model.parameters(), cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(cfg.train.warmup_steps))
 
     def __call__(self, batch: Batch) -> float:
         set_hf_capacity(self.model, batch.num_source_tokens, int((batch.tgt_in != PAD_ID).sum()), self.cfg)
-        loss = self.model(**hf_inputs(batch), output_router_logits=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.model(**hf_inputs(to_device(batch, self.device)), output_router_logits=True).loss
+        plain_update(loss, self.model, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
         return loss.item()
 
 
-def make_train_step(system: str, cfg: TrainAppConfig, vocab_size: int) -> Callable[[Batch], float]:
-    """The step of `mtmoe*` (DeepSpeed engine for `cfg`'s moe preset), `hf` or `hf_fixed`."""
+def make_train_step(system: str, cfg: TrainAppConfig, vocab_size: int,
+                    device: torch.device = torch.device("cpu")) -> Callable[[Batch], float]:
+    """The step of `mtmoe*` (DeepSpeed engine for `cfg`'s moe preset on a CPU, the plain loop on a
+    GPU), `hf` or `hf_fixed`."""
     if system.startswith("mtmoe"):
-        return MtmoeStep(cfg, vocab_size)
-    return HfStep(cfg, vocab_size, fixed_dispatch=system == "hf_fixed")
+        return MtmoeStep(cfg, vocab_size) if device.type == "cpu" else PlainStep(cfg, vocab_size, device)
+    return HfStep(cfg, vocab_size, fixed_dispatch=system == "hf_fixed", device=device)
+
+
+def peak_training_memory(step_factory: Callable[[], Callable[[Batch], float]], batches: Sequence[Batch],
+                         device: torch.device) -> float:
+    """GiB of device memory one system holds at its peak over `batches` (weights, optimizer state,
+    activations), built alone: allocated after set-up and steps, minus what was allocated before."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step = step_factory()
+    for batch in batches:
+        step(batch)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak / 2 ** 30
 
 
 def tokens_per_second(step: Callable[[Batch], float], batches: Sequence[Batch]) -> float:
     """Target tokens per second over `batches`, one step each."""
     started = time.perf_counter()
     for batch in batches:
-        step(batch)
+        step(batch)  # each step ends with loss.item(): the device has finished it
     seconds = time.perf_counter() - started
     return sum(b.num_target_tokens for b in batches) / seconds
 

@@ -1,13 +1,16 @@
-"""Shared CLI plumbing: config registration, the run-dir resolver, friendly errors."""
+"""Shared CLI plumbing: config registration, the run-dir resolver, friendly errors, the tools' log format."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
+from typing import NoReturn
 
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from mtmoe.config import ConfigError, register_configs
 from mtmoe.data.corpus import CorpusError
@@ -35,22 +38,50 @@ def setup() -> None:
         OmegaConf.register_new_resolver("mtmoe_run_stamp", run_stamp, use_cache=True)
 
 
+def refusals() -> tuple[type[BaseException], ...]:
+    """The errors that mean "bad input or config": one line and exit code 2, never a traceback."""
+    from mtmoe.export.artifact import ExportError
+    from mtmoe.train.checkpoint import CheckpointError
+
+    return ConfigError, CorpusError, CheckpointError, ExportError, MissingMandatoryValue
+
+
+def refuse(e: BaseException) -> NoReturn:
+    """Prints a refusal as one line on stderr and exits with code 2."""
+    if isinstance(e, MissingMandatoryValue):
+        print(f"mtmoe: error: {e.full_key} is required: give {e.full_key}=... on the command line "
+              f"(--help lists the options)", file=sys.stderr)
+    else:
+        print(f"mtmoe: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def friendly_errors(fn):
     """Known errors become one line on stderr and no traceback: bad input or config (exit code 2),
     a diverged run (exit code 3)."""
-    from mtmoe.export.artifact import ExportError
-    from mtmoe.train.checkpoint import CheckpointError
     from mtmoe.train.guard import TrainingDiverged
+
+    refused = refusals()
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CorpusError, CheckpointError, ExportError) as e:
-            print(f"mtmoe: error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except refused as e:
+            refuse(e)
         except TrainingDiverged as e:
             print(f"mtmoe: error: {e}", file=sys.stderr)
             sys.exit(3)
 
     return wrapper
+
+
+class CliFormatter(logging.Formatter):
+    """Log lines of the tools (eval, export, translate) on stderr: plain messages, warnings and
+    errors marked like the tools' own errors (`mtmoe: warning: ...`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"mtmoe: {record.levelname.lower()}: {message}"
+        return message

@@ -1,4 +1,4 @@
-"""mtmoe-eval: score an export on a line-aligned test set, every direction, BLEU and chrF.
+"""mtmoe-eval: score an export on a line-aligned test set, per direction, BLEU and chrF.
 
     mtmoe-eval model=exports/main test=data/multi30k/test_2016_flickr beam=4 out=results/test.json
     mtmoe-eval model=exports/main serve.experts_per_layer=0.25 serve.prefetch=language
@@ -12,21 +12,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
-from mtmoe.paths import CONF_DIR
+from mtmoe.paths import TOOLS_CONF_DIR
 
 setup()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="eval")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
+    from mtmoe.config import validate_eval
     from mtmoe.eval.run import evaluate_export
 
+    cfg = OmegaConf.to_object(cfg)
+    validate_eval(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    report = evaluate_export(cfg.model, cfg.test, list(cfg.langs) if cfg.langs else None, cfg.directions,
-                             cfg.beam, cfg.length_penalty, cfg.max_tokens, cfg.limit, cfg.out, cfg.workers,
-                             cfg.threads, cfg.telemetry, OmegaConf.to_object(cfg.serve), OmegaConf.to_object(cfg.subset))
+    report = evaluate_export(cfg.model, cfg.test, cfg.langs, cfg.directions, cfg.beam, cfg.length_penalty,
+                             cfg.max_tokens, cfg.limit, cfg.out, cfg.workers, cfg.threads, cfg.telemetry, cfg.serve,
+                             cfg.subset)
     print(report["table"])  # with offloading, its last line is the serving metrics
     print(f"decoding: {report['sentences_per_s']} sentences/s")
 

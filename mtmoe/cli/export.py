@@ -9,31 +9,30 @@
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
-from mtmoe.paths import CONF_DIR, resolve
+from mtmoe.paths import TOOLS_CONF_DIR, resolve
 
 setup()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="export")
+@hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="export")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
+    from mtmoe.config import validate_export
     from mtmoe.export.artifact import export_bytes, export_run
 
+    cfg = OmegaConf.to_object(cfg)
+    validate_export(cfg)
     prune = None
     if cfg.prune.keep is not None or cfg.prune.direction:
-        if cfg.prune.keep is not None and cfg.prune.direction:
-            from mtmoe.config import ConfigError
-
-            raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
-        prune = {"keep": cfg.prune.keep, "rule": cfg.prune.rule, "direction": cfg.prune.direction, "mass": cfg.prune.mass,
-                 "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines,
-                 "loss_lines": cfg.prune.loss_lines}
+        prune = {"keep": cfg.prune.keep, "rule": cfg.prune.rule, "direction": cfg.prune.direction,
+                 "mass": cfg.prune.mass, "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines,
+                 "loss_lines": cfg.prune.loss_lines, "per_layer": cfg.prune.per_layer}
     routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
                if cfg.routing_stats else None)
-    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing)
+    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite)
     sizes = export_bytes(out)
     print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "
           f"experts {sizes['expert_bytes'] / 1e6:.2f} MB)")

@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mtmoe.cli import rundir
 from mtmoe.cli.common import friendly_errors, setup
 from mtmoe.paths import CONF_DIR
 
@@ -22,17 +23,23 @@ setup()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @friendly_errors
+@rundir.restore_if_refused
 def main(cfg: DictConfig) -> float:
     from mtmoe.cli.launch import run_job_under_launcher, under_launcher
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.launch.ranks > 0 and not under_launcher():
-        results = run_job_under_launcher(cfg.launch.ranks, cfg.launch.launcher_args,
-                                         list(HydraConfig.get().overrides.task), run_dir)
+        try:
+            results = run_job_under_launcher(cfg.launch.ranks, cfg.launch.launcher_args,
+                                             list(HydraConfig.get().overrides.task), run_dir)
+        except SystemExit as e:
+            if e.code == 2:  # the launched job refused to start
+                rundir.refused()
+            raise
     else:
         from mtmoe.train.engine import train
 
-        results = train(OmegaConf.to_object(cfg), run_dir)
+        results = train(OmegaConf.to_object(cfg), run_dir, on_start=rundir.accepted)
     if results:
         print(json.dumps({k: results[k] for k in ("step", "train_minutes", "valid_loss", "valid_bleu") if k in results}))
     return float(results.get("valid_loss", 0.0)) if results else 0.0

@@ -6,7 +6,8 @@
 
 With `serve.*` only some experts stay resident (mtmoe.serve); the serving metrics go to stderr.
 With `subset.mass` only the experts en-de needs are loaded (mtmoe.export.subset); what is held goes
-to stderr.
+to stderr. stdin is read as UTF-8: a line that is not stops the filter with an error naming it (the
+lines before it are translated).
 """
 
 from __future__ import annotations
@@ -19,44 +20,49 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
-from mtmoe.paths import CONF_DIR, resolve
+from mtmoe.paths import TOOLS_CONF_DIR, resolve
 
 setup()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR / "tools"), config_name="translate")
+@hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from mtmoe.config import ConfigError, validate_subset
-    from mtmoe.eval.decode import translate
-    from mtmoe.export.artifact import read_export_config
+    from mtmoe.config import ConfigError, validate_translate
+    from mtmoe.data.corpus import CorpusError, decode_line
+    from mtmoe.eval.decode import translate, warn_cut_lines
+    from mtmoe.export.artifact import read_export_config, warn_zero_shot
     from mtmoe.export.subset import format_held, load_subset
     from mtmoe.serve.metrics import format_summary
     from mtmoe.serve.runtime import load_for_serving
 
+    cfg = OmegaConf.to_object(cfg)
+    validate_translate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    serve, subset = OmegaConf.to_object(cfg.serve), OmegaConf.to_object(cfg.subset)
-    validate_subset(subset, serve)
-    langs = read_export_config(resolve(cfg.model))["langs"]
+    config = read_export_config(resolve(cfg.model))
     for lang, field in ((cfg.src, "src"), (cfg.tgt, "tgt")):
-        if lang not in langs:
-            raise ConfigError(f"{field}={lang!r}: unknown language (the model knows {langs})")
+        if lang not in config["langs"]:
+            raise ConfigError(f"{field}={lang!r}: unknown language (the model knows {config['langs']})")
+    warn_zero_shot(config, [(cfg.src, cfg.tgt)], "src/tgt")
     runtime = None
-    if subset.mass:
-        model, vocab, _, held = load_subset(resolve(cfg.model), f"{cfg.src}-{cfg.tgt}", subset.mass)
+    if cfg.subset.mass:
+        model, vocab, config, held = load_subset(resolve(cfg.model), f"{cfg.src}-{cfg.tgt}", cfg.subset.mass)
         print(format_held(held), file=sys.stderr)
     else:
-        model, vocab, _, runtime = load_for_serving(resolve(cfg.model), serve)
+        model, vocab, config, runtime = load_for_serving(resolve(cfg.model), cfg.serve)
         if runtime is not None:
             runtime.set_direction(cfg.src, cfg.tgt)  # language-aware serving seeds its caches for it
 
-    def flush(lines: list[str]) -> None:
+    def flush(lines: list[str], numbers: list[int]) -> None:
+        if not lines:
+            return
         keep = [i for i, line in enumerate(lines) if line.strip()]
+        sources = [lines[i].strip() for i in keep]
+        warn_cut_lines(vocab, sources, config["model"]["max_positions"], "<stdin>", [numbers[i] for i in keep])
         outs = [""] * len(lines)  # an empty input line gives an empty output line
         started = time.perf_counter()
-        for i, hyp in zip(keep, translate(model, vocab, [lines[i].strip() for i in keep], cfg.tgt, cfg.beam,
-                                          cfg.length_penalty)):
+        for i, hyp in zip(keep, translate(model, vocab, sources, cfg.tgt, cfg.beam, cfg.length_penalty)):
             outs[i] = hyp
         if runtime is not None:
             runtime.metrics.add_decode(len(keep), time.perf_counter() - started)
@@ -64,15 +70,25 @@ def main(cfg: DictConfig) -> None:
         sys.stdout.flush()
 
     pending: list[str] = []
-    for line in sys.stdin:
-        pending.append(line.rstrip("\n"))
-        if len(pending) >= cfg.batch_lines:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
+    numbers: list[int] = []
+    try:
+        for number, raw in enumerate(sys.stdin.buffer, start=1):
+            try:
+                line = decode_line(raw.rstrip(b"\n"), "<stdin>", number)
+            except CorpusError:
+                flush(pending, numbers)  # one line out per line in, up to the bad one
+                raise
+            pending.append(line)
+            numbers.append(number)
+            if len(pending) >= cfg.batch_lines:
+                flush(pending, numbers)
+                pending, numbers = [], []
+        if pending:
+            flush(pending, numbers)
+    finally:
+        if runtime is not None:
+            runtime.close()
     if runtime is not None:  # stdout carries translations only
-        runtime.close()
         print(format_summary(runtime.metrics.summary()), file=sys.stderr)
 
 

@@ -35,6 +35,17 @@ def find_language_file(prefix: Path, lang: str) -> Path | None:
     return None
 
 
+def decode_line(chunk: bytes, where: str | Path, number: int) -> str:
+    """One line of UTF-8 text (without its newline); CorpusError naming `where`:`number` for a NUL
+    byte or invalid UTF-8 (a file, or `<stdin>` for mtmoe-translate)."""
+    if b"\0" in chunk:
+        raise CorpusError(f"{where}:{number}: NUL byte (binary data, or UTF-16 text?)")
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{where}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 def read_lines(path: Path) -> list[str]:
     """Reads a UTF-8 text file (gzip if it ends in .gz): one stripped sentence per line.
 
@@ -62,13 +73,7 @@ def read_lines(path: Path) -> list[str]:
         if b"\r" in chunk:
             raise CorpusError(f"{path}:{number}: carriage return inside the line (old Mac line endings or "
                               f"joined files?): the file's lines would not align")
-        if b"\0" in chunk:
-            raise CorpusError(f"{path}:{number}: NUL byte (binary data, or UTF-16 text?)")
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-        text = text.strip()
+        text = decode_line(chunk, path, number).strip()
         if not text:
             raise CorpusError(f"{path}:{number}: empty line (every line must hold a sentence)")
         lines.append(text)

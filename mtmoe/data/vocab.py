@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import random
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Sequence
 import sentencepiece as spm
 
 from mtmoe.config import ConfigError
+
+log = logging.getLogger("mtmoe")
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
@@ -74,6 +77,10 @@ class Vocab:
             out.append(piece[2:-1])
         return out
 
+    def pieces(self) -> list[str]:
+        """Every piece, by id: two vocabularies with the same pieces give the same token ids."""
+        return [self.sp.id_to_piece(i) for i in range(len(self))]
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), out_type=int)
 
@@ -122,4 +129,9 @@ def get_or_train_vocab(columns: dict[str, Sequence[str]], cache_dir: Path, vocab
     path = cache_dir / "spm" / key / "spm.model"
     if not path.is_file():
         train_vocab(columns, path.parent, vocab_size, model_type, sample_lines)
-    return Vocab(path)
+    vocab = Vocab(path)
+    if len(vocab) < vocab_size:  # SentencePiece stops early on a small text (hard_vocab_limit=false)
+        log.warning("data.vocab_size=%d, but the training text yields only %d SentencePiece pieces: the "
+                    "vocabulary has %d (a small corpus; a smaller data.vocab_size says so up front)",
+                    vocab_size, len(vocab), len(vocab))
+    return vocab

@@ -10,6 +10,7 @@ decision a group-wide agreement (all_reduce MIN of "all finished").
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from mtmoe.data.batching import collate, pack_by_tokens
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+
+log = logging.getLogger("mtmoe")
 
 
 def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[torch.Tensor]) -> None:
@@ -55,6 +58,7 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
     those ending in EOS within the top `beam` are finalized, the best `beam` others continue.
     A sentence is done once it has `beam` finalized hypotheses."""
     bsz, k = src.shape[0], beam
+    device = src.device
     memory, memory_keep, _, _ = model.encode(src)
     memory = memory.repeat_interleave(k, 0)
     memory_keep = memory_keep.repeat_interleave(k, 0)
@@ -63,12 +67,12 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
     limits = limits.clamp(2, model.model_cfg.max_positions - 1)  # [B]
     max_len = int(limits.max())
     cache: list = [dict() for _ in model.decoder]
-    tokens = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long)
-    scores = torch.zeros(bsz, k)
+    tokens = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long, device=device)
+    scores = torch.zeros(bsz, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
     done = np.zeros(bsz, dtype=bool)
-    active = torch.arange(bsz)  # original index of each sentence still in the batch
+    active = torch.arange(bsz)  # original index of each sentence still in the batch (host)
 
     for step in range(max_len):
         n = len(active)
@@ -100,15 +104,16 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
 
         cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
         scores, pick = cont_scores.topk(k, dim=1)  # [n, k] positions among the 2k
-        order = (torch.arange(n)[:, None] * k + top_beam.gather(1, pick))  # [n, k] rows to continue
+        order = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick))  # [n, k] rows to continue
         new_tokens = top_token.gather(1, pick)
-        live = torch.from_numpy(~done[active.numpy()])
+        live_host = torch.from_numpy(~done[active.numpy()])
+        live = live_host.to(device)
         kept_sentences = None
-        if sync_group is None and not live.all():
+        if sync_group is None and not live_host.all():
             # Drop finished sentences from the batch (not under expert parallelism, where every
             # rank must keep the same shapes in lock-step).
             order, new_tokens, scores = order[live], new_tokens[live], scores[live]
-            active, limits = active[live], limits[live]
+            active, limits = active[live_host], limits[live]
             memory = memory.view(n, k, *memory.shape[1:])[live].flatten(0, 1)
             memory_keep = memory_keep.view(n, k, -1)[live].flatten(0, 1)
             kept_sentences = live
@@ -129,19 +134,37 @@ def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int =
     groups = pack_by_tokens(lengths[order], lengths[order], max(max_tokens // beam, int(lengths.max())))
     out: list[list[int]] = [[] for _ in src_ids]
     was_training = model.training
+    device = next(model.parameters()).device  # decode where the model is
     model.eval()
     try:
         for group in groups:
             idx = order[group]
             batch = collate([src_ids[i] for i in idx], [np.zeros(0, np.int64)] * len(idx), [tag_id] * len(idx),
                             max_len + 2)
-            for i, hyp in zip(idx, beam_search(model, batch.src, beam, length_penalty, sync_group=sync_group)):
+            src = batch.src.to(device, non_blocking=True)
+            for i, hyp in zip(idx, beam_search(model, src, beam, length_penalty, sync_group=sync_group)):
                 out[i] = [t for t in hyp if t != EOS_ID]
             if progress is not None:
                 progress.update(len(idx))
     finally:
         model.train(was_training)
     return out
+
+
+def warn_cut_lines(vocab: Vocab, lines: Sequence[str], max_positions: int, source: str,
+                   line_numbers: Optional[Sequence[int]] = None, shown: int = 3) -> list[int]:
+    """Warns (one log line naming `source`:line) about source lines longer than the model takes:
+    `translate_ids` cuts them to their first max_positions - 2 tokens (tag and </s> take two), so
+    their translations cover only that part. Returns the line numbers (1-based unless given)."""
+    limit = max_positions - 2
+    numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
+    cut = [(numbers[i], len(ids)) for i, ids in enumerate(vocab.encode(lines)) if len(ids) > limit]
+    if cut:
+        named = ", ".join(f"{source}:{n} ({tokens} tokens)" for n, tokens in cut[:shown])
+        more = f" and {len(cut) - shown} more lines" if len(cut) > shown else ""
+        log.warning("%s%s: longer than the model's max_positions=%d allows; cut to the first %d tokens "
+                    "(the translation covers only those)", named, more, max_positions, limit)
+    return [n for n, _ in cut]
 
 
 def translate(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: int = 4,

@@ -20,12 +20,13 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from mtmoe.config import ConfigError, SubsetConfig, validate_subset
-from mtmoe.data.corpus import available_languages, load_test_set
+from mtmoe.config import ConfigError, SubsetConfig, check_subset
+from mtmoe.data.corpus import CorpusError, available_languages, find_language_file, load_test_set
 from mtmoe.data.sampling import parse_directions
-from mtmoe.eval.decode import translate
+from mtmoe.data.vocab import Vocab
+from mtmoe.eval.decode import translate, warn_cut_lines
 from mtmoe.eval.score import format_table, score_direction, summarize
-from mtmoe.export.artifact import load_export, read_export_config
+from mtmoe.export.artifact import load_export, read_export_config, trained_directions, warn_zero_shot
 from mtmoe.export.subset import choose_subset, format_held, load_subset
 from mtmoe.paths import resolve
 from mtmoe.serve.config import ServeConfig
@@ -70,29 +71,57 @@ def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, lengt
     return _translate_pairs(model_dir, texts, [pair], beam, length_penalty, max_tokens, serve, subset_mass)[:3]
 
 
-def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None, directions: Optional[str] = None,
+def select_directions(config: dict, test: str, langs: Optional[Sequence[str]] = None,
+                      directions: Optional[str | Sequence[str]] = None) -> list[tuple[str, str]]:
+    """The (src, tgt) pairs to score: `directions` when given (against `langs`, else the model's
+    languages: a missing test file is then named by the loader), else the directions the model was
+    trained on (every direction for exports that do not record them) between `langs` (default: the
+    model's languages that have a test file)."""
+    known = config["langs"]
+    if langs:
+        unknown = [lang for lang in langs if lang not in known]
+        if unknown:
+            raise ConfigError(f"langs: {unknown} unknown to the model (it knows {known})")
+    if directions is not None:
+        return parse_directions(directions, list(langs) if langs else known)
+    langs = list(langs) if langs else available_languages(test, known)
+    if not langs:
+        raise CorpusError(f"{test}.<lang>[.gz]: no test file for any language of the model ({', '.join(known)})")
+    trained = trained_directions(config)
+    pairs = [(s, t) for s, t in parse_directions("all", langs) if trained is None or f"{s}-{t}" in trained]
+    if not pairs:
+        raise ConfigError(f"the test set's languages {langs} hold none of the directions the model was trained on "
+                          f"({', '.join(trained)}); ask for directions=... to score them zero-shot")
+    return pairs
+
+
+def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
+                    directions: Optional[str | Sequence[str]] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
                     out=None, workers: int = 1, threads: int = 0, telemetry: bool = False,
                     serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None) -> dict:
-    """Translates and scores every requested direction; returns (and with `out`, writes) the report:
-    `out` (JSON), `out` with .txt (the table) and `<out stem>.<src>-<tgt>.hyp` (hypotheses).
+    """Translates and scores the requested directions (`select_directions`); returns (and with
+    `out`, writes) the report: `out` (JSON), `out` with .txt (the table) and
+    `<out stem>.<src>-<tgt>.hyp` (hypotheses). Directions the model was not trained on are scored
+    as zero-shot: a warning, and their own section (`zero_shot`) outside the mean.
     `serve`: the serving runtime's options (default: every expert resident); `subset`: per
     direction, only the experts carrying `subset.mass` of its routing (mtmoe.export.subset)."""
     model_dir = str(resolve(model_dir))
     if serve is not None:
         check_serve(serve)
     if subset is not None:
-        validate_subset(subset, serve or ServeConfig())
-    known = read_export_config(model_dir)["langs"]
-    langs = list(langs) if langs else available_languages(test, known)
-    unknown = [lang for lang in langs if lang not in known]
-    if unknown:
-        raise ConfigError(f"langs: {unknown} unknown to the model (it knows {known})")
-    pairs = parse_directions(directions or "all", langs)
+        check_subset(subset, serve or ServeConfig())
+    config = read_export_config(model_dir)
+    pairs = select_directions(config, test, langs, directions)
+    untrained = warn_zero_shot(config, pairs, "directions")
     needed = sorted({lang for pair in pairs for lang in pair})
     texts = load_test_set(test, needed)
     if limit:
         texts = {lang: lines[:limit] for lang, lines in texts.items()}
+    spm = Vocab(Path(model_dir) / "spm.model")
+    for src in sorted({s for s, _ in pairs}):
+        warn_cut_lines(spm, texts[src], config["model"]["max_positions"],
+                       str(find_language_file(resolve(test), src) or f"{test}.{src}"))
 
     subset_mass = subset.mass if subset is not None else None
     if subset_mass:
@@ -127,12 +156,20 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                         serving.append(metrics)
                     bar.update(1)
     seconds = time.monotonic() - started
-    per_direction = {f"{s}-{t}": score_direction(hyps[f"{s}-{t}"], texts[t]) for s, t in pairs}
+    scores = {f"{s}-{t}": score_direction(hyps[f"{s}-{t}"], texts[t]) for s, t in pairs}
+    per_direction = {name: r for name, r in scores.items() if name not in untrained}
     total = len(pairs) * len(texts[needed[0]])
     report = {"model": model_dir, "test": str(test), "beam": beam, "length_penalty": length_penalty,
-              "directions": per_direction, "mean": summarize(per_direction),
+              "directions": per_direction, "mean": summarize(per_direction) if per_direction else None,
               "decode_seconds": round(seconds, 1), "sentences_per_s": round(total / max(seconds, 1e-9), 2)}
-    report["table"] = format_table(per_direction, f"{Path(model_dir).name} on {Path(test).name} (beam {beam})")
+    title = f"{Path(model_dir).name} on {Path(test).name} (beam {beam})"
+    tables = [format_table(per_direction, title)] if per_direction else [title]
+    if untrained:
+        zero = {name: scores[name] for name in untrained}
+        report["zero_shot"] = {"directions": zero, "mean": summarize(zero)}
+        tables.append(format_table(zero, "zero-shot (directions the model was not trained on; not in the mean above)"
+                                   if per_direction else "zero-shot (directions the model was not trained on)"))
+    report["table"] = "\n\n".join(tables)
     if serving:
         report["serving"] = merge_summaries(serving, total, seconds)
         report["table"] += "\n" + format_summary(report["serving"])
@@ -150,7 +187,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         from mtmoe.eval.telemetry import collect_routing, plot_heatmap
 
         model, vocab = full or load_export(model_dir)[:2]  # decoded in workers, offloaded or by subsets
-        routing = collect_routing(model, vocab, texts, pairs)
+        routing = collect_routing(model, vocab, texts, pairs, progress="telemetry")
         stem = out.with_suffix("") if out else Path("telemetry")
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
         plot_heatmap(routing, Path(f"{stem}.telemetry.png"))

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mtmoe.data.batching import collate
 from mtmoe.data.sampling import Direction
@@ -37,8 +38,8 @@ class _Accumulator:
     def add(self, stats: dict) -> None:
         n = float(stats["tokens"])
         self.tokens += n
-        self.routed += stats["routed"].numpy()
-        self.prob += stats["importance"].numpy() * n
+        self.routed += stats["routed"].cpu().numpy()
+        self.prob += stats["importance"].cpu().numpy() * n
 
     def summary(self) -> dict:
         total = max(self.routed.sum(), 1e-9)
@@ -48,8 +49,9 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_routing(model, vocab: Vocab, texts: dict[str, Sequence[str]], directions: Sequence[Direction],
-                    batch_sentences: int = 64) -> dict:
-    """Routing telemetry of `model` on the parallel `texts` for each direction."""
+                    batch_sentences: int = 64, progress: Optional[str] = None) -> dict:
+    """Routing telemetry of `model` on the parallel `texts` for each direction; with `progress` (a
+    label), a progress bar over the directions on stderr (a pruning export's calibration takes minutes)."""
     model.eval()
     layers = model.moe_layer_names()
     num_experts = model.moe_cfg.num_experts if not model.moe_cfg.kept_experts else None
@@ -60,7 +62,7 @@ def collect_routing(model, vocab: Vocab, texts: dict[str, Sequence[str]], direct
         return accs.setdefault((kind, key, layer), _Accumulator(size))
 
     max_len = model.model_cfg.max_positions
-    for src, tgt in directions:
+    for src, tgt in tqdm(directions, desc=progress, unit="direction", disable=progress is None):
         for start in range(0, len(ids[src]), batch_sentences):
             stop = min(len(ids[src]), start + batch_sentences)
             batch = collate(ids[src][start:stop], ids[tgt][start:stop], [vocab.tag_id(tgt)] * (stop - start), max_len)

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,9 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig
+from mtmoe.config import QUANT_BITS, ConfigError, ModelConfig, MoEConfig
 from mtmoe.data.vocab import Vocab
+from mtmoe.model.experts import per_expert_state
 from mtmoe.model.seq2seq import Seq2Seq
+from mtmoe.export.prune import check_rule
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,33 @@ DS_GATE = "deepspeed_moe.gate."
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 
 
+log = logging.getLogger("mtmoe")
+
+
 class ExportError(RuntimeError):
     """A missing or unusable checkpoint/export; the message names the path."""
+
+
+def trained_directions(config: dict) -> Optional[list[str]]:
+    """The translation directions the model was trained on (`training.directions` of config.json,
+    from the run's model.json), e.g. ["en-de", "de-en"]; None for exports made before it was recorded."""
+    training = config.get("training")
+    return list(training["directions"]) if training and "directions" in training else None
+
+
+def zero_shot(config: dict, pairs) -> list[str]:
+    """The directions of `pairs` ((src, tgt) tuples) the model was not trained on ([] when unknown)."""
+    trained = trained_directions(config)
+    return [] if trained is None else [f"{s}-{t}" for s, t in pairs if f"{s}-{t}" not in trained]
+
+
+def warn_zero_shot(config: dict, pairs, field: str) -> list[str]:
+    """Warns (one line, naming `field`) about directions of `pairs` the model was not trained on; returns them."""
+    untrained = zero_shot(config, pairs)
+    if untrained:
+        log.warning("%s: %s not among the directions the model was trained on (%s): zero-shot, expect poor output",
+                    field, ", ".join(untrained), ", ".join(trained_directions(config)))
+    return untrained
 
 
 def to_plain_name(name: str) -> str:
@@ -113,7 +141,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     (native-MoE layouts with ZeRO 0-2, or ZeRO-3)."""
     main = tag_dir / "mp_rank_00_model_states.pt"
     if not main.is_file() and (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-        state = _zero3_state_dict(tag_dir)
+        state = per_expert_state(_zero3_state_dict(tag_dir))
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     if not main.is_file():
         raise ExportError(f"{main}: missing (incomplete checkpoint?)")
@@ -125,9 +153,33 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
+    """The model to build from a run's model.json or an export's config.json: all experts in one
+    process, stored stacked (how a run laid its experts out is training's business)."""
     model_cfg = ModelConfig(**desc["model"])
-    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1})
+    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1, "expert_storage": "stacked"})
     return model_cfg, moe_cfg
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """ExportError unless `out_dir` may receive an export: it does not exist, is an empty
+    directory, or is an export and `overwrite` is set. Anything else is never replaced."""
+    out = Path(out_dir).absolute()
+    if source is not None and out == Path(source).absolute():
+        raise ExportError(f"out={out_dir} is the export being read: write to another directory")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / "config.json").is_file():
+        raise ExportError(f"out={out_dir} exists and is not an mtmoe export: choose another directory "
+                          f"(it is never replaced)")
+    if not overwrite:
+        raise ExportError(f"out={out_dir} already holds an export: give overwrite=true to replace it, or "
+                          f"another out=")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
@@ -137,7 +189,10 @@ def _write(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    weights = tmp / "model.safetensors"
+    # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    os.chmod(weights, 0o666 & ~_umask())  # safetensors writes 0600; the other files get the usual mode
     shutil.copyfile(spm_path, tmp / "spm.model")
     if routing is not None:
         (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
@@ -163,13 +218,19 @@ def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
     model_cfg, moe_cfg = _configs(desc)
     model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
     state = consolidated_state_dict(tag_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{tag_dir}: checkpoint does not match {desc_path}: "
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        from mtmoe.train.checkpoint import summarize_load_error
+
+        raise ExportError(f"{tag_dir} does not match {desc_path} ({summarize_load_error(str(e))}): the run's "
+                          f"model.json describes another model than its checkpoint (was it overwritten by a "
+                          f"start with other model settings?)") from None
     config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
               "model": asdict(model_cfg), "moe": asdict(moe_cfg),
               "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
+    if desc.get("training"):
+        config["training"] = desc["training"]
     return model.eval(), run_dir / "spm.model", config
 
 
@@ -181,21 +242,23 @@ DEFAULT_RULE = "loss"
 
 
 def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
-               quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION) -> Path:
+               quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION,
+               overwrite: bool = False) -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
-    (`prune`: {"keep": k, "rule": "coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
-    plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4").
+    (`prune`: {"keep": k, "rule": "loss"|"coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
+    plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4"). An existing
+    export at `out_dir` is replaced only with `overwrite` (checked before any work).
 
     `routing` ({"calibration": prefix, "lines": per direction}; None = skip): routing statistics
     of the exported model on that set, stored as routing.json (`read_routing_stats`), which
     per-direction subsets (`subset.mass`) and language-aware serving read."""
     checkpoint = Path(checkpoint)
+    check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
-        from mtmoe.export.prune import check_rule
-
         check_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
-    if quant and quant != "none" and quant not in ("int8", "int4"):
-        raise ConfigError(f"quant={quant!r}: expected none, int8 or int4")
+    bits = QUANT_BITS.get(quant) if quant and quant != "none" else None
+    if quant and quant != "none" and bits is None:
+        raise ConfigError(f"quant={quant!r}: expected none, {' or '.join(QUANT_BITS)}")
     if (checkpoint / "config.json").is_file():
         model, _, config = load_export(checkpoint)
         spm_path = checkpoint / "spm.model"
@@ -205,12 +268,11 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
         model, spm_path, config = _load_checkpoint_model(checkpoint)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
-    if quant and quant != "none":
+    if bits is not None:
         if config.get("quantization"):
             raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
         from mtmoe.export.quantize import quantize_experts
 
-        bits = {"int8": 8, "int4": 4}[quant]
         quantize_experts(model, bits)
         config["quantization"] = {"bits": bits, "scheme": "weight-only, per output channel, symmetric",
                                   "targets": "expert fc1/fc2 weights"}
@@ -233,7 +295,7 @@ def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, p
     texts = load_test_set(calibration, telemetry_langs(pairs))
     if lines:
         texts = {lang: t[:lines] for lang, t in texts.items()}
-    return collect_routing(model, vocab, texts, pairs), len(next(iter(texts.values())))
+    return collect_routing(model, vocab, texts, pairs, progress="calibration"), len(next(iter(texts.values())))
 
 
 def telemetry_langs(pairs) -> list[str]:
@@ -261,7 +323,7 @@ def routing_statistics(model: Seq2Seq, vocab: Vocab, langs: list[str], calibrati
 def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[Seq2Seq, dict]:
     from mtmoe.data.corpus import load_test_set
     from mtmoe.data.sampling import parse_directions
-    from mtmoe.export.prune import SHARE_RULES, check_rule, coverage, direction_keep, keep_count, prune_state_dict
+    from mtmoe.export.prune import SHARE_RULES, coverage, direction_keep, keep_count, prune_state_dict
 
     if config.get("quantization"):
         raise ExportError("prune before quantizing: this export is already quantized")
@@ -272,20 +334,29 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     calibration = prune.get("calibration") or DEFAULT_CALIBRATION["calibration"]
     direction = prune.get("direction")
     directions = parse_directions(direction or "all", config["langs"])
+    if direction:
+        warn_zero_shot(config, directions, "prune.direction")
+    elif trained_directions(config):  # the kept experts serve what the model was trained for
+        directions = [(s, t) for s, t in directions if f"{s}-{t}" in trained_directions(config)]
     telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
     top_k = config["moe"]["top_k"]
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
     elif check_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
-        from mtmoe.export.calibrate import loss_keep
+        from mtmoe.export.calibrate import budget_keep, loss_keep
 
         lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])
         texts = {lang: t[:lines] for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
         counts = {layer: max(keep_count(float(prune["keep"]), len(telemetry["overall"][layer]["share"])), top_k)
                   for layer in telemetry["layers"]}
-        kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
-        rule = {"rule": "loss", "keep": prune["keep"], "loss_lines": lines, "calibration_loss": measured}
+        if prune.get("per_layer"):
+            kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
+        else:
+            kept, measured = budget_keep(model, Vocab(spm_path), texts, directions, sum(counts.values()),
+                                         min_experts=top_k, progress=log.info)
+        rule = {"rule": "loss", "keep": prune["keep"], "per_layer": bool(prune.get("per_layer")),
+                "loss_lines": lines, "calibration_loss": measured}
     else:
         name = prune.get("rule") or DEFAULT_RULE
         kept = SHARE_RULES[name](telemetry, float(prune["keep"]), min_experts=top_k)
@@ -293,7 +364,8 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     config = copy.deepcopy(config)
     config["moe"]["kept_experts"] = kept
     config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),
-                         "calibration_lines": used, "telemetry": telemetry["overall"]}
+                         "calibration_lines": used, "calibration_directions": [f"{s}-{t}" for s, t in directions],
+                         "telemetry": telemetry["overall"]}
     model_cfg, moe_cfg = _configs(config)
     pruned = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
     pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)

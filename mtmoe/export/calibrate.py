@@ -10,27 +10,33 @@ calibration set with only that layer pruned to the set, and keeps the set with t
 mean + worst increase over the directions (the average direction and the one that suffers most
 count alike, so no direction is sacrificed for the mean).
 
-Layers are chosen one at a time with the others whole (their interactions are ignored: each
-candidate costs one pass over the calibration set). Every set is tried when a layer has at most
-EXHAUSTIVE_SETS of them; beyond, experts are dropped one by one, each time the one whose removal
-costs least.
+Two ways to spend the budget (`prune.keep`):
+- over the model (`budget_keep`, the default): the kept count is the model's, and experts are
+  dropped one at a time, from any layer, each time the one whose removal (with every earlier removal
+  in place) costs least. A layer whose experts stand in for each other gives up more of them than
+  one whose experts each carry a language: on the main job's model the encoder's MoE layer can lose
+  three of four experts nearly for free, the decoder's not one. Costs sum over the steps of the
+  experts left (26 passes for 4 of 8).
+- per layer (`prune.per_layer=true`, `loss_keep`): the same count in every layer (uniform memory per
+  layer). Layers are chosen one at a time with the others whole (interactions ignored). Every set is
+  tried when a layer has at most EXHAUSTIVE_SETS of them; beyond, experts are dropped one by one.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtmoe.data.batching import collate
 from mtmoe.data.sampling import Direction
 from mtmoe.data.vocab import PAD_ID, Vocab
+from mtmoe.model.experts import SelectedExperts
 from mtmoe.model.moe import MoEFFN, Router
 from mtmoe.model.seq2seq import Seq2Seq
 
@@ -40,12 +46,12 @@ EXHAUSTIVE_SETS = 20
 @contextmanager
 def restricted(layer: MoEFFN, kept: Sequence[int]):
     """Within the block, `layer` (unpruned) computes as if pruned to `kept`: a router that picks only
-    among them (sharing the gate's weights) and the kept expert modules (not copied)."""
+    among them (sharing the gate's weights) and a view of the kept experts (not copied)."""
     gate, experts = layer.gate, layer.experts
     router = Router(gate.wg.in_features, gate.wg.out_features, gate.top_k, gate.capacity_factor,
                     gate.eval_capacity_factor, gate.min_capacity, gate.use_rts, kept).to(gate.wg.weight.device)
     router.wg = gate.wg
-    layer.gate, layer.experts = router, nn.ModuleList(experts[i] for i in kept)
+    layer.gate, layer.experts = router, SelectedExperts(experts, kept)
     try:
         yield
     finally:
@@ -112,3 +118,44 @@ def loss_keep(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]], pai
         report["increase"][name] = {d: round(v, 4) for d, v in (increase(best) if count < num else
                                                                  {d: 0.0 for d in base}).items()}
     return kept, report
+
+
+def budget_keep(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]], pairs: Sequence[Direction],
+                budget: int, min_experts: int = 1, progress: Callable[[str], None] = print
+                ) -> tuple[dict[str, list[int]], dict]:
+    """({layer: kept experts}, report) keeping `budget` experts over all MoE layers (each keeps at
+    least `min_experts`, top_k): greedy joint removal, each step the (layer, expert) whose removal
+    gives the smallest mean + worst NLL increase with the earlier removals in place. The report
+    holds the full model's NLL per direction, the removal steps and the final set's NLL increase."""
+    layers = {name: model.get_submodule(model.moe_layer_prefix(name)[:-1]) for name in model.moe_layer_names()}
+    kept = {name: list(range(len(layer.experts))) for name, layer in layers.items()}
+    if budget < min_experts * len(layers):
+        raise ValueError(f"budget {budget} < {min_experts} expert(s) in each of {len(layers)} MoE layers")
+    base = direction_nll(model, vocab, texts, pairs)
+
+    def increase(sets: dict[str, list[int]]) -> dict[str, float]:
+        with ExitStack() as stack:
+            for name, ids in sets.items():
+                if len(ids) < len(layers[name].experts):
+                    stack.enter_context(restricted(layers[name], ids))
+            nll = direction_nll(model, vocab, texts, pairs)
+        return {d: nll[d] - base[d] for d in base}
+
+    steps, final = [], {d: 0.0 for d in base}
+    while sum(len(ids) for ids in kept.values()) > budget:
+        best = None
+        for name, ids in kept.items():
+            if len(ids) <= min_experts:
+                continue
+            for drop in ids:
+                trial = {**kept, name: [e for e in ids if e != drop]}
+                measured = increase(trial)
+                progress(f"prune.rule=loss: without {name} expert {drop} (kept {trial}): "
+                         f"mean + worst NLL increase {score(measured):.4f}")
+                if best is None or score(measured) < score(best[2]):
+                    best = (name, drop, measured)
+        name, drop, final = best
+        kept[name] = [e for e in kept[name] if e != drop]
+        steps.append({"layer": name, "dropped": drop, "score": round(score(final), 4)})
+    return kept, {"base_nll": {d: round(v, 4) for d, v in base.items()}, "steps": steps,
+                  "increase": {d: round(v, 4) for d, v in final.items()}}

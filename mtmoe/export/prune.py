@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from mtmoe.config import ConfigError
+from mtmoe.config import PRUNE_RULES, ConfigError
 from mtmoe.model.seq2seq import Seq2Seq
 
 
@@ -105,7 +105,7 @@ def coverage(telemetry: dict, kept: dict[str, list[int]]) -> dict[str, dict[str,
     return out
 
 
-KEEP_RULES = ("loss", "coverage", "global")
+KEEP_RULES = PRUNE_RULES
 """`prune.rule` for `prune.keep`: the rules choosing a number of experts per layer. `loss` measures
 (mtmoe.export.calibrate); `coverage` and `global` decide from routing telemetry (SHARE_RULES)."""
 

@@ -25,11 +25,8 @@ from mtmoe.model.seq2seq import Seq2Seq
 
 def expert_bytes(model: Seq2Seq) -> int:
     """Bytes of the expert tensors the model holds (parameters and buffers, e.g. int8 codes + scales)."""
-    total = 0
-    for _, layer in model.moe_layers():
-        for expert in layer.experts:
-            total += sum(t.numel() * t.element_size() for t in expert.state_dict().values())
-    return total
+    return sum(t.numel() * t.element_size() for _, layer in model.moe_layers()
+               for t in layer.experts.state_dict().values())
 
 
 def file_expert_bytes(export_dir: str | Path) -> int:

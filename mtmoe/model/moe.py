@@ -1,16 +1,26 @@
 """The MoE FFN layer: the mtmoe router (top-1/top-2, capacity, Random Token Selection, padding
-excluded) and index-based dispatch to experts, optionally across an expert-parallel group.
+excluded) and dispatch by permutation to the experts, optionally across an expert-parallel group.
 
 Pure torch: this is the layer exported models run. Training puts the same gate and expert
 modules inside DeepSpeed's `MoE` container (`mtmoe.train.deepspeed_moe`) so DeepSpeed's engine
 sees expert parameters, builds expert-parallel groups and checkpoints experts per file.
 
-Notation: N tokens (B*T flattened, padding included), E experts in total, L = E / ep_size local
-experts, C capacity (slots per expert), D model width, k = top_k.
+Notation: N tokens (B*T flattened, padding included), k = top_k, A = N*k (token, choice)
+assignments, E experts in total, L = E / ep_size local experts, D model width.
 
-Cost: the router is one [N, D] x [D, E] matmul. Dispatch and combine are gathers/scatters of
-k*N rows (O(k N D)), instead of the one-hot einsum over [N, E, C] of GShard-style layers
-(O(N E C D)), which on a CPU costs as much as the experts themselves.
+Dispatch (`grouped_dispatch`, the default), after MegaBlocks / torchtitan: the router sorts the
+A assignments into GShard queue order (by expert; first choices before second choices; by
+position, or by a random priority with Random Token Selection), which gives every assignment its
+slot in its expert's queue; with a capacity C the first C of each queue are kept. Kept rows are
+laid out contiguously by expert (`RoutingPlan.dest`), the experts run as one grouped GEMM over
+those segments (mtmoe.model.experts), and the outputs are gathered back weighted by the gate.
+Every size stays on the device: no capacity buffer, no host sync (with expert parallelism the
+all-to-all needs its split sizes on the host: one sync per layer). `capacity_factor <= 0` is
+dropless (MegaBlocks' dMoE): every real token reaches its k experts.
+
+`reference_dispatch` is the index dispatch it replaced, kept as the slow reference the tests hold
+the fast path to (`moe.dispatch=reference` selects it): a capacity buffer [E, C, D], a fixed-size
+all-to-all, one expert at a time.
 """
 
 from __future__ import annotations
@@ -24,20 +34,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mtmoe.model.transformer import FeedForward
+from mtmoe.model.experts import EXPERT_STORAGES, ExpertGroup
+
+DISPATCHES = ("grouped", "reference")
 
 
 @dataclass
 class RoutingPlan:
-    """Where each (token, choice) goes. Shapes: [N, k] except `capacity` (an int).
+    """Where each (token, choice) goes. [N, k] tensors, `dest` [A], `counts` [E].
 
-    expert: chosen expert id; slot: position inside that expert's buffer, valid where `kept`;
-    weight: combine weight (0 where dropped or padding)."""
+    expert: chosen expert (numbered as the layer's expert modules); kept: reaches its expert
+    (real token within capacity); weight: combine weight (0 where not kept); slot: position in the
+    expert's queue (meaningful for real tokens); dest: row of each assignment (token-major,
+    n*k + choice) in the expert-ordered buffer, kept rows first by expert and slot, the others
+    after them; counts: kept rows per expert; capacity: slots per expert (0-dim int64 tensor), None
+    when nothing is dropped."""
     expert: torch.Tensor
-    slot: torch.Tensor
     kept: torch.Tensor
     weight: torch.Tensor
-    capacity: int
+    slot: torch.Tensor
+    dest: torch.Tensor
+    counts: torch.Tensor
+    capacity: Optional[torch.Tensor]
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -46,9 +64,68 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(min_capacity, math.ceil(top_k * num_tokens / num_experts * capacity_factor))
 
 
+def capacity_tensor(num_tokens: torch.Tensor, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int) -> torch.Tensor:
+    """`expert_capacity` computed on the device from a 0-dim token count (float64, the same
+    rounding as the host formula)."""
+    slots = torch.ceil(num_tokens.double() * top_k / num_experts * capacity_factor).long()
+    return slots.clamp_min(min_capacity)
+
+
+def count_per_expert(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How often each expert id in [0, num_experts) occurs in `ids` (optionally weighted) ->
+    [num_experts] (int64, or the weights' dtype). A scatter-add, not bincount: bincount syncs on a GPU."""
+    ids = ids.reshape(-1)
+    if weights is None:
+        weights = torch.ones_like(ids)
+    out = torch.zeros(num_experts, dtype=weights.dtype, device=ids.device)
+    return out.scatter_add_(0, ids, weights.reshape(-1))
+
+
+def plan_dispatch(expert: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity: Optional[torch.Tensor],
+                  priority: Optional[torch.Tensor]):
+    """Queue slots and the expert-ordered layout of the assignments. expert, valid [N, k];
+    capacity 0-dim or None (no limit); priority [N] (RTS noise: ascending priority queues first)
+    or None (by position) -> (slot [N, k], kept [N, k], dest [A], counts [E]).
+
+    One sort of the A assignments by (expert, choice, rank in the priority order) is the GShard
+    queue order; an assignment's slot is its distance from the start of its expert's run. Invalid
+    assignments (padding) sort after every expert and take no slot."""
+    n, k = expert.shape
+    a, device = n * k, expert.device
+    if priority is None:
+        rank = torch.arange(n, device=device)
+    else:
+        rank = torch.empty(n, dtype=torch.long, device=device)
+        rank[torch.argsort(priority)] = torch.arange(n, device=device)
+    bucket = torch.where(valid, expert, num_experts)  # [N, k]; num_experts: not routed
+    key = (bucket * k + torch.arange(k, device=device)) * n + rank[:, None]
+    sorted_key, order = key.reshape(-1).sort()
+    bucket_sorted = sorted_key // (k * n)
+    queued = count_per_expert(bucket_sorted, num_experts + 1)  # [E + 1]: queue lengths, then the unrouted
+    starts = torch.cumsum(queued, 0) - queued
+    position = torch.arange(a, device=device)
+    slot_sorted = position - starts[bucket_sorted]
+    routed = bucket_sorted < num_experts
+    if capacity is None:
+        kept_sorted, counts = routed, queued[:num_experts]
+    else:
+        kept_sorted = routed & (slot_sorted < capacity)
+        counts = torch.minimum(queued[:num_experts], capacity)
+    kept_starts = torch.cumsum(counts, 0) - counts
+    kept_starts = torch.cat([kept_starts, kept_starts.new_zeros(1)])  # the unrouted bucket: unused
+    rest = counts.sum() + torch.cumsum((~kept_sorted).long(), 0) - 1
+    dest_sorted = torch.where(kept_sorted, kept_starts[bucket_sorted] + slot_sorted, rest)
+    dest = torch.empty_like(dest_sorted).scatter_(0, order, dest_sorted)
+    slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted).view(n, k)
+    kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view(n, k)
+    return slot, kept, dest, counts
+
+
 def assign_slots(expert: torch.Tensor, valid: torch.Tensor, num_experts: int,
                  priority: Optional[torch.Tensor]) -> torch.Tensor:
-    """Slot index of every (token, choice) in its expert's queue. [N, k] -> [N, k] int64.
+    """Slot index of every (token, choice) in its expert's queue, by one-hot cumulative sums: the
+    reference for `plan_dispatch`'s slots. [N, k] -> [N, k] int64.
 
     First choices of all tokens queue before any second choice (GShard). Within a choice, tokens
     queue by position (`priority` None), or by ascending `priority` [N] (Random Token Selection
@@ -76,8 +153,8 @@ class Router(nn.Module):
 
     Returns the routing plan, the load-balancing loss (Switch/GShard: E * sum_e f_e * P_e over
     real tokens, f_e the share of first choices, P_e the mean gate probability), the router z-loss
-    (mean logsumexp(logits)^2, ST-MoE) and detached telemetry. The linear layer is named `wg` as in
-    DeepSpeed's TopKGate, whose checkpoint code knows that name."""
+    (mean logsumexp(logits)^2, ST-MoE) and detached telemetry (device tensors: reading them is the
+    caller's host sync, at log time). The linear layer is named `wg` as in DeepSpeed's TopKGate."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, capacity_factor: float = 1.25,
                  eval_capacity_factor: float = 0.0, min_capacity: int = 4, use_rts: bool = True,
@@ -106,16 +183,19 @@ class Router(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def _group_max(self, value: int) -> int:
-        """Max over the expert-parallel group: all ranks must agree on buffer sizes."""
+    def group_max(self, value: torch.Tensor) -> torch.Tensor:
+        """Max of a 0-dim tensor over the expert-parallel group (all ranks must agree on the
+        capacity); stays on the device."""
         if self.ep_group is None or dist.get_world_size(self.ep_group) == 1:
             return value
-        t = torch.tensor([value], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ep_group)
-        return int(t.item())
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return value
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor):
-        """x [N, D] (any dtype), keep [N] bool -> (plan, aux_loss, z_loss, stats)."""
+    def select(self, x: torch.Tensor):
+        """The routing decision alone. x [N, D] -> (logits [N, E_all] fp32, probs [N, E] fp32 over the
+        selectable experts, top_p [N, k] combine weights, top_e [N, k] expert ids numbered as the
+        layer's expert modules). Also what serving's speculative prefetch predicts with."""
         logits = self.wg(x).float()  # routing in fp32, as in every MoE recipe
         probs = logits.softmax(dim=-1)
         if self.kept_experts is None:
@@ -126,24 +206,26 @@ class Router(nn.Module):
             probs = probs[:, self.kept_experts]
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
+        return logits, probs, top_p, top_e
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor):
+        """x [N, D] (any dtype), keep [N] bool -> (plan, aux_loss, z_loss, stats)."""
+        logits, probs, top_p, top_e = self.select(x)
         valid = keep[:, None].expand_as(top_e)
-        num_real = int(keep.sum())
+        keep_f = keep.float()
+        num_real = keep.sum()
 
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         priority = torch.rand(x.shape[0], device=x.device) if (self.use_rts and self.training) else None
-        slots = assign_slots(top_e, valid, self.num_experts, priority)
+        capacity = None
         if factor > 0:
-            capacity = expert_capacity(self._group_max(num_real), self.num_experts, self.top_k, factor,
+            capacity = capacity_tensor(self.group_max(num_real), self.num_experts, self.top_k, factor,
                                        self.min_capacity)
-        else:  # no dropping: capacity is the fullest queue in the group
-            capacity = self._group_max(int(slots[valid].max()) + 1 if num_real else 1)
-        kept = valid & (slots < capacity)
+        slot, kept, dest, counts = plan_dispatch(top_e, valid, self.num_experts, capacity, priority)
         weight = top_p * kept
 
-        keep_f = keep.float()
         denom = keep_f.sum().clamp_min(1.0)
-        first = F.one_hot(top_e[:, 0], self.num_experts).float() * keep_f[:, None]
-        load = first.sum(0) / denom  # f_e
+        load = count_per_expert(top_e[:, 0], self.num_experts, keep_f) / denom  # f_e
         importance = (probs * keep_f[:, None]).sum(0) / denom  # P_e
         aux_loss = self.num_experts * (load * importance).sum()
         z_loss = (torch.logsumexp(logits, -1) ** 2 * keep_f).sum() / denom
@@ -152,49 +234,131 @@ class Router(nn.Module):
             stats = {
                 "load": load.detach(),  # [E] share of real tokens whose first choice is e
                 "importance": importance.detach(),  # [E] mean gate probability over real tokens
-                "routed": (F.one_hot(top_e, self.num_experts) * valid[..., None]).sum((0, 1)).float(),  # [E] choices
+                "routed": count_per_expert(top_e, self.num_experts, valid.float()),  # [E] choices of real tokens
                 "dropped": (valid & ~kept).float().sum() / (valid.float().sum().clamp_min(1.0)),
                 "entropy": (entropy * keep_f).sum() / denom,
-                "tokens": torch.tensor(float(num_real)),
+                "tokens": num_real.float(),
             }
-        return RoutingPlan(top_e, slots, kept, weight, capacity), aux_loss, z_loss, stats
+        return RoutingPlan(top_e, kept, weight, slot, dest, counts, capacity), aux_loss, z_loss, stats
 
 
+# -- the grouped dispatch ------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over dim 0; its gradient is the reverse all-to-all."""
+    """all_to_all_single over dim 0 with split sizes (equal when None); its gradient is the
+    reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, group, x: torch.Tensor) -> torch.Tensor:
-        ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+    def forward(ctx, group, x: torch.Tensor, out_splits: Optional[list[int]] = None,
+                in_splits: Optional[list[int]] = None) -> torch.Tensor:
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        rows = x.shape[0] if out_splits is None else sum(out_splits)
+        out = x.new_empty(rows, *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
-        return None, out
+        rows = grad.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
+        out = grad.new_empty(rows, *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return None, out, None, None
 
 
-def run_experts(experts: nn.ModuleList, buffer: torch.Tensor, filled: Optional[list[int]] = None) -> torch.Tensor:
+def run_expert_parallel(experts: ExpertGroup, rows: torch.Tensor, counts: torch.Tensor, group) -> torch.Tensor:
+    """rows [A, D] ordered by global expert (kept rows first, `counts` [E] of them) -> expert
+    outputs in the same order; each rank runs its L local experts on the rows all ranks send them.
+
+    1. all-to-all of the counts [ep, L]: what each rank will receive for each of its experts;
+    2. the split sizes go to the host (the one sync of expert parallelism) and the kept rows are
+       exchanged (rank r receives, from every rank, the rows of experts r*L .. r*L+L-1);
+    3. received rows (by source rank, then local expert) are regrouped by local expert for the
+       grouped GEMM, and everything goes back the same way."""
+    ep, local = dist.get_world_size(group), len(experts)
+    per_rank = counts.view(ep, local)
+    received_counts = torch.empty_like(per_rank)
+    dist.all_to_all_single(received_counts, per_rank.contiguous(), group=group)
+    sizes = torch.cat([per_rank.sum(1), received_counts.sum(1)]).tolist()
+    send, receive = sizes[:ep], sizes[ep:]
+    sent = sum(send)
+    received = _AllToAll.apply(group, rows[:sent], receive, send)  # [sum(receive), D]
+    segment = torch.repeat_interleave(torch.arange(ep * local, device=rows.device), received_counts.reshape(-1),
+                                      output_size=sum(receive))  # source rank * L + local expert
+    order = torch.argsort((segment % local) * ep + segment // local, stable=True)
+    out = experts(received[order], received_counts.sum(0))
+    out = out[torch.argsort(order)]  # back to (source rank, local expert) order
+    returned = _AllToAll.apply(group, out, send, receive)
+    return torch.cat([returned, returned.new_zeros(rows.shape[0] - sent, rows.shape[1])])
+
+
+def grouped_dispatch(router: Router, experts: ExpertGroup, tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """tokens [N, D] -> y [N, D] = sum over kept choices of weight * expert(token)."""
+    n, d = tokens.shape
+    a = plan.dest.shape[0]
+    kept = plan.kept.reshape(-1)
+    token_of = torch.arange(a, device=tokens.device) // router.top_k
+    # The buffer row of each kept assignment takes its token; the rows after the kept ones read an
+    # appended zero row (so no gradient of theirs reaches a real token).
+    source = torch.full((a,), n, dtype=torch.long, device=tokens.device)
+    source.scatter_(0, plan.dest, torch.where(kept, token_of, n))
+    rows = torch.cat([tokens, tokens.new_zeros(1, d)])[source]  # [A, D] by expert
+    group = router.ep_group
+    if group is None or dist.get_world_size(group) == 1:
+        out = experts(rows, plan.counts)
+    else:
+        out = run_expert_parallel(experts, rows, plan.counts, group)
+    gathered = torch.where(kept[:, None], out[plan.dest], 0)  # rows past the kept ones are unspecified
+    gathered = gathered * plan.weight.reshape(-1, 1).to(out.dtype)
+    return gathered.view(n, router.top_k, d).sum(1)
+
+
+# -- the reference dispatch ----------------------------------------------------------------------
+def run_experts(experts: ExpertGroup, buffer: torch.Tensor, filled: Optional[list[int]] = None) -> torch.Tensor:
     """buffer [G, L, C, D] (G source groups) -> same shape, expert l applied to [:, l].
 
-    `filled` [L] (one group only): rows in use per expert. Slots fill from 0, so each expert runs
-    on its first `filled[l]` rows and the empty tail of the capacity buffer (up to C - filled rows,
-    e.g. 1/3 of the rows with top-2 at capacity factor 1.5) costs nothing; the tail's output stays
-    0 and is never combined."""
+    `filled` [L] (one group only): rows in use per expert (slots fill from 0); each expert runs on
+    its first `filled[l]` rows, the empty tail stays 0 and is never combined. Every expert runs,
+    on 0 rows if it has none, so its parameters get a (zero) gradient."""
     if filled is None:
-        return torch.stack([expert(buffer[:, i]) for i, expert in enumerate(experts)], dim=1)
+        return torch.stack([experts.forward_expert(i, buffer[:, i]) for i in range(len(experts))], dim=1)
     out = torch.zeros_like(buffer)
-    # An expert container may choose the order (an offloaded one runs its resident experts first,
-    # before loads evict them); the result does not depend on it.
-    order = experts.execution_order(filled) if hasattr(experts, "execution_order") else range(len(experts))
-    for i in order:
-        # An expert with no tokens still runs (on 0 rows): its parameters then get a zero gradient
-        # rather than none, which ZeRO's gradient partitioning expects from every rank.
-        out[0, i, :filled[i]] = experts[i](buffer[0, i, :filled[i]])
+    for i in range(len(experts)):
+        out[0, i, :filled[i]] = experts.forward_expert(i, buffer[0, i, :filled[i]])
     return out
+
+
+def reference_dispatch(router: Router, experts: ExpertGroup, tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """The index dispatch with a capacity buffer (the slow reference of `grouped_dispatch`):
+
+    1. scatter kept rows into buffer [E, C, D] at (expert, slot) (dropped rows go nowhere);
+    2. with expert parallelism, all-to-all so each rank gets [ep, L, C, D] for its L experts;
+    3. experts one at a time; reverse all-to-all; 4. combine: y = sum_k weight * buffer[expert, slot]."""
+    n, d = tokens.shape
+    k, num_experts = router.top_k, router.num_experts
+    if plan.capacity is not None:
+        capacity = int(plan.capacity)
+    else:  # no dropping: the fullest queue in the group
+        capacity = max(1, int(router.group_max(plan.counts.max())))
+    flat_slot = (plan.expert * capacity + plan.slot.clamp(0, capacity - 1)).reshape(-1)  # [N*k]
+    kept = plan.kept.reshape(-1)
+    token_index = torch.arange(n, device=tokens.device).repeat_interleave(k)
+    buffer = tokens.new_zeros(num_experts * capacity, d)
+    buffer[flat_slot[kept]] = tokens[token_index[kept]]
+
+    group = router.ep_group
+    ep_size = 1 if group is None else dist.get_world_size(group)
+    buffer = buffer.view(ep_size, len(experts), capacity, d)
+    if ep_size > 1:
+        buffer = _AllToAll.apply(group, buffer)
+    filled = plan.counts.tolist() if ep_size == 1 else None  # with expert parallelism the counts live elsewhere
+    out = run_experts(experts, buffer, filled)
+    if ep_size > 1:
+        out = _AllToAll.apply(group, out)
+    out = out.reshape(num_experts * capacity, d)
+    gathered = out[flat_slot] * plan.weight.reshape(-1, 1).to(out.dtype)  # [N*k, D], 0 where dropped
+    return gathered.view(n, k, d).sum(1)
+
+
+DISPATCH = {"grouped": grouped_dispatch, "reference": reference_dispatch}
 
 
 class RoutingRelay:
@@ -236,15 +400,13 @@ class RoutingRelay:
         return self._pending.pop(index)
 
 
-def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: Optional[torch.Tensor],
-                relay: Optional[RoutingRelay] = None, relay_index: int = 0):
+def moe_forward(router: Router, experts: ExpertGroup, x: torch.Tensor, keep: Optional[torch.Tensor],
+                relay: Optional[RoutingRelay] = None, relay_index: int = 0, dispatch: str = "grouped"):
     """The MoE FFN. x [B, T, D], keep [B, T] bool (None = all real) -> (y [B, T, D], aux, stats).
 
-    1. route: plan (expert, slot, kept, weight) per (token, choice) — with a `relay` (pre-gating)
-       the plan was computed by the previous MoE layer, and this layer routes the next one;
-    2. dispatch: scatter kept rows into buffer [E, C, D] (dropped rows go nowhere);
-    3. with expert parallelism, all-to-all so each rank gets [ep, L, C, D] for its L experts;
-    4. experts; reverse all-to-all; 5. combine: y = sum_k weight * buffer[expert, slot]."""
+    Routes (with a `relay`, pre-gating, the plan was computed by the previous MoE layer, and this
+    layer routes the next one before its experts run, so a prefetch overlaps them), then
+    dispatches with `dispatch` ("grouped" or the "reference")."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
     keep_flat = torch.ones(b * t, dtype=torch.bool, device=x.device) if keep is None else keep.reshape(-1)
@@ -252,58 +414,39 @@ def moe_forward(router: Router, experts: nn.ModuleList, x: torch.Tensor, keep: O
         plan, aux_loss, z_loss, stats = router(tokens, keep_flat)
     else:
         plan, aux_loss, z_loss, stats = relay.take(relay_index, router, tokens, keep_flat)
-        relay.route_ahead(relay_index, tokens, keep_flat)  # before the experts run: prefetch overlaps them
-    num_experts, capacity = router.num_experts, plan.capacity
-
-    flat_slot = (plan.expert * capacity + plan.slot.clamp(0, capacity - 1)).reshape(-1)  # [N*k]
-    kept = plan.kept.reshape(-1)
-    token_index = torch.arange(b * t, device=x.device).repeat_interleave(router.top_k)
-    buffer = tokens.new_zeros(num_experts * capacity, d)
-    buffer[flat_slot[kept]] = tokens[token_index[kept]]
-
-    group = router.ep_group
-    ep_size = 1 if group is None else dist.get_world_size(group)
-    local = len(experts)
-    buffer = buffer.view(ep_size, local, capacity, d)
-    if ep_size > 1:
-        buffer = _AllToAll.apply(group, buffer)
-    filled = None
-    if ep_size == 1:  # with expert parallelism the counts live on other ranks: run full buffers
-        filled = torch.bincount(plan.expert.reshape(-1)[kept], minlength=num_experts).clamp(max=capacity).tolist()
-    out = run_experts(experts, buffer, filled)
-    if ep_size > 1:
-        out = _AllToAll.apply(group, out)
-    out = out.reshape(num_experts * capacity, d)
-
-    gathered = out[flat_slot] * plan.weight.reshape(-1, 1).to(out.dtype)  # [N*k, D], 0 where dropped
-    y = gathered.view(b * t, router.top_k, d).sum(1)
+        relay.route_ahead(relay_index, tokens, keep_flat)
+    y = DISPATCH[dispatch](router, experts, tokens, plan)
     return y.view(b, t, d), (aux_loss, z_loss), stats
 
 
 class MoEFFN(nn.Module):
-    """MoE FFN sub-layer: `gate` (Router) and `experts` (the local FeedForward experts).
+    """MoE FFN sub-layer: `gate` (Router) and `experts` (an ExpertGroup of the local experts:
+    stacked, or one module per expert with `expert_storage="per_expert"`).
 
-    With ep_size > 1 this rank holds experts [ep_rank*L, (ep_rank+1)*L) of the E experts. Experts
-    are initialised from a generator seeded by (init_seed, expert id), so every layout (any
-    ep_size) starts from the same global weights."""
+    With ep_size > 1 this rank holds experts [ep_rank*L, (ep_rank+1)*L) of the E experts. Expert g
+    is initialised from a generator seeded by (init_seed, g), so every layout (any ep_size) starts
+    from the same global weights."""
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1, dropout: float = 0.0,
                  activation: str = "relu", capacity_factor: float = 1.25, eval_capacity_factor: float = 0.0,
                  min_capacity: int = 4, use_rts: bool = True, ep_size: int = 1, ep_rank: int = 0,
-                 init_seed: Optional[int] = None, kept_experts: Optional[Sequence[int]] = None):
+                 init_seed: Optional[int] = None, kept_experts: Optional[Sequence[int]] = None,
+                 dispatch: str = "grouped", expert_storage: str = "stacked"):
         super().__init__()
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch={dispatch!r}: expected one of {DISPATCHES}")
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
+        self.dispatch = dispatch
         self.gate = Router(d_model, num_experts, top_k, capacity_factor, eval_capacity_factor,
                            min_capacity, use_rts, kept_experts)
         local = self.gate.num_experts // ep_size
+        generators = None if init_seed is None else [
+            torch.Generator().manual_seed(init_seed * 1000 + ep_rank * local + i) for i in range(local)]
         with torch.random.fork_rng(devices=[]):  # the global RNG stream must not depend on ep_size
-            self.experts = nn.ModuleList(
-                FeedForward(d_model, d_ff, dropout, activation,
-                            None if init_seed is None else
-                            torch.Generator().manual_seed(init_seed * 1000 + ep_rank * local + i))
-                for i in range(local))
+            self.experts: ExpertGroup = EXPERT_STORAGES[expert_storage](local, d_model, d_ff, dropout, activation,
+                                                                        generators)
 
         self.relay: Optional[RoutingRelay] = None  # set by Seq2Seq when moe.pregate is on
         self.relay_index = 0
@@ -314,4 +457,4 @@ class MoEFFN(nn.Module):
         return range(self.ep_rank * local, (self.ep_rank + 1) * local)
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None):
-        return moe_forward(self.gate, self.experts, x, keep, self.relay, self.relay_index)
+        return moe_forward(self.gate, self.experts, x, keep, self.relay, self.relay_index, self.dispatch)

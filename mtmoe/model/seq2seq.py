@@ -49,7 +49,8 @@ class Seq2Seq(nn.Module):
                 return MoEFFN(d, model.d_ff, moe.num_experts, moe.top_k, model.dropout, model.activation,
                               moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity,
                               moe.use_rts, moe.ep_size, ep_rank, init_seed=init_seed * 100 + position,
-                              kept_experts=moe.kept_experts.get(f"{stack}{index}"))
+                              kept_experts=moe.kept_experts.get(f"{stack}{index}"), dispatch=moe.dispatch,
+                              expert_storage=moe.expert_storage)
             return DenseFFN(d, model.d_ff, model.dropout, model.activation)
 
         self.encoder = nn.ModuleList(

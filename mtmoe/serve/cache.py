@@ -280,6 +280,10 @@ class LayerCache:
         slot.expert, slot.state, slot.prefetched = None, EMPTY, False
 
     # -- introspection -----------------------------------------------------------------------
+    def blueprint(self) -> nn.Module:
+        """A copy of the layer's expert module on the meta device (type and shapes, no memory)."""
+        return copy.deepcopy(self._blueprint)
+
     def resident(self) -> list[int]:
         """Experts READY here, least recently used first."""
         with self._lock:

@@ -18,7 +18,7 @@ experts, fill) and runtime.hold(layer, experts), and read runtime.capacities and
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -26,6 +26,8 @@ import torch
 from mtmoe.config import ConfigError
 from mtmoe.model.moe import MoEFFN, Router
 from mtmoe.serve.validate import POLICIES
+
+log = logging.getLogger("mtmoe")
 
 Prefetch = Callable[[str, Sequence[int]], None]
 
@@ -46,13 +48,9 @@ def predicted_counts(router: Router, x: torch.Tensor, keep: torch.Tensor) -> tor
     """How many real tokens would pick each expert of `router`'s layer among their top-k.
 
     x [N, D], keep [N] bool -> counts [E] (E: the layer's experts, the kept ones when pruned,
-    numbered as the layer's expert modules). The same choice as Router.forward makes, without
+    numbered as the layer's expert modules): the router's own selection (`Router.select`), without
     capacity (serving runs with no token dropped)."""
-    probs = router.wg(x).float().softmax(dim=-1)
-    if router.kept_experts is None:
-        top_e = probs.topk(router.top_k, dim=-1).indices
-    else:
-        top_e = router.compact[probs.masked_fill(~router.selectable, -1.0).topk(router.top_k, dim=-1).indices]
+    top_e = router.select(x)[3]
     return torch.bincount(top_e[keep].reshape(-1), minlength=router.num_experts)
 
 
@@ -71,8 +69,11 @@ class Speculative:
                 hook = self._hook(next_name, next_layer.gate)
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if not self._handles:
-            warnings.warn("serve.prefetch=speculative: no MoE layer has a next MoE layer in its stack, "
-                          "so nothing is ever prefetched (experts load on demand)")
+            every = getattr(getattr(model, "moe_cfg", None), "every", "?")
+            log.warning("serve.prefetch=speculative has nothing to predict from: this model has one MoE layer "
+                        "per stack (moe.every=%s), and a prediction is made by the next MoE layer's router, so "
+                        "experts load on demand (prefetch=none). Models with two or more MoE layers per stack "
+                        "(e.g. moe.every=1) can prefetch", every)
 
     def _hook(self, next_name: str, router: Router):
         def hook(module, args, kwargs):
@@ -193,8 +194,8 @@ class Language:
         if stats is None:
             stats = self._routing.get("by_language", {}).get(src if layer.startswith("enc") else tgt, {}).get(layer)
         if stats is None:
-            warnings.warn(f"serve.prefetch=language: no routing statistics for {src}-{tgt} at {layer}; "
-                          "its cache is not seeded")
+            log.warning("serve.prefetch=language: no routing statistics for %s-%s at %s; its cache is not seeded",
+                        src, tgt, layer)
             return []
         return ranked(torch.tensor(stats["share"]))
 

@@ -1,12 +1,12 @@
 """The serving runtime: a Seq2Seq whose experts are served from a slow-tier store through
 per-layer LRU caches, with prefetching.
 
-`offload(model, weights, serve)` replaces each MoEFFN's `experts` (an nn.ModuleList) with
-OffloadedExperts, which `run_experts` iterates exactly as it did the list: item i is a callable
-[n, D] -> [n, D] that asks the layer's cache for expert i. Everything else (embeddings, attention,
+`offload(model, weights, serve)` replaces each MoEFFN's `experts` (an ExpertGroup, see
+mtmoe.model.experts) with OffloadedExperts, another ExpertGroup: the dispatch hands it the rows of
+each expert and it runs expert i from the layer's cache. Everything else (embeddings, attention,
 routers, norms) stays resident and untouched, and decoding code does not know the difference, so
-outputs are those of the all-resident model. An expert called on 0 rows (run_experts calls every
-expert) returns an empty result without touching the cache or the store.
+outputs are those of the all-resident model. An expert with no rows touches neither the cache
+nor the store.
 
 `load_for_serving(export_dir, serve)` builds an export's model this way without ever reading its
 experts into memory: the model is constructed, its (freshly initialised) experts are swapped out
@@ -15,7 +15,6 @@ and dropped, and only the non-expert tensors of model.safetensors are loaded.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,6 +26,7 @@ from torch import nn
 from mtmoe.config import ConfigError
 from mtmoe.data.vocab import Vocab
 from mtmoe.export.artifact import ExportError, _configs, load_export, read_export_config, read_routing_stats
+from mtmoe.model.experts import ExpertGroup
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.seq2seq import Seq2Seq
 from mtmoe.serve.cache import LayerCache
@@ -43,25 +43,10 @@ Submit = Callable[[LayerCache, list], None]
 """Queues (slot, expert) loads of a cache on the loader thread (Loader.submit)."""
 
 
-class ExpertHandle:
-    """Expert `index` of an offloaded layer, called like the expert module: x [n, D] -> [n, D]."""
-
-    def __init__(self, cache: LayerCache, index: int, stream: Optional[Submit] = None):
-        self.cache, self.index, self.stream = cache, index, stream
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:  # no tokens: nothing to load (an expert maps D -> D, so the shape is x's)
-            return x.new_zeros(x.shape)
-        with self.cache.use(self.index) as expert:
-            y = expert(x)
-        if self.stream is not None:  # its slot may now take the call's next missing expert
-            self.stream(self.cache, self.cache.after_use(self.index))
-        return y
-
-
-class OffloadedExperts(nn.Module):
-    """Stands in for `MoEFFN.experts`: len() and iteration as the ModuleList, items ExpertHandles.
-    Holds no parameters: the experts live in the cache's slots and the store.
+class OffloadedExperts(ExpertGroup):
+    """Stands in for `MoEFFN.experts` (the ExpertGroup interface): runs each expert that has rows
+    from the layer's cache. Holds no parameters: the experts live in the cache's slots and the
+    store. An expert with no rows is neither loaded nor run.
 
     `stream` (language-aware serving): when a call's experts are known (execution_order), their
     missing ones are loaded in execution order while the others compute (LayerCache.plan_call)."""
@@ -70,29 +55,42 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.cache = cache
         self.stream = stream
+        self.num_local = cache.num_experts
 
-    def __len__(self) -> int:
-        return self.cache.num_experts
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [R, D] rows grouped by expert (`counts` [L]) -> [R, D]; padding rows 0."""
+        rows = counts.tolist()  # serving decides loads on the host anyway
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        out = x.new_zeros(x.shape)  # an expert maps D -> D
+        for i in self.execution_order(rows):
+            if rows[i]:
+                out[starts[i]:starts[i] + rows[i]] = self.forward_expert(i, x[starts[i]:starts[i] + rows[i]])
+        return out
 
-    def __getitem__(self, index: int) -> ExpertHandle:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return ExpertHandle(self.cache, index, self.stream)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+    def forward_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # no tokens: nothing to load
+            return x.new_zeros(x.shape)
+        with self.cache.use(index) as expert:
+            y = expert(x)
+        if self.stream is not None:  # its slot may now take the call's next missing expert
+            self.stream(self.cache, self.cache.after_use(index))
+        return y
 
     def execution_order(self, filled: Sequence[int]) -> list[int]:
-        """The order `run_experts` calls the experts in: those already resident first (least
-        recently used first), then those being loaded, then the rest by index. In index order, the
-        loads for the first missing experts would evict resident ones still needed later in the
-        same call (the encoder, which runs a whole sentence at once, needs most experts of a layer)."""
+        """The order the experts run in: those already resident first (least recently used first),
+        then those being loaded, then the rest by index. In index order, the loads for the first
+        missing experts would evict resident ones still needed later in the same call (the encoder,
+        which runs a whole sentence at once, needs most experts of a layer). With `stream`, the
+        missing ones of this call are queued for loading in that order."""
         present = [e for e in self.cache.present() if filled[e] > 0]
         chosen = set(present)
         order = present + [e for e in range(len(self)) if e not in chosen]
         if self.stream is not None:
             self.stream(self.cache, self.cache.plan_call([e for e in order if filled[e] > 0]))
         return order
+
+    def blueprint(self) -> nn.Module:
+        return self.cache.blueprint()
 
     def extra_repr(self) -> str:
         return f"{self.cache.capacity} of {self.cache.num_experts} experts resident"
@@ -118,9 +116,8 @@ class OffloadRuntime:
             raise
         stream = self.loader.submit if getattr(self.policy, "streams", False) else None
         for name, layer in layers.items():
-            blueprint = copy.deepcopy(layer.experts[0]).to("meta")  # type and shapes, no memory
-            cache = LayerCache(name, blueprint, specs[name].layout, specs[name].num_experts, capacities[name],
-                               store, self.metrics, device)
+            cache = LayerCache(name, layer.experts.blueprint(), specs[name].layout, specs[name].num_experts,
+                               capacities[name], store, self.metrics, device)
             layer.experts = OffloadedExperts(cache, stream)  # the resident experts are dropped here
             self.caches[name] = cache
 
@@ -180,7 +177,7 @@ def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optio
         raise ConfigError("serve: offloading needs all experts in one process (moe.ep_size=1)")
     top_k = max(layer.gate.top_k for layer in layers.values())
     capacities = cache_sizes(serve, {name: len(layer.experts) for name, layer in layers.items()}, top_k)
-    specs = {name: LayerSpec(model.moe_layer_prefix(name), len(layer.experts), ExpertLayout.of(layer.experts[0]))
+    specs = {name: LayerSpec(model.moe_layer_prefix(name), len(layer.experts), ExpertLayout.of(layer.experts.blueprint()))
              for name, layer in layers.items()}
     weights = Path(weights)
     store: DiskStore | PinnedStore = open_store(weights, Path(store_path or weights.with_name("experts.safetensors")),

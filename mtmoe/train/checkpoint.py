@@ -24,11 +24,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from mtmoe.config import RUN_DEFINING, ConfigError
 from mtmoe.train.distributed import any_rank, barrier, broadcast_object, is_first_rank
 
 log = logging.getLogger("mtmoe")
@@ -228,7 +230,7 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
     for tag in candidates:
         tag_dir = checkpoint_dir(run_dir) / tag
         problem = broadcast_object(verify(tag_dir, check_hashes) if first else None)
-        state, error = None, None
+        state, error, misfit = None, None, None
         if problem is None:
             load_tag = _prepare_layout(tag_dir, layout, moe_shape)
             try:
@@ -243,11 +245,17 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
                     if needs_swapped_restore(engine):
                         restore_swapped_partitions(engine, checkpoint_dir(run_dir) / load_tag)
             except Exception as e:
-                error = f"{tag_dir}: cannot load checkpoint ({type(e).__name__}: {e})"
+                misfit = summarize_load_error(str(e))
+                error = (f"{tag_dir} does not fit the model of this config ({misfit}): the checkpoint is intact, "
+                         f"it was written for another model; resume with the settings the run was trained with"
+                         if misfit else f"{tag_dir}: cannot load checkpoint ({type(e).__name__}: {e})")
             if load_tag != tag:
                 barrier()
                 if first:
                     shutil.rmtree(checkpoint_dir(run_dir) / load_tag, ignore_errors=True)
+            if any_rank(misfit is not None):  # older checkpoints of the run have the same shapes: no fallback
+                raise CheckpointError(error if misfit else f"{tag_dir} does not fit the model of this config "
+                                                           f"on another rank")
             if any_rank(error is not None):
                 problem = error or f"{tag_dir}: cannot load checkpoint on another rank"
         if problem is None:
@@ -259,11 +267,116 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
     raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
 
 
-def write_model_description(run_dir: Path, vocab_path: Path, vocab_size: int, langs: list[str],
-                            model_cfg, moe_cfg) -> None:
-    """What export needs besides weights: architecture, vocabulary, languages."""
+def summarize_load_error(message: str) -> Optional[str]:
+    """"N size mismatches, e.g. embed.weight: checkpoint [300, 32], model [8000, 256]" when `message`
+    is torch's error for a state dict that does not fit the model (else None): such a checkpoint is
+    intact, it belongs to another model config."""
+    if "Error(s) in loading state_dict" not in message:
+        return None
+    sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", message)
+    parts = []
+    if sizes:
+        name, saved, wanted = sizes[0]
+        parts.append(f"{len(sizes)} size mismatches, e.g. {name}: checkpoint {saved}, model {wanted}")
+    for kind in ("Missing", "Unexpected"):
+        found = re.search(kind + r' key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)', message)
+        if found:
+            keys = re.findall(r'"([^"]*)"', found.group(1))
+            parts.append(f"{len(keys)} {kind.lower()} keys, e.g. {keys[0]}")
+    return "; ".join(parts) or message.splitlines()[0]
+
+
+def describe_run(cfg, vocab_size: int, sources=()) -> dict:
+    """The run's model.json: what export needs besides weights (architecture, vocabulary size,
+    languages), the `data.*` settings that made the vocabulary, and what the run trains on:
+    `training.directions` (translation directions) and `training.tasks` ({task: source labels})."""
+    tasks: dict[str, list[str]] = {}
+    for source in sources:
+        tasks.setdefault(source.task, []).append(source.label)
+    return {"vocab_size": vocab_size, "langs": list(cfg.data.langs), **_settings(cfg),
+            "training": {"directions": tasks.get("translation", []), "tasks": tasks}}
+
+
+def read_description(run_dir: Path) -> Optional[dict]:
+    """The run's model.json (None when it has none or it is unreadable)."""
+    try:
+        return json.loads((run_dir / MODEL_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def merged_training(old: Optional[dict], new: dict) -> dict:
+    """A resumed run's training record: what it trained on before plus what it trains on now."""
+    if not old:
+        return new
+    tasks = {name: list(labels) for name, labels in old.get("tasks", {}).items()}
+    for name, labels in new["tasks"].items():
+        tasks[name] = tasks.get(name, []) + [x for x in labels if x not in tasks.get(name, [])]
+    return {"directions": tasks.get("translation", []), "tasks": tasks}
+
+
+def _settings(cfg) -> dict:
+    """model.json's `model`, `moe` and `vocab` sections for a training config."""
+    return {"model": asdict(cfg.model), "moe": asdict(cfg.moe),
+            "vocab": {k: getattr(cfg.data, k) for k in RUN_DEFINING["vocab"]}}
+
+
+def model_conflicts(run_dir: Path, cfg) -> list[str]:
+    """The weight-defining settings of `cfg` (`config.RUN_DEFINING`, and data.langs) that differ from
+    those the run recorded in model.json, as `model.d_model=256 (the run has 32)`. Empty when the
+    run has no checkpoint to resume or no model.json."""
+    recorded = read_description(run_dir)
+    if recorded is None or not cfg.train.resume or not complete_tags(run_dir):
+        return []
+    requested = _settings(cfg)
+    out = []
+    if list(cfg.data.langs) != list(recorded.get("langs", [])):
+        out.append(f"data.langs={list(cfg.data.langs)} (the run has {recorded.get('langs')})")
+    for section, keys in RUN_DEFINING.items():
+        if section not in recorded:  # runs from before the vocabulary settings were recorded
+            continue
+        prefix = "data" if section == "vocab" else section
+        for key in keys:
+            if key in recorded[section] and requested[section][key] != recorded[section][key]:
+                out.append(f"{prefix}.{key}={requested[section][key]} (the run has {recorded[section][key]})")
+    return out
+
+
+def check_same_model(run_dir: Path, cfg, vocab=None) -> None:
+    """ConfigError (one line) when resuming `run_dir` with `cfg` would build another model than the
+    one its checkpoints hold: the differing settings and how to resume it (the run's recorded Hydra
+    overrides). With `vocab`, also when its pieces differ from the run's spm.model. Nothing is
+    written, so the run stays as it was."""
+    conflicts = model_conflicts(run_dir, cfg)
+    if not conflicts and vocab is not None and complete_tags(run_dir) and cfg.train.resume \
+            and (run_dir / "spm.model").is_file():
+        from mtmoe.data.vocab import Vocab
+
+        if Vocab(run_dir / "spm.model").pieces() != vocab.pieces():
+            conflicts.append(f"the vocabulary (data.corpus_dir / data.train_prefix / data.max_train_lines "
+                             f"give another one than the run's {run_dir / 'spm.model'})")
+    if not conflicts:
+        return
+    hint = "repeat the settings it was trained with"
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        import shlex
+
+        import yaml
+
+        try:
+            recorded = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
+            hint += f" (its overrides, from {overrides}: {shlex.join(recorded) or 'none'})"
+        except (yaml.YAMLError, TypeError):
+            pass
+    raise ConfigError(f"{run_dir} holds checkpoints of another model: {', '.join(conflicts)}. To resume it, "
+                      f"{hint}; for a new run, give another hydra.run.dir")
+
+
+def write_model_description(run_dir: Path, vocab_path: Path, desc: dict) -> None:
+    """Writes the run's model.json (`describe_run`) and its spm.model."""
     tmp = run_dir / ".spm.model.tmp"
     shutil.copyfile(vocab_path, tmp)
     os.replace(tmp, run_dir / "spm.model")
-    desc = {"vocab_size": vocab_size, "langs": list(langs), "model": asdict(model_cfg), "moe": asdict(moe_cfg)}
     write_atomic(run_dir / MODEL_JSON, json.dumps(desc, indent=1))

@@ -11,7 +11,8 @@ uses to put them in their own optimizer groups.
 (`MoE`, `Experts`, `MOELayer`, groups) for structure, parameter tagging and process groups, holds
 the *same* gate and expert modules (no copies), and runs the mtmoe router and dispatch in forward.
 Its state-dict names (`deepspeed_moe.gate.wg.weight`,
-`deepspeed_moe.experts.deepspeed_experts.<i>.*`) are the ones DeepSpeed's checkpoint code expects;
+`deepspeed_moe.experts.deepspeed_experts.<i>.*`: the stacked expert group shows one entry set per
+local expert, see mtmoe.model.experts) are the ones DeepSpeed's checkpoint code expects;
 `mtmoe.export.artifact.to_plain_name` maps them back to the plain model's names.
 """
 
@@ -27,7 +28,7 @@ from mtmoe.model.moe import MoEFFN, moe_forward
 
 
 class DeepSpeedMoEFFN(MoE):
-    """DeepSpeed `MoE` whose gate is the mtmoe Router and whose experts are mtmoe FeedForwards."""
+    """DeepSpeed `MoE` whose gate is the mtmoe Router and whose experts are the layer's ExpertGroup."""
 
     def __init__(self, layer: MoEFFN):
         nn.Module.__init__(self)  # MoE.__init__ would build a TopKGate and copies of one expert
@@ -46,11 +47,12 @@ class DeepSpeedMoEFFN(MoE):
         self.deepspeed_moe = MOELayer(layer.gate, experts, self.expert_group_name, self.ep_size,
                                       self.num_local_experts)
         self.relay, self.relay_index = layer.relay, layer.relay_index  # pre-gating (moe.pregate)
+        self.dispatch = layer.dispatch
 
     def forward(self, x, keep=None):
         """Same contract as MoEFFN.forward: x [B, T, D], keep [B, T] -> (y, (aux, z), stats)."""
         return moe_forward(self.deepspeed_moe.gate, self.deepspeed_moe.experts.deepspeed_experts, x, keep,
-                           self.relay, self.relay_index)
+                           self.relay, self.relay_index, self.dispatch)
 
 
 def wrap_moe_layers(model: nn.Module) -> int:

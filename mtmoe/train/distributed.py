@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("mtmoe")
 
 
 def free_port() -> int:
@@ -27,9 +32,32 @@ def init_distributed() -> tuple[int, int]:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        with quiet_op_loading():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def quiet_op_loading():
+    """Keeps DeepSpeed's op loading out of the console and the run's train.log.
+
+    On every start DeepSpeed checks which ops can be built (compiling and linking a test program:
+    `gcc ... test.c -laio`, echoed at INFO by setuptools' compiler loggers) and prints
+    "DeepSpeed ... built successfully" when it loads its CPU communication op. The compiler loggers
+    are set to WARNING (their warnings and errors still show); what DeepSpeed prints meanwhile goes
+    to the `mtmoe` log at DEBUG when it reports success, at INFO otherwise. A failed build raises as
+    before."""
+    for name in ("compilers", "distutils", "setuptools"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.log(logging.DEBUG if "built successfully" in line else logging.INFO, "%s", line)
 
 
 def _unlink_shm_workspace() -> None:

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float):
     update is that of the CE summed over the whole global batch divided by its target tokens: every
     token weighs the same whatever the layout. Aux and z losses are per-micro-batch means, averaged
     the same way."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         logits, (aux, z), stats = model(batch.src, batch.tgt_in)
     ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                              label_smoothing=cfg.train.label_smoothing, reduction="sum")
@@ -84,7 +85,9 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
 class Trainer:
     """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
 
-    def __init__(self, cfg: TrainAppConfig, run_dir: Path):
+    def __init__(self, cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[], None]] = None):
+        """`on_start` is called once the run is accepted (config, data, model and resume all fine),
+        just before the run dir is first written; a refusal before it leaves the run dir as it was."""
         import deepspeed
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -95,13 +98,11 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
 
         self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
+        checkpoint.check_same_model(run_dir, cfg, self.data.vocab)  # before anything of the run is touched
         self.zero3 = cfg.train.zero_stage == 3
         self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else run_dir / "nvme_swap"
         self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir))
         self.model: Seq2Seq = self._build_model()
-        if self.is_main:
-            checkpoint.write_model_description(run_dir, self.data.vocab.path, len(self.data.vocab),
-                                               cfg.data.langs, cfg.model, cfg.moe)
         if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
 
@@ -130,6 +131,18 @@ class Trainer:
         self.last_checkpoint: str | None = None
         state = self._resume() if cfg.train.resume else None
         self.layer_names = self.model.moe_layer_names()
+        self.finished = self._finished_results() if state is not None else None
+        if on_start is not None:
+            on_start()
+        self.runlog = None
+        if self.finished is not None:
+            return  # nothing to write: see run()
+        if self.is_main:
+            desc = checkpoint.describe_run(cfg, len(self.data.vocab), sources)
+            if state is not None:  # what the run trained on before, plus what it trains on now
+                desc["training"] = checkpoint.merged_training(
+                    (checkpoint.read_description(run_dir) or {}).get("training"), desc["training"])
+            checkpoint.write_model_description(run_dir, self.data.vocab.path, desc)
         self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
                              resume_step=self.step if state is not None else None)
 
@@ -166,7 +179,8 @@ class Trainer:
             checkpoint.remove_stale_partials(self.run_dir)
         barrier()
         layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
-                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate}
+                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
+                  "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None}
         moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
         state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
@@ -176,6 +190,17 @@ class Trainer:
             self.last_checkpoint = checkpoint.tag_for_step(self.step)
             log.info("resumed from step %d (%s)", self.step, self.last_checkpoint)
         return state
+
+    def _finished_results(self) -> Optional[dict]:
+        """The run's results.json when the resumed run already trained to its budget and wrote its
+        results at this step (re-running a finished run), else None. Every rank decides the same."""
+        try:
+            results = json.loads((self.run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            results = None
+        spent = self._out_of_budget(time.monotonic())  # a collective under a time budget: every rank calls it
+        done = results is not None and results.get("step") == self.step and spent
+        return results if not any_rank(not done) else None
 
     def _expert_group(self):
         """The expert-parallel process group when experts are sharded over ranks, else None."""
@@ -193,7 +218,7 @@ class Trainer:
         return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
                 "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
-                "skipped_steps": self.guard.skipped}
+                "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
 
     def _last_checkpoint_path(self) -> str | None:
         return str(checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
@@ -268,10 +293,35 @@ class Trainer:
             self.engine.step()
         return sums  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
 
+    def _log_window(self, window: dict, window_start: float, started: float, progress: Progress) -> None:
+        """Writes one train record: the means over the steps since the previous record (`steps`).
+        Called every `train.log_every` steps, and before a checkpoint and at the end of the run when
+        steps are pending, so every step of the run is in the log, also after a resume."""
+        loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
+        elapsed = time.monotonic() - window_start
+        record = {"kind": "train", "step": self.step, "steps": window["steps"],
+                  "loss": round(loss_sum / max(1, tokens), 6),
+                  "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr,
+                  "tokens_per_s": round(tokens / elapsed, 1),
+                  "src_tokens_per_s": round(src_tokens / elapsed, 1),
+                  "aux_loss": round(window["aux"] / max(1, window["steps"]), 4),
+                  "skipped_steps": self.guard.skipped,
+                  "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
+        if self._last_stats:
+            record["routing"] = summarize_routing(self._last_stats, self.layer_names)
+        if self.is_main:
+            self.runlog.write(record)
+        progress.note(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, cfg.train.max_minutes, self.step)
+        if self.finished is not None:
+            log.info("%s is finished: it trained to its budget (step %d) and its results are in results.json; "
+                     "nothing to do (raise train.max_steps or train.max_minutes to train on)", self.run_dir, self.step)
+            return self.finished
+        progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, cfg.train.max_minutes,
+                            self.step, self.train_seconds)
         batches = iter(self.stream)
         window = _new_window()
         window_start = started = time.monotonic()
@@ -285,31 +335,22 @@ class Trainer:
             for key, value in sums.items():
                 window[key] += value
             window["steps"] += 1
+            progress.update(self.step)
 
-            if self.step % cfg.train.log_every == 0:
-                loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
-                elapsed = time.monotonic() - window_start
-                record = {"kind": "train", "step": self.step, "loss": round(loss_sum / max(1, tokens), 6),
-                          "lr": self.scheduler.get_last_lr()[0] if self.scheduler else cfg.train.lr,
-                          "tokens_per_s": round(tokens / elapsed, 1),
-                          "src_tokens_per_s": round(src_tokens / elapsed, 1),
-                          "aux_loss": round(window["aux"] / window["steps"], 4),
-                          "skipped_steps": self.guard.skipped,
-                          "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
-                if self._last_stats:
-                    record["routing"] = summarize_routing(self._last_stats, self.layer_names)
-                if self.is_main:
-                    self.runlog.write(record)
-                progress.update(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+            saving = cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
+            if self.step % cfg.train.log_every == 0 or saving:
+                self._log_window(window, window_start, started, progress)
                 window = _new_window()
                 window_start = time.monotonic()
-            if cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0:
+            if saving:
                 self.train_seconds += time.monotonic() - started
                 started = time.monotonic()
                 self.save()
                 saved_step = self.step
             if cfg.train.valid_every > 0 and self.step % cfg.train.valid_every == 0:
                 self.validate()
+        if window["steps"]:
+            self._log_window(window, window_start, started, progress)
         self.train_seconds += time.monotonic() - started
         progress.close()
         if saved_step != self.step and cfg.train.save_every >= 0:
@@ -357,5 +398,5 @@ def _plain(cfg: TrainAppConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-def train(cfg: TrainAppConfig, run_dir: Path) -> dict:
-    return Trainer(cfg, run_dir).run()
+def train(cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[], None]] = None) -> dict:
+    return Trainer(cfg, run_dir, on_start).run()

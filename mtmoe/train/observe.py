@@ -45,11 +45,12 @@ class RunLog:
         self.enabled = enabled
         self.path = run_dir / "train_log.jsonl"
         if enabled and resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) <= resume_step]
-            tmp = self.path.with_name(".train_log.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
+            if kept != lines:
+                tmp = self.path.with_name(".train_log.jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
         self.wandb = None
         self.wandb_id = wandb_id
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
@@ -79,32 +80,42 @@ class RunLog:
 
 
 class Progress:
-    """Progress bar over steps (when max_steps is set) or over the time budget (ETA either way)."""
+    """Progress bar over steps (when max_steps is set) or over the time budget (ETA either way).
 
-    def __init__(self, enabled: bool, max_steps: int, max_minutes: float, start_step: int):
+    It moves every step (tqdm redraws at most every 2 s); a resumed run starts at its step (or the
+    training time it had spent), and a run that trained to its budget ends at total/total."""
+
+    def __init__(self, enabled: bool, max_steps: int, max_minutes: float, start_step: int,
+                 start_seconds: float = 0.0):
         self.enabled = enabled
         self.by_time = max_steps <= 0
-        self.start = time.monotonic()
+        self.start = time.monotonic() - start_seconds
         self.bar = None
         if enabled:
             total = int(max_minutes * 60) if self.by_time else max_steps
             unit = "s" if self.by_time else "step"
-            self.bar = tqdm(total=total, initial=0 if self.by_time else start_step, unit=unit,
-                            dynamic_ncols=True, mininterval=2.0, desc="train")
+            initial = int(start_seconds) if self.by_time else start_step
+            self.bar = tqdm(total=total, initial=min(initial, total), unit=unit, dynamic_ncols=True,
+                            mininterval=2.0, desc="train")
 
-    def update(self, step: int, postfix: dict) -> None:
+    def update(self, step: int) -> None:
+        """Called after every step."""
         if self.bar is None:
             return
-        if self.by_time:
-            self.bar.n = min(self.bar.total, int(time.monotonic() - self.start))
-        else:
-            self.bar.n = step
-        self.bar.set_postfix(step=step, **postfix, refresh=False)
-        self.bar.refresh()
+        n = min(self.bar.total, int(time.monotonic() - self.start)) if self.by_time else step
+        self.bar.update(n - self.bar.n)
+
+    def note(self, step: int, postfix: dict) -> None:
+        """The latest logged figures (loss, tokens/s), shown beside the bar."""
+        if self.bar is not None:
+            self.bar.set_postfix(step=step, **postfix, refresh=False)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.bar is None:
+            return
+        if self.by_time:  # the loop ends when the time budget is spent
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
 
 
 def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
@@ -127,13 +138,17 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
             vloss.append(r["valid_loss"])
             vbleu.append(r.get("valid_bleu"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(steps, losses, label="train loss")
+    # Markers, so that a short run's single point shows; no offset on the axes (a single loss of
+    # 5.948 would read "+5.948" over ticks at 0.00).
+    axes[0].plot(steps, losses, ".-", label="train loss")
     if vsteps:
         axes[0].plot(vsteps, vloss, "o-", label="valid loss")
     axes[0].set_xlabel("step")
     axes[0].legend()
     if vsteps and any(b is not None for b in vbleu):
         axes[1].plot(vsteps, vbleu, "o-", color="tab:green")
+    for ax in axes:
+        ax.ticklabel_format(useOffset=False)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("valid BLEU (greedy, mean over directions)")
     fig.tight_layout()

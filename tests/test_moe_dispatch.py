@@ -1,0 +1,358 @@
+"""The grouped (permutation) dispatch against the capacity-buffer reference dispatch it replaced,
+the stacked experts' state-dict grammar, and the GPU properties (no host sync, bf16 on CUDA).
+
+Every comparison runs both dispatches on the same layer (same weights) and the same RNG state, so
+Random Token Selection draws the same priorities; they must agree in outputs, gradients, losses
+and telemetry. fp32, dropout 0."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mtmoe.export.quantize import QuantizedExperts, QuantLinear
+from mtmoe.model.experts import BACKENDS, GroupedExperts, grouped_backend, grouped_linear, per_expert_state, segment_ids
+from mtmoe.model.moe import MoEFFN, assign_slots, plan_dispatch
+from mtmoe.model.transformer import FeedForward
+
+D, FF, E = 16, 32, 4
+
+
+def layer_pair(top_k: int, capacity_factor: float, use_rts: bool, kept=None, ep_size: int = 1, ep_rank: int = 0):
+    """(grouped layer, reference layer) with identical weights."""
+    torch.manual_seed(0)  # the router's init draws from torch's RNG
+    grouped = MoEFFN(D, FF, E, top_k=top_k, capacity_factor=capacity_factor, min_capacity=1, use_rts=use_rts,
+                     init_seed=3, kept_experts=kept, ep_size=ep_size, ep_rank=ep_rank)
+    reference = copy.deepcopy(grouped)
+    reference.dispatch = "reference"
+    with torch.no_grad():  # a sharper router than the init: queues overflow unevenly
+        grouped.gate.wg.weight.mul_(4.0)
+        reference.gate.wg.weight.copy_(grouped.gate.wg.weight)
+    return grouped, reference
+
+
+def run(layer: MoEFFN, x: torch.Tensor, keep, grad: torch.Tensor, seed: int = 5):
+    """Forward + backward of (y * grad).sum() + aux: (y, aux, stats, x.grad, {param: grad})."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    y, (aux, z), stats = layer(x, keep)
+    ((y * grad).sum() + aux + z).backward()
+    return y.detach(), aux.detach(), stats, x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+
+def assert_same(a, b, atol=1e-6):
+    """Outputs to `atol`; parameter gradients to 1e-5 (a bias gradient sums its expert's rows in
+    another order: index-add here, a column sum in the reference's F.linear, ~2e-6 apart)."""
+    y1, aux1, s1, gx1, g1 = a
+    y2, aux2, s2, gx2, g2 = b
+    torch.testing.assert_close(y1, y2, atol=atol, rtol=0)
+    torch.testing.assert_close(aux1, aux2)
+    torch.testing.assert_close(gx1, gx2, atol=atol, rtol=0)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=1e-5, msg=name)
+    for key in s1:
+        torch.testing.assert_close(s1[key].float(), s2[key].float(), msg=key)
+
+
+CASES = {  # name: (capacity_factor, use_rts, padded, kept experts per layer)
+    "capacity_rts": (0.6, True, False, None),
+    "position_rule": (0.6, False, False, None),
+    "dropless": (0.0, True, False, None),
+    "padding": (0.6, True, True, None),
+    "pruned": (0.8, True, True, [0, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_dispatch_equals_reference(case, top_k, backend):
+    if backend == "grouped_mm" and grouped_backend(torch.zeros(1)) != "grouped_mm":
+        pytest.skip("no grouped GEMM for fp32 on this CPU build")
+    capacity_factor, use_rts, padded, kept = CASES[case]
+    grouped, reference = layer_pair(top_k, capacity_factor, use_rts, kept)
+    grouped.experts.backend = backend
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, D)
+    keep = (torch.rand(3, 11) > 0.3) if padded else None
+    grad = torch.randn(3, 11, D)
+    for train in (True, False):
+        grouped.train(train)
+        reference.train(train)
+        a, b = run(grouped, x, keep, grad), run(reference, x, keep, grad)
+        assert_same(a, b)
+        dropped = float(a[2]["dropped"])
+        assert (dropped > 0) == (train and capacity_factor > 0), dropped  # the cases really drop (or not)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("use_rts", [True, False])
+def test_queue_slots_equal_the_one_hot_reference(top_k, use_rts):
+    torch.manual_seed(1)
+    n = 40
+    expert = torch.stack([torch.randperm(E)[:top_k] for _ in range(n)])
+    valid = (torch.rand(n) > 0.25)[:, None].expand(n, top_k)
+    priority = torch.rand(n) if use_rts else None
+    capacity = torch.tensor(6)
+    slot, kept, dest, counts = plan_dispatch(expert, valid, E, capacity, priority)
+    reference = assign_slots(expert, valid, E, priority)
+    assert torch.equal(slot[valid], reference[valid])
+    assert torch.equal(kept, valid & (reference < 6))
+    # dest: a permutation of the assignments; kept rows first, by expert, in queue order
+    assert torch.equal(dest.sort().values, torch.arange(n * top_k))
+    m = int(counts.sum())
+    assert m == int(kept.sum()) and torch.equal(counts, torch.bincount(expert[kept], minlength=E))
+    rows = torch.empty(n * top_k, dtype=torch.long)
+    rows[dest] = torch.arange(n * top_k)
+    order = [(int(expert.view(-1)[a]), int(slot.view(-1)[a])) for a in rows[:m]]
+    assert order == sorted(order)
+    assert not kept.view(-1)[rows[m:]].any()
+
+
+def test_grouped_gemm_kernel_equals_per_expert_matmuls():
+    """torch._grouped_mm with the segment bias equals one F.linear per expert where this build has
+    it; rows past the segments get no bias and send no gradient to the bias."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(13, D)
+    g = torch.randn(13, FF)
+    g[10:] = 0  # padding rows: the caller never uses them
+    results = {}
+    for backend in ("loop", "grouped_mm"):
+        w = torch.randn(E, FF, D, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        b = torch.randn(E, FF, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        xi = x.clone().requires_grad_()
+        try:
+            if backend == "grouped_mm":
+                y = grouped_linear(xi, w, b, counts, segment_ids(counts, 13))
+            else:
+                y = torch.cat([torch.nn.functional.linear(part, w[e], b[e])
+                               for e, part in enumerate(xi[:10].split(counts.tolist()))] + [xi.new_zeros(3, FF)])
+        except RuntimeError as e:  # a CPU build without the kernel for this dtype
+            pytest.skip(f"torch._grouped_mm unavailable here: {e}")
+        (y * g).sum().backward()
+        results[backend] = (y[:10].detach(), w.grad, b.grad, xi.grad[:10])
+    for got, want in zip(results["grouped_mm"], results["loop"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_experts_keep_the_per_expert_key_grammar():
+    """State dict: one entry set per expert (`<i>.fc1.weight`, ...), the names FeedForward experts
+    had, so exports and checkpoints written before stacking load; stacked names (a partitioned
+    engine's placeholders) load too."""
+    torch.manual_seed(0)
+    old = nn.ModuleList(FeedForward(D, FF) for _ in range(E))  # how experts were stored before
+    group = GroupedExperts(E, D, FF)
+    assert list(group.state_dict()) == list(old.state_dict())
+    group.load_state_dict(old.state_dict())
+    x = torch.randn(9, D)
+    for i in range(E):
+        torch.testing.assert_close(group.forward_expert(i, x), old[i](x))
+    stacked = {f"experts.{k}": v for k, v in
+               {"w1": group.w1, "b1": group.b1, "w2": group.w2, "b2": group.b2}.items()}
+    converted = per_expert_state(stacked)
+    assert converted.keys() == {f"experts.{k}" for k in old.state_dict()}
+    fresh = GroupedExperts(E, D, FF)
+    missing, unexpected = fresh.load_state_dict({k[len("experts."):]: v for k, v in stacked.items()})
+    assert not missing and not unexpected and torch.equal(fresh.w2, group.w2)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.fc1.weight"):
+        GroupedExperts(E, D, FF + 1).load_state_dict(old.state_dict())
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*3\.fc2\.bias"):
+        GroupedExperts(E, D, FF).load_state_dict({k: v for k, v in old.state_dict().items() if k != "3.fc2.bias"})
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_group_equals_per_expert_quant_linears(bits):
+    """QuantizedExperts computes what a FeedForward with QuantLinear fc1/fc2 computes per expert
+    (the layout of int8/int4 exports), with the same state-dict names."""
+    torch.manual_seed(0)
+    group = GroupedExperts(E, D, FF + 1)  # odd widths exercise int4 packing
+    quantized = QuantizedExperts.from_float(group, bits)
+    experts = []
+    for i in range(E):
+        expert = FeedForward(D, FF + 1)
+        expert.load_state_dict({k[2:]: v for k, v in group.state_dict().items() if k.startswith(f"{i}.")})
+        expert.fc1, expert.fc2 = QuantLinear.from_linear(expert.fc1, bits), QuantLinear.from_linear(expert.fc2, bits)
+        experts.append(expert)
+    assert list(quantized.state_dict()) == list(nn.ModuleList(experts).state_dict())
+    counts = torch.tensor([2, 4, 0, 3])
+    x = torch.randn(9, D)
+    y = quantized(x, counts)
+    start = 0
+    for i, n in enumerate(counts.tolist()):
+        torch.testing.assert_close(y[start:start + n], experts[i](x[start:start + n]))
+        start += n
+    reloaded = QuantizedExperts(E, D, FF + 1, bits)
+    reloaded.load_state_dict(nn.ModuleList(experts).state_dict())
+    torch.testing.assert_close(reloaded(x, counts), y)
+
+
+# -- expert parallelism over 2 CPU ranks ------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES_EP = ((1, 0.6, False), (2, 0.0, True), (2, 0.8, True))  # top_k, capacity factor, padded
+
+
+def _ep_layer(top_k: int, capacity_factor: float, **kw) -> MoEFFN:
+    torch.manual_seed(0)  # the router's init draws from torch's RNG (experts from their own seeds)
+    return MoEFFN(D, FF, E, top_k=top_k, capacity_factor=capacity_factor, min_capacity=1, use_rts=True,
+                  init_seed=3, **kw)
+
+
+def _ep_inputs(rank: int, padded: bool):
+    torch.manual_seed(100 + rank)  # each rank its own tokens, and its own count
+    n = 13 + 4 * rank
+    x, grad = torch.randn(1, n, D), torch.randn(1, n, D)
+    return x, ((torch.rand(1, n) > 0.3) if padded else None), grad
+
+
+def _expert_parallel_worker(rank: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out = []
+        for top_k, capacity_factor, padded in CASES_EP:
+            x, keep, grad = _ep_inputs(rank, padded)
+            got = {}
+            for dispatch in ("grouped", "reference"):
+                layer = _ep_layer(top_k, capacity_factor, ep_size=2, ep_rank=rank, dispatch=dispatch)
+                layer.gate.ep_group = dist.group.WORLD
+                y, _, _, gx, grads = run(layer.train(), x, keep, grad, seed=7 + rank)
+                got[dispatch] = (y, gx, grads)
+            out.append(got)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_grouped_equals_reference_and_world_of_one(tmp_path):
+    """ep_size 2 over 2 gloo ranks (uneven token counts, padding, capacity and dropless): each rank's
+    output and input gradient equal the reference dispatch's and those of the whole layer run in one
+    process on that rank's tokens (with the group's capacity); each rank's expert gradients are its
+    two experts' rows of the world-of-one gradients summed over both ranks' tokens."""
+    mp.spawn(_expert_parallel_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for case, (top_k, capacity_factor, padded) in enumerate(CASES_EP):
+        inputs = [_ep_inputs(rank, padded) for rank in (0, 1)]
+        group_real = max(x.shape[1] if keep is None else int(keep.sum()) for x, keep, _ in inputs)
+        summed = None
+        for rank, (x, keep, grad) in enumerate(inputs):
+            got = ranks[rank][case]
+            whole = _ep_layer(top_k, capacity_factor).train()
+            whole.gate.group_max = lambda value: torch.tensor(group_real)  # capacity as the group decides it
+            y, _, _, gx, grads = run(whole, x, keep, grad, seed=7 + rank)
+            for dispatch in ("grouped", "reference"):
+                torch.testing.assert_close(got[dispatch][0], y, atol=1e-6, rtol=0)
+                torch.testing.assert_close(got[dispatch][1], gx, atol=1e-6, rtol=0)
+            summed = grads if summed is None else {k: summed[k] + v for k, v in grads.items()}
+        for rank in (0, 1):
+            for dispatch in ("grouped", "reference"):
+                grads = ranks[rank][case][dispatch][2]
+                for name in ("w1", "b1", "w2", "b2"):
+                    torch.testing.assert_close(grads[f"experts.{name}"],
+                                               summed[f"experts.{name}"][2 * rank:2 * rank + 2], atol=1e-5, rtol=0)
+
+
+# -- on a GPU -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_step_has_no_host_sync_and_bf16_grouped_equals_reference():
+    """On CUDA: a forward + backward of the MoE layer under bf16 autocast runs with
+    torch.cuda.set_sync_debug_mode("error") (no host-device sync), and the grouped GEMM path equals
+    the reference dispatch within bf16 tolerance (outputs atol 2e-2, relative grad error < 2e-2)."""
+    device = torch.device("cuda")
+    grouped, reference = layer_pair(2, 1.25, True)
+    grouped, reference = grouped.to(device).train(), reference.to(device).train()
+    x = torch.randn(4, 64, D, device=device)
+    keep = torch.rand(4, 64, device=device) > 0.2
+    grad = torch.randn(4, 64, D, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        run(grouped, x, keep, grad)  # warm-up (lazy init, autotuning)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            a = run(grouped, x, keep, grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        b = run(reference, x, keep, grad)
+    torch.testing.assert_close(a[0].float(), b[0].float(), atol=2e-2, rtol=2e-2)
+    for name in a[4]:
+        err = (a[4][name] - b[4][name]).norm() / b[4][name].norm().clamp_min(1e-6)
+        assert err < 2e-2, (name, float(err))
+
+
+def test_per_expert_storage_is_the_same_layer():
+    """moe.expert_storage=per_expert (one module per expert, for ZeRO-3 offload): the same initial
+    weights, state dict and outputs as the stacked experts."""
+    stacked, _ = layer_pair(2, 0.6, True)
+    torch.manual_seed(0)
+    separate = MoEFFN(D, FF, E, top_k=2, capacity_factor=0.6, min_capacity=1, init_seed=3, expert_storage="per_expert")
+    separate.load_state_dict(stacked.state_dict())  # only the router's sharpening differs
+    fresh = MoEFFN(D, FF, E, init_seed=3, expert_storage="per_expert").experts.state_dict()
+    assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in stacked.experts.state_dict().items()}
+    assert all(torch.equal(fresh[k], v) for k, v in MoEFFN(D, FF, E, init_seed=3).experts.state_dict().items())
+    x, grad = torch.randn(2, 9, D), torch.randn(2, 9, D)
+    a, b = run(stacked.train(), x, None, grad), run(separate.train(), x, None, grad)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[3], b[3], atol=1e-6, rtol=0)
+    for i in range(E):
+        torch.testing.assert_close(a[4]["experts.w1"][i], b[4][f"experts.{i}.fc1.weight"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["stacked", "per_expert"])
+def test_reshard_regroups_expert_adam_state(storage):
+    """ZeRO-0 optimizer files of ep ranks -> files for another ep_size: each expert's moments land
+    on the rank and position that hold that expert (both expert storages)."""
+    from mtmoe.train.reshard import reshard_optimizer_states
+
+    layers, shapes = 2, [(FF, D), (FF,), (D, FF), (D,)]
+
+    def files(ep: int) -> list[dict]:
+        local, out = E // ep, []
+        for rank in range(ep):
+            state, ids = {}, []
+            for layer in range(layers):
+                if storage == "stacked":
+                    tensors = [torch.stack([torch.full(sh, 10.0 * layer + rank * local + j) for j in range(local)])
+                               for sh in shapes]
+                else:
+                    tensors = [torch.full(sh, 10.0 * layer + rank * local + j) for j in range(local) for sh in shapes]
+                for t in tensors:
+                    state[len(ids) + 1] = {"step": torch.tensor(3.0), "exp_avg": t, "exp_avg_sq": t * 2}
+                    ids.append(len(ids) + 1)
+            state[0] = {"step": torch.tensor(3.0), "exp_avg": torch.ones(5), "exp_avg_sq": torch.ones(5)}
+            groups = [{"params": [0], "lr": 0.1}, {"params": ids, "lr": 0.1, "moe": True, "name": f"ep_size_{ep}"}]
+            out.append({"optimizer": {"state": state, "param_groups": groups}, "other": rank})
+        return out
+
+    for new_ep in (1, 4):
+        result = reshard_optimizer_states(files(2), E, layers, new_ep, storage)
+        assert len(result) == new_ep
+        local = E // new_ep
+        for rank, f in enumerate(result):
+            group = f["optimizer"]["param_groups"][1]
+            assert group["name"] == f"ep_size_{new_ep}" and f["other"] == 0
+            values = [f["optimizer"]["state"][pid]["exp_avg"] for pid in group["params"]]
+            expected = [10.0 * layer + rank * local + j for layer in range(layers) for j in range(local)]
+            if storage == "stacked":
+                got = [float(v[j].flatten()[0]) for v in values[::4] for j in range(local)]
+                assert all(v.shape[0] == local for v in values)
+            else:
+                got = [float(v.flatten()[0]) for v in values[::4]]
+            assert got == expected
+            assert torch.equal(f["optimizer"]["state"][0]["exp_avg"], torch.ones(5))
