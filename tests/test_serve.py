@@ -174,6 +174,26 @@ def test_streaming_loads_a_calls_missing_experts_in_order():
     assert counts(metrics)["late_prefetches"] == 2 and store.reads == [0, 1, 2, 3]
 
 
+def test_failed_stream_load_whose_slot_went_to_a_later_expert():
+    """A prefetch of the call's first expert fails in the loader (its slot is freed) after the call
+    was planned, and streaming gives that slot to a later expert of the call: the expert needed now
+    takes a slot from a later one (which then loads on demand) instead of finding none."""
+    cache, store, metrics, _ = make_cache(capacity=2, num_experts=6)
+    jobs = cache.reserve_prefetch([1, 2], fill=True)  # both slots queued for 1 and 2
+    assert cache.plan_call([1, 2, 3]) == []  # 3 has no slot yet: 1 and 2 are needed first
+    failing = store.read_into
+    store.read_into = lambda layer, expert, dst: (_ for _ in ()).throw(OSError("simulated read error"))
+    slot, expert = jobs[0]
+    cache.fill(slot, expert)  # the load of 1 fails: its slot is freed
+    store.read_into = failing
+    assert cache.after_use(0) != []  # streaming moves on: the free slot is reserved for 3
+    for e in (1, 2, 3):
+        with cache.use(e) as module:
+            assert module is not None
+        cache.after_use(e)
+    assert counts(metrics)["activations"] == 3
+
+
 def test_zero_row_expert_call_loads_nothing():
     cache, store, metrics, _ = make_cache(capacity=1)
     out = OffloadedExperts(cache).forward_expert(3, torch.zeros(0, 8))

@@ -56,7 +56,7 @@ def test_export_reload_gives_identical_logits(trained, tmp_path):
     export = tmp_path / "export"
     proc = run_cli("mtmoe-export", [f"checkpoint={trained}", f"out={export}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "spm.model"]
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "routing.json", "spm.model"]
     script = f"""
 import sys, torch
 torch.set_num_threads(1)  # the trainer below runs with 1 thread: same kernels, same bits

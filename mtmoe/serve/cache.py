@@ -119,8 +119,11 @@ class LayerCache:
                     load, outcome = slot, outcome or "late"
                 elif slot is not None:  # LOADING in the loader thread
                     wait, outcome = slot, outcome or "late"
-                else:  # (streaming: not a slot whose expert the call still needs)
-                    victim = self._victim(protect=self._call_left - {expert}, spare_prefetched=True)
+                else:  # not a slot whose expert the call still needs, unless every free one has one
+                    # (a streamed load failed and its slot went to a later expert of the call:
+                    # the expert needed now comes first; the later one loads on demand)
+                    victim = (self._victim(protect=self._call_left - {expert}, spare_prefetched=True)
+                              or self._victim(protect={expert}, spare_prefetched=True))
                     if victim is not None:
                         self._reserve(victim, expert, LOADING, prefetched=False)
                         victim.pins += 1
