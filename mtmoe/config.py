@@ -312,6 +312,13 @@ PRUNE_RULES = ("loss", "coverage", "global")
 """`prune.rule` choices for `prune.keep` (mtmoe.export.prune)."""
 
 
+def check_prune_rule(rule: str) -> str:
+    """`rule` when it is one of PRUNE_RULES (validate_export, and export_run for API callers)."""
+    if rule not in PRUNE_RULES:
+        raise ConfigError(f"prune.rule={rule!r}: expected one of {', '.join(PRUNE_RULES)}")
+    return rule
+
+
 @dataclass
 class TranslateAppConfig:
     model: str = "???"
@@ -411,8 +418,7 @@ def validate_export(cfg: ExportAppConfig) -> None:
         raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
     if cfg.quant != "none" and cfg.quant not in QUANT_BITS:
         raise ConfigError(f"quant={cfg.quant!r}: expected none, {' or '.join(QUANT_BITS)}")
-    if cfg.prune.rule not in PRUNE_RULES:
-        raise ConfigError(f"prune.rule={cfg.prune.rule!r}: expected one of {', '.join(PRUNE_RULES)}")
+    check_prune_rule(cfg.prune.rule)
 
 
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig
-from mtmoe.export.prune import check_rule, direction_keep, global_keep, keep_count, prune_state_dict
+from mtmoe.config import ConfigError, ModelConfig, MoEConfig, check_prune_rule
+from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
 from mtmoe.export.quantize import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.seq2seq import build_model, Seq2Seq
@@ -181,7 +181,7 @@ def test_coverage_rule_keeps_every_languages_top_expert():
     assert coverage(tele, global_keep(tele, 3))["dec1"] == {"de": 1.0, "en": 0.45, "fr": 0.45}
     assert coverage_keep(tele, 0.5)["dec1"] == [1, 4, 5]  # a fraction: 3 of 6
     with pytest.raises(ConfigError, match=r"prune.rule='best': expected one of loss, coverage, global"):
-        check_rule("best")
+        check_prune_rule("best")
 
 
 def test_coverage_rule_greedy_beyond_the_exhaustive_limit(monkeypatch):

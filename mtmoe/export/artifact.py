@@ -24,11 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mtmoe.config import QUANT_BITS, ConfigError, ModelConfig, MoEConfig
+from mtmoe.config import QUANT_BITS, ConfigError, ModelConfig, MoEConfig, check_prune_rule
 from mtmoe.data.vocab import Vocab
 from mtmoe.model.experts import per_expert_state
 from mtmoe.model.seq2seq import Seq2Seq
-from mtmoe.export.prune import check_rule
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     checkpoint = Path(checkpoint)
     check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
-        check_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
+        check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
     bits = QUANT_BITS.get(quant) if quant and quant != "none" else None
     if quant and quant != "none" and bits is None:
         raise ConfigError(f"quant={quant!r}: expected none, {' or '.join(QUANT_BITS)}")
@@ -336,14 +335,15 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     directions = parse_directions(direction or "all", config["langs"])
     if direction:
         warn_zero_shot(config, directions, "prune.direction")
-    elif trained_directions(config):  # the kept experts serve what the model was trained for
-        directions = [(s, t) for s, t in directions if f"{s}-{t}" in trained_directions(config)]
+    else:  # the kept experts serve what the model was trained for (every direction when unrecorded)
+        untrained = set(zero_shot(config, directions))
+        directions = [(s, t) for s, t in directions if f"{s}-{t}" not in untrained]
     telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
     top_k = config["moe"]["top_k"]
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
-    elif check_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
+    elif check_prune_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
         from mtmoe.export.calibrate import budget_keep, loss_keep
 
         lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from mtmoe.config import PRUNE_RULES, ConfigError
+from mtmoe.config import ConfigError
 from mtmoe.model.seq2seq import Seq2Seq
 
 
@@ -105,17 +105,9 @@ def coverage(telemetry: dict, kept: dict[str, list[int]]) -> dict[str, dict[str,
     return out
 
 
-KEEP_RULES = PRUNE_RULES
-"""`prune.rule` for `prune.keep`: the rules choosing a number of experts per layer. `loss` measures
-(mtmoe.export.calibrate); `coverage` and `global` decide from routing telemetry (SHARE_RULES)."""
-
 SHARE_RULES = {"coverage": coverage_keep, "global": global_keep}
-
-
-def check_rule(rule: str) -> str:
-    if rule not in KEEP_RULES:
-        raise ConfigError(f"prune.rule={rule!r}: expected one of {', '.join(KEEP_RULES)}")
-    return rule
+"""The `prune.rule`s (config.PRUNE_RULES) that decide from routing telemetry; `loss` measures
+(mtmoe.export.calibrate)."""
 
 
 def direction_keep(telemetry: dict, direction: str, mass: float, min_experts: int = 1,
