@@ -6,7 +6,7 @@
 # Extra arguments are Hydra overrides for training, e.g. train.max_minutes=5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. .venv/bin/activate
+. scripts/env.sh
 RUN=${RUN:-runs/main-$(date +%Y%m%d-%H%M%S)}
 PRUNE=${PRUNE:-"prune.keep=0.5 quant=int8"}
 DIRECTIONS=[en-de,de-en,en-fr,fr-en,en-cs,cs-en]

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-. .venv/bin/activate
+. scripts/env.sh
 # DeepSpeed JIT-builds its ops on first use (cold: shm_comm ~30 s, cpu_adam ~45 s, async_io ~4.5 min
 # on 2 cores). Start the builds now, in the background, so they overlap the first, single-process
 # tests; a test that needs an op before it is ready waits on torch's build lock.
