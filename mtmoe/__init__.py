@@ -1,12 +1,19 @@
 """mtmoe: a DeepSpeed trainer for multitask multilingual Mixture-of-Experts translation models.
 
-The package follows the data flow:
-  data/   corpus files -> SentencePiece vocabulary -> token ids -> sampled token-budget batches
-  model/  the one encoder-decoder model (pure torch), MoE FFN layers with the mtmoe router
-  train/  the DeepSpeed engine around that model: config, step loop, checkpoints, logging
-  eval/   batched beam search and sacrebleu scoring per direction
-  export/ standalone safetensors + JSON artifacts that load without DeepSpeed or pickle
-  cli/    thin Hydra entry points (mtmoe-train, mtmoe-eval, mtmoe-export, mtmoe-translate)
+The package follows the data flow, each layer importing only from the ones above it here
+(tests/test_layering.py holds the import graph to it):
+  errors, paths, scoring   leaf modules: the one-line errors, project paths, sacrebleu BLEU/chrF
+  config    structured Hydra configs, one validate function per app, the task-parameter schema
+  data/     corpus files -> SentencePiece vocabulary -> token ids -> sampled token-budget batches
+  model/    the one encoder-decoder model (plain torch): MoE FFNs with the mtmoe router, batched
+            beam search (generation), quantized experts, the state-dict key grammar (keys)
+  formats/  what is on disk, owned once: the DeepSpeed checkpoint format of a run (+ manifest,
+            resharding), the run's model.json, the standalone export format
+  train/    the DeepSpeed engine around that model: step loop, checkpoint save/load, logging
+  export/   run -> export pipeline: routing statistics, expert pruning, quantization
+  serve/    offloaded experts for big models on small memory: store, LRU cache, prefetch
+  eval/     an export scored per direction (sacrebleu), as plain model, subset or served
+  cli/      thin Hydra entry points (mtmoe-train, mtmoe-eval, mtmoe-export, mtmoe-translate)
 """
 
 import os

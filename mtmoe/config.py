@@ -18,11 +18,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from mtmoe.serve.config import ServeConfig
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
+from mtmoe.errors import ConfigError
 
 
 @dataclass
@@ -209,6 +205,55 @@ class LaunchConfig:
 
 
 @dataclass
+class TranslationParams:
+    """`tasks.translation`."""
+    lines: dict[str, int] = field(default_factory=dict)
+    """Per-direction line limits, e.g. `{cs-en: 3000, en-cs: 3000}` (low-resource simulations):
+    the direction draws only the first N usable lines."""
+
+
+@dataclass
+class DenoisingParams:
+    """`tasks.denoising`."""
+    langs: list[str] = field(default_factory=list)
+    """Languages to denoise (default: every training language)."""
+    mask_ratio: float = 0.35
+    poisson_lambda: float = 3.5
+    permute_sentences: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.poisson_lambda < 0:
+            raise ValueError(f"poisson_lambda={self.poisson_lambda} must be >= 0")
+
+
+TASK_PARAMS: dict[str, type] = {"translation": TranslationParams, "denoising": DenoisingParams}
+"""The parameter schema of each training task (`tasks.<name>`); a task added in
+`mtmoe/data/tasks/` registers its own with `register_task` there."""
+
+
+def task_names() -> list[str]:
+    return sorted(TASK_PARAMS)
+
+
+def parse_task_params(name: str, raw: Optional[dict[str, Any]]):
+    """The task's params dataclass from its config dict; unknown keys are an error naming them."""
+    if name not in TASK_PARAMS:
+        raise ConfigError(f"tasks.{name}: unknown task (known: {task_names()})")
+    params_cls = TASK_PARAMS[name]
+    raw = dict(raw or {})
+    known = {f.name for f in dataclasses.fields(params_cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"tasks.{name}: unknown parameter(s) {unknown} (known: {sorted(known)})")
+    try:
+        return params_cls(**raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tasks.{name}: {e}") from e
+
+
+@dataclass
 class TrainAppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +268,26 @@ class TrainAppConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed JSON keys merged last over the generated DeepSpeed config."""
+
+
+@dataclass
+class ServeConfig:
+    experts_per_layer: Optional[float] = None
+    """Experts of each MoE layer kept in fast memory: a count (>= 1) or a fraction of the layer's
+    experts (< 1, rounded up), at least moe.top_k. None (default): every expert resident, the
+    plain model, no serving runtime."""
+    prefetch: str = "none"
+    """How the next MoE layer's experts are loaded ahead of time: `none` (on demand only),
+    `speculative` (the next layer's router applied to this layer's input), `pregate` (the plan of a
+    model trained with moe.pregate=true), `language` (each layer's cache seeded and held with the
+    experts the request's direction uses most, from the export's routing statistics; the router of
+    each MoE layer applied one sub-layer ahead for every token; a call's missing experts streamed
+    while its others compute)."""
+    store_dir: Optional[str] = None
+    """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
+    slow_gbps: float = 0.0
+    """Simulated slow-tier bandwidth in GB/s for benchmarks (every expert read is stretched to
+    bytes / bandwidth); 0 = as fast as the store file reads (often the OS page cache)."""
 
 
 @dataclass
@@ -524,10 +589,8 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"schedule.kind={sch.kind} needs schedule.steps > 0")
     if not cfg.tasks:
         raise ConfigError("tasks: at least one training task is needed")
-    from mtmoe.data.tasks import base as tasks  # registers the built-in tasks
-
     for name, params in cfg.tasks.items():
-        tasks.parse_params(name, params)
+        parse_task_params(name, params)
     if cfg.init.noise < 0:
         raise ConfigError(f"init.noise={cfg.init.noise} must be >= 0")
     if t.valid_bleu not in ("final", "always", "never"):

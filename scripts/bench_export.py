@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtmoe.config import SubsetConfig  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
-from mtmoe.eval.decode import translate  # noqa: E402
+from mtmoe.model.generation import translate  # noqa: E402
 from mtmoe.eval.run import evaluate_export  # noqa: E402
-from mtmoe.export.artifact import export_bytes, export_run, load_export  # noqa: E402
+from mtmoe.formats.export_format import export_bytes, load_export
+from mtmoe.export.pipeline import export_run  # noqa: E402
 from mtmoe.export.subset import load_subset  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
 

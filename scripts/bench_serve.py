@@ -44,13 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtmoe.config import ConfigError  # noqa: E402
-from mtmoe.export.artifact import ExportError  # noqa: E402
+from mtmoe.errors import ConfigError  # noqa: E402
+from mtmoe.errors import ExportError  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
-from mtmoe.eval.decode import translate  # noqa: E402
-from mtmoe.export.artifact import load_export  # noqa: E402
+from mtmoe.model.generation import translate  # noqa: E402
+from mtmoe.formats.export_format import load_export  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
-from mtmoe.serve.config import ServeConfig  # noqa: E402
+from mtmoe.config import ServeConfig  # noqa: E402
 from mtmoe.serve.runtime import load_for_serving  # noqa: E402
 from mtmoe.serve.validate import POLICIES  # noqa: E402
 

@@ -26,7 +26,7 @@ finished=$(date +%s)
 
 python - "$RUN" "$started" "$trained" "$finished" <<'PY'
 import json, sys
-from mtmoe.export.artifact import export_bytes
+from mtmoe.formats.export_format import export_bytes
 run, started, trained, finished = sys.argv[1], *map(int, sys.argv[2:])
 results = json.load(open(f"{run}/results.json"))
 full = json.load(open(f"{run}/eval_full/test_2016_flickr.json"))

@@ -110,7 +110,7 @@ def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int
 def exports(trained, tmp_path_factory, corpus):
     """The tiny trained run exported as is (with routing statistics on the bundled val set, as
     mtmoe-export writes them), expert-pruned to 2 of 4 in each MoE layer, and int8-quantized."""
-    from mtmoe.export.artifact import export_run
+    from mtmoe.export.pipeline import export_run
 
     root = tmp_path_factory.mktemp("exports")
     full = export_of(trained, root / "full")

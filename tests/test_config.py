@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mtmoe.cli.common import setup
-from mtmoe.config import ConfigError, TrainAppConfig, validate
+from mtmoe.config import TrainAppConfig, validate
+from mtmoe.errors import ConfigError
 from mtmoe.paths import CONF_DIR
 from mtmoe.train.ds_config import build_deepspeed_config
 

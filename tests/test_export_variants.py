@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig, check_prune_rule
+from mtmoe.config import MoEConfig, ModelConfig, check_prune_rule
+from mtmoe.errors import ConfigError
 from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
-from mtmoe.export.quantize import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
 from mtmoe.model.moe import MoEFFN
-from mtmoe.model.seq2seq import build_model, Seq2Seq
+from mtmoe.model.quantized import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
+from mtmoe.model.seq2seq import Seq2Seq, build_model
 
 TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
 
@@ -107,7 +108,7 @@ def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache
     script = f"""
 import sys, torch
 sys.modules['deepspeed'] = None
-from mtmoe.export.artifact import load_export, export_bytes
+from mtmoe.formats.export_format import load_export, export_bytes
 model, vocab, config = load_export({str(half)!r})
 assert len(model.encoder[1].ffn.experts) == {kept['enc1']}
 src = torch.tensor([[vocab.tag_id('de')] + vocab.encode(['A dog.'])[0] + [3]])
@@ -127,7 +128,8 @@ print(full['expert_bytes'], half['expert_bytes'])
 
 
 def test_routing_telemetry_and_heatmap(tmp_path):
-    from mtmoe.eval.telemetry import collect_routing, plot_heatmap
+    from mtmoe.export.routing import collect_routing
+    from mtmoe.eval.telemetry import plot_heatmap
 
     class FakeVocab:  # token ids straight from characters; tags 4..7
         tags = {"en": 4, "de": 5, "fr": 6}

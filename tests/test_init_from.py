@@ -7,7 +7,7 @@ import json
 import torch
 
 from conftest import run_cli, tiny_overrides
-from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.config import MoEConfig, ModelConfig
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train.init_from import aggregate_experts, experts_from_dense, load_into
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig, TrainAppConfig, validate
+from mtmoe.config import MoEConfig, ModelConfig, TrainAppConfig, validate
+from mtmoe.errors import ConfigError
 from mtmoe.model.moe import MoEFFN, Router, assign_slots, expert_capacity
 from mtmoe.model.seq2seq import build_model
 

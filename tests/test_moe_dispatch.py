@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mtmoe.export.quantize import QuantizedExperts, QuantLinear
-from mtmoe.model.experts import BACKENDS, GroupedExperts, grouped_backend, grouped_linear, per_expert_state, segment_ids
+from mtmoe.model.experts import (BACKENDS, GroupedExperts, grouped_backend, grouped_linear, per_expert_state,
+                                 segment_ids)
 from mtmoe.model.moe import MoEFFN, assign_slots, plan_dispatch
+from mtmoe.model.quantized import QuantLinear, QuantizedExperts
 from mtmoe.model.transformer import FeedForward
 
 D, FF, E = 16, 32, 4
@@ -318,7 +319,7 @@ def test_per_expert_storage_is_the_same_layer():
 def test_reshard_regroups_expert_adam_state(storage):
     """ZeRO-0 optimizer files of ep ranks -> files for another ep_size: each expert's moments land
     on the rank and position that hold that expert (both expert storages)."""
-    from mtmoe.train.reshard import reshard_optimizer_states
+    from mtmoe.formats.reshard import reshard_optimizer_states
 
     layers, shapes = 2, [(FF, D), (FF,), (D, FF), (D,)]
 

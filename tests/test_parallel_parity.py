@@ -65,7 +65,7 @@ def losses(run_dir):
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    from mtmoe.export.artifact import consolidated_state_dict
+    from mtmoe.formats.ds_checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(run_dir / "checkpoints" / f"step{STEPS:08d}")
 
@@ -74,14 +74,14 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 def reference(tmp_path_factory, corpus, cache_dir):
     """World of one, 2 micro-batches per step: the global batch of a 2-rank run.
     -> (run dir, losses, final weights, initial weights)."""
-    from mtmoe.export.artifact import _configs
+    from mtmoe.formats.export_format import model_configs
     from mtmoe.model.seq2seq import build_model
 
     run_dir = tmp_path_factory.mktemp("parity") / "world1"
     proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.accumulate": 2}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     desc = json.loads((run_dir / "model.json").read_text())
-    initial = build_model(desc["vocab_size"], *_configs(desc), seed=1).state_dict()
+    initial = build_model(desc["vocab_size"], *model_configs(desc), seed=1).state_dict()
     return run_dir, losses(run_dir), final_weights(run_dir), initial
 
 

@@ -16,16 +16,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from mtmoe.config import ConfigError, ModelConfig, MoEConfig
+from mtmoe.config import MoEConfig, ModelConfig, ServeConfig
 from mtmoe.data.vocab import EOS_ID
-from mtmoe.eval.decode import translate, translate_ids
-from mtmoe.export.artifact import ExportError, load_export
-from mtmoe.export.quantize import QuantizedExperts, quantize_experts
+from mtmoe.errors import ConfigError, ExportError
+from mtmoe.formats.export_format import load_export
+from mtmoe.model.generation import translate, translate_ids
+from mtmoe.model.quantized import QuantizedExperts, quantize_experts
 from mtmoe.model.seq2seq import build_model
 from mtmoe.model.transformer import FeedForward
 from mtmoe.serve import policies
 from mtmoe.serve.cache import LayerCache
-from mtmoe.serve.config import ServeConfig
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.metrics import ServeMetrics, merge_summaries
 from mtmoe.serve.runtime import OffloadedExperts, load_for_serving, offload

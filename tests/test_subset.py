@@ -10,12 +10,14 @@ import pytest
 from safetensors import safe_open
 
 from conftest import run_cli
-from mtmoe.config import ConfigError, SubsetConfig
-from mtmoe.eval.decode import translate
+from mtmoe.config import SubsetConfig
+from mtmoe.errors import ConfigError, ExportError
 from mtmoe.eval.run import evaluate_export
-from mtmoe.export import artifact
-from mtmoe.export.artifact import ExportError, export_run, load_export, read_routing_stats
+from mtmoe.export.pipeline import export_run
 from mtmoe.export.subset import choose_subset, load_subset
+from mtmoe.formats import export_format
+from mtmoe.formats.export_format import load_export, read_routing_stats
+from mtmoe.model.generation import translate
 
 LINES = ["A man is riding a bike.", "Two dogs play in the snow.", "A girl in a red dress.", "People walk."]
 
@@ -42,7 +44,7 @@ def test_subset_holds_the_chosen_experts_and_equals_the_pruned_export(exports, t
     assert all(1 <= len(ids) < 4 for ids in chosen.values())
 
     read = []
-    real_safe_open = artifact.safe_open
+    real_safe_open = export_format.safe_open
 
     class Recording:
         def __init__(self, *args, **kwargs):
@@ -62,7 +64,7 @@ def test_subset_holds_the_chosen_experts_and_equals_the_pruned_export(exports, t
             read.append(key)
             return self.f.get_tensor(key)
 
-    monkeypatch.setattr(artifact, "safe_open", Recording)
+    monkeypatch.setattr(export_format, "safe_open", Recording)
     model, vocab, config, held = load_subset(full, "en-de", mass)
     monkeypatch.undo()
     expert_keys = {key for key in read if ".experts." in key}

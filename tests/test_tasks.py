@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from mtmoe.config import ConfigError, ScheduleConfig
+from mtmoe.config import ScheduleConfig
 from mtmoe.data.batching import BatchStream
 from mtmoe.data.corpus import load_corpus
 from mtmoe.data.noise import infill_spans, permute_sentences
@@ -19,6 +19,7 @@ from mtmoe.data.schedule import Mixture, auxiliary_share
 from mtmoe.data.tasks import build_sources
 from mtmoe.data.tokenized import tokenize
 from mtmoe.data.vocab import get_or_train_vocab
+from mtmoe.errors import ConfigError
 
 MASK = 4
 

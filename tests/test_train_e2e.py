@@ -61,7 +61,7 @@ def test_export_reload_gives_identical_logits(trained, tmp_path):
 import sys, torch
 torch.set_num_threads(1)  # the trainer below runs with 1 thread: same kernels, same bits
 sys.modules['deepspeed'] = None  # importing DeepSpeed would fail: the export must not need it
-from mtmoe.export.artifact import load_export
+from mtmoe.formats.export_format import load_export
 model, vocab, config = load_export({str(export)!r})
 src = torch.tensor([[vocab.tag_id('de')] + vocab.encode(['A dog runs.'])[0] + [3]])
 tgt = torch.tensor([[2] + vocab.encode(['Ein Hund'])[0]])
@@ -91,7 +91,7 @@ torch.save({{'src': src, 'tgt': tgt, 'logits': logits}}, {str(tmp_path / 'export
     trainer = Trainer(cfg, trained)
     assert trainer.step == 12
     # Consolidation (what export reads) equals the live model's weights, all experts included.
-    from mtmoe.export.artifact import consolidated_state_dict, to_plain_name
+    from mtmoe.formats.ds_checkpoint import consolidated_state_dict, to_plain_name
 
     consolidated = consolidated_state_dict(trained / "checkpoints" / "step00000012")
     live = {to_plain_name(k): v for k, v in trainer.model.state_dict().items()}
@@ -156,7 +156,7 @@ def test_two_rank_expert_parallel_run(tmp_path, corpus, cache_dir):
     # Experts 0/1 were trained on rank 0 and 2/3 on rank 1: all distinct.
     fc1 = [weights[f"encoder.1.ffn.experts.{e}.fc1.weight"] for e in range(4)]
     assert all(not torch.equal(fc1[i], fc1[j]) for i in range(4) for j in range(i + 1, 4))
-    from mtmoe.export.artifact import load_export
+    from mtmoe.formats.export_format import load_export
 
     model, _, config = load_export(export)
     assert config["moe"]["pregate"] is True

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from conftest import BIN, ROOT, clean_env, export_of, run_cli, tiny_overrides
 from mtmoe.cli.common import setup
-from mtmoe.config import ConfigError, validate
+from mtmoe.config import validate
+from mtmoe.errors import ConfigError
 from mtmoe.paths import CONF_DIR
 
 setup()

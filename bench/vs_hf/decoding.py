@@ -4,12 +4,12 @@ Sentences are tokenized with the project's vocabulary, sorted by length and cut 
 `batch_size`; every system decodes exactly these batches (the same source tensor: `<2de>` tag,
 tokens, `</s>`, right-padded).
 
-- mtmoe: `mtmoe.eval.decode.translate_ids` on the plain model (what `translate`, eval and export use
+- mtmoe: `mtmoe.model.generation.translate_ids` on the plain model (what `translate`, eval and export use
   after SentencePiece encoding), given one batch at a time.
 - HF: `generate(num_beams=beam)` with `MtmoeLengthRule`, which applies mtmoe's beam-search rules:
   PAD/BOS/UNK are never generated and a sentence must end (EOS) at mtmoe's per-sentence limit,
   floor(len(src) * max_len_a + max_len_b) tokens including EOS (read from the defaults of
-  `mtmoe.eval.decode.beam_search`). With random weights EOS is rarely chosen before, so both
+  `mtmoe.model.generation.beam_search`). With random weights EOS is rarely chosen before, so both
   systems generate (nearly) the same number of tokens; the counts are reported.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from mtmoe.data.batching import collate
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
-from mtmoe.eval.decode import beam_search, translate_ids
+from mtmoe.model.generation import beam_search, translate_ids
 
 
 def sentence_batches(vocab: Vocab, lines: Sequence[str], batch_size: int) -> list[list[np.ndarray]]:

@@ -191,7 +191,7 @@ def setup_notes(configs: dict, training: dict, decoding: dict, beam: int) -> lis
         "attention. Positions: sinusoidal without parameters in both (HF offsets position ids by pad+1).",
         f"Decoding: {decoding['mtmoe']['sentences']} sentences of {top2.data.test_prefix} "
         f"({decoding['direction']}), sorted by length, {decoding['batches']} batches of {decoding['batch_size']} "
-        f"for every system, beam {beam}, length penalty 1.0. mtmoe: mtmoe.eval.decode.translate_ids on the plain model; HF: "
+        f"for every system, beam {beam}, length penalty 1.0. mtmoe: mtmoe.model.generation.translate_ids on the plain model; HF: "
         "generate(num_beams) with a logits processor applying mtmoe's rules (PAD/BOS/UNK banned, EOS forced at "
         "mtmoe's per-sentence limit floor(1.5 * source length + 10)). Random weights rarely choose EOS earlier, "
         "so both generate about the same tokens (row 'decode tokens generated'). mtmoe drops finished sentences "

@@ -12,8 +12,10 @@ from typing import NoReturn
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mtmoe.config import ConfigError, register_configs
+from mtmoe.config import register_configs
 from mtmoe.data.corpus import CorpusError
+from mtmoe.errors import CheckpointError, ConfigError, ExportError
+from mtmoe.train.guard import TrainingDiverged
 
 
 def run_stamp() -> str:
@@ -40,9 +42,6 @@ def setup() -> None:
 
 def refusals() -> tuple[type[BaseException], ...]:
     """The errors that mean "bad input or config": one line and exit code 2, never a traceback."""
-    from mtmoe.export.artifact import ExportError
-    from mtmoe.train.checkpoint import CheckpointError
-
     return ConfigError, CorpusError, CheckpointError, ExportError, MissingMandatoryValue
 
 
@@ -59,8 +58,6 @@ def refuse(e: BaseException) -> NoReturn:
 def friendly_errors(fn):
     """Known errors become one line on stderr and no traceback: bad input or config (exit code 2),
     a diverged run (exit code 3)."""
-    from mtmoe.train.guard import TrainingDiverged
-
     refused = refusals()
 
     @functools.wraps(fn)

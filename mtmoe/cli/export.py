@@ -21,7 +21,8 @@ setup()
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     from mtmoe.config import validate_export
-    from mtmoe.export.artifact import export_bytes, export_run
+    from mtmoe.formats.export_format import export_bytes
+    from mtmoe.export.pipeline import export_run
 
     cfg = OmegaConf.to_object(cfg)
     validate_export(cfg)

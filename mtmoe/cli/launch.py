@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtmoe.config import ConfigError
+from mtmoe.errors import ConfigError
 from mtmoe.train.distributed import free_port
 
 

@@ -88,7 +88,7 @@ def _first_process() -> bool:
 def _preflight(config: DictConfig) -> None:
     """The checks that need neither data nor a process group, before Hydra writes anything."""
     from mtmoe.config import validate
-    from mtmoe.train.checkpoint import check_same_model
+    from mtmoe.formats.run_description import check_same_model
 
     task = config.copy()
     with open_dict(task):

@@ -28,10 +28,11 @@ setup()
 @hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from mtmoe.config import ConfigError, validate_translate
+    from mtmoe.errors import ConfigError
+    from mtmoe.config import validate_translate
     from mtmoe.data.corpus import CorpusError, decode_line
-    from mtmoe.eval.decode import translate, warn_cut_lines
-    from mtmoe.export.artifact import read_export_config, warn_zero_shot
+    from mtmoe.model.generation import translate, warn_cut_lines
+    from mtmoe.formats.export_format import read_export_config, warn_zero_shot
     from mtmoe.export.subset import format_held, load_subset
     from mtmoe.serve.metrics import format_summary
     from mtmoe.serve.runtime import load_for_serving

@@ -21,8 +21,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from mtmoe.config import TranslationParams
 from mtmoe.data.sampling import Direction
 from mtmoe.data.tasks.base import Source
+from mtmoe.data.tasks.translation import TranslationTask
 from mtmoe.data.tokenized import TokenizedCorpus
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -94,8 +96,6 @@ class StreamPosition:
 
 
 def translation_sources(corpus: TokenizedCorpus, directions: Sequence[Direction], rows: np.ndarray) -> list[Source]:
-    from mtmoe.data.tasks.translation import TranslationParams, TranslationTask
-
     return TranslationTask(TranslationParams()).sources(corpus, rows, directions, vocab=None)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from mtmoe.config import DataConfig
 from mtmoe.data.corpus import CorpusError, find_language_file, load_corpus
 from mtmoe.data.sampling import Direction, parse_directions, temperature_probs
+from mtmoe.data.schedule import Mixture
+from mtmoe.data.tasks import build_sources
 from mtmoe.data.tokenized import TokenizedCorpus, tokenize
 from mtmoe.data.vocab import Vocab, get_or_train_vocab
 from mtmoe.paths import resolve
@@ -90,9 +92,6 @@ def prepare_training_data(cfg: DataConfig, is_first: bool = True,
 
 def training_mixture(data: TrainingData, tasks_cfg: dict, schedule_cfg, temperature: float):
     """(sources of every configured task, their Mixture over training steps)."""
-    from mtmoe.data.schedule import Mixture
-    from mtmoe.data.tasks import build_sources
-
     sources = build_sources(tasks_cfg, data.train, data.train_rows, data.directions, data.vocab)
     mixture = Mixture([s.task for s in sources], [len(s.rows) for s in sources], schedule_cfg, temperature)
     start = mixture.probs(0)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mtmoe.config import ConfigError
+from mtmoe.errors import ConfigError
 
 Direction = tuple[str, str]
 

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mtmoe.config import ConfigError
 from mtmoe.data.sampling import temperature_probs
+from mtmoe.errors import ConfigError
 
 
 def auxiliary_share(cfg, step: float) -> float:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-from mtmoe.config import ConfigError
+from mtmoe.errors import ConfigError
 
 log = logging.getLogger("mtmoe")
 

@@ -20,16 +20,18 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from mtmoe.config import ConfigError, SubsetConfig, check_subset
+from mtmoe.config import ServeConfig, SubsetConfig, check_subset
 from mtmoe.data.corpus import CorpusError, available_languages, find_language_file, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
-from mtmoe.eval.decode import translate, warn_cut_lines
-from mtmoe.eval.score import format_table, score_direction, summarize
-from mtmoe.export.artifact import load_export, read_export_config, trained_directions, warn_zero_shot
+from mtmoe.errors import ConfigError
+from mtmoe.eval.telemetry import plot_heatmap
+from mtmoe.export.routing import collect_routing
 from mtmoe.export.subset import choose_subset, format_held, load_subset
+from mtmoe.formats.export_format import load_export, read_export_config, trained_directions, warn_zero_shot
+from mtmoe.model.generation import translate, warn_cut_lines
 from mtmoe.paths import resolve
-from mtmoe.serve.config import ServeConfig
+from mtmoe.scoring import format_table, score_direction, summarize
 from mtmoe.serve.metrics import format_summary, merge_summaries
 from mtmoe.serve.runtime import load_for_serving
 from mtmoe.serve.validate import check_serve, offloading
@@ -184,8 +186,6 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         for name, lines in hyps.items():
             out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
     if telemetry:
-        from mtmoe.eval.telemetry import collect_routing, plot_heatmap
-
         model, vocab = full or load_export(model_dir)[:2]  # decoded in workers, offloaded or by subsets
         routing = collect_routing(model, vocab, texts, pairs, progress="telemetry")
         stem = out.with_suffix("") if out else Path("telemetry")

@@ -1,1 +1,3 @@
-"""Standalone inference artifacts (safetensors + JSON) made from training checkpoints."""
+"""The export pipeline: training checkpoints -> standalone inference artifacts (safetensors + JSON,
+`mtmoe.formats.export_format`), with routing statistics (`routing`), expert pruning (`prune`,
+`calibrate`) and per-direction expert subsets (`subset`)."""

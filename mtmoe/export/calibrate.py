@@ -93,8 +93,7 @@ def loss_keep(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]], pai
     holds the full model's NLL per direction and, per layer, the NLL increase of the chosen set."""
     base = direction_nll(model, vocab, texts, pairs)
     kept, report = {}, {"base_nll": {d: round(v, 4) for d, v in base.items()}, "increase": {}}
-    for name in model.moe_layer_names():
-        layer = model.get_submodule(model.moe_layer_prefix(name)[:-1])
+    for name, layer in model.moe_layer_map().items():
         num, count = len(layer.experts), counts[name]
         cache: dict[tuple[int, ...], dict[str, float]] = {}
 
@@ -127,7 +126,7 @@ def budget_keep(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]], p
     least `min_experts`, top_k): greedy joint removal, each step the (layer, expert) whose removal
     gives the smallest mean + worst NLL increase with the earlier removals in place. The report
     holds the full model's NLL per direction, the removal steps and the final set's NLL increase."""
-    layers = {name: model.get_submodule(model.moe_layer_prefix(name)[:-1]) for name in model.moe_layer_names()}
+    layers = model.moe_layer_map()
     kept = {name: list(range(len(layer.experts))) for name, layer in layers.items()}
     if budget < min_experts * len(layers):
         raise ValueError(f"budget {budget} < {min_experts} expert(s) in each of {len(layers)} MoE layers")

@@ -1,4 +1,4 @@
-"""Expert pruning decided from routing telemetry (mtmoe.eval.telemetry).
+"""Expert pruning decided from routing telemetry (mtmoe.export.routing).
 
 - coverage (the default of `prune.keep`): keep k experts per MoE layer (k an int, or a fraction of
   the experts) chosen so that every language keeps as much of its routing as possible: encoder
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
-from typing import Optional
 
 import numpy as np
 
-from mtmoe.config import ConfigError
-from mtmoe.model.seq2seq import Seq2Seq
+from mtmoe.errors import ConfigError
+from mtmoe.model.keys import pruned_name
 
 
 def keep_count(keep: float, num_experts: int) -> int:
@@ -126,18 +124,6 @@ def direction_keep(telemetry: dict, direction: str, mass: float, min_experts: in
         count = int(np.searchsorted(np.cumsum(share[order]), mass - 1e-9) + 1)
         kept[layer] = sorted(order[:max(count, min_experts)].tolist())
     return kept
-
-
-def pruned_name(key: str, kept: dict[str, list[int]]) -> Optional[str]:
-    """A state-dict name after pruning to `kept` ({layer: expert indices}): the kept experts of a
-    layer renumbered 0..m-1 in the order given, None for a dropped expert, other names unchanged."""
-    for layer, ids in kept.items():
-        prefix = Seq2Seq.moe_layer_prefix(layer)
-        m = re.match(re.escape(prefix) + r"experts\.(\d+)\.(.*)", key)
-        if m:
-            expert = int(m.group(1))
-            return f"{prefix}experts.{ids.index(expert)}.{m.group(2)}" if expert in ids else None
-    return key
 
 
 def prune_state_dict(state: dict, kept: dict[str, list[int]]) -> dict:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from mtmoe.config import ConfigError
 from mtmoe.data.vocab import Vocab
-from mtmoe.export.artifact import load_export, read_export_config, read_routing_stats
+from mtmoe.errors import ConfigError
 from mtmoe.export.prune import direction_keep
+from mtmoe.formats.export_format import load_export, read_export_config, read_routing_stats
 from mtmoe.model.seq2seq import Seq2Seq
 
 

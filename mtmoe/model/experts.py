@@ -9,7 +9,7 @@ expert i takes rows offs[i-1] .. offs[i]-1 (offs = cumsum(counts)); rows from of
 padding the caller ignores: their outputs (and the gradient a grouped kernel passes to their
 inputs) are unspecified, and they never reach the weights or biases. `counts` stays on the device:
 no host sync unless the backend needs one (the looped fallback). Three groups implement it:
-`GroupedExperts` (training and float inference), `mtmoe.export.quantize.QuantizedExperts` (int8/int4
+`GroupedExperts` (training and float inference), `mtmoe.model.quantized.QuantizedExperts` (int8/int4
 exports) and `mtmoe.serve.runtime.OffloadedExperts` (experts served from a cache); the capacity-buffer
 reference dispatch and the serving runtime call one expert at a time with `forward_expert(i, x)`.
 

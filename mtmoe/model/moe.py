@@ -178,10 +178,9 @@ class Router(nn.Module):
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.use_rts = use_rts
-        self.ep_group = None  # set by DeepSpeed (MOELayer._set_ep_group) when experts are sharded
-
-    def _set_ep_group(self, ep_group) -> None:
-        self.ep_group = ep_group
+        self.ep_group = None
+        """The expert-parallel torch.distributed group when experts are sharded over ranks; set from
+        outside the model by whoever shards them (mtmoe.train.deepspeed_moe)."""
 
     def group_max(self, value: torch.Tensor) -> torch.Tensor:
         """Max of a 0-dim tensor over the expert-parallel group (all ranks must agree on the

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtmoe.config import ModelConfig, MoEConfig
+from mtmoe.config import MoEConfig, ModelConfig
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.model.keys import layer_name, layer_prefix
 from mtmoe.model.moe import MoEFFN, RoutingRelay
 from mtmoe.model.partitioned import writable
 from mtmoe.model.transformer import DecoderLayer, DenseFFN, EncoderLayer, Positions
@@ -49,7 +50,7 @@ class Seq2Seq(nn.Module):
                 return MoEFFN(d, model.d_ff, moe.num_experts, moe.top_k, model.dropout, model.activation,
                               moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity,
                               moe.use_rts, moe.ep_size, ep_rank, init_seed=init_seed * 100 + position,
-                              kept_experts=moe.kept_experts.get(f"{stack}{index}"), dispatch=moe.dispatch,
+                              kept_experts=moe.kept_experts.get(layer_name(stack, index)), dispatch=moe.dispatch,
                               expert_storage=moe.expert_storage)
             return DenseFFN(d, model.d_ff, model.dropout, model.activation)
 
@@ -113,15 +114,20 @@ class Seq2Seq(nn.Module):
 
     # -- introspection ------------------------------------------------------------------------
     def moe_layers(self) -> Iterator[tuple[str, MoEFFN]]:
+        """(module path, MoEFFN) of every MoE layer, in forward order."""
         for name, module in self.named_modules():
             if isinstance(module, MoEFFN):
                 yield name, module
 
+    def moe_layer_map(self) -> dict[str, MoEFFN]:
+        """{short name: MoEFFN} in forward order, e.g. {'enc1': ..., 'dec1': ...}: the one lookup of
+        MoE layers by the names routing statistics, configs and serving use."""
+        return {name: self.get_submodule(layer_prefix(name)[:-1]) for name in self.moe_layer_names()}
+
     @staticmethod
     def moe_layer_prefix(name: str) -> str:
-        """Short MoE layer name -> state-dict prefix: `enc1` -> `encoder.1.ffn.`."""
-        stack = "encoder" if name.startswith("enc") else "decoder"
-        return f"{stack}.{int(name[3:])}.ffn."
+        """Short MoE layer name -> state-dict prefix: `enc1` -> `encoder.1.ffn.` (`mtmoe.model.keys`)."""
+        return layer_prefix(name)
 
     def moe_layer_names(self) -> list[str]:
         """Short names of the MoE layers in forward order, e.g. ['enc1', 'dec1']."""
@@ -129,7 +135,7 @@ class Seq2Seq(nn.Module):
         for stack, layers in (("enc", self.encoder), ("dec", self.decoder)):
             for i in range(len(layers)):
                 if is_moe_layer(i, self.moe_cfg):
-                    names.append(f"{stack}{i}")
+                    names.append(layer_name(stack, i))
         return names
 
 

@@ -7,7 +7,6 @@ that serves experts from the cache, so outputs are identical to the all-resident
 
 Reading order (each module has one job):
 
-- `config`    ServeConfig, the `serve.*` options of mtmoe-eval and mtmoe-translate;
 - `validate`  checks them and turns `serve.experts_per_layer` into a cache size per layer;
 - `layout`    one expert's tensors packed into one flat byte buffer (one copy per load);
 - `store`     the slow tier: `experts.safetensors`, memory-mapped (pinned CPU RAM for a GPU model);
@@ -19,5 +18,6 @@ Reading order (each module has one job):
 - `runtime`   wires it together: `offload(model, ...)` and `load_for_serving(export_dir, serve)`;
 - `requests`  requests of mixed directions decoded one direction at a time.
 
-This file imports nothing: `mtmoe.config` imports `mtmoe.serve.config` for its schema.
+Its options (`serve.*`) are `mtmoe.config.ServeConfig`, checked by `validate`; it reads exports through
+`mtmoe.formats.export_format` and needs nothing of export/ or eval/.
 """

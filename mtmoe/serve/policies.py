@@ -23,7 +23,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from mtmoe.config import ConfigError
+from mtmoe.errors import ConfigError
 from mtmoe.model.moe import MoEFFN, Router
 from mtmoe.serve.validate import POLICIES
 
@@ -39,8 +39,8 @@ class Policy(Protocol):
 def moe_stacks(model) -> dict[str, list[tuple[str, MoEFFN]]]:
     """{'enc': [(name, layer), ...], 'dec': [...]}: the MoE layers of each stack in forward order."""
     stacks: dict[str, list] = {"enc": [], "dec": []}
-    for name in model.moe_layer_names():
-        stacks[name[:3]].append((name, model.get_submodule(model.moe_layer_prefix(name)[:-1])))
+    for name, layer in model.moe_layer_map().items():
+        stacks[name[:3]].append((name, layer))
     return stacks
 
 

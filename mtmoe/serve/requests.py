@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from mtmoe.data.vocab import Vocab
-from mtmoe.eval.decode import translate
+from mtmoe.model.generation import translate
 
 
 def group_by_direction(requests: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], list[int]]:

@@ -23,14 +23,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mtmoe.config import ConfigError
+from mtmoe.config import ServeConfig
 from mtmoe.data.vocab import Vocab
-from mtmoe.export.artifact import ExportError, _configs, load_export, read_export_config, read_routing_stats
+from mtmoe.errors import ConfigError, ExportError
+from mtmoe.formats.export_format import load_export, model_configs, read_export_config, read_routing_stats
 from mtmoe.model.experts import ExpertGroup
+from mtmoe.model.keys import experts_prefix
 from mtmoe.model.moe import MoEFFN
+from mtmoe.model.quantized import quantize_experts
 from mtmoe.model.seq2seq import Seq2Seq
 from mtmoe.serve.cache import LayerCache
-from mtmoe.serve.config import ServeConfig
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.loader import Loader
 from mtmoe.serve.metrics import ServeMetrics
@@ -157,7 +159,7 @@ class OffloadRuntime:
 
 def moe_layers(model: Seq2Seq) -> dict[str, MoEFFN]:
     """{short name: MoEFFN} in forward order, e.g. {'enc1': ..., 'dec1': ...}."""
-    return {name: model.get_submodule(model.moe_layer_prefix(name)[:-1]) for name in model.moe_layer_names()}
+    return model.moe_layer_map()
 
 
 def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None,
@@ -207,16 +209,14 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
         return (*load_export(d), None)
     config = read_export_config(d)
     routing = read_routing_stats(d) if serve.prefetch == "language" else None
-    model_cfg, moe_cfg = _configs(config)
+    model_cfg, moe_cfg = model_configs(config)
     model = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
     if config.get("quantization"):
-        from mtmoe.export.quantize import quantize_experts
-
         quantize_experts(model, config["quantization"]["bits"])  # the expert module type the store must fill
     weights = d / "model.safetensors"
     runtime = offload(model, weights, serve, store_path_for(d, serve), routing)
     try:
-        prefixes = tuple(model.moe_layer_prefix(name) + "experts." for name in runtime.caches)
+        prefixes = tuple(experts_prefix(model.moe_layer_prefix(name)) for name in runtime.caches)
         with safe_open(str(weights), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefixes)}
         try:

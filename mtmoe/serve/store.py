@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mtmoe.export.artifact import ExportError
+from mtmoe.errors import ExportError
+from mtmoe.model.keys import expert_key, experts_prefix
 from mtmoe.serve.layout import ExpertLayout
 
 STORE_FORMAT = "mtmoe-expert-store-1"
@@ -42,7 +43,8 @@ class LayerSpec:
     layout: ExpertLayout
 
 
-def expert_key(layer: str, expert: int) -> str:
+def blob_name(layer: str, expert: int) -> str:
+    """The name of one expert's blob in experts.safetensors, e.g. `dec1.3`."""
     return f"{layer}.{expert}"
 
 
@@ -60,7 +62,7 @@ def _metadata(source: Path, layers: dict[str, LayerSpec]) -> dict[str, str]:
 def build_store(source: Path, out: Path, layers: dict[str, LayerSpec]) -> None:
     """Writes the store from `source` (a model.safetensors), one expert in memory at a time;
     the file appears complete or not at all (written under a temporary name, then renamed)."""
-    entries = [(expert_key(name, e), spec.layout.nbytes) for name, spec in layers.items()
+    entries = [(blob_name(name, e), spec.layout.nbytes) for name, spec in layers.items()
                for e in range(spec.num_experts)]
     header: dict = {"__metadata__": _metadata(source, layers)}
     offset = 0
@@ -78,7 +80,7 @@ def build_store(source: Path, out: Path, layers: dict[str, LayerSpec]) -> None:
             f.write(text)
             for name, spec in layers.items():
                 for e in range(spec.num_experts):
-                    tensors = {s.name: src.get_tensor(f"{spec.prefix}experts.{e}.{s.name}") for s in spec.layout.specs}
+                    tensors = {s.name: src.get_tensor(expert_key(spec.prefix, e, s.name)) for s in spec.layout.specs}
                     f.write(spec.layout.pack(tensors).numpy().tobytes())
         os.replace(tmp, out)
     finally:
@@ -88,8 +90,8 @@ def build_store(source: Path, out: Path, layers: dict[str, LayerSpec]) -> None:
 def _check_source_experts(source: Path, keys: set[str], layers: dict[str, LayerSpec]) -> None:
     """The source's expert tensors are exactly the ones the model's layouts expect."""
     for name, spec in layers.items():
-        have = {k for k in keys if k.startswith(spec.prefix + "experts.")}
-        want = {f"{spec.prefix}experts.{e}.{s.name}" for e in range(spec.num_experts) for s in spec.layout.specs}
+        have = {k for k in keys if k.startswith(experts_prefix(spec.prefix))}
+        want = {expert_key(spec.prefix, e, s.name) for e in range(spec.num_experts) for s in spec.layout.specs}
         if have != want:
             raise ExportError(f"{source}: the experts of MoE layer {name} do not match the model "
                               f"(missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]})")
@@ -117,7 +119,7 @@ class DiskStore:
         """Copies expert `expert` of `layer` into dst uint8 [nbytes] (CPU). Returns when done
         (and, with `slow_gbps`, not before nbytes / bandwidth seconds have passed)."""
         started = time.perf_counter()
-        dst.copy_(self._file.get_tensor(expert_key(layer, expert)))
+        dst.copy_(self._file.get_tensor(blob_name(layer, expert)))
         if self.slow_gbps:
             remaining = dst.numel() / (self.slow_gbps * 1e9) - (time.perf_counter() - started)
             if remaining > 0:

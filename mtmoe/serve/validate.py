@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from mtmoe.config import ConfigError
-from mtmoe.serve.config import ServeConfig
+from mtmoe.config import ServeConfig
+from mtmoe.errors import ConfigError
 
 POLICIES = ("none", "speculative", "pregate", "language")
 

@@ -13,7 +13,7 @@ the *same* gate and expert modules (no copies), and runs the mtmoe router and di
 Its state-dict names (`deepspeed_moe.gate.wg.weight`,
 `deepspeed_moe.experts.deepspeed_experts.<i>.*`: the stacked expert group shows one entry set per
 local expert, see mtmoe.model.experts) are the ones DeepSpeed's checkpoint code expects;
-`mtmoe.export.artifact.to_plain_name` maps them back to the plain model's names.
+`mtmoe.formats.ds_checkpoint.to_plain_name` maps them back to the plain model's names.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 
 from mtmoe.model.moe import MoEFFN, moe_forward
+
+
+class _RouterGroupLayer(MOELayer):
+    """DeepSpeed's MOELayer hands the expert-parallel group to its gate through `_set_ep_group`,
+    a DeepSpeed name the mtmoe Router does not carry: the group goes to `Router.ep_group` here."""
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+        self.gate.ep_group = ep_group
 
 
 class DeepSpeedMoEFFN(MoE):
@@ -44,7 +53,7 @@ class DeepSpeedMoEFFN(MoE):
         for p in layer.experts.parameters():  # what Experts.__init__ does for its own copies
             p.allreduce = False
             p.group_name = self.expert_group_name
-        self.deepspeed_moe = MOELayer(layer.gate, experts, self.expert_group_name, self.ep_size,
+        self.deepspeed_moe = _RouterGroupLayer(layer.gate, experts, self.expert_group_name, self.ep_size,
                                       self.num_local_experts)
         self.relay, self.relay_index = layer.relay, layer.relay_index  # pre-gating (moe.pregate)
         self.dispatch = layer.dispatch

@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mtmoe.config import ConfigError, TrainAppConfig
+from mtmoe.config import TrainAppConfig
+from mtmoe.errors import ConfigError
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -8,6 +8,7 @@ expert-data-parallel group), clipping and the optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,9 @@ from mtmoe.config import TrainAppConfig, validate
 from mtmoe.data.batching import Batch, BatchStream
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.formats import ds_checkpoint, run_description
+from mtmoe.formats.integrity import write_atomic
+from mtmoe.model.partitioned import set_gather
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train import checkpoint
 from mtmoe.train.distributed import all_reduce_sum, any_rank, barrier, init_distributed
@@ -82,6 +86,15 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
+
+def gather_partitioned(params: list):
+    """`mtmoe.model.partitioned`'s gatherer under ZeRO-3: the parameters `zero.Init` partitioned
+    (they carry DeepSpeed's `ds_id`) are gathered for the block, rank 0's values scattered back."""
+    import deepspeed
+
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else contextlib.nullcontext()
+
 class Trainer:
     """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
 
@@ -98,12 +111,12 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
 
         self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
-        checkpoint.check_same_model(run_dir, cfg, self.data.vocab)  # before anything of the run is touched
+        run_description.check_same_model(run_dir, cfg, self.data.vocab)  # before anything of the run is touched
         self.zero3 = cfg.train.zero_stage == 3
         self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else run_dir / "nvme_swap"
         self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir))
         self.model: Seq2Seq = self._build_model()
-        if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and checkpoint.complete_tags(run_dir)):
+        if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and ds_checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
 
             log.info("initial weights: %s", initialise(self.model, len(self.data.vocab), cfg.init, cfg.train.seed))
@@ -138,11 +151,11 @@ class Trainer:
         if self.finished is not None:
             return  # nothing to write: see run()
         if self.is_main:
-            desc = checkpoint.describe_run(cfg, len(self.data.vocab), sources)
+            desc = run_description.describe_run(cfg, len(self.data.vocab), sources)
             if state is not None:  # what the run trained on before, plus what it trains on now
-                desc["training"] = checkpoint.merged_training(
-                    (checkpoint.read_description(run_dir) or {}).get("training"), desc["training"])
-            checkpoint.write_model_description(run_dir, self.data.vocab.path, desc)
+                desc["training"] = run_description.merged_training(
+                    (run_description.read_description(run_dir) or {}).get("training"), desc["training"])
+            run_description.write_model_description(run_dir, self.data.vocab.path, desc)
         self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
                              resume_step=self.step if state is not None else None)
 
@@ -162,6 +175,7 @@ class Trainer:
 
         if "nvme" in (cfg.train.offload_param, cfg.train.offload_optimizer):
             self.swap_dir.mkdir(parents=True, exist_ok=True)
+        set_gather(gather_partitioned)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
             model = build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
         # Parameters used outside their own module's forward (the tied output projection, learned
@@ -187,7 +201,7 @@ class Trainer:
             self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.stream.load_state_dict(state["stream"])
             self.guard.skipped = state.get("skipped_steps", 0)
-            self.last_checkpoint = checkpoint.tag_for_step(self.step)
+            self.last_checkpoint = ds_checkpoint.tag_for_step(self.step)
             log.info("resumed from step %d (%s)", self.step, self.last_checkpoint)
         return state
 
@@ -221,7 +235,7 @@ class Trainer:
                 "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
 
     def _last_checkpoint_path(self) -> str | None:
-        return str(checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
+        return str(ds_checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
 
     def save(self) -> None:
         self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(),
@@ -360,7 +374,7 @@ class Trainer:
         if self.is_main:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
                        "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
-            checkpoint.write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
+            write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
             plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
             self.runlog.close()
         barrier()

@@ -22,25 +22,24 @@ to the local experts of an expert-parallel rank.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from typing import Sequence
 
 import torch
 
-from mtmoe.config import ConfigError
+from mtmoe.errors import ConfigError
+from mtmoe.formats.ds_checkpoint import consolidated_state_dict, resolve_checkpoint
+from mtmoe.formats.export_format import read_export_config
+from mtmoe.model.keys import expert_key, parse_expert_key
 from mtmoe.model.seq2seq import Seq2Seq
+from mtmoe.paths import resolve
 
-EXPERT_KEY = re.compile(r"^(?P<prefix>(?:encoder|decoder)\.\d+\.ffn\.)experts\.(?P<id>\d+)\.(?P<param>.+)$")
 GATE_SUFFIX = "gate.wg.weight"
 
 
 def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(full plain fp32 state dict, {"model": ..., "moe": ..., "vocab_size": ...}) of a training
     run dir, a checkpoint tag dir, or an unpruned, unquantized export."""
-    from mtmoe.export.artifact import consolidated_state_dict, read_export_config, resolve_checkpoint
-    from mtmoe.paths import resolve
-
     source = resolve(path)
     if (source / "config.json").is_file():
         config = read_export_config(source)
@@ -93,12 +92,11 @@ def experts_from_dense(dense: dict[str, torch.Tensor], moe_prefixes: Sequence[st
 def aggregate_experts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                       experts_a: int, experts_b: int) -> dict[str, torch.Tensor]:
     """Full plain state with experts_a + experts_b experts per MoE layer (see module doc)."""
-    if {k for k in a if not EXPERT_KEY.match(k)} != {k for k in b if not EXPERT_KEY.match(k)}:
+    if {k for k in a if not parse_expert_key(k)} != {k for k in b if not parse_expert_key(k)}:
         raise ConfigError("init.aggregate: the two models have different layers")
     out = {}
     for key, value in a.items():
-        match = EXPERT_KEY.match(key)
-        if match:
+        if parse_expert_key(key):
             out[key] = value.clone()
         elif key.endswith(GATE_SUFFIX):
             out[key] = torch.cat([value, b[key]], dim=0)  # [E_a + E_b, D]
@@ -107,9 +105,9 @@ def aggregate_experts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         else:
             out[key] = value.clone()
     for key, value in b.items():
-        match = EXPERT_KEY.match(key)
-        if match:
-            out[f"{match['prefix']}experts.{experts_a + int(match['id'])}.{match['param']}"] = value.clone()
+        parts = parse_expert_key(key)
+        if parts:
+            out[expert_key(parts.prefix, experts_a + parts.expert, parts.param)] = value.clone()
     return out
 
 
@@ -120,13 +118,12 @@ def load_into(model: Seq2Seq, full: dict[str, torch.Tensor], allow_missing_gates
     expert_ids = {name + ".": module.global_expert_ids for name, module in model.named_modules()
                   if hasattr(module, "global_expert_ids")}
     for key, value in full.items():
-        match = EXPERT_KEY.match(key)
-        if match:
-            ids = expert_ids.get(match["prefix"])
-            g = int(match["id"])
-            if ids is None or g not in ids:
+        parts = parse_expert_key(key)
+        if parts:
+            ids = expert_ids.get(parts.prefix)
+            if ids is None or parts.expert not in ids:
                 continue  # another rank's expert
-            key = f"{match['prefix']}experts.{g - ids.start}.{match['param']}"
+            key = expert_key(parts.prefix, parts.expert - ids.start, parts.param)
         local_state[key] = value
     missing, unexpected = model.load_state_dict(local_state, strict=False)
     if allow_missing_gates:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from mtmoe.data.batching import collate
 from mtmoe.data.prepare import TrainingData
 from mtmoe.data.vocab import PAD_ID
-from mtmoe.eval.decode import translate_ids
-from mtmoe.eval.score import score_direction, summarize
+from mtmoe.model.generation import translate_ids
+from mtmoe.scoring import score_direction, summarize
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mtmoe.formats.ds_checkpoint import load_zero3_optimizer_state
+
 
 def needs_swapped_restore(engine) -> bool:
     optimizer = getattr(engine, "optimizer", None)
@@ -33,8 +35,6 @@ def needs_swapped_restore(engine) -> bool:
 def _saved_partitions(tag_dir: Path, dp_rank: int) -> tuple[list[torch.Tensor], list[dict], list[dict]]:
     """This rank's fp32 master partitions and Adam state (one per sub-group) and the optimizer's
     param-group hyperparameters, from the checkpoint."""
-    from mtmoe.export.artifact import load_zero3_optimizer_state
-
     saved = load_zero3_optimizer_state(tag_dir, dp_rank)
     flats = list(saved["fp32_flat_groups"])
     states = [saved["optimizer_state_dict"]["state"][i] for i in range(len(flats))]

@@ -8,12 +8,12 @@ packs the examples into token-budget batches; the loss is the same cross-entropy
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from mtmoe.config import ConfigError
+from mtmoe.config import TASK_PARAMS, parse_task_params
 
 MakeExample = Callable[[int, np.random.Generator], "tuple[np.ndarray, np.ndarray]"]
 
@@ -41,43 +41,24 @@ class Task(Protocol):
     def sources(self, corpus, rows, directions, vocab) -> list[Source]: ...
 
 
-_REGISTRY: dict[str, tuple[type, type]] = {}
+_REGISTRY: dict[str, type] = {}
 
 
 def register_task(name: str, params_cls: type):
-    """Class decorator: `@register_task("denoising", DenoisingParams)`."""
+    """Class decorator: `@register_task("denoising", DenoisingParams)`; the params schema is
+    recorded in `config.TASK_PARAMS`, which `validate()` checks `tasks.*` against."""
     def wrap(cls):
         cls.name = name
-        _REGISTRY[name] = (cls, params_cls)
+        _REGISTRY[name] = cls
+        TASK_PARAMS[name] = params_cls
         return cls
     return wrap
-
-
-def task_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def parse_params(name: str, raw: dict[str, Any] | None):
-    """The task's params dataclass from its config dict; unknown keys are an error naming them."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"tasks.{name}: unknown task (known: {task_names()})")
-    params_cls = _REGISTRY[name][1]
-    raw = dict(raw or {})
-    known = {f.name for f in fields(params_cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"tasks.{name}: unknown parameter(s) {unknown} (known: {sorted(known)})")
-    try:
-        return params_cls(**raw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"tasks.{name}: {e}") from e
 
 
 def build_sources(tasks_cfg: dict[str, Any], corpus, rows: np.ndarray, directions, vocab) -> list[Source]:
     """Every source of every configured task, translation first."""
     out = []
     for name in sorted(tasks_cfg, key=lambda n: (n != "translation", n)):
-        cls, _ = _REGISTRY.get(name, (None, None))
-        params = parse_params(name, tasks_cfg[name])
-        out.extend(cls(params).sources(corpus, rows, directions, vocab))
+        params = parse_task_params(name, tasks_cfg[name])
+        out.extend(_REGISTRY[name](params).sources(corpus, rows, directions, vocab))
     return out

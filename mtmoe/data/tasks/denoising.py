@@ -3,28 +3,12 @@ sentence permutation), asked for with the sentence's own language tag. One sourc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from mtmoe.config import ConfigError
+from mtmoe.config import DenoisingParams
 from mtmoe.data.noise import infill_spans, permute_sentences
 from mtmoe.data.tasks.base import Source, register_task
-
-
-@dataclass
-class DenoisingParams:
-    langs: list[str] = field(default_factory=list)
-    """Languages to denoise (default: every training language)."""
-    mask_ratio: float = 0.35
-    poisson_lambda: float = 3.5
-    permute_sentences: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
-        if self.poisson_lambda < 0:
-            raise ValueError(f"poisson_lambda={self.poisson_lambda} must be >= 0")
+from mtmoe.errors import ConfigError
 
 
 @register_task("denoising", DenoisingParams)

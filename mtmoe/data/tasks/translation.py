@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from mtmoe.config import ConfigError
+from mtmoe.config import TranslationParams
 from mtmoe.data.tasks.base import Source, register_task
-
-
-@dataclass
-class TranslationParams:
-    lines: dict[str, int] = field(default_factory=dict)
-    """Per-direction line limits, e.g. `{cs-en: 3000, en-cs: 3000}` (low-resource simulations):
-    the direction draws only the first N usable lines."""
+from mtmoe.errors import ConfigError
 
 
 @register_task("translation", TranslationParams)

@@ -1,0 +1,186 @@
+"""The export pipeline: a run's DeepSpeed checkpoint (or an existing export) -> a standalone export,
+optionally expert-pruned and quantized, with the routing statistics of the exported model.
+
+The non-expert weights and every expert are read from the checkpoint (`mtmoe.formats.ds_checkpoint`),
+DeepSpeed's container names mapped back to the plain model's, loaded strictly into a world-of-one
+model and written in the export format (`mtmoe.formats.export_format`). Routing statistics come
+from `mtmoe.export.routing`; pruning (`mtmoe.export.prune`, `mtmoe.export.calibrate`) receives them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from mtmoe.config import QUANT_BITS, check_prune_rule
+from mtmoe.data.corpus import available_languages, load_test_set
+from mtmoe.data.sampling import parse_directions
+from mtmoe.data.vocab import Vocab
+from mtmoe.errors import ConfigError, ExportError
+from mtmoe.export.calibrate import budget_keep, loss_keep
+from mtmoe.export.prune import SHARE_RULES, coverage, direction_keep, keep_count, prune_state_dict
+from mtmoe.export.routing import collect_routing
+from mtmoe.formats.ds_checkpoint import consolidated_state_dict, resolve_checkpoint, summarize_load_error
+from mtmoe.formats.export_format import (FORMAT, ROUTING_FILE, ROUTING_FORMAT, check_output_dir, load_export,
+                                         model_configs, warn_zero_shot, write_export, zero_shot)
+from mtmoe.formats.integrity import verify
+from mtmoe.model.quantized import quantize_experts
+from mtmoe.model.seq2seq import Seq2Seq
+
+log = logging.getLogger("mtmoe")
+
+
+def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
+    """(full plain model, spm path, export config) from a run dir or checkpoint tag dir."""
+    run_dir, tag_dir = resolve_checkpoint(checkpoint)
+    problem = verify(tag_dir)
+    if problem:
+        raise ExportError(f"unusable checkpoint: {problem}")
+    desc_path = run_dir / "model.json"
+    if not desc_path.is_file():
+        raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
+    desc = json.loads(desc_path.read_text())
+    model_cfg, moe_cfg = model_configs(desc)
+    model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
+    state = consolidated_state_dict(tag_dir)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{tag_dir} does not match {desc_path} ({summarize_load_error(str(e))}): the run's "
+                          f"model.json describes another model than its checkpoint (was it overwritten by a "
+                          f"start with other model settings?)") from None
+    config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
+              "model": asdict(model_cfg), "moe": asdict(moe_cfg),
+              "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
+    if desc.get("training"):
+        config["training"] = desc["training"]
+    return model.eval(), run_dir / "spm.model", config
+
+
+DEFAULT_CALIBRATION = {"calibration": "data/multi30k/val", "lines": 300, "loss_lines": 100}
+"""The calibration set of export-time routing statistics and pruning (`prune.calibration`,
+`prune.lines`, and `prune.loss_lines` for the loss rule)."""
+DEFAULT_RULE = "loss"
+"""`prune.rule` when none is given (see PruneConfig.rule)."""
+
+
+def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
+               quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION,
+               overwrite: bool = False) -> Path:
+    """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
+    (`prune`: {"keep": k, "rule": "loss"|"coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
+    plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4"). An existing
+    export at `out_dir` is replaced only with `overwrite` (checked before any work).
+
+    `routing` ({"calibration": prefix, "lines": per direction}; None = skip): routing statistics
+    of the exported model on that set, stored as routing.json (`read_routing_stats`), which
+    per-direction subsets (`subset.mass`) and language-aware serving read."""
+    checkpoint = Path(checkpoint)
+    check_output_dir(Path(out_dir), overwrite, checkpoint)
+    if prune and not prune.get("direction"):
+        check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
+    bits = QUANT_BITS.get(quant) if quant and quant != "none" else None
+    if quant and quant != "none" and bits is None:
+        raise ConfigError(f"quant={quant!r}: expected none, {' or '.join(QUANT_BITS)}")
+    if (checkpoint / "config.json").is_file():
+        model, _, config = load_export(checkpoint)
+        spm_path = checkpoint / "spm.model"
+        config = copy.deepcopy(config)
+        config.pop("routing", None)
+    else:
+        model, spm_path, config = _load_checkpoint_model(checkpoint)
+    if prune:
+        model, config = _prune(model, spm_path, config, prune)
+    if bits is not None:
+        if config.get("quantization"):
+            raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
+        quantize_experts(model, bits)
+        config["quantization"] = {"bits": bits, "scheme": "weight-only, per output channel, symmetric",
+                                  "targets": "expert fc1/fc2 weights"}
+    stats = None
+    if routing is not None and config["moe"]["enabled"]:
+        stats = routing_statistics(model, Vocab(spm_path), config["langs"], routing["calibration"],
+                                   int(routing.get("lines") or 0))
+        if stats is not None:
+            config["routing"] = {"file": ROUTING_FILE, "calibration": stats["calibration"],
+                                 "lines_per_direction": stats["lines_per_direction"]}
+    return write_export(model, spm_path, config, Path(out_dir), stats)
+
+
+def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, pairs, lines: int) -> tuple[dict, int]:
+    """(routing telemetry of `model` on the calibration set for the direction `pairs`, lines used
+    per direction), the first `lines` lines (0 = all)."""
+    texts = load_test_set(calibration, telemetry_langs(pairs))
+    if lines:
+        texts = {lang: t[:lines] for lang, t in texts.items()}
+    return collect_routing(model, vocab, texts, pairs, progress="calibration"), len(next(iter(texts.values())))
+
+
+def telemetry_langs(pairs) -> list[str]:
+    """The languages of the direction `pairs`, sorted."""
+    return sorted({lang for pair in pairs for lang in pair})
+
+
+def routing_statistics(model: Seq2Seq, vocab: Vocab, langs: list[str], calibration: str | Path,
+                       lines: int) -> Optional[dict]:
+    """routing.json's content: the telemetry (mtmoe.export.routing) of every direction between the
+    model's languages that the calibration set has; None (with a warning) when it has < 2 of them."""
+    have = available_languages(calibration, langs)
+    if len(have) < 2:
+        log.warning(
+            "no routing statistics stored: the calibration set %s has %s of the model's languages %s "
+            "(set prune.calibration to a set with them)", calibration, have or "none", langs)
+        return None
+    telemetry, used = calibration_routing(model, vocab, calibration, parse_directions("all", have), lines)
+    return {"format": ROUTING_FORMAT, "calibration": str(calibration), "lines_per_direction": used, **telemetry}
+
+
+def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[Seq2Seq, dict]:
+    if config.get("quantization"):
+        raise ExportError("prune before quantizing: this export is already quantized")
+    if config["moe"].get("kept_experts"):
+        raise ExportError("this export is already pruned; prune from the full model")
+    if not config["moe"]["enabled"]:
+        raise ConfigError("prune: the model has no MoE layers")
+    calibration = prune.get("calibration") or DEFAULT_CALIBRATION["calibration"]
+    direction = prune.get("direction")
+    directions = parse_directions(direction or "all", config["langs"])
+    if direction:
+        warn_zero_shot(config, directions, "prune.direction")
+    else:  # the kept experts serve what the model was trained for (every direction when unrecorded)
+        untrained = set(zero_shot(config, directions))
+        directions = [(s, t) for s, t in directions if f"{s}-{t}" not in untrained]
+    telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
+    top_k = config["moe"]["top_k"]
+    if direction:
+        kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
+        rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
+    elif check_prune_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
+        lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])
+        texts = {lang: t[:lines] for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
+        counts = {layer: max(keep_count(float(prune["keep"]), len(telemetry["overall"][layer]["share"])), top_k)
+                  for layer in telemetry["layers"]}
+        if prune.get("per_layer"):
+            kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
+        else:
+            kept, measured = budget_keep(model, Vocab(spm_path), texts, directions, sum(counts.values()),
+                                         min_experts=top_k, progress=log.info)
+        rule = {"rule": "loss", "keep": prune["keep"], "per_layer": bool(prune.get("per_layer")),
+                "loss_lines": lines, "calibration_loss": measured}
+    else:
+        name = prune.get("rule") or DEFAULT_RULE
+        kept = SHARE_RULES[name](telemetry, float(prune["keep"]), min_experts=top_k)
+        rule = {"rule": name, "keep": prune["keep"]}
+    config = copy.deepcopy(config)
+    config["moe"]["kept_experts"] = kept
+    config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),
+                         "calibration_lines": used, "calibration_directions": [f"{s}-{t}" for s, t in directions],
+                         "telemetry": telemetry["overall"]}
+    model_cfg, moe_cfg = model_configs(config)
+    pruned = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
+    pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)
+    return pruned.eval(), config

@@ -1,0 +1,193 @@
+"""The export format: `config.json` + `model.safetensors` + `spm.model` (+ `routing.json`).
+
+An export loads with torch, safetensors and sentencepiece alone: no DeepSpeed, no pickle. This
+module writes and reads one and builds the model its config.json describes (quantized and pruned
+as it says); making one from a run (`mtmoe.export.pipeline`) is the export pipeline's business.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mtmoe.config import MoEConfig, ModelConfig
+from mtmoe.data.vocab import Vocab
+from mtmoe.errors import ExportError
+from mtmoe.model.keys import pruned_name
+from mtmoe.model.quantized import quantize_experts
+from mtmoe.model.seq2seq import Seq2Seq
+
+log = logging.getLogger("mtmoe")
+
+FORMAT = "mtmoe-export-v1"
+ROUTING_FILE = "routing.json"
+ROUTING_FORMAT = "mtmoe-routing-v1"
+
+
+def trained_directions(config: dict) -> Optional[list[str]]:
+    """The translation directions the model was trained on (`training.directions` of config.json,
+    from the run's model.json), e.g. ["en-de", "de-en"]; None for exports made before it was recorded."""
+    training = config.get("training")
+    return list(training["directions"]) if training and "directions" in training else None
+
+
+def zero_shot(config: dict, pairs) -> list[str]:
+    """The directions of `pairs` ((src, tgt) tuples) the model was not trained on ([] when unknown)."""
+    trained = trained_directions(config)
+    return [] if trained is None else [f"{s}-{t}" for s, t in pairs if f"{s}-{t}" not in trained]
+
+
+def warn_zero_shot(config: dict, pairs, field: str) -> list[str]:
+    """Warns (one line, naming `field`) about directions of `pairs` the model was not trained on; returns them."""
+    untrained = zero_shot(config, pairs)
+    if untrained:
+        log.warning("%s: %s not among the directions the model was trained on (%s): zero-shot, expect poor output",
+                    field, ", ".join(untrained), ", ".join(trained_directions(config)))
+    return untrained
+
+
+def model_configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
+    """The model to build from a run's model.json or an export's config.json: all experts in one
+    process, stored stacked (how a run laid its experts out is training's business)."""
+    model_cfg = ModelConfig(**desc["model"])
+    moe_cfg = MoEConfig(**{**desc["moe"], "ep_size": 1, "expert_storage": "stacked"})
+    return model_cfg, moe_cfg
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """ExportError unless `out_dir` may receive an export: it does not exist, is an empty
+    directory, or is an export and `overwrite` is set. Anything else is never replaced."""
+    out = Path(out_dir).absolute()
+    if source is not None and out == Path(source).absolute():
+        raise ExportError(f"out={out_dir} is the export being read: write to another directory")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / "config.json").is_file():
+        raise ExportError(f"out={out_dir} exists and is not an mtmoe export: choose another directory "
+                          f"(it is never replaced)")
+    if not overwrite:
+        raise ExportError(f"out={out_dir} already holds an export: give overwrite=true to replace it, or "
+                          f"another out=")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
+    """Writes config.json + model.safetensors + spm.model (+ routing.json); the directory appears
+    complete or not at all."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = tmp / "model.safetensors"
+    # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    os.chmod(weights, 0o666 & ~_umask())  # safetensors writes 0600; the other files get the usual mode
+    shutil.copyfile(spm_path, tmp / "spm.model")
+    if routing is not None:
+        (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _read_json(path: Path, fmt: str, missing: str) -> dict:
+    """A JSON file of an export whose "format" must be `fmt`; `missing` says why it may be absent."""
+    if not path.is_file():
+        raise ExportError(f"{path}: missing ({missing})")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: invalid JSON ({e})") from e
+    if content.get("format") != fmt:
+        raise ExportError(f"{path}: format {content.get('format')!r}, expected {fmt!r}")
+    return content
+
+
+def read_export_config(export_dir: str | Path) -> dict:
+    """An export's validated config.json (no weights are read)."""
+    return _read_json(Path(export_dir) / "config.json", FORMAT, "not an mtmoe export")
+
+
+def read_routing_stats(export_dir: str | Path) -> dict:
+    """The routing statistics stored with an export (routing.json, written by export_run): the
+    statistics of mtmoe.export.routing on the calibration set, per direction and language."""
+    d = Path(export_dir)
+    return _read_json(d / ROUTING_FILE, ROUTING_FORMAT,
+                      "this export has no routing statistics: exported before they were stored, or its "
+                      "calibration set had none of its languages. Re-export it: "
+                      f"mtmoe-export checkpoint={d} out=<new dir> [prune.calibration=<corpus prefix>]")
+
+
+def subset_config(config: dict, experts: dict[str, list[int]]) -> dict:
+    """The config of an export loaded with only `experts` ({MoE layer: indices of its experts in
+    model.safetensors}): the model is that export pruned to them (kept ids are gate rows)."""
+    config = copy.deepcopy(config)
+    kept = {}
+    for layer, ids in experts.items():
+        rows = config["moe"].get("kept_experts", {}).get(layer) or list(range(config["moe"]["num_experts"]))
+        if any(not 0 <= i < len(rows) for i in ids):
+            raise ExportError(f"MoE layer {layer} has {len(rows)} experts, asked for {ids}")
+        kept[layer] = [rows[i] for i in ids]
+    config["moe"]["kept_experts"] = kept
+    config.pop("routing", None)  # indices of the whole export, not of this model
+    return config
+
+
+def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dict[str, list[int]]] = None
+                ) -> tuple[Seq2Seq, Vocab, dict]:
+    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only.
+
+    `experts` ({MoE layer: indices of its experts in model.safetensors}): read only those experts
+    (safe_open reads each tensor on demand; the others are never read) and build the model pruned to
+    them, as an export pruned to the same experts; the config then describes that model."""
+    d = Path(export_dir)
+    config_path = d / "config.json"
+    config = read_export_config(d)
+    if experts is not None:
+        config = subset_config(config, experts)
+    model_cfg, moe_cfg = model_configs(config)
+    model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
+    if config.get("quantization"):
+        quantize_experts(model, config["quantization"]["bits"])
+    try:
+        if experts is None:
+            state = load_file(str(d / "model.safetensors"))
+        else:
+            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+                names = ((key, pruned_name(key, experts)) for key in f.keys())
+                state = {name: f.get_tensor(key) for key, name in names if name is not None}
+    except Exception as e:
+        raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{d / 'model.safetensors'}: does not match {config_path} ({str(e)[:300]})") from e
+    model.eval()
+    return model, Vocab(d / "spm.model"), config
+
+
+def export_bytes(export_dir: str | Path) -> dict:
+    """File size of model.safetensors and the bytes of its expert tensors."""
+    path = Path(export_dir) / "model.safetensors"
+    experts = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if ".experts." in key:
+                t = f.get_tensor(key)
+                experts += t.numel() * t.element_size()
+    return {"file_bytes": path.stat().st_size, "expert_bytes": experts}
