@@ -14,11 +14,60 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 
 from mtmoe.errors import ConfigError
+
+# Choices, each written once. OmegaConf cannot type a field as Literal (and an Enum would change
+# the values written to model.json and config.json), so a choice field is a plain str/int field
+# declared with `choice(...)`: its options travel in the field's metadata and `check_choices`
+# checks every such field of an app config, naming it.
+DataFormat = Literal["text", "json", "parquet", "csv"]
+TooLong = Literal["skip", "truncate", "fail"]
+SpmModelType = Literal["unigram", "bpe", "char", "word"]
+Activation = Literal["relu", "gelu"]
+Positions = Literal["sinusoidal", "learned"]
+TopK = Literal[1, 2]
+Dispatch = Literal["grouped", "reference"]
+ExpertStorage = Literal["stacked", "per_expert"]
+WandbMode = Literal["offline", "online", "disabled"]
+ZeroStage = Literal[0, 1, 2, 3]
+Offload = Literal["none", "cpu", "nvme"]
+ValidBleu = Literal["final", "always", "never"]
+ScheduleKind = Literal["constant", "linear", "stepwise", "curriculum"]
+PrefetchPolicy = Literal["none", "speculative", "pregate", "language"]
+PruneRule = Literal["loss", "coverage", "global"]
+Quant = Literal["none", "int8", "int4"]
+QUANT_BITS = {"int8": 8, "int4": 4}
+"""Bits of each `quant` choice but none."""
+"""Bits of each `quant` choice but none."""
+
+
+def choice(default, options) -> Any:
+    """A config field whose value must be one of the Literal `options` (checked by `check_choices`)."""
+    assert default in get_args(options), (default, options)
+    return field(default=default, metadata={"choices": get_args(options)})
+
+
+def check_choice(key: str, value, options) -> Any:
+    """`value` when it is one of the Literal `options`, else ConfigError naming `key`."""
+    allowed = get_args(options)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Every `choice(...)` field of the config dataclass `obj`, and of the dataclasses it holds."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}={value!r}: expected one of "
+                              f"{', '.join(map(str, f.metadata['choices']))}")
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
 
 
 @dataclass
@@ -28,7 +77,7 @@ class DataConfig:
     train_prefix: str = "train"
     valid_prefix: str = "val"
     test_prefix: str = "test_2016_flickr"
-    format: str = "text"
+    format: str = choice("text", DataFormat)
     """`text`: one file per language, `{prefix}.{lang}` or `{prefix}.{lang}.gz`;
     `json`/`parquet`/`csv`: one file `{prefix}.{format}` with one column per language (read by `datasets`)."""
     langs: list[str] = field(default_factory=lambda: ["en", "de", "fr", "cs"])
@@ -38,11 +87,11 @@ class DataConfig:
     temperature: float = 5.0
     """Direction sampling: p(direction) ∝ size^(1/T); T=1 is proportional, large T is uniform."""
     vocab_size: int = 8000
-    spm_model_type: str = "unigram"
+    spm_model_type: str = choice("unigram", SpmModelType)
     spm_sample_lines: int = 200000
     max_len: int = 128
     """Token limit per side, counting the language tag and </s>."""
-    too_long: str = "skip"
+    too_long: str = choice("skip", TooLong)
     """Training lines longer than `max_len` in any language: `skip` (counted and reported),
     `truncate`, or `fail` (error naming the first such file and line)."""
     max_train_lines: int = 0
@@ -62,8 +111,8 @@ class ModelConfig:
     decoder_layers: int = 3
     dropout: float = 0.1
     attention_dropout: float = 0.0
-    activation: str = "relu"
-    positions: str = "sinusoidal"
+    activation: str = choice("relu", Activation)
+    positions: str = choice("sinusoidal", Positions)
     """`sinusoidal` or `learned`."""
     max_positions: int = 512
 
@@ -73,7 +122,7 @@ class MoEConfig:
     enabled: bool = True
     """False (the `moe=dense` preset) gives a plain Transformer baseline."""
     num_experts: int = 4
-    top_k: int = 1
+    top_k: int = choice(1, TopK)
     every: int = 2
     """An MoE FFN replaces the dense FFN in every `every`-th layer (layers every-1, 2*every-1, ...)."""
     ep_size: int = 1
@@ -93,11 +142,11 @@ class MoEConfig:
     """Pre-gated MoE: each MoE layer's routing is computed one MoE layer earlier in the same stack
     (the first routes itself), so a serving runtime knows the next layer's experts in advance
     (`serve.prefetch=pregate`). Same parameters as a normal model."""
-    dispatch: str = "grouped"
+    dispatch: str = choice("grouped", Dispatch)
     """`grouped`: kept (token, expert) rows ordered by expert, experts run as one grouped GEMM, no
     host sync (mtmoe.model.moe). `reference`: the capacity-buffer index dispatch it replaced, one
     expert at a time (slower; for checking and benchmarks). Same results either way."""
-    expert_storage: str = "stacked"
+    expert_storage: str = choice("stacked", ExpertStorage)
     """`stacked`: each MoE layer's experts in [E, ...] tensors (one grouped GEMM). `per_expert`: one
     module per expert, run one after another; for ZeRO-3 with offload (`parallel=zero3_nvme` sets
     it), where a parameter is gathered whole when it runs. Same weights, checkpoints and exports."""
@@ -107,7 +156,7 @@ class MoEConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
+    mode: str = choice("offline", WandbMode)
     """`offline` (default: logs under the run dir, sync later), `online`, or `disabled`."""
     project: str = "mtmoe"
     name: Optional[str] = None
@@ -135,14 +184,14 @@ class TrainConfig:
     """Micro-batches per optimizer step and rank (gradient accumulation): the global batch is
     world size x accumulate token-budget batches, and the loss is normalised by its target tokens,
     so world 1 x accumulate 2 computes the same update as world 2 x accumulate 1."""
-    zero_stage: int = 0
+    zero_stage: int = choice(0, ZeroStage)
     """0-2: DeepSpeed's native MoE with expert parallelism. 3: every parameter, experts included,
     is partitioned over all ranks (no expert parallelism: moe.ep_size must be 1), which is what
     lets parameters live on NVMe (`parallel=zero3_nvme`)."""
-    offload_optimizer: str = "none"
+    offload_optimizer: str = choice("none", Offload)
     """`cpu`: optimizer state and step on the CPU (DeepSpeedCPUAdam; ZeRO 1-3). `nvme`: Adam state
     swapped to `train.nvme_path` (ZeRO-3 only)."""
-    offload_param: str = "none"
+    offload_param: str = choice("none", Offload)
     """`cpu` or `nvme`: parameters live off the accelerator between uses (ZeRO-3 only)."""
     nvme_path: str = ""
     """Swap directory for NVMe offload ('' = `<run dir>/nvme_swap`, removed when the run ends)."""
@@ -154,7 +203,7 @@ class TrainConfig:
     log_every: int = 20
     valid_every: int = 1000
     """Steps between validations (per-direction loss on `data.val_lines` lines); 0 = only at the end."""
-    valid_bleu: str = "final"
+    valid_bleu: str = choice("final", ValidBleu)
     """Greedy BLEU/chrF in validation: `final` (the last validation only), `always`, or `never`."""
     save_every: int = 1000
     """Steps between DeepSpeed checkpoints; 0 = only at the end; -1 = never (benchmarks)."""
@@ -169,7 +218,7 @@ class TrainConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "constant"
+    kind: str = choice("constant", ScheduleKind)
     """How the share of auxiliary tasks (denoising) moves: constant, linear, stepwise, curriculum."""
     start: float = 0.0
     end: float = 0.0
@@ -276,7 +325,7 @@ class ServeConfig:
     """Experts of each MoE layer kept in fast memory: a count (>= 1) or a fraction of the layer's
     experts (< 1, rounded up), at least moe.top_k. None (default): every expert resident, the
     plain model, no serving runtime."""
-    prefetch: str = "none"
+    prefetch: str = choice("none", PrefetchPolicy)
     """How the next MoE layer's experts are loaded ahead of time: `none` (on demand only),
     `speculative` (the next layer's router applied to this layer's input), `pregate` (the plan of a
     model trained with moe.pregate=true), `language` (each layer's cache seeded and held with the
@@ -331,7 +380,7 @@ class EvalAppConfig:
 class PruneConfig:
     keep: Optional[float] = None
     """Keep this many experts per layer (>= 1) or this fraction of them (< 1), chosen by `rule`."""
-    rule: str = "loss"
+    rule: str = choice("loss", PruneRule)
     """How `keep` chooses, per MoE layer: `loss` (the experts whose removal raises the teacher-forced
     calibration loss least, mean + worst direction; measured, ~1 pass over `loss_lines` lines per
     direction for each candidate set), `coverage` (every language keeps as much of its routing
@@ -362,7 +411,7 @@ class ExportAppConfig:
     overwrite: bool = False
     """Replace an existing export at `out` (otherwise an existing export is never touched)."""
     prune: PruneConfig = field(default_factory=PruneConfig)
-    quant: str = "none"
+    quant: str = choice("none", Quant)
     """Expert weight quantization: none, int8 or int4 (`QUANT_BITS`)."""
     routing_stats: bool = True
     """Store the exported model's routing statistics on `prune.calibration` (`prune.lines` lines per
@@ -370,18 +419,11 @@ class ExportAppConfig:
     (`serve.prefetch=language`) read them."""
 
 
-QUANT_BITS = {"int8": 8, "int4": 4}
 """`quant=` choices (besides `none`) and their bits per expert weight."""
 
-PRUNE_RULES = ("loss", "coverage", "global")
-"""`prune.rule` choices for `prune.keep` (mtmoe.export.prune)."""
-
-
 def check_prune_rule(rule: str) -> str:
-    """`rule` when it is one of PRUNE_RULES (validate_export, and export_run for API callers)."""
-    if rule not in PRUNE_RULES:
-        raise ConfigError(f"prune.rule={rule!r}: expected one of {', '.join(PRUNE_RULES)}")
-    return rule
+    """`rule` when it is a `prune.rule` choice (validate_export, and export_run for API callers)."""
+    return check_choice("prune.rule", rule, PruneRule)
 
 
 @dataclass
@@ -455,6 +497,7 @@ def check_subset(subset: SubsetConfig, serve: ServeConfig) -> None:
 def validate_eval(cfg: EvalAppConfig) -> None:
     """Rejects an impossible `mtmoe-eval` config before any weight or text is read."""
     check_known_keys(cfg)
+    check_choices(cfg)
     _check_beam(cfg.beam)
     d = cfg.directions
     if d is not None and not (isinstance(d, str) or (isinstance(d, list) and all(isinstance(x, str) for x in d))):
@@ -470,6 +513,7 @@ def validate_eval(cfg: EvalAppConfig) -> None:
 def validate_translate(cfg: TranslateAppConfig) -> None:
     """Rejects an impossible `mtmoe-translate` config before the model is loaded."""
     check_known_keys(cfg)
+    check_choices(cfg)
     _check_beam(cfg.beam)
     if cfg.batch_lines < 1:
         raise ConfigError(f"batch_lines={cfg.batch_lines} must be >= 1")
@@ -479,30 +523,20 @@ def validate_translate(cfg: TranslateAppConfig) -> None:
 def validate_export(cfg: ExportAppConfig) -> None:
     """Rejects an impossible `mtmoe-export` config before the checkpoint is read."""
     check_known_keys(cfg)
+    check_choices(cfg)
     if cfg.prune.keep is not None and cfg.prune.direction:
         raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
-    if cfg.quant != "none" and cfg.quant not in QUANT_BITS:
-        raise ConfigError(f"quant={cfg.quant!r}: expected none, {' or '.join(QUANT_BITS)}")
-    check_prune_rule(cfg.prune.rule)
 
 
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
     """Checks the model/MoE fields that do not depend on the parallel layout."""
+    check_choices(model, "model.")
+    check_choices(moe, "moe.")
     if model.d_model % model.n_heads:
         raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}")
-    if model.positions not in ("sinusoidal", "learned"):
-        raise ConfigError(f"model.positions={model.positions!r}: expected 'sinusoidal' or 'learned'")
-    if model.activation not in ("relu", "gelu"):
-        raise ConfigError(f"model.activation={model.activation!r}: expected 'relu' or 'gelu'")
     if moe.enabled:
         if moe.num_experts < 1:
             raise ConfigError(f"moe.num_experts={moe.num_experts} must be >= 1")
-        if moe.top_k not in (1, 2):
-            raise ConfigError(f"moe.top_k={moe.top_k}: only top-1 and top-2 routing are supported")
-        if moe.dispatch not in ("grouped", "reference"):
-            raise ConfigError(f"moe.dispatch={moe.dispatch!r}: expected 'grouped' or 'reference'")
-        if moe.expert_storage not in ("stacked", "per_expert"):
-            raise ConfigError(f"moe.expert_storage={moe.expert_storage!r}: expected 'stacked' or 'per_expert'")
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.every < 1:
@@ -520,6 +554,7 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
 def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
     """Rejects impossible configs before any data is read or any process group is used."""
     check_known_keys(cfg)
+    check_choices(cfg)
     validate_model(cfg.model, cfg.moe)
     if cfg.moe.enabled and world_size % cfg.moe.ep_size:
         raise ConfigError(
@@ -530,22 +565,16 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
     if t.max_tokens < 16:
         raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage={t.zero_stage}: expected 0, 1, 2 or 3")
     if t.zero_stage == 3 and cfg.moe.enabled and cfg.moe.ep_size != 1:
         raise ConfigError(
             f"train.zero_stage=3 with moe.ep_size={cfg.moe.ep_size}: unsupported. DeepSpeed's native MoE "
             f"(expert parallelism) refuses ZeRO-3; under ZeRO-3 mtmoe partitions every expert over all "
             f"ranks instead: set moe.ep_size=1 (parallel=zero3_nvme does)")
-    if t.offload_param not in ("none", "cpu", "nvme"):
-        raise ConfigError(f"train.offload_param={t.offload_param!r}: expected none, cpu or nvme")
     if t.offload_param != "none" and t.zero_stage != 3:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (got {t.zero_stage}): "
                           f"only ZeRO-3 partitions parameters")
     if t.accumulate < 1:
         raise ConfigError(f"train.accumulate={t.accumulate} must be >= 1")
-    if t.offload_optimizer not in ("none", "cpu", "nvme"):
-        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer!r}: expected none, cpu or nvme")
     if t.offload_optimizer != "none" and t.zero_stage == 0:
         raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs train.zero_stage 1, 2 or 3 "
                           f"(got 0): DeepSpeed offloads the optimizer of a ZeRO optimizer")
@@ -558,10 +587,6 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.temperature={cfg.data.temperature} must be > 0")
     if len(set(cfg.data.langs)) != len(cfg.data.langs) or len(cfg.data.langs) < 2:
         raise ConfigError(f"data.langs={list(cfg.data.langs)} must list at least two distinct languages")
-    if cfg.data.format not in ("text", "json", "parquet", "csv"):
-        raise ConfigError(f"data.format={cfg.data.format!r}: expected text, json, parquet or csv")
-    if cfg.data.too_long not in ("skip", "truncate", "fail"):
-        raise ConfigError(f"data.too_long={cfg.data.too_long!r}: expected skip, truncate or fail")
     if cfg.data.max_len < 4:
         raise ConfigError(f"data.max_len={cfg.data.max_len} is too small (tag + token + </s> need 3)")
     if t.keep_checkpoints < 1:
@@ -579,8 +604,6 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         if cfg.init.aggregate is not None and len(cfg.init.aggregate) != 2:
             raise ConfigError(f"init.aggregate={list(cfg.init.aggregate)}: expected two runs")
     sch = cfg.schedule
-    if sch.kind not in ("constant", "linear", "stepwise", "curriculum"):
-        raise ConfigError(f"schedule.kind={sch.kind!r}: expected constant, linear, stepwise or curriculum")
     for name, value in (("start", sch.start), ("end", sch.end), *((f"milestones[{i}]", m[1] if len(m) == 2 else -1)
                                                                    for i, m in enumerate(sch.milestones))):
         if not 0 <= value <= 1:
@@ -593,7 +616,3 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         parse_task_params(name, params)
     if cfg.init.noise < 0:
         raise ConfigError(f"init.noise={cfg.init.noise} must be >= 0")
-    if t.valid_bleu not in ("final", "always", "never"):
-        raise ConfigError(f"train.valid_bleu={t.valid_bleu!r}: expected final, always or never")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: expected offline, online or disabled")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 pytest.importorskip("transformers", minversion="5", reason="the bench compares with transformers' NLLB-MoE: "
                                                             "pip install -e '.[bench]'")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtmoe.config import MoEConfig, ModelConfig
+from helpers import TINY
+from mtmoe.config import MoEConfig
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from mtmoe.model.generation import beam_search, translate_ids
 from mtmoe.model.seq2seq import build_model
 from mtmoe.scoring import score_direction
 
-TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
 
 
 def random_model(seed=0):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtmoe.config import MoEConfig, ModelConfig, check_prune_rule
+from helpers import TINY
+from mtmoe.config import MoEConfig, check_prune_rule
 from mtmoe.errors import ConfigError
 from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.quantized import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 
-TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -85,7 +85,7 @@ def test_quant_linear_close_to_float(bits, tol):
 def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache_dir):
     """A checkpoint -> pruned + int4 export -> loads with torch + safetensors only, the record of
     what was kept is in config.json, and expert bytes shrink accordingly."""
-    from conftest import clean_env, run_cli, tiny_overrides
+    from helpers import clean_env, run_cli, tiny_overrides
 
     run_dir = tmp_path / "run"
     proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4,

@@ -6,12 +6,11 @@ import json
 
 import torch
 
-from conftest import run_cli, tiny_overrides
-from mtmoe.config import MoEConfig, ModelConfig
+from helpers import TINY, run_cli, tiny_overrides
+from mtmoe.config import MoEConfig
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train.init_from import aggregate_experts, experts_from_dense, load_into
 
-MODEL = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0)
 
 
 def moe_prefixes(model: Seq2Seq) -> list[str]:
@@ -27,8 +26,8 @@ def test_efd_first_forward_equals_the_dense_model():
     """Top-2 with renormalised weights and no dropping: every token gets p1 E(x) + p2 E(x) = E(x)
     with all experts equal to the dense FFN, so the MoE model computes the dense model's output
     (to float rounding of p1 + p2 = 1)."""
-    dense = build_model(100, MODEL, MoEConfig(enabled=False), seed=3).eval()
-    moe = build_model(100, MODEL, MoEConfig(num_experts=4, top_k=2), seed=5).eval()
+    dense = build_model(100, TINY, MoEConfig(enabled=False), seed=3).eval()
+    moe = build_model(100, TINY, MoEConfig(num_experts=4, top_k=2), seed=5).eval()
     load_into(moe, experts_from_dense(dense.state_dict(), moe_prefixes(moe), 4), allow_missing_gates=True)
     src, tgt = sample_batch()
     with torch.no_grad():
@@ -40,7 +39,7 @@ def test_efd_first_forward_equals_the_dense_model():
 
 
 def test_efd_noise_makes_experts_differ_deterministically():
-    dense = build_model(100, MODEL, MoEConfig(enabled=False), seed=3)
+    dense = build_model(100, TINY, MoEConfig(enabled=False), seed=3)
     a = experts_from_dense(dense.state_dict(), ["encoder.1.ffn.", "decoder.1.ffn."], 4, noise=0.01, seed=1)
     b = experts_from_dense(dense.state_dict(), ["encoder.1.ffn.", "decoder.1.ffn."], 4, noise=0.01, seed=1)
     w = [a[f"encoder.1.ffn.experts.{e}.fc1.weight"] for e in range(4)]
@@ -51,10 +50,10 @@ def test_efd_noise_makes_experts_differ_deterministically():
 
 
 def test_aoe_concatenates_experts_and_gates_and_averages_the_rest():
-    a = build_model(100, MODEL, MoEConfig(num_experts=2), seed=1).state_dict()
-    b = build_model(100, MODEL, MoEConfig(num_experts=3), seed=2).state_dict()
+    a = build_model(100, TINY, MoEConfig(num_experts=2), seed=1).state_dict()
+    b = build_model(100, TINY, MoEConfig(num_experts=3), seed=2).state_dict()
     merged = aggregate_experts(a, b, 2, 3)
-    model = build_model(100, MODEL, MoEConfig(num_experts=5), seed=9)
+    model = build_model(100, TINY, MoEConfig(num_experts=5), seed=9)
     load_into(model, merged)
     gate = model.encoder[1].ffn.gate.wg.weight
     assert gate.shape == (5, 32) and len(model.encoder[1].ffn.experts) == 5
@@ -66,8 +65,8 @@ def test_aoe_concatenates_experts_and_gates_and_averages_the_rest():
 
 
 def test_expert_parallel_rank_gets_its_global_experts():
-    full = build_model(100, MODEL, MoEConfig(num_experts=4), seed=1).state_dict()
-    rank1 = build_model(100, MODEL, MoEConfig(num_experts=4, ep_size=2), ep_rank=1, seed=7)
+    full = build_model(100, TINY, MoEConfig(num_experts=4), seed=1).state_dict()
+    rank1 = build_model(100, TINY, MoEConfig(num_experts=4, ep_size=2), ep_rank=1, seed=7)
     load_into(rank1, full)
     assert torch.equal(rank1.encoder[1].ffn.experts.w1[0], full["encoder.1.ffn.experts.2.fc1.weight"])
 

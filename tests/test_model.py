@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TINY
 from mtmoe.config import MoEConfig, ModelConfig, TrainAppConfig, validate
 from mtmoe.errors import ConfigError
 from mtmoe.model.moe import MoEFFN, Router, assign_slots, expert_capacity
 from mtmoe.model.seq2seq import build_model
 
-TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
 
 
 def batch(vocab=100, b=3, s=7, t=5, seed=0):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, run_deepspeed, tiny_overrides
+from helpers import run_cli, run_deepspeed, tiny_overrides
 
 STEPS = 6
 TOLERANCE = 1e-2

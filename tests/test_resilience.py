@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
+from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
 from mtmoe.train.guard import DivergenceGuard, TrainingDiverged
 
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import run_cli
-from mtmoe.config import MoEConfig, ModelConfig, ServeConfig
+from helpers import TINY, run_cli
+from mtmoe.config import MoEConfig, ServeConfig
 from mtmoe.data.vocab import EOS_ID
 from mtmoe.errors import ConfigError, ExportError
 from mtmoe.formats.export_format import load_export
@@ -42,7 +42,6 @@ def one_thread():
 
 # Two MoE layers per stack (moe.every=1: enc0, enc1, dec0, dec1), so speculative prefetching has
 # a next layer to predict.
-TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
 
 
 # -- a store in memory, for the cache alone ----------------------------------------------------

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from conftest import run_cli
+from helpers import run_cli
 from mtmoe.config import SubsetConfig
 from mtmoe.errors import ConfigError, ExportError
 from mtmoe.eval.run import evaluate_export

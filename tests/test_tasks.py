@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 from mtmoe.config import ScheduleConfig
 from mtmoe.data.batching import BatchStream
 from mtmoe.data.corpus import load_corpus
@@ -93,9 +93,9 @@ def test_mixed_stream_has_both_tasks_respects_line_limits_and_resumes(data):
 
     it = iter(stream())
     batches = [next(it) for _ in range(60)]
-    labels = [sources[k].label for b in batches for k in b.direction_ids.tolist()]
+    labels = [sources[k].label for b in batches for k in b.source_ids.tolist()]
     assert labels.count("dae-cs") > 0.2 * len(labels)
-    dae = [(b.src[i], b.tgt_out[i]) for b in batches for i, k in enumerate(b.direction_ids.tolist())
+    dae = [(b.src[i], b.tgt_out[i]) for b in batches for i, k in enumerate(b.source_ids.tolist())
            if sources[k].label == "dae-cs"]
     assert all(int(src[0]) == tags["cs"] for src, _ in dae)  # asked for cs: reconstruct the sentence
     assert sum(int((src == vocab.mask_id).sum()) for src, _ in dae) > len(dae)

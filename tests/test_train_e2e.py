@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli, run_deepspeed, tiny_overrides
+from helpers import run_cli, run_deepspeed, tiny_overrides
 
 
 def log_records(run_dir, kind="train"):
@@ -79,7 +79,7 @@ torch.save({{'src': src, 'tgt': tgt, 'logits': logits}}, {str(tmp_path / 'export
 
     from mtmoe.cli.common import setup
     from mtmoe.paths import CONF_DIR
-    from mtmoe.train.engine import Trainer
+    from mtmoe.train.trainer import Trainer
 
     setup()
     overrides = [o for o in json.loads((trained / ".hydra" / "overrides.json").read_text())
@@ -106,7 +106,7 @@ torch.save({{'src': src, 'tgt': tgt, 'logits': logits}}, {str(tmp_path / 'export
 def run_cli_python(script: str):
     import subprocess
 
-    from conftest import clean_env
+    from helpers import clean_env
 
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=clean_env())
 

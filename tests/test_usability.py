@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import BIN, ROOT, clean_env, export_of, run_cli, tiny_overrides
+from helpers import BIN, ROOT, clean_env, export_of, run_cli, tiny_overrides
 from mtmoe.cli.common import setup
 from mtmoe.config import validate
 from mtmoe.errors import ConfigError

@@ -3,7 +3,7 @@
 Batches come from mtmoe's `BatchStream` (the training stream of the run config) and are built
 before any timing. A step is forward + backward + gradient clipping + optimizer step + lr schedule:
 
-- mtmoe: the DeepSpeed engine in a world of one, set up as `mtmoe.train.engine.Trainer` does
+- mtmoe: the DeepSpeed engine in a world of one, set up as `mtmoe.train.trainer.Trainer` does
   (build_model, wrap_moe_layers, build_deepspeed_config, build_optimizer, deepspeed.initialize),
   loss from `compute_loss`, then `engine.backward` and `engine.step`.
 - HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
@@ -77,7 +77,7 @@ class MtmoeStep:
         from mtmoe.model.seq2seq import build_model
         from mtmoe.train.distributed import init_distributed
         from mtmoe.train.ds_config import build_deepspeed_config
-        from mtmoe.train.engine import build_optimizer, inverse_sqrt_schedule
+        from mtmoe.train.trainer import build_optimizer, inverse_sqrt_schedule
 
         init_distributed()
         self.cfg = cfg
@@ -98,7 +98,7 @@ class MtmoeStep:
         self.engine.train()
 
     def __call__(self, batch: Batch) -> float:
-        from mtmoe.train.engine import compute_loss
+        from mtmoe.train.trainer import compute_loss
 
         total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens))
         self.engine.backward(total)
@@ -120,7 +120,7 @@ class PlainStep:
 
     def __init__(self, cfg: TrainAppConfig, vocab_size: int, device: torch.device):
         from mtmoe.model.seq2seq import build_model
-        from mtmoe.train.engine import inverse_sqrt_schedule
+        from mtmoe.train.trainer import inverse_sqrt_schedule
 
         self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=device.type == "cuda"))
         self.device = device
@@ -129,7 +129,7 @@ class PlainStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt_schedule(cfg.train.warmup_steps))
 
     def __call__(self, batch: Batch) -> float:
-        from mtmoe.train.engine import compute_loss
+        from mtmoe.train.trainer import compute_loss
 
         scale = 1.0 / max(1, batch.num_target_tokens)
         total, ce_sum, _, _, _ = compute_loss(self.model, to_device(batch, self.device), self.cfg, scale)
@@ -142,7 +142,7 @@ class HfStep:
 
     def __init__(self, cfg: TrainAppConfig, vocab_size: int, fixed_dispatch: bool = False,
                  device: torch.device = torch.device("cpu")):
-        from mtmoe.train.engine import inverse_sqrt_schedule
+        from mtmoe.train.trainer import inverse_sqrt_schedule
 
         self.cfg, self.device = cfg, device
         self.model = build_hf(cfg, vocab_size, cfg.train.seed, fixed_dispatch).to(device)

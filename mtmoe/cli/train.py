@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float:
                 rundir.refused()
             raise
     else:
-        from mtmoe.train.engine import train
+        from mtmoe.train.trainer import train
 
         results = train(OmegaConf.to_object(cfg), run_dir, on_start=rundir.accepted)
     if results:

@@ -35,7 +35,7 @@ class Batch:
     src: torch.Tensor
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
-    direction_ids: torch.Tensor  # [B] index into the sampler's direction list
+    source_ids: torch.Tensor  # [B] index of each row's source in the stream's `sources` (a direction or a task source)
 
     @property
     def num_target_tokens(self) -> int:
@@ -47,7 +47,7 @@ class Batch:
 
 
 def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
-            max_len: int, direction_ids: Sequence[int] | None = None) -> Batch:
+            max_len: int, source_ids: Sequence[int] | None = None) -> Batch:
     """src = <2tgt> tokens </s>;  tgt_in = <s> tokens;  tgt_out = tokens </s> (right-padded)."""
     n = len(src_seqs)
     s_len = max(min(len(s), max_len - 2) for s in src_seqs) + 2
@@ -65,7 +65,7 @@ def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_
         tgt_in[i, 1:len(t) + 1] = t
         tgt_out[i, :len(t)] = t
         tgt_out[i, len(t)] = EOS_ID
-    dirs = torch.tensor(direction_ids if direction_ids is not None else [0] * n, dtype=torch.long)
+    dirs = torch.tensor(source_ids if source_ids is not None else [0] * n, dtype=torch.long)
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), dirs)
 
 

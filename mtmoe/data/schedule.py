@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mtmoe.config import ScheduleKind, check_choice
 from mtmoe.data.sampling import temperature_probs
-from mtmoe.errors import ConfigError
 
 
 def auxiliary_share(cfg, step: float) -> float:
@@ -35,7 +35,8 @@ def auxiliary_share(cfg, step: float) -> float:
             if step >= at:
                 share = value
         return share
-    raise ConfigError(f"schedule.kind={cfg.kind!r}: expected constant, linear, stepwise or curriculum")
+    check_choice("schedule.kind", cfg.kind, ScheduleKind)  # raises: not a kind handled above
+    raise AssertionError(f"schedule.kind={cfg.kind!r} has no share rule")
 
 
 class Mixture:

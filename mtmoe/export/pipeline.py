@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from mtmoe.config import QUANT_BITS, check_prune_rule
+from mtmoe.config import QUANT_BITS, Quant, check_choice, check_prune_rule
 from mtmoe.data.corpus import available_languages, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
@@ -83,9 +83,7 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
         check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
-    bits = QUANT_BITS.get(quant) if quant and quant != "none" else None
-    if quant and quant != "none" and bits is None:
-        raise ConfigError(f"quant={quant!r}: expected none, {' or '.join(QUANT_BITS)}")
+    bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
     if (checkpoint / "config.json").is_file():
         model, _, config = load_export(checkpoint)
         spm_path = checkpoint / "spm.model"

@@ -23,9 +23,9 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from mtmoe.config import PrefetchPolicy, check_choice
 from mtmoe.errors import ConfigError
-from mtmoe.model.moe import MoEFFN, Router
-from mtmoe.serve.validate import POLICIES
+from mtmoe.model.moe import MoEFFN, Router, RoutingRelay
 
 log = logging.getLogger("mtmoe")
 
@@ -97,17 +97,12 @@ class Pregate:
     first MoE layer's own plan just before its experts run, which gives its loads a head start."""
 
     def __init__(self, model, prefetch: Prefetch):
-        from mtmoe.model import moe
-
         self._prefetch = prefetch
-        relay_cls = getattr(moe, "RoutingRelay", None)
-        relays: dict[int, tuple[object, dict[int, tuple[str, int]]]] = {}  # id -> (relay, index -> layer)
+        relays: dict[int, tuple[RoutingRelay, dict[int, tuple[str, int]]]] = {}  # id -> (relay, index -> layer)
         for layers in moe_stacks(model).values():
-            for position, (name, layer) in enumerate(layers):
-                relay = getattr(layer, "relay", None)
-                if relay_cls is not None and isinstance(relay, relay_cls):
-                    index = getattr(layer, "relay_index", position)
-                    relays.setdefault(id(relay), (relay, {}))[1][index] = (name, len(layer.experts))
+            for name, layer in layers:
+                if isinstance(layer.relay, RoutingRelay):
+                    relays.setdefault(id(layer.relay), (layer.relay, {}))[1][layer.relay_index] = (name, len(layer.experts))
         if not relays:
             raise ConfigError("serve.prefetch=pregate needs a model trained with moe.pregate=true "
                               "(this one has no routing relay)")
@@ -223,4 +218,5 @@ def install_policy(name: str, model, runtime) -> Optional[Policy]:
         return Pregate(model, runtime.prefetch)
     if name == "language":
         return Language(model, runtime)
-    raise ConfigError(f"serve.prefetch={name!r}: expected one of {', '.join(POLICIES)}")
+    check_choice("serve.prefetch", name, PrefetchPolicy)  # raises: not a policy handled above
+    raise AssertionError(f"serve.prefetch={name!r} has no policy")

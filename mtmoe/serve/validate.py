@@ -5,17 +5,18 @@ Every error is a ConfigError naming the field, raised before any weight is read.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
-from mtmoe.config import ServeConfig
+from mtmoe.config import PrefetchPolicy, ServeConfig, check_choice
 from mtmoe.errors import ConfigError
 
-POLICIES = ("none", "speculative", "pregate", "language")
+POLICIES = get_args(PrefetchPolicy)
+"""`serve.prefetch` choices (config.PrefetchPolicy)."""
 
 
 def check_serve(serve: ServeConfig) -> None:
     """The checks that need no model: known policy, sizes and bandwidth in range."""
-    if serve.prefetch not in POLICIES:
-        raise ConfigError(f"serve.prefetch={serve.prefetch!r}: expected one of {', '.join(POLICIES)}")
+    check_choice("serve.prefetch", serve.prefetch, PrefetchPolicy)
     x = serve.experts_per_layer
     if x is not None:
         if x <= 0:

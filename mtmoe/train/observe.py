@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
 log = logging.getLogger("mtmoe")
@@ -155,7 +154,3 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
-
-
-def tensor_stats_to_python(stats: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in stats.items()}

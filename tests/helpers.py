@@ -1,0 +1,77 @@
+"""What the tests share besides fixtures (those are in conftest.py): the small corpus cut, the
+one tiny model shape of in-process model tests, and runners for the mtmoe console scripts (world
+of one) and the `deepspeed` launcher (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mtmoe.config import ModelConfig
+from mtmoe.train.distributed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "data" / "multi30k"
+LANGS = ["en", "de", "fr", "cs"]
+BIN = Path(sys.executable).parent
+TINY = ModelConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0, max_positions=64)
+"""The model shape of the in-process model tests (vocabularies of 50-300 ids)."""
+
+
+def cut_corpus(out: Path, train_lines: int = 400, val_lines: int = 30, test_lines: int = 20) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train_lines), ("val", val_lines), ("test_2016_flickr", test_lines)):
+        for lang in LANGS:
+            with gzip.open(BUNDLED / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+                lines = [next(f).strip() for _ in range(n)]
+            (out / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def tiny_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int = 12, **extra) -> list[str]:
+    """A seconds-scale training config on the small corpus."""
+    args = {
+        "model": "tiny", "data.corpus_dir": str(corpus), "data.vocab_size": 300, "data.cache_dir": str(cache_dir),
+        "data.val_lines": 8, "train.max_steps": steps, "train.max_minutes": 0, "train.max_tokens": 256,
+        "train.warmup_steps": 5, "train.log_every": 2, "train.valid_every": 0, "train.save_every": 0,
+        "train.progress": "false", "wandb.mode": "disabled", "hydra.run.dir": str(run_dir),
+    }
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def export_of(trained: Path, out: Path) -> Path:
+    proc = run_cli("mtmoe-export", [f"checkpoint={trained}", f"out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra) -> dict:
+    """The environment minus a process group's variables (a test that built a Trainer in-process
+    has set them), so each child starts its own world."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(name: str, args: list[str], stdin: str | None = None, timeout: int = 600, env_extra=None):
+    env = clean_env(**(env_extra or {}))
+    return subprocess.run([str(BIN / name), *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def deepspeed_command(module: str, args: list[str], num_ranks: int = 2) -> list[str]:
+    """A `deepspeed` launch on a free port (another launch on this box, e.g. a sweep, may hold 29500)."""
+    return [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", str(num_ranks), "--master_port",
+            str(free_port()), "--module", module, *args]
+
+
+def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int = 900):
+    env = clean_env()
+    cmd = deepspeed_command(module, args, num_ranks)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
