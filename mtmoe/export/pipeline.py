@@ -25,8 +25,8 @@ from mtmoe.export.calibrate import budget_keep, loss_keep
 from mtmoe.export.prune import SHARE_RULES, coverage, direction_keep, keep_count, prune_state_dict
 from mtmoe.export.routing import collect_routing
 from mtmoe.formats.ds_checkpoint import consolidated_state_dict, resolve_checkpoint, summarize_load_error
-from mtmoe.formats.export_format import (FORMAT, ROUTING_FILE, ROUTING_FORMAT, check_output_dir, load_export,
-                                         model_configs, warn_zero_shot, write_export, zero_shot)
+from mtmoe.formats.export_format import (FORMAT, ROUTING_FILE, ROUTING_FORMAT, build_model, check_output_dir,
+                                         load_export, model_configs, warn_zero_shot, write_export, zero_shot)
 from mtmoe.formats.integrity import verify
 from mtmoe.model.quantized import quantize_experts
 from mtmoe.model.seq2seq import Seq2Seq
@@ -178,7 +178,6 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),
                          "calibration_lines": used, "calibration_directions": [f"{s}-{t}" for s, t in directions],
                          "telemetry": telemetry["overall"]}
-    model_cfg, moe_cfg = model_configs(config)
-    pruned = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
+    pruned = build_model(config)
     pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)
     return pruned.eval(), config

@@ -156,14 +156,10 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dic
     (safe_open reads each tensor on demand; the others are never read) and build the model pruned to
     them, as an export pruned to the same experts; the config then describes that model."""
     d = Path(export_dir)
-    config_path = d / "config.json"
     config = read_export_config(d)
     if experts is not None:
         config = subset_config(config, experts)
-    model_cfg, moe_cfg = model_configs(config)
-    model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
-    if config.get("quantization"):
-        quantize_experts(model, config["quantization"]["bits"])
+    model = build_model(config, model_cls)
     try:
         if experts is None:
             state = load_file(str(d / "model.safetensors"))
@@ -173,12 +169,28 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dic
                 state = {name: f.get_tensor(key) for key, name in names if name is not None}
     except Exception as e:
         raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
+    load_weights(model, state, d)
+    return model.eval(), Vocab(d / "spm.model"), config
+
+
+def build_model(config: dict, model_cls=Seq2Seq) -> Seq2Seq:
+    """The model an export's config.json describes, weights not loaded: pruned to its kept experts,
+    with quantized expert modules when it is quantized."""
+    model_cfg, moe_cfg = model_configs(config)
+    model = model_cls(config["vocab_size"], model_cfg, moe_cfg)
+    if config.get("quantization"):
+        quantize_experts(model, config["quantization"]["bits"])
+    return model
+
+
+def load_weights(model: Seq2Seq, state: dict, export_dir: Path) -> None:
+    """Loads `state` (read from the export's model.safetensors) strictly; ExportError naming the
+    files when it does not fit the model config.json describes."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ExportError(f"{d / 'model.safetensors'}: does not match {config_path} ({str(e)[:300]})") from e
-    model.eval()
-    return model, Vocab(d / "spm.model"), config
+        raise ExportError(f"{export_dir / 'model.safetensors'}: does not match {export_dir / 'config.json'} "
+                          f"({str(e)[:300]})") from e
 
 
 def export_bytes(export_dir: str | Path) -> dict:

@@ -25,12 +25,11 @@ from torch import nn
 
 from mtmoe.config import ServeConfig
 from mtmoe.data.vocab import Vocab
-from mtmoe.errors import ConfigError, ExportError
-from mtmoe.formats.export_format import load_export, model_configs, read_export_config, read_routing_stats
+from mtmoe.errors import ConfigError
+from mtmoe.formats.export_format import build_model, load_export, load_weights, read_export_config, read_routing_stats
 from mtmoe.model.experts import ExpertGroup
 from mtmoe.model.keys import experts_prefix
 from mtmoe.model.moe import MoEFFN
-from mtmoe.model.quantized import quantize_experts
 from mtmoe.model.seq2seq import Seq2Seq
 from mtmoe.serve.cache import LayerCache
 from mtmoe.serve.layout import ExpertLayout
@@ -209,20 +208,14 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
         return (*load_export(d), None)
     config = read_export_config(d)
     routing = read_routing_stats(d) if serve.prefetch == "language" else None
-    model_cfg, moe_cfg = model_configs(config)
-    model = Seq2Seq(config["vocab_size"], model_cfg, moe_cfg)
-    if config.get("quantization"):
-        quantize_experts(model, config["quantization"]["bits"])  # the expert module type the store must fill
+    model = build_model(config)  # quantized expert modules when quantized: the type the store must fill
     weights = d / "model.safetensors"
     runtime = offload(model, weights, serve, store_path_for(d, serve), routing)
     try:
         prefixes = tuple(experts_prefix(model.moe_layer_prefix(name)) for name in runtime.caches)
         with safe_open(str(weights), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefixes)}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ExportError(f"{weights}: does not match {d / 'config.json'} ({str(e)[:300]})") from e
+        load_weights(model, state, d)
     except BaseException:
         runtime.close()
         raise
