@@ -10,15 +10,20 @@ import pytest
 from helpers import cut_corpus, export_of, run_cli, tiny_overrides
 
 
+SLOW_FIXTURES = {"trained", "exports"}
+"""Fixtures that train or export a model through the console scripts: a test using one is `slow`."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip, saying why, on a machine without CUDA."""
+    """Tests using a trained run are `slow`; `gpu` tests skip, saying why, on a machine without CUDA.
+    The fast part (`pytest -m "not slow and not distributed"`) runs in about a minute."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device (none here)")
     for item in items:
-        if "gpu" in item.keywords:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

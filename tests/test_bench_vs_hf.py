@@ -21,6 +21,7 @@ from bench.vs_hf.suite import main  # noqa: E402
 from bench.vs_hf.systems import build_hf, compose_config, hf_sparse_layers, parameter_counts  # noqa: E402
 
 
+@pytest.mark.slow
 def test_models_match_and_hf_dispatch_is_fixed():
     """Same parameters by kind; the same layers are MoE; the fixed dispatch runs every expert."""
     import torch
@@ -51,6 +52,7 @@ def test_length_rule_and_token_count():
     assert generated_tokens(torch.tensor([[7, 8, 3, 3, 3], [7, 3, 3, 3, 3], [7, 7, 7, 7, 7]])) == 3 + 2 + 5
 
 
+@pytest.mark.slow
 def test_suite_tiny(corpus, cache_dir, tmp_path):
     out = tmp_path / "bench"
     results = main(["--size", "tiny", "--set", f"data.corpus_dir={corpus}", "--set", "data.vocab_size=300",
@@ -71,6 +73,7 @@ def test_suite_tiny(corpus, cache_dir, tmp_path):
     assert "| train target tok/s, 1 thread(s) | mtmoe top-2, reference dispatch |" in table  # MoE / dense rows
 
 
+@pytest.mark.slow
 def test_plain_training_step_on_the_cpu(corpus, cache_dir):
     """The GPU suite's mtmoe step (plain loop, no DeepSpeed) runs and learns on the CPU too."""
     import torch
@@ -88,6 +91,7 @@ def test_plain_training_step_on_the_cpu(corpus, cache_dir):
     assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system,phase", [("mtmoe", "train"), ("hf", "decode")])
 def test_memory_process(corpus, cache_dir, system, phase):
     """One system's phase in its own process reports its memory (the suite runs 3 systems x 2 phases)."""

@@ -82,6 +82,7 @@ def test_quant_linear_close_to_float(bits, tol):
     assert rel < tol
 
 
+@pytest.mark.slow
 def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache_dir):
     """A checkpoint -> pruned + int4 export -> loads with torch + safetensors only, the record of
     what was kept is in config.json, and expert bytes shrink accordingly."""

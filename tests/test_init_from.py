@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from helpers import TINY, run_cli, tiny_overrides
@@ -71,6 +72,7 @@ def test_expert_parallel_rank_gets_its_global_experts():
     assert torch.equal(rank1.encoder[1].ffn.experts.w1[0], full["encoder.1.ffn.experts.2.fc1.weight"])
 
 
+@pytest.mark.slow
 def test_train_from_dense_end_to_end(tmp_path, corpus, cache_dir):
     """A dense run, then `init.from_dense=<run>`: the MoE run starts from the dense model's loss,
     far below a random start."""

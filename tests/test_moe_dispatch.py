@@ -242,6 +242,7 @@ def _expert_parallel_worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_expert_parallel_grouped_equals_reference_and_world_of_one(tmp_path):
     """ep_size 2 over 2 gloo ranks (uneven token counts, padding, capacity and dropless): each rank's
     output and input gradient equal the reference dispatch's and those of the whole layer run in one

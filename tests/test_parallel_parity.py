@@ -17,6 +17,8 @@ import torch
 
 from helpers import run_cli, run_deepspeed, tiny_overrides
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 STEPS = 6
 TOLERANCE = 1e-2
 """Per tensor: |final - reference final| / |reference final - initial| (L2). fp32 rounding differs

@@ -18,6 +18,8 @@ import pytest
 from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
 from mtmoe.train.guard import DivergenceGuard, TrainingDiverged
 
+pytestmark = [pytest.mark.slow]
+
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -27,6 +29,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 # -- kill -9 ----------------------------------------------------------------------------------------
+@pytest.mark.distributed
 def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_dir):
     """A 2-rank (ep_size 2) run is killed with SIGKILL (launcher and ranks) after a checkpoint,
     mid-interval; re-running the same command resumes and reproduces the uninterrupted losses."""

@@ -503,6 +503,7 @@ def test_served_exports_equal_resident(exports, kind, tmp_path):
     assert not (exports[kind] / "experts.safetensors").exists()  # serve.store_dir was used
 
 
+@pytest.mark.slow
 def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
     model, vocab, _ = load_export(exports["full"])
     expected = translate(model, vocab, LINES, "de", beam=2)

@@ -134,6 +134,7 @@ def test_task_config_errors_name_the_field(data):
         build_sources({"denoising": {"langs": ["xx"]}}, tok, np.arange(len(tok)), dirs, vocab)
 
 
+@pytest.mark.slow
 def test_lowres_multitask_run_resumes_exactly(tmp_path, corpus, cache_dir):
     """`data=multi30k_lowres` on the small corpus: translation + cs denoising under the curriculum;
     resuming the step-4 checkpoint reproduces the uninterrupted losses."""

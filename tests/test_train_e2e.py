@@ -11,6 +11,8 @@ import torch
 
 from helpers import run_cli, run_deepspeed, tiny_overrides
 
+pytestmark = [pytest.mark.slow]
+
 
 def log_records(run_dir, kind="train"):
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
@@ -134,6 +136,7 @@ def test_eval_and_translate_cli(trained, tmp_path, corpus):
     assert proc.returncode == 2 and "tgt='xx': unknown language" in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.distributed
 def test_two_rank_expert_parallel_run(tmp_path, corpus, cache_dir):
     """`deepspeed --num_gpus 2` with ep_size 2: each rank holds 2 of 4 experts; the checkpoint and
     the export hold all 4. Pre-gated routing (moe.pregate, MoE in every layer) trains under expert

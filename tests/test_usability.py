@@ -21,6 +21,8 @@ from mtmoe.config import validate
 from mtmoe.errors import ConfigError
 from mtmoe.paths import CONF_DIR
 
+pytestmark = [pytest.mark.slow]
+
 setup()
 
 ALL_12 = {f"{s}-{t}" for s in ("en", "de", "fr", "cs") for t in ("en", "de", "fr", "cs") if s != t}
