@@ -127,7 +127,7 @@ def test_stream_is_deterministic_resumable_and_sharded(vocab_and_corpus):
     probs = temperature_probs([len(tok)] * len(dirs), 5.0)
 
     def stream(rank=0, world=1):
-        return BatchStream(tok, dirs, probs, tags, max_tokens=200, max_len=64, seed=3, rank=rank, world_size=world,
+        return BatchStream.translation(tok, dirs, probs, tags, max_tokens=200, max_len=64, seed=3, rank=rank, world_size=world,
                            chunk_sentences=300)
 
     full = stream()
@@ -171,7 +171,7 @@ def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):
         usable_rows(tok, DataConfig(corpus_dir="somewhere", max_len=max_len, too_long="fail"))
 
     dirs = parse_directions("all", tok.langs)
-    stream = BatchStream(tok, dirs, temperature_probs([len(tok)] * len(dirs), 5.0),
+    stream = BatchStream.translation(tok, dirs, temperature_probs([len(tok)] * len(dirs), 5.0),
                          {lang: 4 for lang in tok.langs}, 400, max_len, 3, chunk_sentences=2000, rows=rows)
     drawn = np.concatenate([lines for _, lines, _ in stream._chunk(0, 0)])
     assert len(drawn) > 1000 and not set(over.tolist()) & set(drawn.tolist())

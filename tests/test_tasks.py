@@ -89,7 +89,7 @@ def test_mixed_stream_has_both_tasks_respects_line_limits_and_resumes(data):
     tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
 
     def stream():
-        return BatchStream(tok, dirs, None, tags, 200, 64, seed=3, chunk_sentences=300, sources=sources, mixture=mix)
+        return BatchStream(sources, mix.probs, tags, 200, 64, seed=3, chunk_sentences=300)
 
     it = iter(stream())
     batches = [next(it) for _ in range(60)]

@@ -36,7 +36,7 @@ from bench.vs_hf.systems import build_hf, set_hf_capacity
 
 def training_batches(data: TrainingData, cfg: TrainAppConfig, count: int) -> list[Batch]:
     """The first `count` batches of the run's training stream (seed `train.seed`, rank 0 of 1)."""
-    stream = BatchStream(data.train, data.directions, data.probs,
+    stream = BatchStream.translation(data.train, data.directions, data.probs,
                          {lang: data.vocab.tag_id(lang) for lang in cfg.data.langs},
                          cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, rows=data.train_rows)
     return list(islice(iter(stream), count))

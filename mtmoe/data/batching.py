@@ -16,7 +16,7 @@ batches in the same steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,19 +103,14 @@ class BatchStream:
     """Endless, seed-determined stream of training batches over several sources (directions,
     denoising languages, ...)."""
 
-    def __init__(self, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
+    def __init__(self, sources: Sequence[Source], probs_at: Callable[[float], np.ndarray],
                  tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000,
-                 rows: np.ndarray | None = None, accumulate: int = 1,
-                 sources: Sequence[Source] | None = None, mixture=None):
-        """Translation only: `directions` sampled with `probs`, lines from `rows` (default all; see
-        `data.too_long`). Multitask: `sources` (mtmoe.data.tasks) sampled by `mixture.probs(step)`.
+                 rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000, accumulate: int = 1):
+        """`sources` (mtmoe.data.tasks) sampled by `probs_at(step)` (a multitask `Mixture.probs`).
         `accumulate`: micro-batches per optimizer step; chunks hold whole steps, so global batch g
         lands in the same step under every layout with the same world_size x accumulate."""
-        rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
-        self.sources = list(sources) if sources is not None else translation_sources(corpus, directions, rows)
-        fixed = np.asarray(probs) if sources is None else None
-        self.probs_at = (lambda step: fixed) if mixture is None else mixture.probs
+        self.sources = list(sources)
+        self.probs_at = probs_at
         self.tag_ids = tag_ids
         self.max_tokens = max_tokens
         self.max_len = max_len
@@ -125,6 +120,17 @@ class BatchStream:
         self.chunk_sentences = chunk_sentences
         self.batches_per_step = world_size * accumulate
         self.position = StreamPosition()
+
+    @classmethod
+    def translation(cls, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
+                    tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
+                    rows: np.ndarray | None = None, **kwargs) -> "BatchStream":
+        """Translation only: `directions` sampled with the fixed `probs`, lines from `rows`
+        (default all; see `data.too_long`)."""
+        rows = np.arange(len(corpus)) if rows is None else np.asarray(rows)
+        fixed = np.asarray(probs)
+        return cls(translation_sources(corpus, directions, rows), lambda step: fixed, tag_ids, max_tokens,
+                   max_len, seed, **kwargs)
 
     def _chunk(self, chunk: int, batches_before: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """[(source index[B], line index[B], example index in chunk[B]), ...] per global batch."""

@@ -82,7 +82,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 def load_zero3_optimizer_state(tag_dir: Path, rank: int) -> dict:
     """Rank `rank`'s ZeRO-3 optimizer file (`optimizer_state_dict`: fp32 flat groups, Adam state,
     param groups), read with `weights_only=True` and only DeepSpeed's loss-scaler and stage enum
-    allowed besides tensors."""
+    allowed besides tensors. (DeepSpeed is imported here only: nothing else in formats/ needs it.)"""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 

@@ -134,11 +134,9 @@ class Trainer:
             lr_scheduler=scheduler, config=self.ds_config)
         self.ep_group = self._expert_group()
         sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data.temperature)
-        self.stream = BatchStream(self.data.train, self.data.directions, self.data.probs,
-                                  {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
+        self.stream = BatchStream(sources, mixture.probs, {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
-                                  rows=self.data.train_rows, accumulate=cfg.train.accumulate,
-                                  sources=sources, mixture=mixture)
+                                  accumulate=cfg.train.accumulate)
         self.step, self.train_seconds = 0, 0.0
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
         self.last_checkpoint: str | None = None
