@@ -15,6 +15,4 @@ for builder in (get_accelerator().create_op_builder("ShareMemCommBuilder"), CPUA
     if builder is not None and builder.is_compatible(verbose=False):
         builder.load(verbose=False)
 PY
-# Two workers (pytest-xdist), each test file on one of them (module fixtures are built once): most
-# tests wait on a subprocess or run one thread, so one worker leaves a core idle. `-n 0` runs serially.
-python -m pytest -q -n 2 --dist loadfile "$@"
+python -m pytest -q "$@"
