@@ -42,7 +42,6 @@ PruneRule = Literal["loss", "coverage", "global"]
 Quant = Literal["none", "int8", "int4"]
 QUANT_BITS = {"int8": 8, "int4": 4}
 """Bits of each `quant` choice but none."""
-"""Bits of each `quant` choice but none."""
 
 
 def choice(default, options) -> Any:
@@ -51,21 +50,23 @@ def choice(default, options) -> Any:
     return field(default=default, metadata={"choices": get_args(options)})
 
 
-def check_choice(key: str, value, options) -> Any:
-    """`value` when it is one of the Literal `options`, else ConfigError naming `key`."""
-    allowed = get_args(options)
+def _check_allowed(key: str, value, allowed: tuple) -> Any:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
     return value
+
+
+def check_choice(key: str, value, options) -> Any:
+    """`value` when it is one of the Literal `options`, else ConfigError naming `key`."""
+    return _check_allowed(key, value, get_args(options))
 
 
 def check_choices(obj: Any, prefix: str = "") -> None:
     """Every `choice(...)` field of the config dataclass `obj`, and of the dataclasses it holds."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{prefix}{f.name}={value!r}: expected one of "
-                              f"{', '.join(map(str, f.metadata['choices']))}")
+        if "choices" in f.metadata:
+            _check_allowed(f"{prefix}{f.name}", value, f.metadata["choices"])
         if dataclasses.is_dataclass(value):
             check_choices(value, f"{prefix}{f.name}.")
 

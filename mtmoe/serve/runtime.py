@@ -156,11 +156,6 @@ class OffloadRuntime:
         self.close()
 
 
-def moe_layers(model: Seq2Seq) -> dict[str, MoEFFN]:
-    """{short name: MoEFFN} in forward order, e.g. {'enc1': ..., 'dec1': ...}."""
-    return model.moe_layer_map()
-
-
 def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None,
             routing: Optional[dict] = None) -> OffloadRuntime:
     """Serves `model`'s experts from a store cut from `weights` (a safetensors file holding them
@@ -171,7 +166,7 @@ def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optio
     CPU RAM, on a CPU it is the memory-mapped file. `routing`: the model's routing statistics
     (routing.json), which `serve.prefetch=language` needs."""
     check_serve(serve)
-    layers = moe_layers(model)
+    layers = model.moe_layer_map()
     if not layers:
         raise ConfigError("serve.experts_per_layer: the model has no MoE layers to offload")
     if any(layer.ep_size != 1 for layer in layers.values()):
