@@ -552,6 +552,25 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
                 f"set moe.every=1")
 
 
+def check_optimizer(t: TrainConfig) -> None:
+    """The optimizer's and loss's numbers, checked before any data is read (torch and DeepSpeed would
+    refuse some of them only after the data and the model are built, with a traceback)."""
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={list(t.betas)} must be two numbers in [0, 1)")
+    if not t.adam_eps > 0:
+        raise ConfigError(f"train.adam_eps={t.adam_eps} must be > 0")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    if t.clip_norm < 0:
+        raise ConfigError(f"train.clip_norm={t.clip_norm} must be >= 0 (0: no clipping)")
+
+
 def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
     """Rejects impossible configs before any data is read or any process group is used."""
     check_known_keys(cfg)
@@ -566,6 +585,7 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
     if t.max_tokens < 16:
         raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
+    check_optimizer(t)
     if t.zero_stage == 3 and cfg.moe.enabled and cfg.moe.ep_size != 1:
         raise ConfigError(
             f"train.zero_stage=3 with moe.ep_size={cfg.moe.ep_size}: unsupported. DeepSpeed's native MoE "

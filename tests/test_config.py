@@ -87,6 +87,18 @@ def test_budget_is_rejected_early():
         validate(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", r"train.lr=-1.0 must be > 0"), ("train.warmup_steps=-5", "train.warmup_steps=-5 must be >= 0"),
+    ("train.betas=[0.9]", r"train.betas=\[0.9\] must be two numbers"), ("train.betas=[0.9,1.0]", "in \\[0, 1\\)"),
+    ("train.adam_eps=0", "train.adam_eps=0.0 must be > 0"), ("train.weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
+    ("train.label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"), ("train.clip_norm=-1", "clip_norm=-1.0"),
+])
+def test_optimizer_numbers_are_rejected_before_any_data(override, message):
+    """torch's Adam would refuse lr=-1 only after the vocabulary and the model are built, with a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train([override]))
+
+
 @pytest.mark.parametrize("variant", ["dense", "moe_no_rts", "moe_rts", "lowres_moe_rts", "lowres_moe_rts_dae",
                                      "moe_efd"])
 def test_sample_efficiency_variants_compose(variant):

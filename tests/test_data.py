@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mtmoe.data.batching import BatchStream, collate, pack_by_tokens
-from mtmoe.data.corpus import CorpusError, load_corpus, read_lines
+from mtmoe.data.corpus import load_corpus, read_lines
+from mtmoe.errors import CorpusError
 from mtmoe.data.sampling import parse_directions, temperature_probs
 from mtmoe.data.tokenized import tokenize
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, get_or_train_vocab, lang_tag

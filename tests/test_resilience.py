@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
-from mtmoe.train.guard import DivergenceGuard, TrainingDiverged
+from mtmoe.errors import TrainingDiverged
+from mtmoe.train.guard import DivergenceGuard
 
 pytestmark = [pytest.mark.slow]
 

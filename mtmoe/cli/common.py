@@ -13,9 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mtmoe.config import register_configs
-from mtmoe.data.corpus import CorpusError
-from mtmoe.errors import CheckpointError, ConfigError, ExportError
-from mtmoe.train.guard import TrainingDiverged
+from mtmoe.errors import CheckpointError, ConfigError, CorpusError, ExportError, TrainingDiverged
 
 
 def run_stamp() -> str:

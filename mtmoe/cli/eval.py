@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
@@ -21,10 +20,13 @@ setup()
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     from mtmoe.config import validate_eval
-    from mtmoe.eval.run import evaluate_export
 
     cfg = OmegaConf.to_object(cfg)
     validate_eval(cfg)
+    import torch  # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
+
+    from mtmoe.eval.run import evaluate_export
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     report = evaluate_export(cfg.model, cfg.test, cfg.langs, cfg.directions, cfg.beam, cfg.length_penalty,

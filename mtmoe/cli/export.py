@@ -21,11 +21,13 @@ setup()
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     from mtmoe.config import validate_export
-    from mtmoe.formats.export_format import export_bytes
-    from mtmoe.export.pipeline import export_run
 
     cfg = OmegaConf.to_object(cfg)
     validate_export(cfg)
+    # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
+    from mtmoe.export.pipeline import export_run
+    from mtmoe.formats.export_format import export_bytes
+
     prune = None
     if cfg.prune.keep is not None or cfg.prune.direction:
         prune = {"keep": cfg.prune.keep, "rule": cfg.prune.rule, "direction": cfg.prune.direction,

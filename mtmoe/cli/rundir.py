@@ -86,9 +86,9 @@ def _first_process() -> bool:
 
 
 def _preflight(config: DictConfig) -> None:
-    """The checks that need neither data nor a process group, before Hydra writes anything."""
+    """The checks that need neither data nor a process group, before Hydra writes anything.
+    A config refusal comes before the run-dir check imports torch (~3 s of CPU)."""
     from mtmoe.config import validate
-    from mtmoe.formats.run_description import check_same_model
 
     task = config.copy()
     with open_dict(task):
@@ -96,6 +96,8 @@ def _preflight(config: DictConfig) -> None:
     cfg = OmegaConf.to_object(task)
     world = int(os.environ.get("WORLD_SIZE") or (cfg.launch.ranks if cfg.launch.ranks > 0 else 1))
     validate(cfg, world)
+    from mtmoe.formats.run_description import check_same_model
+
     check_same_model(Path(config.hydra.run.dir).absolute(), cfg)
 
 

@@ -16,7 +16,6 @@ import sys
 import time
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
@@ -28,17 +27,20 @@ setup()
 @hydra.main(version_base="1.3", config_path=str(TOOLS_CONF_DIR), config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from mtmoe.errors import ConfigError
     from mtmoe.config import validate_translate
-    from mtmoe.data.corpus import CorpusError, decode_line
-    from mtmoe.model.generation import translate, warn_cut_lines
-    from mtmoe.formats.export_format import read_export_config, warn_zero_shot
-    from mtmoe.export.subset import format_held, load_subset
-    from mtmoe.serve.metrics import format_summary
-    from mtmoe.serve.runtime import load_for_serving
+    from mtmoe.errors import ConfigError, CorpusError
 
     cfg = OmegaConf.to_object(cfg)
     validate_translate(cfg)
+    import torch  # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
+
+    from mtmoe.data.corpus import decode_line
+    from mtmoe.export.subset import format_held, load_subset
+    from mtmoe.formats.export_format import read_export_config, warn_zero_shot
+    from mtmoe.model.generation import translate, warn_cut_lines
+    from mtmoe.serve.metrics import format_summary
+    from mtmoe.serve.runtime import load_for_serving
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = read_export_config(resolve(cfg.model))

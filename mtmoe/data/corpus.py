@@ -6,6 +6,9 @@ in every language (Multi30k is multi-way parallel). Text files are read by this 
 by `datasets`' text builder so that every problem is reported with its file and line number:
 invalid UTF-8, an empty line, or files of different lengths. Other formats (`json`, `parquet`,
 `csv`) hold one column per language and go through `datasets.load_dataset`.
+
+`datasets` (with pandas and pyarrow, ~1.2 s of CPU per process) is imported where a Dataset is
+built: the tools that only read lines (eval, translate, export) never need it.
 """
 
 from __future__ import annotations
@@ -13,18 +16,16 @@ from __future__ import annotations
 import gzip
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import datasets
-
+from mtmoe.errors import CorpusError
 from mtmoe.paths import resolve
+
+if TYPE_CHECKING:
+    import datasets
 
 
 log = logging.getLogger("mtmoe")
-
-
-class CorpusError(ValueError):
-    """Bad corpus input; the message names the file (and line)."""
 
 
 def find_language_file(prefix: Path, lang: str) -> Path | None:
@@ -86,6 +87,8 @@ def read_lines(path: Path) -> list[str]:
 
 def load_text_corpus(prefix: Path, langs: Sequence[str]) -> datasets.Dataset:
     """Reads `{prefix}.{lang}` for every language, checks they are line-aligned."""
+    import datasets
+
     columns: dict[str, list[str]] = {}
     first: tuple[Path, int] | None = None
     for lang in langs:
@@ -104,6 +107,8 @@ def load_text_corpus(prefix: Path, langs: Sequence[str]) -> datasets.Dataset:
 
 def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.Dataset:
     """Reads `{prefix}.{fmt}` (json lines, parquet or csv) with one string column per language."""
+    import datasets
+
     path = Path(f"{prefix}.{'jsonl' if fmt == 'json' and Path(f'{prefix}.jsonl').exists() else fmt}")
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from mtmoe.config import DataConfig
-from mtmoe.data.corpus import CorpusError, find_language_file, load_corpus
+from mtmoe.data.corpus import find_language_file, load_corpus
 from mtmoe.data.sampling import Direction, parse_directions, temperature_probs
 from mtmoe.data.schedule import Mixture
 from mtmoe.data.tasks import build_sources
 from mtmoe.data.tokenized import TokenizedCorpus, tokenize
 from mtmoe.data.vocab import Vocab, get_or_train_vocab
+from mtmoe.errors import CorpusError
 from mtmoe.paths import resolve
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import datasets
 import numpy as np
 
 from mtmoe.data.vocab import Vocab
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass

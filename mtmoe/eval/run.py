@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from mtmoe.config import ServeConfig, SubsetConfig, check_subset
-from mtmoe.data.corpus import CorpusError, available_languages, find_language_file, load_test_set
+from mtmoe.data.corpus import available_languages, find_language_file, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
-from mtmoe.errors import ConfigError
+from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.eval.telemetry import plot_heatmap
 from mtmoe.export.routing import collect_routing
 from mtmoe.export.subset import choose_subset, format_held, load_subset

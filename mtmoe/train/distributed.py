@@ -24,8 +24,13 @@ def init_distributed() -> tuple[int, int]:
     """Initialises torch.distributed through DeepSpeed and returns (rank, world_size).
 
     Without a launcher (plain `mtmoe-train`) the environment of a world of one is filled in, so
-    DeepSpeed neither needs mpi4py nor tries MPI discovery."""
+    DeepSpeed neither needs mpi4py nor tries MPI discovery. DeepSpeed's ops (the first, shm_comm,
+    loads here) are built as `mtmoe.train.ds_ops` says."""
     import deepspeed
+
+    from mtmoe.train.ds_ops import use_mtmoe_build
+
+    use_mtmoe_build()
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import logging
 
+from mtmoe.errors import TrainingDiverged
+
 log = logging.getLogger("mtmoe")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses; the message says where to resume from."""
 
 
 class DivergenceGuard:
