@@ -215,6 +215,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Stop after this many consecutive batches with a non-finite loss (each is skipped); 0 = never stop."""
     progress: bool = True
+    plot: bool = True
+    """Write `train_curves.png` (loss and validation curves) at the end of the run: ~1 s of matplotlib,
+    worth leaving out of sweeps of many short jobs."""
 
 
 @dataclass

@@ -41,7 +41,8 @@ def cache_dir(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, corpus, cache_dir) -> Path:
     """A tiny MoE run of 12 steps with checkpoints every 6 (tests copy it before changing it)."""
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=12, **{"train.save_every": 6}))
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=12,
+                                                 **{"train.save_every": 6, "train.plot": "true"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 

@@ -373,7 +373,8 @@ class Trainer:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
                        "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
-            plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
+            if cfg.train.plot:
+                plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
             self.runlog.close()
         barrier()
         if self.is_main and not self.cfg.train.nvme_path and self.swap_dir.is_dir():
