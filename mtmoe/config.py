@@ -174,6 +174,11 @@ class TrainConfig:
     """Token budget of one batch per rank: sentences * max(src_len, tgt_len) <= max_tokens."""
     lr: float = 1e-3
     warmup_steps: int = 1000
+    cooldown: float = 0.0
+    """Fraction of the budget (`max_steps`, or `max_minutes` of training time) at its end over which
+    the lr falls linearly to 0, after the inverse-sqrt schedule; 0 = none. Ending at lr 0 gives, in
+    one run, the gain that averaging the last checkpoints gives (the noise of the last updates
+    averaged out); under a time budget it is clocked by the time spent, the same on every rank."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -562,6 +567,8 @@ def check_optimizer(t: TrainConfig) -> None:
         raise ConfigError(f"train.lr={t.lr} must be > 0")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if not 0 <= t.cooldown < 1:
+        raise ConfigError(f"train.cooldown={t.cooldown} must be in [0, 1) (a fraction of the budget)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must be two numbers in [0, 1)")
     if not t.adam_eps > 0:

@@ -39,18 +39,27 @@ def collect_job(job_dir: Path) -> dict | None:
     valid = [(r["step"] + offset, r["valid_loss"]) for r in records if r.get("kind") == "valid"]
     directions = results.get("directions", {})
     bleu = {d: m.get("bleu") for d, m in directions.items() if m.get("bleu") is not None}
-    return {"job": job_dir.name, "steps": results["step"] + offset, "inherited_steps": offset,
+    overrides_path = job_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
+    return {"job": job_dir.name, "overrides": [o for o in overrides if not o.startswith("hydra.")],
+            "steps": results["step"] + offset, "inherited_steps": offset,
             "valid_loss": results.get("valid_loss"), "valid_bleu": results.get("valid_bleu"),
             "bleu": bleu, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train) if train else None,
             "train_minutes": results.get("train_minutes"), "valid_curve": valid}
 
 
+def label(job: dict, jobs: list[dict]) -> str:
+    """The job's overrides that not every job of the sweep shares (what the sweep varied)."""
+    shared = set.intersection(*(set(j.get("overrides", [])) for j in jobs))
+    return " ".join(o for o in job.get("overrides", []) if o not in shared) or "-"
+
+
 def table(jobs: list[dict]) -> str:
     directions = sorted({d for j in jobs for d in j["bleu"]})
-    head = ["job", "steps", "val loss", "val BLEU (mean)", *directions, "tgt tok/s"]
+    head = ["job", "settings", "steps", "val loss", "val BLEU (mean)", *directions, "tgt tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in jobs:
-        cells = [j["job"], str(j["steps"]), f"{j['valid_loss']:.3f}" if j["valid_loss"] is not None else "-",
+        cells = [j["job"], label(j, jobs), str(j["steps"]), f"{j['valid_loss']:.3f}" if j["valid_loss"] is not None else "-",
                  f"{j['valid_bleu']:.2f}" if j["valid_bleu"] is not None else "-",
                  *(f"{j['bleu'][d]:.2f}" if d in j["bleu"] else "-" for d in directions),
                  f"{j['tokens_per_s']:.0f}" if j["tokens_per_s"] else "-"]
@@ -68,7 +77,7 @@ def plot(jobs: list[dict], out: Path) -> None:
     for j in jobs:
         if j["valid_curve"]:
             steps, losses = zip(*j["valid_curve"])
-            ax.plot(steps, losses, marker="o", label=j["job"])
+            ax.plot(steps, losses, marker="o", label=f"{j['job']}: {label(j, jobs)}")
     ax.set_xlabel("updates (EfD includes its dense steps)")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)

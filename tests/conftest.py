@@ -3,9 +3,12 @@ and its exports) and the `gpu` marker's skip; helpers the tests import are in he
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 from helpers import cut_corpus, export_of, run_cli, tiny_overrides
 
@@ -37,25 +40,51 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test session -> the folder. pytest-xdist gives each worker its own
+    session fixtures; what tests only read is built by the first worker to ask for it, under a lock,
+    in the folder the workers share, and read by the others (the corpus it was built from is a
+    byte-identical cut in each worker's own folder)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():  # a build that failed in another worker: start again
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, corpus, cache_dir) -> Path:
-    """A tiny MoE run of 12 steps with checkpoints every 6 (tests copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=12,
-                                                 **{"train.save_every": 6, "train.plot": "true"}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+    """A tiny MoE run of 12 steps with checkpoints every 6, shared by the workers (tests copy it
+    before changing it)."""
+    def train(folder: Path) -> None:
+        proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, folder / "tiny", steps=12,
+                                                     **{"train.save_every": 6, "train.plot": "true"}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "trained", train) / "tiny"
 
 
 @pytest.fixture(scope="session")
 def exports(trained, tmp_path_factory, corpus):
     """The tiny trained run exported as is (with routing statistics on the bundled val set, as
-    mtmoe-export writes them), expert-pruned to 2 of 4 in each MoE layer, and int8-quantized."""
+    mtmoe-export writes them), expert-pruned to 2 of 4 in each MoE layer, and int8-quantized;
+    shared by the workers."""
     from mtmoe.export.pipeline import export_run
 
-    root = tmp_path_factory.mktemp("exports")
-    full = export_of(trained, root / "full")
-    pruned = export_run(full, root / "pruned", prune={"keep": 0.5, "per_layer": True, "calibration": f"{corpus}/val",
-                                                      "lines": 10})
-    int8 = export_run(full, root / "int8", quant="int8")
-    return {"full": full, "pruned": pruned, "int8": int8}
+    def export(root: Path) -> None:
+        full = export_of(trained, root / "full")
+        export_run(full, root / "pruned", prune={"keep": 0.5, "per_layer": True, "calibration": f"{corpus}/val",
+                                                 "lines": 10})
+        export_run(full, root / "int8", quant="int8")
+
+    root = built_once(tmp_path_factory, "exports", export)
+    return {name: root / name for name in ("full", "pruned", "int8")}

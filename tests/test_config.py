@@ -92,6 +92,7 @@ def test_budget_is_rejected_early():
     ("train.betas=[0.9]", r"train.betas=\[0.9\] must be two numbers"), ("train.betas=[0.9,1.0]", "in \\[0, 1\\)"),
     ("train.adam_eps=0", "train.adam_eps=0.0 must be > 0"), ("train.weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
     ("train.label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"), ("train.clip_norm=-1", "clip_norm=-1.0"),
+    ("train.cooldown=1", r"train.cooldown=1.0 must be in \[0, 1\) \(a fraction of the budget\)"),
 ])
 def test_optimizer_numbers_are_rejected_before_any_data(override, message):
     """torch's Adam would refuse lr=-1 only after the vocabulary and the model are built, with a traceback."""
@@ -106,3 +107,10 @@ def test_sample_efficiency_variants_compose(variant):
     cfg = compose_train(["+experiment=sample_efficiency", f"+variant={variant}", *extra])
     validate(cfg, world_size=2)
     assert cfg.launch.ranks == 2 and cfg.train.max_steps in (150, 300)
+
+
+def test_cooldown_falls_linearly_to_zero_over_the_last_fraction():
+    from mtmoe.train.trainer import cooldown_factor
+
+    assert [cooldown_factor(spent, 0.25) for spent in (0.0, 0.75, 0.875, 1.0, 1.1)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert cooldown_factor(0.99, 0.0) == 1.0  # none

@@ -33,12 +33,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.distributed
 def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_dir):
     """A 2-rank (ep_size 2) run is killed with SIGKILL (launcher and ranks) after a checkpoint,
-    mid-interval; re-running the same command resumes and reproduces the uninterrupted losses."""
-    steps, every = 60, 10
+    mid-interval; re-running the same command resumes and reproduces the uninterrupted losses, the
+    lr cooldown of the budget's last half included."""
+    steps, every = 30, 10  # killed in step 13-19 or 23-29: resumes from step 10 or 20
 
     def args(run_dir):
         return tiny_overrides(corpus, cache_dir, run_dir, steps=steps, **{
-            "moe.ep_size": 2, "train.save_every": every, "train.log_every": 1, "train.valid_bleu": "never"})
+            "moe.ep_size": 2, "train.save_every": every, "train.log_every": 1, "train.valid_bleu": "never",
+            "train.cooldown": 0.5})
 
     reference = tmp_path / "reference"
     proc = run_deepspeed("mtmoe.train", args(reference))
@@ -75,6 +77,13 @@ def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_
     assert sorted(got) == list(range(1, steps + 1))
     for step in range(resume_step + 1, steps + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+    # The lr logged after step s is the one step s + 1 uses: the inverse-sqrt schedule (warm-up 5)
+    # times the cooldown, which falls linearly from 1 at step 15 of 30 to 0 at step 30.
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (crashed / "train_log.jsonl").read_text().splitlines())
+           if r.get("kind") == "train"}
+    for step in (10, 20, 25, 30):
+        inverse_sqrt = 1e-3 * min((step + 1) / 5, (5 / (step + 1)) ** 0.5)
+        assert lrs[step] == pytest.approx(inverse_sqrt * min(1, (1 - (step - 1) / steps) / 0.5), rel=1e-4), step
     final = json.loads((crashed / "results.json").read_text())
     assert final["valid_loss"] == pytest.approx(json.loads((reference / "results.json").read_text())["valid_loss"],
                                                 abs=1e-5)

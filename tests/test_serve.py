@@ -508,8 +508,10 @@ def test_served_exports_equal_resident(exports, kind, tmp_path):
 def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
     model, vocab, _ = load_export(exports["full"])
     expected = translate(model, vocab, LINES, "de", beam=2)
+    # The exports are shared by the pytest workers: serving writes its expert store elsewhere.
     proc = run_cli("mtmoe-translate", [f"model={exports['full']}", "src=en", "tgt=de", "beam=2",
-                                       "serve.experts_per_layer=0.25", "serve.prefetch=none"],
+                                       "serve.experts_per_layer=0.25", "serve.prefetch=none",
+                                       f"serve.store_dir={tmp_path}"],
                    stdin="\n".join(LINES) + "\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == expected
@@ -517,7 +519,8 @@ def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
 
     out = tmp_path / "eval.json"
     proc = run_cli("mtmoe-eval", [f"model={exports['int8']}", f"test={corpus}/test_2016_flickr", "langs=[en,de]",
-                                  "beam=1", "limit=4", f"out={out}", "serve.experts_per_layer=2"])
+                                  "beam=1", "limit=4", f"out={out}", "serve.experts_per_layer=2",
+                                  f"serve.store_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     serving = json.loads(out.read_text())["serving"]
     assert serving["sentences"] == 8 and serving["experts_per_layer"] == {"enc1": 2, "dec1": 2}

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from helpers import BIN, ROOT, clean_env, export_of, run_cli, tiny_overrides
+from helpers import BIN, ROOT, clean_env, run_cli, tiny_overrides
 from mtmoe.cli.common import setup
 from mtmoe.config import validate
 from mtmoe.errors import ConfigError
@@ -45,8 +45,9 @@ def assert_refused(proc, *messages: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def export(trained, tmp_path_factory) -> Path:
-    return export_of(trained, tmp_path_factory.mktemp("usability") / "export")
+def export(exports) -> Path:
+    """The tiny run's export (shared by the pytest workers: tests copy it before changing it)."""
+    return exports["full"]
 
 
 def with_training_record(export: Path, out: Path, directions) -> Path:
@@ -237,9 +238,9 @@ def test_export_never_replaces_silently_and_writes_readable_files(trained, expor
     assert modes["model.safetensors"] == modes["config.json"] == modes["spm.model"]  # not 0600
 
 
-def test_speculative_prefetch_without_a_next_layer_says_so_plainly(export):
+def test_speculative_prefetch_without_a_next_layer_says_so_plainly(export, tmp_path):
     proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "beam=1", "serve.experts_per_layer=2",
-                                       "serve.prefetch=speculative"], stdin="A dog.\n")
+                                       "serve.prefetch=speculative", f"serve.store_dir={tmp_path}"], stdin="A dog.\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "speculative" in line and "nothing to predict" in line]
     assert len(lines) == 1 and lines[0].startswith("mtmoe: warning: ") and "moe.every=2" in lines[0]

@@ -97,6 +97,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float) -> float:
+    """The largest of the ranks' `value`s, on every rank (a clock all ranks must read alike)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (e.g. the time budget ran out)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -29,7 +29,7 @@ from mtmoe.formats.integrity import write_atomic
 from mtmoe.model.partitioned import set_gather
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train import checkpoint
-from mtmoe.train.distributed import all_reduce_sum, any_rank, barrier, init_distributed
+from mtmoe.train.distributed import all_reduce_max, all_reduce_sum, any_rank, barrier, init_distributed
 from mtmoe.train.ds_config import build_deepspeed_config
 from mtmoe.train.guard import DivergenceGuard
 from mtmoe.train.observe import Progress, RunLog, plot_training_curves, summarize_routing
@@ -47,6 +47,14 @@ def inverse_sqrt_schedule(warmup_steps: int):
         return min(step / warmup, math.sqrt(warmup / step))
 
     return factor
+
+
+def cooldown_factor(spent: float, cooldown: float) -> float:
+    """lr multiplier of `train.cooldown`: 1 until the last `cooldown` fraction of the budget, then
+    linearly down to 0 at `spent` = 1 (the fraction of the budget spent)."""
+    if cooldown <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - spent) / cooldown))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
@@ -126,8 +134,12 @@ class Trainer:
             wrap_moe_layers(self.model)
         optimizer, groups = build_optimizer(self.model, cfg, self.ds_config)
 
-        def scheduler(opt):  # DeepSpeed calls this with the optimizer it ends up using
-            return torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(cfg.train.warmup_steps))
+        warmup = inverse_sqrt_schedule(cfg.train.warmup_steps)
+        self.spent = 0.0  # the fraction of the budget spent, as of the last budget check (all ranks alike)
+
+        def scheduler(opt):  # DeepSpeed calls this with the optimizer it ends up using; it steps it
+            return torch.optim.lr_scheduler.LambdaLR(  # after each optimizer step
+                opt, lambda step: warmup(step) * cooldown_factor(self.spent, cfg.train.cooldown))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
@@ -266,13 +278,16 @@ class Trainer:
         return result
 
     def _out_of_budget(self, started: float) -> bool:
+        """Updates `self.spent`, the fraction of the budget spent (steps or training time, whichever
+        is further; the time is the slowest rank's, so every rank reads the same) -> spent >= 1.
+        A collective under a time budget: every rank calls it."""
         t = self.cfg.train
-        if t.max_steps > 0 and self.step >= t.max_steps:
-            return True
+        spent = self.step / t.max_steps if t.max_steps > 0 else 0.0
         if t.max_minutes > 0:
-            spent = self.train_seconds + (time.monotonic() - started)
-            return any_rank(spent >= t.max_minutes * 60)
-        return False
+            seconds = all_reduce_max(self.train_seconds + (time.monotonic() - started))
+            spent = max(spent, seconds / (t.max_minutes * 60))
+        self.spent = spent
+        return spent >= 1
 
     def _train_step(self, micro_batches) -> dict | None:
         """One optimizer step over `train.accumulate` micro-batches; its sums for the log window,
