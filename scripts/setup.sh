@@ -8,16 +8,14 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# --no-compile: pip would byte-compile every module it installs (all of torch, transformers, ...);
-# Python compiles the ones a process imports on their first import instead.
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    pip install -q --no-compile "torch>=2.4"
+    pip install -q "torch>=2.4"
   else
-    pip install -q --no-compile "torch==2.13.0"   # the CPU build on this project's machines
+    pip install -q "torch==2.13.0"   # the CPU build on this project's machines
   fi
 fi
-pip install -q --no-compile -e ".[test]"
+pip install -q -e ".[test]"
 # NVMe offload (parallel=zero3_nvme) needs libaio's headers for DeepSpeed's async_io op (built on
 # first use, ~5-9 min on 2 cores). Optional: without it everything else works and the NVMe tests skip.
 if [ ! -f /usr/include/libaio.h ] && command -v apt-get >/dev/null 2>&1; then
