@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     from mtmoe.model.seq2seq import build_model
     from mtmoe.train.trainer import compute_loss
 
+    from bench.vs_hf.training import make_optimizer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
@@ -83,8 +85,7 @@ def main(argv=None) -> None:
     batches = list(islice(iter(stream), args.warmup + args.steps))
     model = build_model(len(data.vocab), cfg.model, cfg.moe, 0, cfg.train.seed)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                 eps=cfg.train.adam_eps, foreach=True)
+    optimizer = make_optimizer(model.parameters(), cfg, torch.device("cpu"))  # the main job's foreach Adam
     parts = {"forward + loss": [], "backward": [], "clip + Adam": []}
     tokens = []
     for i, batch in enumerate(batches):

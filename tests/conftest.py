@@ -4,6 +4,7 @@ and its exports) and the `gpu` marker's skip; helpers the tests import are in he
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +53,6 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
             if folder.exists():  # a build that failed in another worker: start again
-                import shutil
-
                 shutil.rmtree(folder)
             folder.mkdir()
             build(folder)
