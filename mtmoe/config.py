@@ -217,6 +217,12 @@ class TrainConfig:
     """Re-running a command in the same run dir (`hydra.run.dir=...`) resumes from its newest good checkpoint."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest N); at least 2 so a corrupt newest one has a fallback."""
+    snapshots: int = 0
+    """Checkpoints saved at evenly spaced points of the budget's last `snapshot_span` fraction, from
+    its start to the end of the run (besides the `save_every` ones), and kept: `mtmoe-export
+    average=N` averages the weights of the newest N. 0 = none."""
+    snapshot_span: float = 0.1
+    """The fraction of the budget (steps or training time, as `cooldown`) the snapshots spread over."""
     max_bad_steps: int = 5
     """Stop after this many consecutive batches with a non-finite loss (each is skipped); 0 = never stop."""
     progress: bool = True
@@ -357,6 +363,20 @@ class SubsetConfig:
 
 
 @dataclass
+class TuneConfig:
+    on: Optional[str] = None
+    """Corpus prefix (e.g. data/multi30k/val) on which the decoding settings are picked before the
+    test set is scored: each (beam, length penalty) of the grid decodes the first `lines` lines of
+    every scored direction, and the one with the best mean BLEU decodes the test set. None: no tuning."""
+    beams: Optional[list[int]] = None
+    """Beam sizes tried; None: `beam` alone."""
+    length_penalties: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
+    """Length penalties tried (a hypothesis scores sum log p / (length + 1)^penalty)."""
+    lines: int = 200
+    """Lines per direction of `on` decoded for each setting (0 = all)."""
+
+
+@dataclass
 class EvalAppConfig:
     model: str = "???"
     """Export directory (config.json, model.safetensors, spm.model)."""
@@ -383,6 +403,8 @@ class EvalAppConfig:
     """Serving with only some experts resident (`serve.experts_per_layer`, `serve.prefetch`); see mtmoe.serve."""
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     """Per-direction expert subsets at load time (`subset.mass`); see mtmoe.export.subset."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Pick `beam` and `length_penalty` on a held-out set (`tune.on`) first; see mtmoe.eval.tune."""
 
 
 @dataclass
@@ -422,6 +444,9 @@ class ExportAppConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: str = choice("none", Quant)
     """Expert weight quantization: none, int8 or int4 (`QUANT_BITS`)."""
+    average: int = 1
+    """Export the mean of the weights of the run's newest N checkpoints (up to the one exported; see
+    `train.snapshots`); 1 = that checkpoint alone."""
     routing_stats: bool = True
     """Store the exported model's routing statistics on `prune.calibration` (`prune.lines` lines per
     direction) as routing.json: per-direction subsets (`subset.mass`) and language-aware serving
@@ -517,6 +542,21 @@ def validate_eval(cfg: EvalAppConfig) -> None:
     if cfg.max_tokens < 1:
         raise ConfigError(f"max_tokens={cfg.max_tokens} must be >= 1")
     check_subset(cfg.subset, cfg.serve)
+    check_tune(cfg.tune)
+
+
+def check_tune(tune: TuneConfig) -> None:
+    """`tune.*`: a non-empty grid of beams >= 1 and length penalties >= 0, lines >= 0."""
+    if tune.on is None:
+        return
+    for beam in tune.beams or []:
+        _check_beam(beam)
+    if tune.beams is not None and not tune.beams:
+        raise ConfigError("tune.beams=[]: give at least one beam size (or leave it unset: `beam` alone)")
+    if not tune.length_penalties or any(lp < 0 for lp in tune.length_penalties):
+        raise ConfigError(f"tune.length_penalties={list(tune.length_penalties)}: give one or more penalties >= 0")
+    if tune.lines < 0:
+        raise ConfigError(f"tune.lines={tune.lines} must be >= 0 (0 = all)")
 
 
 def validate_translate(cfg: TranslateAppConfig) -> None:
@@ -535,6 +575,8 @@ def validate_export(cfg: ExportAppConfig) -> None:
     check_choices(cfg)
     if cfg.prune.keep is not None and cfg.prune.direction:
         raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
+    if cfg.average < 1:
+        raise ConfigError(f"average={cfg.average} must be >= 1 (the number of newest checkpoints averaged)")
 
 
 def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
@@ -622,6 +664,13 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.max_len={cfg.data.max_len} is too small (tag + token + </s> need 3)")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    if t.snapshots < 0:
+        raise ConfigError(f"train.snapshots={t.snapshots} must be >= 0")
+    if t.snapshots and not 0 < t.snapshot_span < 1:
+        raise ConfigError(f"train.snapshot_span={t.snapshot_span} must be in (0, 1) (a fraction of the budget)")
+    if t.snapshots and t.save_every < 0:
+        raise ConfigError(f"train.snapshots={t.snapshots} with train.save_every={t.save_every}: snapshots are "
+                          f"checkpoints, and save_every=-1 saves none")
     if t.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
     if cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe:

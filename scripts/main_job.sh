@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
 # The main job: train the default MoE model on the bundled Multi30k corpus with 2 DeepSpeed ranks
-# (~24 min budget), export it (safetensors + JSON), score it with beam 4 on test_2016_flickr
-# (sacrebleu BLEU/chrF per direction, plus routing telemetry), then export an expert-pruned,
-# int8-quantized model and score it the same way, side by side with the full one.
+# (~24 min budget), export the mean of its last $AVERAGE checkpoints (the snapshots the recipe saves
+# over the lr cooldown; safetensors + JSON), pick the length penalty on val, score it with beam 4 on
+# test_2016_flickr (sacrebleu BLEU/chrF per direction, plus routing telemetry), then export an
+# expert-pruned, int8-quantized model and score it the same way, side by side with the full one.
 # Extra arguments are Hydra overrides for training, e.g. train.max_minutes=5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 RUN=${RUN:-runs/main-$(date +%Y%m%d-%H%M%S)}
 PRUNE=${PRUNE:-"prune.keep=0.5 quant=int8"}
+AVERAGE=${AVERAGE:-3}
+TUNE=${TUNE:-"tune.on=data/multi30k/val tune.lines=200 tune.length_penalties=[0.6,1.0,1.4]"}
 DIRECTIONS=[en-de,de-en,en-fr,fr-en,en-cs,cs-en]
 TEST=data/multi30k/test_2016_flickr
 started=$(date +%s)
 
 deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$RUN" "$@"
 trained=$(date +%s)
-mtmoe-export checkpoint="$RUN" out="$RUN/export" overwrite=true  # re-running the job rebuilds its exports
-mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=2 telemetry=true \
+phases=()  # "name seconds" of each step after training
+lap() { local now; now=$(date +%s); phases+=("$1=$((now - ${last:-$trained}))"); last=$now; }
+# re-running the job rebuilds its exports
+mtmoe-export checkpoint="$RUN" out="$RUN/export" overwrite=true average="$AVERAGE"
+lap export
+# shellcheck disable=SC2086
+mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=2 telemetry=true $TUNE \
   out="$RUN/eval_full/test_2016_flickr.json"
+lap eval
+LP=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["length_penalty"])' \
+  "$RUN/eval_full/test_2016_flickr.json")
 # shellcheck disable=SC2086
 mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" overwrite=true $PRUNE
-mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 workers=2 \
+lap prune
+mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 length_penalty="$LP" workers=2 \
   out="$RUN/eval_pruned/test_2016_flickr.json"
+lap eval_pruned
 finished=$(date +%s)
 
-python - "$RUN" "$started" "$trained" "$finished" <<'PY'
+python - "$RUN" "$started" "$trained" "$finished" "${phases[*]}" <<'PY'
 import json, sys
 from mtmoe.formats.export_format import export_bytes
-run, started, trained, finished = sys.argv[1], *map(int, sys.argv[2:])
+run, (started, trained, finished), phases = sys.argv[1], map(int, sys.argv[2:5]), sys.argv[5]
 results = json.load(open(f"{run}/results.json"))
 full = json.load(open(f"{run}/eval_full/test_2016_flickr.json"))
 pruned = json.load(open(f"{run}/eval_pruned/test_2016_flickr.json"))
@@ -37,10 +50,19 @@ sizes = {name: export_bytes(f"{run}/{name}") for name in ("export", "export_prun
 config = json.load(open(f"{run}/export_pruned/config.json"))
 print(f"\n== main job summary ({run}) ==")
 median = f"{tps[len(tps) // 2]:.0f}" if tps else "n/a (no step logged)"  # a run shorter than train.log_every steps
-print(f"training: {results['step']} steps in {results['train_minutes']} min, median {median} "
+tokens = f"{results['target_tokens'] / 1e6:.2f} M target tokens" if "target_tokens" in results else "tokens n/a"
+print(f"training: {results['step']} steps, {tokens} in {results['train_minutes']} min, median {median} "
       f"target tokens/s (2 ranks); training phase wall {trained - started} s")
 print(f"trained model, val (greedy, {len(results['directions'])} directions): "
       f"BLEU {results.get('valid_bleu')}  chrF {results.get('valid_chrf')}")
+export = json.load(open(f"{run}/export/config.json"))["source"]
+print(f"exported: {' + '.join(export.get('averaged', [export['checkpoint']]))}"
+      + (" (weights averaged)" if export.get("averaged") else ""))
+if full.get("tuned"):
+    t = full["tuned"]
+    grid = ", ".join(f"{g['length_penalty']}: {g['bleu']:.2f}" for g in t["grid"])
+    print(f"length penalty picked on val ({t['lines']} lines per direction, beam 4, mean BLEU {grid}): "
+          f"{full['length_penalty']}")
 print(f"\ntest_2016_flickr, beam 4     full export     pruned export ({config['pruning']['rule']} "
       f"keep={config['pruning'].get('keep')}, {config.get('quantization', {}).get('bits', 32)}-bit experts)")
 print(f"{'direction':<10} {'BLEU':>7} {'chrF':>7}   {'BLEU':>7} {'chrF':>7}  {'dBLEU':>6}")
@@ -56,5 +78,6 @@ for name, s in sizes.items():
     print(f"{name}: {s['file_bytes'] / 1e6:.1f} MB (experts {s['expert_bytes'] / 1e6:.1f} MB)")
 print(f"decoding (2 workers): full {full['sentences_per_s']} sent/s, pruned {pruned['sentences_per_s']} sent/s")
 print(f"routing heatmap: {run}/eval_full/test_2016_flickr.telemetry.png")
-print(f"total wall time: {finished - started} s; outputs in {run}/")
+print(f"total wall time: {finished - started} s (training phase {trained - started} s, then "
+      f"{', '.join(p.replace('=', ' ') + ' s' for p in phases.split())}); outputs in {run}/")
 PY

@@ -62,11 +62,11 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, corpus, cache_dir) -> Path:
-    """A tiny MoE run of 12 steps with checkpoints every 6, shared by the workers (tests copy it
-    before changing it)."""
+    """A tiny MoE run of 12 steps with checkpoints at steps 6 and 12 (the two `train.snapshots` of
+    its second half: no other save), shared by the workers (tests copy it before changing it)."""
     def train(folder: Path) -> None:
-        proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, folder / "tiny", steps=12,
-                                                     **{"train.save_every": 6, "train.plot": "true"}))
+        proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, folder / "tiny", steps=12, **{
+            "train.save_every": 0, "train.snapshots": 2, "train.snapshot_span": 0.5, "train.plot": "true"}))
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return built_once(tmp_path_factory, "trained", train) / "tiny"

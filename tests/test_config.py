@@ -114,3 +114,53 @@ def test_cooldown_falls_linearly_to_zero_over_the_last_fraction():
 
     assert [cooldown_factor(spent, 0.25) for spent in (0.0, 0.75, 0.875, 1.0, 1.1)] == [1.0, 1.0, 0.5, 0.0, 0.0]
     assert cooldown_factor(0.99, 0.0) == 1.0  # none
+
+
+def test_snapshots_spread_over_the_end_of_the_budget():
+    from mtmoe.train.trainer import snapshot_points
+
+    assert snapshot_points(4, 0.3) == pytest.approx([0.7, 0.8, 0.9, 1.0])
+    assert snapshot_points(1, 0.3) == [1.0] and snapshot_points(0, 0.3) == []
+    for overrides, message in [
+        (["train.snapshots=-1"], "train.snapshots=-1 must be >= 0"),
+        (["train.snapshots=3", "train.snapshot_span=1"], r"train.snapshot_span=1.0 must be in \(0, 1\)"),
+        (["train.snapshots=3", "train.save_every=-1"], "train.snapshots=3 with train.save_every=-1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_train(overrides))
+
+
+def test_export_average_and_eval_tuning_are_checked_before_any_work():
+    from mtmoe.config import EvalAppConfig, ExportAppConfig, TuneConfig, validate_eval, validate_export
+
+    with pytest.raises(ConfigError, match=r"average=0 must be >= 1"):
+        validate_export(ExportAppConfig(checkpoint="runs/x", out="e", average=0))
+    for tune, message in [
+        (TuneConfig(on="val", beams=[]), r"tune.beams=\[\]"),
+        (TuneConfig(on="val", beams=[0]), "beam=0 must be >= 1"),
+        (TuneConfig(on="val", length_penalties=[]), r"tune.length_penalties=\[\]"),
+        (TuneConfig(on="val", length_penalties=[1.0, -0.5]), "penalties >= 0"),
+        (TuneConfig(on="val", lines=-1), "tune.lines=-1 must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate_eval(EvalAppConfig(model="e", tune=tune))
+    validate_eval(EvalAppConfig(model="e", tune=TuneConfig(beams=[])))  # no tune.on: the grid is not used
+
+
+def test_checkpoint_average_is_the_mean_and_refuses_what_does_not_match():
+    import torch
+
+    from mtmoe.errors import ExportError
+    from mtmoe.export.average import average_state_dicts
+
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor([3])}
+    b = {"w": torch.tensor([2.0, 4.0]), "steps": torch.tensor([3])}
+    c = {"w": torch.tensor([3.0, 9.0]), "steps": torch.tensor([3])}
+    mean = average_state_dicts([("a", a), ("b", b), ("c", c)])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 5.0])) and mean["w"].dtype == torch.float32
+    assert torch.equal(mean["steps"], torch.tensor([3]))
+    for other, message in [({"w": torch.zeros(2)}, "their tensors differ .*steps"),
+                           ({"w": torch.zeros(3), "steps": torch.tensor([3])}, r"w has shape \[3\] there and \[2\]"),
+                           ({"w": torch.zeros(2), "steps": torch.tensor([4])}, r"steps \(not floating point\) differs")]:
+        with pytest.raises(ExportError, match=f"cannot average x with a: {message}"):
+            average_state_dicts([("a", a), ("x", other)])

@@ -28,9 +28,12 @@ def test_training_outputs(trained):
     assert records[-1]["loss"] < records[0]["loss"]
     results = json.loads((trained / "results.json").read_text())
     assert results["step"] == 12 and len(results["directions"]) == 12
+    assert results["target_tokens"] > 12 * 10  # all ranks' target tokens over the run's 12 steps
     assert {"loss", "bleu", "chrf"} <= set(results["directions"]["en-de"])
     assert (trained / "train_curves.png").stat().st_size > 0
     assert (trained / "checkpoints" / "latest").read_text().strip() == "step00000012"
+    # train.save_every=0 saves only at the end: step 6 is the snapshot at half the budget (snapshots=2, span 0.5)
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["latest", "step00000006", "step00000012"]
     assert len(list((trained / "checkpoints" / "step00000012").glob("layer_*_expert_*"))) == 8
 
 
@@ -50,6 +53,32 @@ def test_resume_continues_the_same_run(trained, tmp_path, corpus, cache_dir):
     assert sorted(got) == [8, 10, 12]
     for step in got:
         assert got[step] == pytest.approx(expected[step], abs=1e-4)
+    # the token count of steps 1-6 came back with the checkpoint
+    assert json.loads((resumed / "results.json").read_text())["target_tokens"] == \
+        json.loads((trained / "results.json").read_text())["target_tokens"]
+
+
+def test_export_averages_the_newest_checkpoints(trained, tmp_path):
+    """`average=2`: the exported weights are the element-wise mean of the two checkpoints'; more
+    checkpoints than the run kept is one error saying how to keep them."""
+    from mtmoe.errors import ExportError
+    from mtmoe.export.pipeline import export_run
+    from mtmoe.formats.ds_checkpoint import consolidated_state_dict
+    from mtmoe.formats.export_format import load_export
+
+    out = export_run(trained, tmp_path / "avg2", routing=None, average=2)
+    model, _, config = load_export(out)
+    assert config["source"]["averaged"] == ["step00000006", "step00000012"]
+    first, last = (consolidated_state_dict(trained / "checkpoints" / t) for t in ("step00000006", "step00000012"))
+    exported = model.state_dict()
+    assert sorted(exported) == sorted(first)
+    for name, value in exported.items():
+        assert torch.equal(value, ((first[name].double() + last[name].double()) / 2).float()), name
+    assert sum(not torch.equal(first[k], last[k]) for k in first) > 10  # the mean is neither checkpoint
+    with pytest.raises(ExportError, match=r"average=3: .* has 2 complete checkpoint\(s\) up to step00000012 .*"
+                                          r"train.snapshots=3"):
+        export_run(trained, tmp_path / "avg3", routing=None, average=3)
+    assert not (tmp_path / "avg3").exists()
 
 
 def test_export_reload_gives_identical_logits(trained, tmp_path):
@@ -125,6 +154,25 @@ def test_eval_and_translate_cli(trained, tmp_path, corpus):
     assert "BLEU+case.mixed" in report["directions"]["en-de"]["bleu_signature"] or \
         "nrefs:1" in report["directions"]["en-de"]["bleu_signature"]
     assert "en-de" in proc.stdout and (tmp_path / "eval.en-de.hyp").exists()
+
+    # The length penalty picked on the held-out set: the best mean BLEU of the grid, then used on the test.
+    proc = run_cli("mtmoe-eval", [f"model={export}", f"test={corpus}/test_2016_flickr", "langs=[en,de]", "beam=2",
+                                  "limit=5", f"out={out}", f"tune.on={corpus}/val", "tune.lines=6",
+                                  "tune.length_penalties=[0.0,1.0,4.0]"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    tuned = report["tuned"]
+    assert [(g["beam"], g["length_penalty"]) for g in tuned["grid"]] == [(2, 0.0), (2, 1.0), (2, 4.0)]
+    best = max(tuned["grid"], key=lambda g: g["bleu"])
+    assert (tuned["beam"], tuned["length_penalty"]) == (best["beam"], best["length_penalty"])
+    assert (report["beam"], report["length_penalty"]) == (best["beam"], best["length_penalty"])
+    assert "picked on val" in proc.stdout and "<- picked" in proc.stdout
+    from mtmoe.eval.run import evaluate_export  # each grid entry is that setting's score on the held-out lines
+
+    for g in (tuned["grid"][0], tuned["grid"][-1]):
+        again = evaluate_export(export, f"{corpus}/val", directions=["en-de", "de-en"], beam=2,
+                                length_penalty=g["length_penalty"], limit=6)
+        assert again["mean"]["bleu"] == g["bleu"]
 
     lines = "A man is riding a bike.\n\nTwo dogs play in the snow.\n"
     proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "beam=2"], stdin=lines)

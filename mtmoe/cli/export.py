@@ -1,6 +1,7 @@
 """mtmoe-export: a training run's checkpoint -> standalone export (config.json, model.safetensors, spm.model).
 
     mtmoe-export checkpoint=runs/main out=exports/main
+    mtmoe-export checkpoint=runs/main out=exports/main-avg4 average=4   # mean of the newest 4 checkpoints
     mtmoe-export checkpoint=runs/main out=exports/half-int8 prune.keep=0.5 quant=int8
     mtmoe-export checkpoint=runs/main out=exports/half-cov prune.keep=0.5 prune.rule=coverage
     mtmoe-export checkpoint=exports/main out=exports/en-de prune.direction=en-de prune.mass=0.9
@@ -35,7 +36,8 @@ def main(cfg: DictConfig) -> None:
                  "loss_lines": cfg.prune.loss_lines, "per_layer": cfg.prune.per_layer}
     routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
                if cfg.routing_stats else None)
-    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite)
+    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,
+                     average=cfg.average)
     sizes = export_bytes(out)
     print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "
           f"experts {sizes['expert_bytes'] / 1e6:.2f} MB)")

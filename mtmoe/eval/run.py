@@ -101,13 +101,15 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                     directions: Optional[str | Sequence[str]] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
                     out=None, workers: int = 1, threads: int = 0, telemetry: bool = False,
-                    serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None) -> dict:
+                    serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None,
+                    tuned: Optional[dict] = None) -> dict:
     """Translates and scores the requested directions (`select_directions`); returns (and with
     `out`, writes) the report: `out` (JSON), `out` with .txt (the table) and
     `<out stem>.<src>-<tgt>.hyp` (hypotheses). Directions the model was not trained on are scored
     as zero-shot: a warning, and their own section (`zero_shot`) outside the mean.
     `serve`: the serving runtime's options (default: every expert resident); `subset`: per
-    direction, only the experts carrying `subset.mass` of its routing (mtmoe.export.subset)."""
+    direction, only the experts carrying `subset.mass` of its routing (mtmoe.export.subset).
+    `tuned`: how `beam` and `length_penalty` were picked (mtmoe.eval.tune), recorded in the report."""
     model_dir = str(resolve(model_dir))
     if serve is not None:
         check_serve(serve)
@@ -164,7 +166,8 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     report = {"model": model_dir, "test": str(test), "beam": beam, "length_penalty": length_penalty,
               "directions": per_direction, "mean": summarize(per_direction) if per_direction else None,
               "decode_seconds": round(seconds, 1), "sentences_per_s": round(total / max(seconds, 1e-9), 2)}
-    title = f"{Path(model_dir).name} on {Path(test).name} (beam {beam})"
+    title = f"{Path(model_dir).name} on {Path(test).name} (beam {beam}" + (
+        f", length penalty {length_penalty} picked on {Path(tuned['on']).name})" if tuned else ")")
     tables = [format_table(per_direction, title)] if per_direction else [title]
     if untrained:
         zero = {name: scores[name] for name in untrained}
@@ -172,6 +175,8 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         tables.append(format_table(zero, "zero-shot (directions the model was not trained on; not in the mean above)"
                                    if per_direction else "zero-shot (directions the model was not trained on)"))
     report["table"] = "\n\n".join(tables)
+    if tuned:
+        report["tuned"] = tuned
     if serving:
         report["serving"] = merge_summaries(serving, total, seconds)
         report["table"] += "\n" + format_summary(report["serving"])

@@ -24,7 +24,8 @@ from mtmoe.errors import ConfigError, ExportError
 from mtmoe.export.calibrate import budget_keep, loss_keep
 from mtmoe.export.prune import SHARE_RULES, coverage, direction_keep, keep_count, prune_state_dict
 from mtmoe.export.routing import collect_routing
-from mtmoe.formats.ds_checkpoint import consolidated_state_dict, resolve_checkpoint, summarize_load_error
+from mtmoe.export.average import average_state_dicts
+from mtmoe.formats.ds_checkpoint import consolidated_state_dict, newest_tags, resolve_checkpoint, summarize_load_error
 from mtmoe.formats.export_format import (FORMAT, ROUTING_FILE, ROUTING_FORMAT, build_model, check_output_dir,
                                          load_export, model_configs, warn_zero_shot, write_export, zero_shot)
 from mtmoe.formats.integrity import verify
@@ -34,19 +35,23 @@ from mtmoe.model.seq2seq import Seq2Seq
 log = logging.getLogger("mtmoe")
 
 
-def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
-    """(full plain model, spm path, export config) from a run dir or checkpoint tag dir."""
+def _load_checkpoint_model(checkpoint: Path, average: int = 1) -> tuple[Seq2Seq, Path, dict]:
+    """(full plain model, spm path, export config) from a run dir or checkpoint tag dir; with
+    `average` > 1, the mean of the weights of the run's newest `average` checkpoints up to that one."""
     run_dir, tag_dir = resolve_checkpoint(checkpoint)
-    problem = verify(tag_dir)
-    if problem:
-        raise ExportError(f"unusable checkpoint: {problem}")
+    tag_dirs = [tag_dir.parent / tag for tag in newest_tags(run_dir, tag_dir.name, average)] if average > 1 else [tag_dir]
+    for path in tag_dirs:
+        problem = verify(path)
+        if problem:
+            raise ExportError(f"unusable checkpoint: {problem}")
     desc_path = run_dir / "model.json"
     if not desc_path.is_file():
         raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
     desc = json.loads(desc_path.read_text())
     model_cfg, moe_cfg = model_configs(desc)
     model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
-    state = consolidated_state_dict(tag_dir)
+    state = (average_state_dicts((p.name, consolidated_state_dict(p)) for p in tag_dirs) if average > 1
+             else consolidated_state_dict(tag_dir))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -56,6 +61,8 @@ def _load_checkpoint_model(checkpoint: Path) -> tuple[Seq2Seq, Path, dict]:
     config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
               "model": asdict(model_cfg), "moe": asdict(moe_cfg),
               "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
+    if average > 1:
+        config["source"]["averaged"] = [p.name for p in tag_dirs]
     if desc.get("training"):
         config["training"] = desc["training"]
     return model.eval(), run_dir / "spm.model", config
@@ -70,7 +77,7 @@ DEFAULT_RULE = "loss"
 
 def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
                quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, average: int = 1) -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
     (`prune`: {"keep": k, "rule": "loss"|"coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
     plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4"). An existing
@@ -78,19 +85,25 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
 
     `routing` ({"calibration": prefix, "lines": per direction}; None = skip): routing statistics
     of the exported model on that set, stored as routing.json (`read_routing_stats`), which
-    per-direction subsets (`subset.mass`) and language-aware serving read."""
+    per-direction subsets (`subset.mass`) and language-aware serving read.
+
+    `average` > 1: the exported weights are the mean of the run's newest `average` checkpoints
+    (mtmoe.export.average); only from a training run, not from an export."""
     checkpoint = Path(checkpoint)
     check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
         check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
     bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
     if (checkpoint / "config.json").is_file():
+        if average > 1:
+            raise ConfigError(f"average={average}: {checkpoint} is an export; average the checkpoints of a "
+                              f"training run (checkpoint=RUN_DIR)")
         model, _, config = load_export(checkpoint)
         spm_path = checkpoint / "spm.model"
         config = copy.deepcopy(config)
         config.pop("routing", None)
     else:
-        model, spm_path, config = _load_checkpoint_model(checkpoint)
+        model, spm_path, config = _load_checkpoint_model(checkpoint, average)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
     if bits is not None:

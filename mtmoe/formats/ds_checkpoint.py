@@ -79,6 +79,18 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
 
 
+def newest_tags(run_dir: Path, last: str, count: int) -> list[str]:
+    """The `count` newest complete tags of the run up to and including `last`, oldest first
+    (the checkpoints `mtmoe-export average=N` averages)."""
+    tags = [t for t in complete_tags(run_dir) if t <= last]
+    if last not in tags:
+        raise ExportError(f"{checkpoint_dir(run_dir) / last}: not a complete checkpoint of {run_dir}")
+    if len(tags) < count:
+        raise ExportError(f"average={count}: {checkpoint_dir(run_dir)} has {len(tags)} complete checkpoint(s) up to "
+                          f"{last} ({', '.join(tags)}); train with train.snapshots={count} (or more) to keep them")
+    return tags[-count:]
+
+
 def load_zero3_optimizer_state(tag_dir: Path, rank: int) -> dict:
     """Rank `rank`'s ZeRO-3 optimizer file (`optimizer_state_dict`: fp32 flat groups, Adam state,
     param groups), read with `weights_only=True` and only DeepSpeed's loss-scaler and stage enum

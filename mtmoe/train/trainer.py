@@ -57,6 +57,15 @@ def cooldown_factor(spent: float, cooldown: float) -> float:
     return min(1.0, max(0.0, (1.0 - spent) / cooldown))
 
 
+def snapshot_points(count: int, span: float) -> list[float]:
+    """The fractions of the budget spent at which `train.snapshots` are saved: `count` points evenly
+    spaced over the last `span` of the budget, from its start to the end of the run (1.0: the
+    end-of-run save). E.g. (4, 0.3) -> [0.7, 0.8, 0.9, 1.0]; (1, span) -> [1.0]."""
+    if count < 2:
+        return [1.0] * count
+    return [1.0 - span * j / (count - 1) for j in range(count - 1, -1, -1)]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
     """Optimizer param groups with experts split out (DeepSpeed's MoE helper); a torch Adam unless
     the DeepSpeed config names its own optimizer (e.g. CPU-Adam for offload)."""
@@ -150,6 +159,7 @@ class Trainer:
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
                                   accumulate=cfg.train.accumulate)
         self.step, self.train_seconds = 0, 0.0
+        self.target_tokens: Optional[int] = 0  # trained on by all ranks together; None: unknown (an older checkpoint)
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
         self.last_checkpoint: str | None = None
         state = self._resume() if cfg.train.resume else None
@@ -209,6 +219,7 @@ class Trainer:
         state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
             self.step, self.train_seconds = state["step"], state["train_seconds"]
+            self.target_tokens = state.get("target_tokens")
             self.stream.load_state_dict(state["stream"])
             self.guard.skipped = state.get("skipped_steps", 0)
             self.last_checkpoint = ds_checkpoint.tag_for_step(self.step)
@@ -239,7 +250,8 @@ class Trainer:
 
     # -- pieces of the loop ----------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"step": self.step, "train_seconds": self.train_seconds, "stream": self.stream.state_dict(),
+        return {"step": self.step, "train_seconds": self.train_seconds, "target_tokens": self.target_tokens,
+                "stream": self.stream.state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
                 "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
                 "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
@@ -248,8 +260,9 @@ class Trainer:
         return str(ds_checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
 
     def save(self) -> None:
+        keep = max(self.cfg.train.keep_checkpoints, self.cfg.train.snapshots)  # the snapshots stay for averaging
         self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(),
-                                               keep=self.cfg.train.keep_checkpoints, is_writer=self.is_main)
+                                               keep=keep, is_writer=self.is_main)
 
     def validate(self, final: bool = False) -> dict | None:
         """All ranks take part when experts are sharded (decoding runs collectives); otherwise rank 0
@@ -325,6 +338,8 @@ class Trainer:
         Called every `train.log_every` steps, and before a checkpoint and at the end of the run when
         steps are pending, so every step of the run is in the log, also after a resume."""
         loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
+        if self.target_tokens is not None:
+            self.target_tokens += int(tokens)
         elapsed = time.monotonic() - window_start
         record = {"kind": "train", "step": self.step, "steps": window["steps"],
                   "loss": round(loss_sum / max(1, tokens), 6),
@@ -353,6 +368,9 @@ class Trainer:
         window = _new_window()
         window_start = started = time.monotonic()
         saved_step = self.step
+        self._out_of_budget(started)  # the fraction spent before this start (a resumed run's), on every rank
+        snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span)[:-1]
+                     if p > self.spent + 1e-9]
         self.engine.train()
         while not self._out_of_budget(started):
             sums = self._train_step(next(batches) for _ in range(cfg.train.accumulate))
@@ -365,6 +383,12 @@ class Trainer:
             progress.update(self.step)
 
             saving = cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
+            # The budget spent after this step (exact under a step budget; under a time budget, the
+            # clock all ranks agreed on before it).
+            spent = max(self.spent, self.step / cfg.train.max_steps if cfg.train.max_steps > 0 else 0.0)
+            if snapshots and spent >= snapshots[0] - 1e-9:  # the last point is the end-of-run save below
+                saving = True
+                snapshots = [p for p in snapshots if p > spent + 1e-9]
             if self.step % cfg.train.log_every == 0 or saving:
                 self._log_window(window, window_start, started, progress)
                 window = _new_window()
@@ -386,6 +410,7 @@ class Trainer:
         results = None
         if self.is_main:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
+                       **({"target_tokens": self.target_tokens} if self.target_tokens is not None else {}),
                        "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
             if cfg.train.plot:
