@@ -219,8 +219,9 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest N); at least 2 so a corrupt newest one has a fallback."""
     snapshots: int = 0
     """Checkpoints saved at evenly spaced points of the budget's last `snapshot_span` fraction, from
-    its start to the end of the run (besides the `save_every` ones), and kept: `mtmoe-export
-    average=N` averages the weights of the newest N. 0 = none."""
+    its start to the end of the run (besides the `save_every` ones); the run keeps `keep_checkpoints`
+    + `snapshots` checkpoints, so all of them stay: `mtmoe-export average=N` averages the weights of
+    the newest N. 0 = none."""
     snapshot_span: float = 0.1
     """The fraction of the budget (steps or training time, as `cooldown`) the snapshots spread over."""
     max_bad_steps: int = 5

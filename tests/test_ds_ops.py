@@ -34,3 +34,39 @@ def test_ops_build_with_deepspeeds_flags_minus_debug_info(monkeypatch):
 def test_cpu_probed_once_per_process():
     use_mtmoe_build()
     assert cpuinfo.get_cpu_info() is cpuinfo.get_cpu_info()
+
+
+def test_ops_of_many_sources_get_torchs_header_precompiled(monkeypatch, tmp_path):
+    """torch's ninja-file writer, wrapped: an op of PCH_MIN_SOURCES C++ sources or more is compiled with
+    the precompiled torch/extension.h forced first (`-include`); a smaller op, or a precompile that
+    failed, is compiled as before. The header is precompiled with the op's own flags."""
+    from mtmoe.train import ds_ops
+
+    written, precompiled = [], []
+
+    def write_ninja_file(path, cflags, post_cflags, cuda_cflags, cuda_post_cflags, cuda_dlink_post_cflags,
+                         sycl_cflags, sycl_post_cflags, sycl_dlink_post_cflags, sources, objects, ldflags,
+                         library_target, with_cuda, with_sycl):  # torch's signature
+        written.append(cflags)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_write_ninja_file", write_ninja_file)
+    header = tmp_path / "pch" / "torch_extension.h"
+    monkeypatch.setattr(ds_ops, "precompile_torch_header",
+                        lambda build_dir, cflags, built: precompiled.append((build_dir, cflags)) or header)
+    ds_ops.use_mtmoe_build()  # wraps the writer it finds (the jit_load wrapper exists already)
+    assert torch.utils.cpp_extension._write_ninja_file.__wrapped__ is write_ninja_file
+
+    def write(n_sources):
+        torch.utils.cpp_extension._write_ninja_file(
+            path=str(tmp_path / "op" / "build.ninja"), cflags=["-DTORCH_EXTENSION_NAME=op", "-O0"], post_cflags=None,
+            cuda_cflags=None, cuda_post_cflags=None, cuda_dlink_post_cflags=None, sycl_cflags=None,
+            sycl_post_cflags=[], sycl_dlink_post_cflags=None, sources=[f"s{i}.cpp" for i in range(n_sources)],
+            objects=[f"s{i}.o" for i in range(n_sources)], ldflags=[], library_target="op.so", with_cuda=False,
+            with_sycl=False)
+        return written[-1]
+
+    assert write(ds_ops.PCH_MIN_SOURCES) == ["-DTORCH_EXTENSION_NAME=op", "-O0", f"-include {header}"]
+    assert precompiled == [(tmp_path / "op", ["-DTORCH_EXTENSION_NAME=op", "-O0"])]
+    assert write(ds_ops.PCH_MIN_SOURCES - 1) == ["-DTORCH_EXTENSION_NAME=op", "-O0"] and len(precompiled) == 1
+    monkeypatch.setattr(ds_ops, "precompile_torch_header", lambda build_dir, cflags, built: None)  # failed
+    assert write(ds_ops.PCH_MIN_SOURCES) == ["-DTORCH_EXTENSION_NAME=op", "-O0"]

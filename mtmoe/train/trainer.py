@@ -260,7 +260,7 @@ class Trainer:
         return str(ds_checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
 
     def save(self) -> None:
-        keep = max(self.cfg.train.keep_checkpoints, self.cfg.train.snapshots)  # the snapshots stay for averaging
+        keep = self.cfg.train.keep_checkpoints + self.cfg.train.snapshots  # the snapshots stay for averaging
         self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(),
                                                keep=keep, is_writer=self.is_main)
 
