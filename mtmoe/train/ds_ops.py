@@ -95,12 +95,13 @@ def _use_precompiled_torch_header() -> None:
     write_ninja_file = getattr(cpp_extension, "_write_ninja_file", None)
     if write_ninja_file is None or getattr(write_ninja_file, "mtmoe_pch", False):
         return
-    if not {"path", "cflags", "sources", "with_cuda"} <= set(inspect.signature(write_ninja_file).parameters):
+    signature = inspect.signature(write_ninja_file)
+    if not {"path", "cflags", "sources", "with_cuda", "library_target"} <= set(signature.parameters):
         return
 
     @functools.wraps(write_ninja_file)
     def with_pch(*args, **kwargs):
-        bound = inspect.signature(write_ninja_file).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         a = bound.arguments
         cxx_sources = [s for s in a["sources"] if str(s).endswith((".cpp", ".cc", ".cxx"))]
         if len(cxx_sources) >= PCH_MIN_SOURCES and a["cflags"] and not a["with_cuda"]:
@@ -124,16 +125,16 @@ def precompile_torch_header(build_dir: Path, cflags: list[str], built: bool = Fa
     from torch.utils.cpp_extension import check_compiler_is_gcc, get_cxx_compiler
 
     compiler = get_cxx_compiler()
+    folder = build_dir / "pch"
+    header, pch, signature = folder / "torch_extension.h", folder / "torch_extension.h.gch", folder / "command"
+    command = [compiler, "-x", "c++-header", *shlex.split(" ".join(cflags)), str(header), "-o", str(pch)]
+    if signature.is_file() and signature.read_text() == shlex.join(command) and (pch.is_file() or built):
+        return header  # every later load of a built op ends here, without asking the compiler anything
     try:
         if not check_compiler_is_gcc(compiler):
             return None
     except Exception:  # noqa: BLE001 - a compiler torch cannot identify: build as before
         return None
-    folder = build_dir / "pch"
-    header, pch, signature = folder / "torch_extension.h", folder / "torch_extension.h.gch", folder / "command"
-    command = [compiler, "-x", "c++-header", *shlex.split(" ".join(cflags)), str(header), "-o", str(pch)]
-    if signature.is_file() and signature.read_text() == shlex.join(command) and (pch.is_file() or built):
-        return header
     folder.mkdir(parents=True, exist_ok=True)
     header.write_text("#include <torch/extension.h>\n")
     signature.unlink(missing_ok=True)
