@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 
+from mtmoe.device import check_device_spec
 from mtmoe.errors import ConfigError
 
 # Choices, each written once. OmegaConf cannot type a field as Literal (and an Enum would change
@@ -184,8 +185,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
-    bf16: bool = False
-    """bf16 autocast for forward/backward (fp32 master weights); fast on CPUs with avx512_bf16."""
+    device: str = "auto"
+    """Where each rank trains: `auto` (its LOCAL_RANK's GPU when CUDA is there, else the CPU), `cuda`
+    (a GPU per rank, refused without one) or `cpu` (also on a GPU machine). See mtmoe.device."""
+    bf16: Optional[bool] = None
+    """bf16 autocast for forward/backward (bf16 compute, fp32 master weights and Adam state); None
+    (default): on a GPU with bf16, off on a CPU (fast there only with avx512_bf16)."""
     accumulate: int = 1
     """Micro-batches per optimizer step and rank (gradient accumulation): the global batch is
     world size x accumulate token-budget batches, and the loss is normalised by its target tokens,
@@ -400,6 +405,8 @@ class EvalAppConfig:
     """Decoding processes (directions are shared out); each uses `threads` threads (default 1)."""
     threads: int = 0
     """torch threads per process; 0 = torch default (1 per worker when workers > 1)."""
+    device: str = "auto"
+    """Where the model runs: `auto` (the GPU when CUDA is there, else the CPU), `cpu`, `cuda`, `cuda:N`."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Serving with only some experts resident (`serve.experts_per_layer`, `serve.prefetch`); see mtmoe.serve."""
     subset: SubsetConfig = field(default_factory=SubsetConfig)
@@ -445,6 +452,9 @@ class ExportAppConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: str = choice("none", Quant)
     """Expert weight quantization: none, int8 or int4 (`QUANT_BITS`)."""
+    device: str = "auto"
+    """Where calibration (routing statistics, the `loss` pruning rule) runs: `auto`, `cpu`, `cuda`, `cuda:N`.
+    The export itself is written from host memory."""
     average: int = 1
     """Export the mean of the weights of the run's newest N checkpoints (up to the one exported; see
     `train.snapshots`); 1 = that checkpoint alone."""
@@ -470,6 +480,8 @@ class TranslateAppConfig:
     length_penalty: float = 1.0
     batch_lines: int = 64
     threads: int = 0
+    device: str = "auto"
+    """Where the model runs: `auto` (the GPU when CUDA is there, else the CPU), `cpu`, `cuda`, `cuda:N`."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """Serving with only some experts resident (`serve.experts_per_layer`, `serve.prefetch`); see mtmoe.serve."""
     subset: SubsetConfig = field(default_factory=SubsetConfig)
@@ -533,6 +545,7 @@ def validate_eval(cfg: EvalAppConfig) -> None:
     """Rejects an impossible `mtmoe-eval` config before any weight or text is read."""
     check_known_keys(cfg)
     check_choices(cfg)
+    check_device_spec("device", cfg.device)
     _check_beam(cfg.beam)
     d = cfg.directions
     if d is not None and not (isinstance(d, str) or (isinstance(d, list) and all(isinstance(x, str) for x in d))):
@@ -564,6 +577,7 @@ def validate_translate(cfg: TranslateAppConfig) -> None:
     """Rejects an impossible `mtmoe-translate` config before the model is loaded."""
     check_known_keys(cfg)
     check_choices(cfg)
+    check_device_spec("device", cfg.device)
     _check_beam(cfg.beam)
     if cfg.batch_lines < 1:
         raise ConfigError(f"batch_lines={cfg.batch_lines} must be >= 1")
@@ -574,6 +588,7 @@ def validate_export(cfg: ExportAppConfig) -> None:
     """Rejects an impossible `mtmoe-export` config before the checkpoint is read."""
     check_known_keys(cfg)
     check_choices(cfg)
+    check_device_spec("device", cfg.device)
     if cfg.prune.keep is not None and cfg.prune.direction:
         raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
     if cfg.average < 1:
@@ -634,6 +649,7 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
             f"world size {world_size} is not divisible by moe.ep_size={cfg.moe.ep_size} "
             f"(expert-parallel groups must tile the ranks)")
     t = cfg.train
+    check_device_spec("train.device", t.device)
     if t.max_steps <= 0 and t.max_minutes <= 0:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
     if t.max_tokens < 16:

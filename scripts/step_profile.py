@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     tokens = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        total, *_ = compute_loss(model, batch, cfg, 1.0 / batch.num_target_tokens)
+        total, *_ = compute_loss(model, batch, cfg, 1.0 / batch.num_target_tokens, False)
         t1 = time.perf_counter()
         total.backward()
         t2 = time.perf_counter()
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     counted = batches[args.warmup:args.warmup + 5]
     with flops:
         for batch in counted:
-            total, *_ = compute_loss(model, batch, cfg, 1.0 / batch.num_target_tokens)
+            total, *_ = compute_loss(model, batch, cfg, 1.0 / batch.num_target_tokens, False)
             total.backward()
     model.zero_grad(set_to_none=True)
     flops_per_token = flops.get_total_flops() / sum(b.num_target_tokens for b in counted)

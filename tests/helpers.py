@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtmoe.config import ModelConfig
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mtmoe.config import ModelConfig, TrainAppConfig
+from mtmoe.paths import CONF_DIR
 from mtmoe.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +67,20 @@ def clean_env(**extra) -> dict:
 def run_cli(name: str, args: list[str], stdin: str | None = None, timeout: int = 600, env_extra=None):
     env = clean_env(**(env_extra or {}))
     return subprocess.run([str(BIN / name), *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def compose_train(overrides: list[str]) -> TrainAppConfig:
+    """The mtmoe-train config the shipped YAML and `overrides` compose (not validated)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=overrides))
+
+
+def run_module(module: str, args: list[str], stdin: str | None = None, timeout: int = 600, env_extra=None):
+    """`python -m module args...` with this interpreter: what runs where the console scripts are not
+    installed (the GPU machine)."""
+    env = clean_env(**(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from helpers import compose_train
 from mtmoe.cli.common import setup
-from mtmoe.config import TrainAppConfig, validate
+from mtmoe.config import validate
 from mtmoe.errors import ConfigError
-from mtmoe.paths import CONF_DIR
 from mtmoe.train.ds_config import build_deepspeed_config
 
 setup()
-
-
-def compose_train(overrides: list[str]) -> TrainAppConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose("train", overrides=overrides))
 
 
 def test_default_and_presets_compose_and_validate():

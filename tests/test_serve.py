@@ -252,7 +252,7 @@ def served(model, tmp_path, **serve):
     set to en-de)."""
     weights = tmp_path / "model.safetensors"
     if not weights.exists():
-        save_file({k: v.clone() for k, v in model.state_dict().items()}, str(weights))
+        save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(weights))
     model = copy.deepcopy(model)
     language = serve.get("prefetch") == "language"
     runtime = offload(model, weights, ServeConfig(**serve), routing=fake_routing(model) if language else None)
@@ -526,3 +526,30 @@ def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
     assert serving["sentences"] == 8 and serving["experts_per_layer"] == {"enc1": 2, "dec1": 2}
     assert 0 <= serving["hit_rate"] <= 1 and serving["bytes_moved"] > 0 and serving["stall_s"] >= 0
     assert "serving: prefetch=none" in proc.stdout and "serving: prefetch=none" in out.with_suffix(".txt").read_text()
+
+
+# -- on a GPU -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["plain", "int8", "pregate"])
+@pytest.mark.parametrize("policy", ["none", "speculative", "language", "pregate"])
+def test_offloaded_on_cuda_equals_resident_on_cuda(tmp_path, variant, policy):
+    """On CUDA the fast tier is GPU memory and the store is pinned CPU RAM copied on a side stream
+    (store.PinnedStore): token ids identical to the all-resident model on the same GPU, greedy and beam,
+    with 1 and 2 of 4 experts resident, for every prefetch policy (pregate on a pre-gated model)."""
+    if (policy == "pregate") != (variant == "pregate"):
+        pytest.skip("the pregate policy serves a model trained with moe.pregate=true, and only it")
+    if variant == "pregate":
+        model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1, every=1, pregate=True), seed=0).eval()
+    else:
+        model = random_model(bits=8 if variant == "int8" else None)
+    model = model.cuda()
+    reference = decode_all(model)
+    for size in (1, 2):
+        offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch=policy)
+        with runtime:
+            assert next(offloaded.parameters()).device.type == "cuda"
+            assert decode_all(offloaded) == reference, f"experts_per_layer={size}"
+        s = runtime.metrics.summary()
+        assert s["activations"] > 0 and s["misses"] + s["late_prefetches"] > 0
+        if policy != "none":
+            assert s["prefetch_loads"] > 0

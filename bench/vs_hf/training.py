@@ -19,7 +19,6 @@ inside the step (pinned host memory, non-blocking copy), as a trainer's would.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from itertools import islice
 from typing import Callable, Sequence
@@ -40,15 +39,6 @@ def training_batches(data: TrainingData, cfg: TrainAppConfig, count: int) -> lis
                          {lang: data.vocab.tag_id(lang) for lang in cfg.data.langs},
                          cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, rows=data.train_rows)
     return list(islice(iter(stream), count))
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch's tensors on `device` (a copy from pinned memory off the CPU)."""
-    if device.type == "cpu":
-        return batch
-    move = {f.name: getattr(batch, f.name).pin_memory().to(device, non_blocking=True)
-            for f in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **move)
 
 
 def make_optimizer(params, cfg: TrainAppConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -79,7 +69,7 @@ class MtmoeStep:
         from mtmoe.train.ds_config import build_deepspeed_config
         from mtmoe.train.trainer import build_optimizer, inverse_sqrt_schedule
 
-        init_distributed()
+        init_distributed(torch.device("cpu"))  # mtmoe's engine is measured on CPU ranks only (see run())
         self.cfg = cfg
         self.model = build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed)
         if cfg.moe.enabled:
@@ -100,7 +90,7 @@ class MtmoeStep:
     def __call__(self, batch: Batch) -> float:
         from mtmoe.train.trainer import compute_loss
 
-        total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens))
+        total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens), False)
         self.engine.backward(total)
         self.engine.step()
         return ce_sum.item()
@@ -122,7 +112,7 @@ class PlainStep:
         from mtmoe.model.seq2seq import build_model
         from mtmoe.train.trainer import inverse_sqrt_schedule
 
-        self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=device.type == "cuda"))
+        self.cfg = cfg
         self.device = device
         self.model = build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed).to(device).train()
         self.optimizer = make_optimizer(self.model.parameters(), cfg, device)
@@ -132,7 +122,8 @@ class PlainStep:
         from mtmoe.train.trainer import compute_loss
 
         scale = 1.0 / max(1, batch.num_target_tokens)
-        total, ce_sum, _, _, _ = compute_loss(self.model, to_device(batch, self.device), self.cfg, scale)
+        total, ce_sum, _, _, _ = compute_loss(self.model, batch.to(self.device, non_blocking=True), self.cfg, scale,
+                                               self.device.type == "cuda")
         plain_update(total, self.model, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
         return ce_sum.item()
 
@@ -153,7 +144,7 @@ class HfStep:
     def __call__(self, batch: Batch) -> float:
         set_hf_capacity(self.model, batch.num_source_tokens, int((batch.tgt_in != PAD_ID).sum()), self.cfg)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.model(**hf_inputs(to_device(batch, self.device)), output_router_logits=True).loss
+            loss = self.model(**hf_inputs(batch.to(self.device, non_blocking=True)), output_router_logits=True).loss
         plain_update(loss, self.model, self.optimizer, self.scheduler, self.cfg.train.clip_norm)
         return loss.item()
 

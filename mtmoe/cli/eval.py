@@ -26,20 +26,22 @@ def main(cfg: DictConfig) -> None:
     validate_eval(cfg)
     import torch  # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
 
+    from mtmoe.device import resolve_device
     from mtmoe.eval.run import evaluate_export
     from mtmoe.eval.tune import format_tuning, tune_decoding
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)  # a missing GPU is refused before anything is read or written
     beam, length_penalty, tuned = cfg.beam, cfg.length_penalty, None
     if cfg.tune.on:
         tuned = tune_decoding(cfg.model, cfg.tune, cfg.beam, cfg.test, cfg.langs, cfg.directions, cfg.max_tokens,
-                              cfg.workers, cfg.threads, cfg.serve, cfg.subset)
+                              cfg.workers, cfg.threads, cfg.serve, cfg.subset, device)
         print(format_tuning(tuned))
         beam, length_penalty = tuned["beam"], tuned["length_penalty"]
     report = evaluate_export(cfg.model, cfg.test, cfg.langs, cfg.directions, beam, length_penalty,
                              cfg.max_tokens, cfg.limit, cfg.out, cfg.workers, cfg.threads, cfg.telemetry, cfg.serve,
-                             cfg.subset, tuned)
+                             cfg.subset, tuned, device)
     print(report["table"])  # with offloading, its last line is the serving metrics
     print(f"decoding: {report['sentences_per_s']} sentences/s")
 

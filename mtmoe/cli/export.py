@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
     validate_export(cfg)
     # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
+    from mtmoe.device import resolve_device
     from mtmoe.export.pipeline import export_run
     from mtmoe.formats.export_format import export_bytes
 
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
                if cfg.routing_stats else None)
     out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,
-                     average=cfg.average)
+                     average=cfg.average, device=resolve_device(cfg.device))
     sizes = export_bytes(out)
     print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "
           f"experts {sizes['expert_bytes'] / 1e6:.2f} MB)")

@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> None:
     import torch  # the tools refuse a bad config before importing torch and the model (~4 s of CPU)
 
     from mtmoe.data.corpus import decode_line
+    from mtmoe.device import resolve_device
     from mtmoe.export.subset import format_held, load_subset
     from mtmoe.formats.export_format import read_export_config, warn_zero_shot
     from mtmoe.model.generation import translate, warn_cut_lines
@@ -43,6 +44,7 @@ def main(cfg: DictConfig) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     config = read_export_config(resolve(cfg.model))
     for lang, field in ((cfg.src, "src"), (cfg.tgt, "tgt")):
         if lang not in config["langs"]:
@@ -50,10 +52,10 @@ def main(cfg: DictConfig) -> None:
     warn_zero_shot(config, [(cfg.src, cfg.tgt)], "src/tgt")
     runtime = None
     if cfg.subset.mass:
-        model, vocab, config, held = load_subset(resolve(cfg.model), f"{cfg.src}-{cfg.tgt}", cfg.subset.mass)
+        model, vocab, config, held = load_subset(resolve(cfg.model), f"{cfg.src}-{cfg.tgt}", cfg.subset.mass, device)
         print(format_held(held), file=sys.stderr)
     else:
-        model, vocab, config, runtime = load_for_serving(resolve(cfg.model), cfg.serve)
+        model, vocab, config, runtime = load_for_serving(resolve(cfg.model), cfg.serve, device)
         if runtime is not None:
             runtime.set_direction(cfg.src, cfg.tgt)  # language-aware serving seeds its caches for it
 

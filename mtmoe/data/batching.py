@@ -15,8 +15,8 @@ batches in the same steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,14 +36,28 @@ class Batch:
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
     source_ids: torch.Tensor  # [B] index of each row's source in the stream's `sources` (a direction or a task source)
+    counts: Optional[tuple[int, int]] = field(default=None, repr=False, compare=False)
+    """(target, source) real tokens, counted on the host by `to` before the copy, so that reading
+    them from a batch on a GPU does not wait for the device."""
 
     @property
     def num_target_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
+        return self.counts[0] if self.counts else int((self.tgt_out != PAD_ID).sum())
 
     @property
     def num_source_tokens(self) -> int:
-        return int((self.src != PAD_ID).sum())
+        return self.counts[1] if self.counts else int((self.src != PAD_ID).sum())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """This batch on `device` (itself when it is there). To a GPU the host tensors are pinned
+        first, so that with `non_blocking` the copy runs asynchronously on the current stream."""
+        if self.src.device == torch.device(device):
+            return self
+        counts = self.counts or (self.num_target_tokens, self.num_source_tokens)
+        pin = non_blocking and torch.device(device).type == "cuda" and self.src.device.type == "cpu"
+        moved = [(t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
+                 for t in (self.src, self.tgt_in, self.tgt_out, self.source_ids)]
+        return Batch(*moved, counts=counts)
 
 
 def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
@@ -179,3 +193,33 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = StreamPosition(int(state["chunk"]), int(state["batch"]), int(state.get("batches_before", 0)))
+
+
+class DeviceFeed:
+    """The batches of a `BatchStream` on `device`, each copied one batch ahead: the copy of batch
+    i + 1 (pinned host memory, non-blocking) is queued before batch i is handed out, so it runs
+    while step i computes. On a CPU it hands out the stream's batches as they are.
+
+    `state_dict()` is the stream position after the last batch handed out, not after the one
+    copied ahead, so a checkpoint resumes at the first batch not trained on."""
+
+    def __init__(self, stream: BatchStream, device: torch.device):
+        self.stream, self.device = stream, torch.device(device)
+        self._batches = iter(stream)
+        self._state = stream.state_dict()
+        self._ahead: Optional[tuple[Batch, dict]] = None
+
+    def _fetch(self) -> tuple[Batch, dict]:
+        batch = next(self._batches)
+        return batch.to(self.device, non_blocking=True), self.stream.state_dict()
+
+    def __iter__(self) -> "DeviceFeed":
+        return self
+
+    def __next__(self) -> Batch:
+        batch, self._state = self._ahead if self._ahead is not None else self._fetch()
+        self._ahead = self._fetch() if self.device.type != "cpu" else None
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._state)

@@ -24,6 +24,7 @@ from mtmoe.config import ServeConfig, SubsetConfig, check_subset
 from mtmoe.data.corpus import available_languages, find_language_file, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
+from mtmoe.device import resolve_device
 from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.eval.telemetry import plot_heatmap
 from mtmoe.export.routing import collect_routing
@@ -38,8 +39,8 @@ from mtmoe.serve.validate import check_serve, offloading
 
 
 def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: int, length_penalty: float,
-                     max_tokens: int, serve: Optional[ServeConfig], subset_mass: Optional[float], on_done=None
-                     ) -> tuple[dict[str, list[str]], Optional[dict], dict[str, dict], Optional[tuple]]:
+                     max_tokens: int, serve: Optional[ServeConfig], subset_mass: Optional[float],
+                     device: torch.device, on_done=None) -> tuple[dict[str, list[str]], Optional[dict], dict[str, dict], Optional[tuple]]:
     """Translates the (src, tgt) `pairs` with one load of the export (with `subset_mass`, one load
     of that direction's expert subset per pair). Returns (hypotheses per direction, serving metrics
     (offloading only), experts held per direction (subsets only), (model, vocab) of the full export
@@ -51,9 +52,9 @@ def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: 
         for src, tgt in pairs:
             name = f"{src}-{tgt}"
             if subset_mass:
-                model, vocab, _, held[name] = load_subset(model_dir, name, subset_mass)
+                model, vocab, _, held[name] = load_subset(model_dir, name, subset_mass, device)
             elif model is None:
-                model, vocab, _, runtime = load_for_serving(model_dir, serve)
+                model, vocab, _, runtime = load_for_serving(model_dir, serve, device)
             if runtime is not None:
                 runtime.set_direction(src, tgt)  # language-aware serving seeds its caches for it
             hyps[name] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
@@ -67,10 +68,12 @@ def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: 
 
 
 def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalty: float,
-                      max_tokens: int, threads: int, serve: Optional[ServeConfig], subset_mass: Optional[float]):
+                      max_tokens: int, threads: int, serve: Optional[ServeConfig], subset_mass: Optional[float],
+                      device: torch.device):
     """Worker process: translates one (src, tgt) pair (see _translate_pairs)."""
     torch.set_num_threads(threads)
-    return _translate_pairs(model_dir, texts, [pair], beam, length_penalty, max_tokens, serve, subset_mass)[:3]
+    return _translate_pairs(model_dir, texts, [pair], beam, length_penalty, max_tokens, serve, subset_mass,
+                            device)[:3]
 
 
 def select_directions(config: dict, test: str, langs: Optional[Sequence[str]] = None,
@@ -102,14 +105,16 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
                     out=None, workers: int = 1, threads: int = 0, telemetry: bool = False,
                     serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None,
-                    tuned: Optional[dict] = None) -> dict:
+                    tuned: Optional[dict] = None, device: str | torch.device = "cpu") -> dict:
     """Translates and scores the requested directions (`select_directions`); returns (and with
     `out`, writes) the report: `out` (JSON), `out` with .txt (the table) and
     `<out stem>.<src>-<tgt>.hyp` (hypotheses). Directions the model was not trained on are scored
     as zero-shot: a warning, and their own section (`zero_shot`) outside the mean.
     `serve`: the serving runtime's options (default: every expert resident); `subset`: per
     direction, only the experts carrying `subset.mass` of its routing (mtmoe.export.subset).
-    `tuned`: how `beam` and `length_penalty` were picked (mtmoe.eval.tune), recorded in the report."""
+    `tuned`: how `beam` and `length_penalty` were picked (mtmoe.eval.tune), recorded in the report.
+    `device`: a `device=` value (auto, cpu, cuda, cuda:N) or a torch.device; decoding runs there."""
+    device = resolve_device(device) if isinstance(device, str) else device
     model_dir = str(resolve(model_dir))
     if serve is not None:
         check_serve(serve)
@@ -143,7 +148,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
             if threads:
                 torch.set_num_threads(threads)
             hyps, metrics, held, full = _translate_pairs(model_dir, texts, pairs, beam, length_penalty, max_tokens,
-                                                         serve, subset_mass, on_done=lambda: bar.update(1))
+                                                         serve, subset_mass, device, on_done=lambda: bar.update(1))
             serving += [metrics] if metrics is not None else []
         else:
             if offloading(serve):  # write the expert store once, before the workers read it
@@ -151,7 +156,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalty,
-                                       max_tokens, threads or 1, serve, subset_mass) for pair in pairs]
+                                       max_tokens, threads or 1, serve, subset_mass, device) for pair in pairs]
                 for future in as_completed(futures):
                     lines, metrics, pair_held = future.result()
                     hyps.update(lines)
@@ -164,6 +169,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     per_direction = {name: r for name, r in scores.items() if name not in untrained}
     total = len(pairs) * len(texts[needed[0]])
     report = {"model": model_dir, "test": str(test), "beam": beam, "length_penalty": length_penalty,
+              "device": str(device),
               "directions": per_direction, "mean": summarize(per_direction) if per_direction else None,
               "decode_seconds": round(seconds, 1), "sentences_per_s": round(total / max(seconds, 1e-9), 2)}
     title = f"{Path(model_dir).name} on {Path(test).name} (beam {beam}" + (
@@ -191,7 +197,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         for name, lines in hyps.items():
             out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
     if telemetry:
-        model, vocab = full or load_export(model_dir)[:2]  # decoded in workers, offloaded or by subsets
+        model, vocab = full or load_export(model_dir, device=device)[:2]  # decoded in workers, offloaded or by subsets
         routing = collect_routing(model, vocab, texts, pairs, progress="telemetry")
         stem = out.with_suffix("") if out else Path("telemetry")
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))

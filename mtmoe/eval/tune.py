@@ -19,7 +19,7 @@ from mtmoe.scoring import summarize
 
 def tune_decoding(model_dir, tune: TuneConfig, beam: int, test: str, langs: Optional[Sequence[str]] = None,
                   directions=None, max_tokens: int = 4096, workers: int = 1, threads: int = 0,
-                  serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None) -> dict:
+                  serve: Optional[ServeConfig] = None, subset: Optional[SubsetConfig] = None, device="cpu") -> dict:
     """-> {"on", "lines", "directions", "grid": [{"beam", "length_penalty", "bleu", "chrf", "directions":
     {name: bleu}}], "beam", "length_penalty"} (the picked setting last). The scored directions are the
     ones `test` would score (`select_directions`); the held-out set `tune.on` must have their languages."""
@@ -30,7 +30,7 @@ def tune_decoding(model_dir, tune: TuneConfig, beam: int, test: str, langs: Opti
         for lp in tune.length_penalties:
             report = evaluate_export(model_dir, tune.on, directions=names, beam=b, length_penalty=lp,
                                      max_tokens=max_tokens, limit=tune.lines, workers=workers, threads=threads,
-                                     serve=serve, subset=subset)
+                                     serve=serve, subset=subset, device=device)
             scored = {**report["directions"], **report.get("zero_shot", {}).get("directions", {})}
             mean = summarize(scored)
             grid.append({"beam": b, "length_penalty": lp, "bleu": mean["bleu"], "chrf": mean["chrf"],

@@ -71,9 +71,9 @@ def direction_nll(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]],
         for start in range(0, len(ids[src]), batch_sentences):
             stop = min(len(ids[src]), start + batch_sentences)
             batch = collate(ids[src][start:stop], ids[tgt][start:stop], [vocab.tag_id(tgt)] * (stop - start),
-                            model.model_cfg.max_positions)
-            logits, _, _ = model(batch.src.to(device), batch.tgt_in.to(device))
-            target = batch.tgt_out.to(device)
+                            model.model_cfg.max_positions).to(device, non_blocking=True)
+            logits, _, _ = model(batch.src, batch.tgt_in)
+            target = batch.tgt_out
             real = target != PAD_ID
             total += float(F.cross_entropy(logits[real].float(), target[real], reduction="sum"))
             tokens += int(real.sum())

@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from mtmoe.config import QUANT_BITS, Quant, check_choice, check_prune_rule
 from mtmoe.data.corpus import available_languages, load_test_set
 from mtmoe.data.sampling import parse_directions
@@ -77,7 +79,7 @@ DEFAULT_RULE = "loss"
 
 def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
                quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION,
-               overwrite: bool = False, average: int = 1) -> Path:
+               overwrite: bool = False, average: int = 1, device: torch.device | str = "cpu") -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
     (`prune`: {"keep": k, "rule": "loss"|"coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
     plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4"). An existing
@@ -88,7 +90,10 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     per-direction subsets (`subset.mass`) and language-aware serving read.
 
     `average` > 1: the exported weights are the mean of the run's newest `average` checkpoints
-    (mtmoe.export.average); only from a training run, not from an export."""
+    (mtmoe.export.average); only from a training run, not from an export.
+
+    `device`: where calibration runs (routing telemetry, the `loss` rule's passes); the export is
+    written from host memory."""
     checkpoint = Path(checkpoint)
     check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
@@ -104,6 +109,7 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
         config.pop("routing", None)
     else:
         model, spm_path, config = _load_checkpoint_model(checkpoint, average)
+    model = model.to(device)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
     if bits is not None:
@@ -119,7 +125,7 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
         if stats is not None:
             config["routing"] = {"file": ROUTING_FILE, "calibration": stats["calibration"],
                                  "lines_per_direction": stats["lines_per_direction"]}
-    return write_export(model, spm_path, config, Path(out_dir), stats)
+    return write_export(model.cpu(), spm_path, config, Path(out_dir), stats)
 
 
 def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, pairs, lines: int) -> tuple[dict, int]:
@@ -191,6 +197,6 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),
                          "calibration_lines": used, "calibration_directions": [f"{s}-{t}" for s, t in directions],
                          "telemetry": telemetry["overall"]}
-    pruned = build_model(config)
+    pruned = build_model(config).to(model.embed.weight.device)
     pruned.load_state_dict(prune_state_dict(model.state_dict(), kept), strict=True)
     return pruned.eval(), config

@@ -62,10 +62,12 @@ def collect_routing(model, vocab: Vocab, texts: dict[str, Sequence[str]], direct
         return accs.setdefault((kind, key, layer), _Accumulator(size))
 
     max_len = model.model_cfg.max_positions
+    device = model.embed.weight.device
     for src, tgt in tqdm(directions, desc=progress, unit="direction", disable=progress is None):
         for start in range(0, len(ids[src]), batch_sentences):
             stop = min(len(ids[src]), start + batch_sentences)
             batch = collate(ids[src][start:stop], ids[tgt][start:stop], [vocab.tag_id(tgt)] * (stop - start), max_len)
+            batch = batch.to(device, non_blocking=True)
             memory, memory_keep, _, enc_stats = model.encode(batch.src)
             _, _, dec_stats = model.decode(batch.tgt_in, memory, memory_keep, project=False)
             stats = [s for s in enc_stats + dec_stats if s is not None]

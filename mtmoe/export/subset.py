@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from mtmoe.data.vocab import Vocab
@@ -56,11 +57,12 @@ def choose_subset(export_dir: str | Path, direction: str, mass: float) -> dict[s
     return direction_keep(stats, direction, mass, min_experts=config["moe"]["top_k"], field="subset")
 
 
-def load_subset(export_dir: str | Path, direction: str, mass: float) -> tuple[Seq2Seq, Vocab, dict, dict]:
+def load_subset(export_dir: str | Path, direction: str, mass: float, device: torch.device | str = "cpu"
+                ) -> tuple[Seq2Seq, Vocab, dict, dict]:
     """(model, vocabulary, config, held) of `export_dir` with only the experts `direction` needs;
     `held` reports what was kept and the expert bytes held vs the whole export's."""
     experts = choose_subset(export_dir, direction, mass)
-    model, vocab, config = load_export(export_dir, experts=experts)
+    model, vocab, config = load_export(export_dir, experts=experts, device=device)
     total = file_expert_bytes(export_dir)
     held_bytes = expert_bytes(model)
     full = read_export_config(export_dir)["moe"]

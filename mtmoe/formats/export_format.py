@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -148,9 +149,9 @@ def subset_config(config: dict, experts: dict[str, list[int]]) -> dict:
     return config
 
 
-def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dict[str, list[int]]] = None
-                ) -> tuple[Seq2Seq, Vocab, dict]:
-    """(model in eval mode, vocabulary, config) of an export; torch + safetensors only.
+def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dict[str, list[int]]] = None,
+                device: torch.device | str = "cpu") -> tuple[Seq2Seq, Vocab, dict]:
+    """(model in eval mode on `device`, vocabulary, config) of an export; torch + safetensors only.
 
     `experts` ({MoE layer: indices of its experts in model.safetensors}): read only those experts
     (safe_open reads each tensor on demand; the others are never read) and build the model pruned to
@@ -170,7 +171,7 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dic
     except Exception as e:
         raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
     load_weights(model, state, d)
-    return model.eval(), Vocab(d / "spm.model"), config
+    return model.to(device).eval(), Vocab(d / "spm.model"), config
 
 
 def build_model(config: dict, model_cls=Seq2Seq) -> Seq2Seq:

@@ -35,14 +35,13 @@ the reference dispatch equal.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtmoe.model.transformer import FeedForward
+from mtmoe.model.transformer import FeedForward, seeded_uniform_
 
 EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 """The state-dict names of one float expert, in the order a FeedForward lists them."""
@@ -120,11 +119,6 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, co
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return add_segment_bias(y, bias, segment)
-
-
-def _seeded_uniform_(tensor: torch.Tensor, fan_in: int, generator: Optional[torch.Generator]) -> None:
-    bound = 1.0 / math.sqrt(fan_in)
-    tensor.uniform_(-bound, bound, generator=generator)
 
 
 class FeedForwardGroup(ExpertGroup):
@@ -212,8 +206,8 @@ class GroupedExperts(FeedForwardGroup):
         with torch.no_grad():
             for i in range(num_local):
                 g = None if generators is None else generators[i]
-                _seeded_uniform_(self.w1[i], d_model, g)
-                _seeded_uniform_(self.w2[i], d_ff, g)
+                seeded_uniform_(self.w1[i], d_model, g)
+                seeded_uniform_(self.w2[i], d_ff, g)
 
     def weights(self):
         return self.w1, self.b1, self.w2, self.b2

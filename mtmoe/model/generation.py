@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mtmoe.data.batching import collate, pack_by_tokens
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+from mtmoe.device import collective_device
 
 log = logging.getLogger("mtmoe")
 
@@ -44,7 +45,7 @@ def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[t
 def _all_agree(flag: bool, group) -> bool:
     if group is None:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.long)
+    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 

@@ -26,6 +26,20 @@ def is_moe_layer(index: int, moe: MoEConfig) -> bool:
     return moe.enabled and index % moe.every == moe.every - 1
 
 
+class TiedProjection(nn.Module):
+    """x [..., D] -> logits [..., V] through the embedding's weight (tied). A module of its own so
+    that a sharding wrapper gathers the weight around this call as around any module's (ZeRO-3
+    registers it here as an external parameter: decoding calls `decode`, not the model's forward);
+    the embedding is held outside the module tree, so the state dict names the weight once."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.__dict__["tied"] = embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.tied.weight)
+
+
 class Seq2Seq(nn.Module):
     """Pre-LN Transformer encoder-decoder with optional MoE FFN layers.
 
@@ -42,6 +56,7 @@ class Seq2Seq(nn.Module):
             nn.init.normal_(self.embed.weight, std=d ** -0.5)
             self.embed.weight[PAD_ID].zero_()
         self.embed_scale = math.sqrt(d)
+        self.project = TiedProjection(self.embed)
         self.positions = Positions(model.positions, model.max_positions, d)
         self.dropout = nn.Dropout(model.dropout)
 
@@ -100,7 +115,7 @@ class Seq2Seq(nn.Module):
             aux.append(a)
             stats.append(s)
         x = self.decoder_norm(x)
-        return (F.linear(x, self.embed.weight) if project else x), aux, stats
+        return (self.project(x) if project else x), aux, stats
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor):
         memory, memory_keep, enc_aux, enc_stats = self.encode(src)

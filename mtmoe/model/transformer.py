@@ -17,6 +17,18 @@ from torch import nn
 from mtmoe.model.partitioned import writable
 
 
+def seeded_uniform_(tensor: torch.Tensor, fan_in: int, generator: Optional[torch.Generator]) -> None:
+    """tensor ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) in place, drawn from `generator` (None: torch's
+    RNG). The draw is made on the generator's device and copied, so a tensor on a GPU (ZeRO-3's
+    `zero.Init` creates parameters there) gets the values a CPU run gets from the same seed."""
+    bound = 1.0 / math.sqrt(fan_in)
+    if generator is None or generator.device == tensor.device:
+        tensor.uniform_(-bound, bound, generator=generator)
+        return
+    draw = torch.empty(tensor.shape, dtype=tensor.dtype, device=generator.device)
+    tensor.copy_(draw.uniform_(-bound, bound, generator=generator))
+
+
 class SeededLinear(nn.Linear):
     """nn.Linear initialised from a given generator: weight ~ U(-1/sqrt(in), 1/sqrt(in)), bias 0.
 
@@ -31,9 +43,8 @@ class SeededLinear(nn.Linear):
         del self._generator
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound, generator=self._generator)
+            seeded_uniform_(self.weight, self.in_features, self._generator)
             self.bias.zero_()
 
 

@@ -192,18 +192,21 @@ def store_path_for(export_dir: Path, serve: ServeConfig) -> Path:
     return Path(serve.store_dir).expanduser() / f"{export_dir.name}-{tag}.experts.safetensors"
 
 
-def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig]
+def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig], device: torch.device | str = "cpu"
                      ) -> tuple[Seq2Seq, Vocab, dict, Optional[OffloadRuntime]]:
-    """(model in eval mode, vocabulary, config, runtime) of an export. Without offloading
-    (`serve` None or serve.experts_per_layer None) this is `load_export` and the runtime is None."""
+    """(model in eval mode on `device`, vocabulary, config, runtime) of an export. Without offloading
+    (`serve` None or serve.experts_per_layer None) this is `load_export` and the runtime is None.
+    Offloaded on a GPU, the experts' fast tier is GPU memory and the store is held in pinned CPU RAM
+    (`offload`); the model is built on the GPU first, its freshly initialised experts dropped when
+    the runtime takes their place."""
     d = Path(export_dir)
     if serve is not None:
         check_serve(serve)
     if not offloading(serve):
-        return (*load_export(d), None)
+        return (*load_export(d, device=device), None)
     config = read_export_config(d)
     routing = read_routing_stats(d) if serve.prefetch == "language" else None
-    model = build_model(config)  # quantized expert modules when quantized: the type the store must fill
+    model = build_model(config).to(device)  # quantized expert modules when quantized: the type the store must fill
     weights = d / "model.safetensors"
     runtime = offload(model, weights, serve, store_path_for(d, serve), routing)
     try:

@@ -11,6 +11,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from mtmoe.device import collective_device
+
 log = logging.getLogger("mtmoe")
 
 
@@ -20,12 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialises torch.distributed through DeepSpeed and returns (rank, world_size).
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialises torch.distributed through DeepSpeed for ranks computing on `device` (the
+    trainer's one device decision, `mtmoe.device.training_device`) and returns (rank, world_size):
+    NCCL and DeepSpeed's CUDA accelerator for a GPU, gloo and its CPU accelerator for the CPU (also
+    on a GPU machine with `train.device=cpu`).
 
     Without a launcher (plain `mtmoe-train`) the environment of a world of one is filled in, so
     DeepSpeed neither needs mpi4py nor tries MPI discovery. DeepSpeed's ops (the first, shm_comm,
-    loads here) are built as `mtmoe.train.ds_ops` says."""
+    loads here on a CPU) are built as `mtmoe.train.ds_ops` says."""
+    use_accelerator(device)
     import deepspeed
 
     from mtmoe.train.ds_ops import use_mtmoe_build
@@ -36,11 +42,29 @@ def init_distributed() -> tuple[int, int]:
         if "RANK" not in os.environ:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         with quiet_op_loading():
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        _unlink_shm_workspace()
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       auto_mpi_discovery=False)
+        if device.type == "cpu":
+            _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
+
+
+def use_accelerator(device: torch.device) -> None:
+    """Makes DeepSpeed's accelerator the one of `device`'s type before DeepSpeed first asks for it
+    (DeepSpeed picks CUDA whenever it is there, and caches its pick); a process that already
+    runs on another accelerator switches."""
+    os.environ["DS_ACCELERATOR"] = device.type
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != device.type:
+        if device.type == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        set_accelerator(Accelerator())
 
 
 @contextlib.contextmanager
@@ -73,8 +97,6 @@ def _unlink_shm_workspace() -> None:
     (a CI run leaked ~8 GB). Once every rank has mapped every workspace (true when
     `init_distributed` returns, then a barrier) the names are no longer needed: the mappings stay
     valid, and the memory is freed when the last process exits, even after kill -9."""
-    if torch.cuda.is_available():
-        return
     barrier()
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
@@ -91,7 +113,7 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
@@ -101,7 +123,7 @@ def all_reduce_max(value: float) -> float:
     """The largest of the ranks' `value`s, on every rank (a clock all ranks must read alike)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -110,7 +132,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (e.g. the time budget ran out)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -21,14 +21,25 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None,
-                           nvme_path: str = "") -> dict:
+                           nvme_path: str = "", pin_memory: bool = False, bf16: bool = False) -> dict:
     """Batches are token-budget batches built by mtmoe, so DeepSpeed's micro-batch is 1 "batch";
     `train.accumulate` of them make an optimizer step. With optimizer offload DeepSpeed builds the
     optimizer (DeepSpeedCPUAdam, L2-style Adam like the in-RAM torch.optim.Adam).
 
     ZeRO-3 (`parallel=zero3_nvme`): parameters and/or optimizer state offloaded to `nvme_path`
     through DeepSpeed's async_io op. Prefetch/persistence thresholds are set to 0 so that no
-    parameter stays resident or is fetched early: the point of this layout is the smallest RAM."""
+    parameter stays resident or is fetched early: the point of this layout is the smallest RAM.
+
+    `pin_memory` (training on a GPU): offloaded optimizer state and parameters live in pinned host
+    memory, so their copies to and from the GPU run asynchronously at full PCIe speed; on a CPU
+    there is nothing to pin for.
+
+    `bf16` (`mtmoe.device.resolve_bf16`): DeepSpeed's `torch_autocast` section, so the engine's
+    forward runs under bf16 autocast. Without it the engine *disables* an autocast its caller opened
+    (DeepSpeed's `autocast_if_enabled`), and bf16 silently trains in fp32. Weights, gradients and Adam
+    state stay fp32 (not DeepSpeed's `bf16` section, which would make the module's weights bf16 in the
+    checkpoints and the export); no module is listed as safe for bf16 gradient communication, so
+    gradients are reduced in fp32 as without bf16."""
     t = cfg.train
     raw_override = raw_override or {}
     if "gradient_accumulation_steps" in raw_override or "train_batch_size" in raw_override:
@@ -44,8 +55,10 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": False},
     }
+    if bf16:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if t.offload_optimizer == "cpu":
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
         ds["optimizer"] = {"type": "Adam", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
                                                       "weight_decay": t.weight_decay, "adam_w_mode": False}}
     if t.zero_stage == 3:
@@ -63,7 +76,7 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
         for kind, device in (("offload_param", t.offload_param), ("offload_optimizer", t.offload_optimizer)):
             if device == "none":
                 continue
-            zero[kind] = {"device": device, "pin_memory": False}
+            zero[kind] = {"device": device, "pin_memory": pin_memory}
             if device == "nvme":
                 zero[kind]["nvme_path"] = nvme_path
         if t.offload_param == "nvme":

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from mtmoe.config import TrainAppConfig, validate
-from mtmoe.data.batching import Batch, BatchStream
+from mtmoe.data.batching import Batch, BatchStream, DeviceFeed
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.device import resolve_bf16, training_device
 from mtmoe.formats import ds_checkpoint, run_description
 from mtmoe.formats.integrity import write_atomic
 from mtmoe.model.partitioned import set_gather
@@ -81,15 +83,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict
     return optimizer, groups
 
 
-def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float):
+def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float, bf16: bool):
     """-> (loss for backward, summed label-smoothed CE, aux, z, routing stats).
 
     `ce_scale` = micro-batches in the global batch / target tokens in the global batch. DeepSpeed
     averages gradients over micro-batches (1/accumulate) and data-parallel ranks (1/world), so the
     update is that of the CE summed over the whole global batch divided by its target tokens: every
     token weighs the same whatever the layout. Aux and z losses are per-micro-batch means, averaged
-    the same way."""
-    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    the same way. `bf16`: autocast on the batch's device (`mtmoe.device.resolve_bf16`)."""
+    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, (aux, z), stats = model(batch.src, batch.tgt_in)
     ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                              label_smoothing=cfg.train.label_smoothing, reduction="sum")
@@ -121,7 +123,10 @@ class Trainer:
         import deepspeed
 
         self.cfg, self.run_dir = cfg, run_dir
-        self.rank, self.world = init_distributed()
+        # The one device decision (before the process group, whose backend follows it).
+        self.device = training_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.bf16 = resolve_bf16(cfg.train.bf16, self.device)
+        self.rank, self.world = init_distributed(self.device)
         validate(cfg, self.world)
         torch.set_num_threads(max(1, cfg.train.threads))
         self.is_main = self.rank == 0
@@ -131,7 +136,8 @@ class Trainer:
         run_description.check_same_model(run_dir, cfg, self.data.vocab)  # before anything of the run is touched
         self.zero3 = cfg.train.zero_stage == 3
         self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else run_dir / "nvme_swap"
-        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir))
+        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir),
+                                                pin_memory=self.device.type == "cuda", bf16=self.bf16)
         self.model: Seq2Seq = self._build_model()
         if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and ds_checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
@@ -153,11 +159,16 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=self.ds_config)
+        assert self.engine.device == self.device, (self.engine.device, self.device)
+        log.info("rank %d trains on %s (%s)%s", self.rank, self.device,
+                 torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+                 ", bf16 autocast" if self.bf16 else ", fp32")
         self.ep_group = self._expert_group()
         sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data.temperature)
         self.stream = BatchStream(sources, mixture.probs, {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
                                   accumulate=cfg.train.accumulate)
+        self.feed: Optional[DeviceFeed] = None  # the stream's batches on the device, during run()
         self.step, self.train_seconds = 0, 0.0
         self.target_tokens: Optional[int] = 0  # trained on by all ranks together; None: unknown (an older checkpoint)
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
@@ -201,6 +212,7 @@ class Trainer:
         # Parameters used outside their own module's forward (the tied output projection, learned
         # positions): ZeRO-3 must gather them whenever the model runs.
         deepspeed.zero.register_external_parameter(model, model.embed.weight)
+        deepspeed.zero.register_external_parameter(model.project, model.embed.weight)  # decoding's projection
         if cfg.model.positions == "learned":
             deepspeed.zero.register_external_parameter(model.positions, model.positions.table.weight)
         return model
@@ -251,7 +263,7 @@ class Trainer:
     # -- pieces of the loop ----------------------------------------------------------------------
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "target_tokens": self.target_tokens,
-                "stream": self.stream.state_dict(),
+                "stream": (self.feed or self.stream).state_dict(),
                 "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
                 "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
                 "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
@@ -278,7 +290,7 @@ class Trainer:
             sync_group = dist.group.WORLD
         if sync_group is not None or self.is_main:
             result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
-                                    with_bleu, self.cfg.train.bf16, sync_group)
+                                    with_bleu, self.bf16, sync_group)
         barrier()
         if result is not None and self.is_main:
             record = {"kind": "valid", "step": self.step, "valid_loss": result["valid_loss"]}
@@ -312,23 +324,24 @@ class Trainer:
         micro_batches = list(micro_batches)
         global_tokens = all_reduce_sum([sum(b.num_target_tokens for b in micro_batches)])[0]
         ce_scale = self.world * accumulate / max(1.0, global_tokens)
+        # Loss sums stay on the device until a log record reads them: no host sync for them per step.
         sums = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "aux": 0.0}
         for m, batch in enumerate(micro_batches):
             # Seeded by the global batch index: dropout and RTS draws are the same after a resume
             # and under any layout with the same world size x accumulate.
             global_batch = (self.step * accumulate + m) * self.world + self.rank
             torch.manual_seed(cfg.train.seed * 1_000_003 + global_batch)
-            total, ce_sum, aux, z, self._last_stats = compute_loss(self.engine, batch, cfg, ce_scale)
+            total, ce_sum, aux, z, self._last_stats = compute_loss(self.engine, batch, cfg, ce_scale, self.bf16)
             finite = not any_rank(not bool(torch.isfinite(total)))
             if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
                 if accumulate == 1:
                     return None
                 total = zero_loss(self.engine)
             else:
-                sums["loss"] += ce_sum.item()
+                sums["loss"] = sums["loss"] + ce_sum.detach()
                 sums["tokens"] += batch.num_target_tokens
                 sums["src_tokens"] += batch.num_source_tokens
-                sums["aux"] += aux.item() / accumulate
+                sums["aux"] = sums["aux"] + aux.detach().float() / accumulate
             self.engine.backward(total)
             self.engine.step()
         return sums  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
@@ -337,7 +350,7 @@ class Trainer:
         """Writes one train record: the means over the steps since the previous record (`steps`).
         Called every `train.log_every` steps, and before a checkpoint and at the end of the run when
         steps are pending, so every step of the run is in the log, also after a resume."""
-        loss_sum, tokens, src_tokens = all_reduce_sum([window["loss"], window["tokens"], window["src_tokens"]])
+        loss_sum, tokens, src_tokens = all_reduce_sum([float(window["loss"]), window["tokens"], window["src_tokens"]])
         if self.target_tokens is not None:
             self.target_tokens += int(tokens)
         elapsed = time.monotonic() - window_start
@@ -346,7 +359,7 @@ class Trainer:
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr,
                   "tokens_per_s": round(tokens / elapsed, 1),
                   "src_tokens_per_s": round(src_tokens / elapsed, 1),
-                  "aux_loss": round(window["aux"] / max(1, window["steps"]), 4),
+                  "aux_loss": round(float(window["aux"]) / max(1, window["steps"]), 4),
                   "skipped_steps": self.guard.skipped,
                   "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
         if self._last_stats:
@@ -364,7 +377,7 @@ class Trainer:
             return self.finished
         progress = Progress(self.is_main and cfg.train.progress, cfg.train.max_steps, cfg.train.max_minutes,
                             self.step, self.train_seconds)
-        batches = iter(self.stream)
+        self.feed = batches = DeviceFeed(self.stream, self.device)
         window = _new_window()
         window_start = started = time.monotonic()
         saved_step = self.step

@@ -21,13 +21,14 @@ def direction_loss(model, data: TrainingData, src: str, tgt: str, max_tokens: in
     """Mean token NLL (no label smoothing) of src->tgt over the validation lines."""
     corpus = data.valid
     tag = data.vocab.tag_id(tgt)
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     per_batch = max(1, max_tokens // 64)
     for start in range(0, len(corpus), per_batch):
         idx = range(start, min(len(corpus), start + per_batch))
         batch = collate([corpus.line(src, i) for i in idx], [corpus.line(tgt, i) for i in idx],
-                        [tag] * len(idx), max_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        [tag] * len(idx), max_len).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, _, _ = model(batch.src, batch.tgt_in)
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                               reduction="sum")
@@ -48,7 +49,7 @@ def run_validation(model, data: TrainingData, max_tokens: int, max_len: int, wit
             entry = {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2)}
             if with_bleu:
                 src_ids = [data.valid.line(src, i).astype(np.int64) for i in range(len(data.valid))]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
                     hyps = translate_ids(model, src_ids, data.vocab.tag_id(tgt), beam=1,
                                          max_tokens=max_tokens * 4, sync_group=sync_group)
                 entry.update(score_direction([data.vocab.decode(h) for h in hyps], data.valid.texts[tgt]))

@@ -1,0 +1,93 @@
+"""The device decision, owned here: which device an app computes on, whether bf16 runs there, and
+on which device a process group's collectives take their tensors.
+
+Every app asks once (`resolve_device` for eval/translate/export, `training_device` for a training
+rank) before it writes anything, and everything after follows the answer: the model is moved
+there, batches are copied there (`mtmoe.data.batching.prefetch_to`), autocast uses its type.
+`device=` values: `auto` (the GPU when CUDA is there, else the CPU), `cpu`, `cuda`, `cuda:N`.
+A leaf module (torch and mtmoe.errors only), so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mtmoe.errors import ConfigError
+
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_spec(field: str, spec: str) -> str:
+    """`spec` when it is a `device=` value (auto, cpu, cuda, cuda:N), else ConfigError naming `field`.
+    Syntax only: `resolve_device` checks that the device exists."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
+        raise ConfigError(f"{field}={spec!r}: expected auto, cpu, cuda or cuda:N")
+    return spec
+
+
+def resolve_device(spec: str, field: str = "device") -> torch.device:
+    """The device `spec` names on this machine; ConfigError naming `field` when it has no CUDA or no
+    GPU of that index."""
+    check_device_spec(field, spec)
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{field}={spec}: this machine has no CUDA device (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'no'}); use {field}=cpu or auto")
+    index = int(spec.split(":")[1]) if ":" in spec else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"{field}={spec}: there is no such GPU (this machine has {count}: cuda:0"
+                          f"{f'..cuda:{count - 1}' if count > 1 else ''})")
+    return torch.device("cuda", index)
+
+
+def training_device(spec: str, local_rank: int, field: str = "train.device") -> torch.device:
+    """A training rank's device: `cuda:<LOCAL_RANK>` on a GPU machine (the launcher starts one rank
+    per GPU of each node, so the local rank, not the global one, picks the GPU), the CPU otherwise
+    or with `cpu`. `cuda:N` is refused: under a launcher the rank's GPU is not the user's choice."""
+    check_device_spec(field, spec)
+    if ":" in spec:
+        raise ConfigError(f"{field}={spec}: a training rank uses the GPU of its LOCAL_RANK; "
+                          f"use {field}=cuda (or auto), and CUDA_VISIBLE_DEVICES to pick GPUs")
+    device = resolve_device(spec, field)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"{field}={spec}: local rank {local_rank} has no GPU of its own (this node has {count}); "
+                          f"launch at most {count} ranks per node")
+    return torch.device("cuda", local_rank)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 compute runs natively on `device` (CUDA: compute capability >= 8.0)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True  # on a CPU torch always runs bf16 (fast only with avx512_bf16 / AMX)
+
+
+def resolve_bf16(requested: Optional[bool], device: torch.device, field: str = "train.bf16") -> bool:
+    """bf16 autocast or not: `requested` when given (true on a GPU without bf16 is refused, naming
+    the field and the GPU), else (None, `auto`) on a GPU with bf16 and off on a CPU, where fp32 is the
+    fast path unless the CPU has avx512_bf16."""
+    if requested is None:
+        return device.type == "cuda" and bf16_supported(device)
+    if requested and device.type == "cuda" and not bf16_supported(device):
+        raise ConfigError(f"{field}=true: {torch.cuda.get_device_name(device)} has no bf16 "
+                          f"(compute capability < 8.0); use {field}=false")
+    return bool(requested)
+
+
+def collective_device(group=None) -> torch.device:
+    """Where the tensors of `group`'s collectives must live: the current GPU under NCCL (which takes
+    CUDA tensors only), the CPU under gloo (or with no process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
