@@ -5,6 +5,9 @@
 # test_2016_flickr (sacrebleu BLEU/chrF per direction, plus routing telemetry), then export an
 # expert-pruned, int8-quantized model and score it the same way, side by side with the full one.
 # Extra arguments are Hydra overrides for training, e.g. train.max_minutes=5.
+# Where CUDA GPUs are, it trains one rank per GPU with the GPU preset (+experiment=main_gpu: a bigger
+# model and batches, bf16) and exports, prunes and evaluates on the GPU; otherwise 2 CPU ranks x 1
+# thread with +experiment=main. GPUS=0 forces the CPU recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -14,33 +17,44 @@ AVERAGE=${AVERAGE:-1}  # averaging lost BLEU on val after the recipe's lr cooldo
 TUNE=${TUNE:-"tune.on=data/multi30k/val tune.lines=200 tune.length_penalties=[0.6,1.0,1.4]"}
 DIRECTIONS=[en-de,de-en,en-fr,fr-en,en-cs,cs-en]
 TEST=data/multi30k/test_2016_flickr
+GPUS=${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
+if [[ $GPUS -gt 0 ]]; then
+  PRESET=main_gpu RANKS=$GPUS DEVICE=cuda WORKERS=1
+  echo "main job: $GPUS GPU(s) ($(python -c 'import torch; print(torch.cuda.get_device_name())')), preset +experiment=$PRESET, one rank per GPU"
+else
+  PRESET=main RANKS=2 DEVICE=cpu WORKERS=2
+  echo "main job: CPU ($(nproc) cores), preset +experiment=$PRESET, 2 ranks x 1 thread"
+fi
 started=$(date +%s)
 
-deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$RUN" "$@"
+deepspeed --no_local_rank --num_gpus "$RANKS" --module mtmoe.train +experiment=$PRESET train.device=$DEVICE \
+  hydra.run.dir="$RUN" "$@"
 trained=$(date +%s)
 phases=()  # "name seconds" of each step after training
 lap() { local now; now=$(date +%s); phases+=("$1=$((now - ${last:-$trained}))"); last=$now; }
 # re-running the job rebuilds its exports
-mtmoe-export checkpoint="$RUN" out="$RUN/export" overwrite=true average="$AVERAGE"
+mtmoe-export checkpoint="$RUN" out="$RUN/export" overwrite=true average="$AVERAGE" device=$DEVICE
 lap export
 # shellcheck disable=SC2086
-mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=2 telemetry=true $TUNE \
+mtmoe-eval model="$RUN/export" test=$TEST directions=$DIRECTIONS beam=4 workers=$WORKERS device=$DEVICE telemetry=true $TUNE \
   out="$RUN/eval_full/test_2016_flickr.json"
 lap eval
 LP=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["length_penalty"])' \
   "$RUN/eval_full/test_2016_flickr.json")
 # shellcheck disable=SC2086
-mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" overwrite=true $PRUNE
+mtmoe-export checkpoint="$RUN/export" out="$RUN/export_pruned" overwrite=true device=$DEVICE $PRUNE
 lap prune
-mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 length_penalty="$LP" workers=2 \
+mtmoe-eval model="$RUN/export_pruned" test=$TEST directions=$DIRECTIONS beam=4 length_penalty="$LP" workers=$WORKERS \
+  device=$DEVICE \
   out="$RUN/eval_pruned/test_2016_flickr.json"
 lap eval_pruned
 finished=$(date +%s)
 
-python - "$RUN" "$started" "$trained" "$finished" "${phases[*]}" <<'PY'
+python - "$RUN" "$started" "$trained" "$finished" "${phases[*]}" "$PRESET" "$RANKS" "$DEVICE" <<'PY'
 import json, sys
 from mtmoe.formats.export_format import export_bytes
 run, (started, trained, finished), phases = sys.argv[1], map(int, sys.argv[2:5]), sys.argv[5]
+preset, ranks, device = sys.argv[6:9]
 results = json.load(open(f"{run}/results.json"))
 full = json.load(open(f"{run}/eval_full/test_2016_flickr.json"))
 pruned = json.load(open(f"{run}/eval_pruned/test_2016_flickr.json"))
@@ -49,10 +63,11 @@ tps = sorted(r["tokens_per_s"] for r in log if r.get("kind") == "train")
 sizes = {name: export_bytes(f"{run}/{name}") for name in ("export", "export_pruned")}
 config = json.load(open(f"{run}/export_pruned/config.json"))
 print(f"\n== main job summary ({run}) ==")
+print(f"device: {device}, preset: +experiment={preset}, {ranks} rank(s)")
 median = f"{tps[len(tps) // 2]:.0f}" if tps else "n/a (no step logged)"  # a run shorter than train.log_every steps
 tokens = f"{results['target_tokens'] / 1e6:.2f} M target tokens" if "target_tokens" in results else "tokens n/a"
 print(f"training: {results['step']} steps, {tokens} in {results['train_minutes']} min, median {median} "
-      f"target tokens/s (2 ranks); training phase wall {trained - started} s")
+      f"target tokens/s ({ranks} ranks); training phase wall {trained - started} s")
 print(f"trained model, val (greedy, {len(results['directions'])} directions): "
       f"BLEU {results.get('valid_bleu')}  chrF {results.get('valid_chrf')}")
 export = json.load(open(f"{run}/export/config.json"))["source"]
@@ -76,7 +91,7 @@ print(f"mean BLEU over en<->de, en<->fr: full {sum(full['directions'][d]['bleu']
       f"pruned {sum(pruned['directions'][d]['bleu'] for d in scored) / 4:.2f}")
 for name, s in sizes.items():
     print(f"{name}: {s['file_bytes'] / 1e6:.1f} MB (experts {s['expert_bytes'] / 1e6:.1f} MB)")
-print(f"decoding (2 workers): full {full['sentences_per_s']} sent/s, pruned {pruned['sentences_per_s']} sent/s")
+print(f"decoding ({device}): full {full['sentences_per_s']} sent/s, pruned {pruned['sentences_per_s']} sent/s")
 print(f"routing heatmap: {run}/eval_full/test_2016_flickr.telemetry.png")
 print(f"total wall time: {finished - started} s (training phase {trained - started} s, then "
       f"{', '.join(p.replace('=', ' ') + ' s' for p in phases.split())}); outputs in {run}/")

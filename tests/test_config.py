@@ -20,6 +20,12 @@ def test_default_and_presets_compose_and_validate():
     main = compose_train(["+experiment=main"])
     assert main.data.directions == "pivot" and main.moe.ep_size == 2 and main.train.max_minutes <= 30
     validate(main, world_size=2)
+    gpu = compose_train(["+experiment=main_gpu"])  # scripts/main_job.sh on a machine with GPUs: one rank per GPU
+    assert gpu.moe.ep_size == 1 and gpu.train.device == "auto" and gpu.train.bf16 is None
+    assert gpu.model.d_model > main.model.d_model and gpu.train.max_tokens > main.train.max_tokens
+    assert gpu.train.max_minutes == main.train.max_minutes
+    for world in (1, 2, 8):
+        validate(gpu, world_size=world)
     assert not compose_train(["moe=dense"]).moe.enabled
     assert compose_train(["moe=top2"]).moe.top_k == 2
     tiny = compose_train(["model=tiny"])

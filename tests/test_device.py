@@ -132,21 +132,15 @@ def test_engine_forward_runs_in_bf16_when_train_bf16(bf16):
     """DeepSpeed's engine turns off an autocast its caller opened unless its config has a
     `torch_autocast` section: with train.bf16 the engine's forward computes in bf16 (the logits come
     out bf16), without it in fp32; the parameters stay fp32 either way."""
-    import deepspeed
+    from mtmoe.train.layout import TrainingLayout
+    from mtmoe.train.trainer import compute_loss
 
-    from mtmoe.config import MoEConfig
-    from mtmoe.model.seq2seq import build_model
-    from mtmoe.train.distributed import init_distributed
-    from mtmoe.train.ds_config import build_deepspeed_config
-    from mtmoe.train.trainer import build_optimizer, compute_loss
-
-    cpu = torch.device("cpu")
-    init_distributed(cpu)
-    cfg = compose_train(["model=tiny", f"train.bf16={str(bf16).lower()}", "moe.ep_size=1"])
-    model = build_model(40, cfg.model, MoEConfig(num_experts=2, every=1), 0, 1)
-    ds = build_deepspeed_config(cfg, cfg.deepspeed, bf16=devices.resolve_bf16(cfg.train.bf16, cpu))
-    optimizer, _ = build_optimizer(model, cfg, ds)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    cfg = compose_train(["model=tiny", f"train.bf16={str(bf16).lower()}", "moe.ep_size=1", "moe.num_experts=2",
+                         "moe.every=1", "train.max_steps=1", "train.device=cpu"])
+    layout = TrainingLayout(cfg)
+    assert layout.bf16 is bf16 and layout.device == torch.device("cpu")
+    model = layout.build_model(40)
+    engine, *_ = layout.initialize(model)
     batch = collate([np.arange(5, 12)], [np.arange(5, 10)], [1], 16)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = engine(batch.src, batch.tgt_in)[0]

@@ -3,9 +3,9 @@
 Batches come from mtmoe's `BatchStream` (the training stream of the run config) and are built
 before any timing. A step is forward + backward + gradient clipping + optimizer step + lr schedule:
 
-- mtmoe: the DeepSpeed engine in a world of one, set up as `mtmoe.train.trainer.Trainer` does
-  (build_model, wrap_moe_layers, build_deepspeed_config, build_optimizer, deepspeed.initialize),
-  loss from `compute_loss`, then `engine.backward` and `engine.step`.
+- mtmoe: the DeepSpeed engine in a world of one, built by the trainer's own
+  `mtmoe.train.layout.TrainingLayout` (on the CPU), loss from `compute_loss`, then `engine.backward`
+  and `engine.step`.
 - HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
   decoder_attention_mask, labels, output_router_logits=True)` (CE + aux loss), backward,
   clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, foreach), the same lr schedule.
@@ -19,6 +19,7 @@ inside the step (pinned host memory, non-blocking copy), as a trainer's would.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from itertools import islice
 from typing import Callable, Sequence
@@ -62,35 +63,26 @@ class MtmoeStep:
     """mtmoe's DeepSpeed engine (world of one) for one moe preset's config."""
 
     def __init__(self, cfg: TrainAppConfig, vocab_size: int):
-        import deepspeed
+        from mtmoe.train.layout import TrainingLayout
+        from mtmoe.train.trainer import inverse_sqrt_schedule
 
-        from mtmoe.model.seq2seq import build_model
-        from mtmoe.train.distributed import init_distributed
-        from mtmoe.train.ds_config import build_deepspeed_config
-        from mtmoe.train.trainer import build_optimizer, inverse_sqrt_schedule
-
-        init_distributed(torch.device("cpu"))  # mtmoe's engine is measured on CPU ranks only (see run())
-        self.cfg = cfg
-        self.model = build_model(vocab_size, cfg.model, cfg.moe, 0, cfg.train.seed)
-        if cfg.moe.enabled:
-            from mtmoe.train.deepspeed_moe import wrap_moe_layers
-
-            wrap_moe_layers(self.model)
-        ds_config = build_deepspeed_config(cfg, cfg.deepspeed)
-        optimizer, groups = build_optimizer(self.model, cfg, ds_config)
+        # mtmoe's engine is measured on CPU ranks only (see run()): the trainer's own layout, on the CPU
+        self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+        layout = TrainingLayout(self.cfg)
+        self.bf16 = layout.bf16
+        self.model = layout.build_model(vocab_size)
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(cfg.train.warmup_steps))
 
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                               model_parameters=groups if optimizer is None else None,
-                                               lr_scheduler=scheduler, config=ds_config)
+        self.engine, *_ = layout.initialize(self.model, scheduler)
         self.engine.train()
 
     def __call__(self, batch: Batch) -> float:
         from mtmoe.train.trainer import compute_loss
 
-        total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens), False)
+        total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens),
+                                              self.bf16)
         self.engine.backward(total)
         self.engine.step()
         return ce_sum.item()

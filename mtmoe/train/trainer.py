@@ -3,16 +3,16 @@
 One step: every rank takes its own token-budget batch from the shared seed-determined stream,
 computes label-smoothed cross-entropy plus the MoE balancing (and z-) losses, and DeepSpeed
 does backward, gradient all-reduce (dense params over the data-parallel group, experts over their
-expert-data-parallel group), clipping and the optimizer step.
+expert-data-parallel group), clipping and the optimizer step. Where that runs (device, precision,
+process group, native expert parallelism or ZeRO-3 partitioning) is `mtmoe.train.layout`'s to decide;
+batches reach the device one step ahead (`mtmoe.data.batching.DeviceFeed`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,19 +21,17 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mtmoe.config import TrainAppConfig, validate
+from mtmoe.config import TrainAppConfig
 from mtmoe.data.batching import Batch, BatchStream, DeviceFeed
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
-from mtmoe.device import resolve_bf16, training_device
 from mtmoe.formats import ds_checkpoint, run_description
 from mtmoe.formats.integrity import write_atomic
-from mtmoe.model.partitioned import set_gather
-from mtmoe.model.seq2seq import Seq2Seq, build_model
+from mtmoe.model.seq2seq import Seq2Seq
 from mtmoe.train import checkpoint
-from mtmoe.train.distributed import all_reduce_max, all_reduce_sum, any_rank, barrier, init_distributed
-from mtmoe.train.ds_config import build_deepspeed_config
+from mtmoe.train.distributed import all_reduce_max, all_reduce_sum, any_rank, barrier
 from mtmoe.train.guard import DivergenceGuard
+from mtmoe.train.layout import TrainingLayout
 from mtmoe.train.observe import Progress, RunLog, plot_training_curves, summarize_routing
 from mtmoe.train.validation import run_validation
 
@@ -68,21 +66,6 @@ def snapshot_points(count: int, span: float) -> list[float]:
     return [1.0 - span * j / (count - 1) for j in range(count - 1, -1, -1)]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
-    """Optimizer param groups with experts split out (DeepSpeed's MoE helper); a torch Adam unless
-    the DeepSpeed config names its own optimizer (e.g. CPU-Adam for offload)."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": params, "name": "parameters", "weight_decay": cfg.train.weight_decay})
-    if "optimizer" in ds_config:
-        return None, groups
-    optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
-                                 weight_decay=cfg.train.weight_decay, foreach=True)
-    return optimizer, groups
-
-
 def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float, bf16: bool):
     """-> (loss for backward, summed label-smoothed CE, aux, z, routing stats).
 
@@ -106,48 +89,28 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
 
 
 
-def gather_partitioned(params: list):
-    """`mtmoe.model.partitioned`'s gatherer under ZeRO-3: the parameters `zero.Init` partitioned
-    (they carry DeepSpeed's `ds_id`) are gathered for the block, rank 0's values scattered back."""
-    import deepspeed
-
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else contextlib.nullcontext()
-
 class Trainer:
     """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
 
     def __init__(self, cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[], None]] = None):
         """`on_start` is called once the run is accepted (config, data, model and resume all fine),
         just before the run dir is first written; a refusal before it leaves the run dir as it was."""
-        import deepspeed
-
         self.cfg, self.run_dir = cfg, run_dir
-        # The one device decision (before the process group, whose backend follows it).
-        self.device = training_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-        self.bf16 = resolve_bf16(cfg.train.bf16, self.device)
-        self.rank, self.world = init_distributed(self.device)
-        validate(cfg, self.world)
+        # Device, precision, process group and DeepSpeed set-up: one object decides them.
+        self.layout = TrainingLayout(cfg, swap_dir=run_dir / "nvme_swap")
+        self.device, self.bf16 = self.layout.device, self.layout.bf16
+        self.rank, self.world = self.layout.rank, self.layout.world
         torch.set_num_threads(max(1, cfg.train.threads))
         self.is_main = self.rank == 0
         run_dir.mkdir(parents=True, exist_ok=True)
 
         self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
         run_description.check_same_model(run_dir, cfg, self.data.vocab)  # before anything of the run is touched
-        self.zero3 = cfg.train.zero_stage == 3
-        self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else run_dir / "nvme_swap"
-        self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir),
-                                                pin_memory=self.device.type == "cuda", bf16=self.bf16)
-        self.model: Seq2Seq = self._build_model()
+        self.model: Seq2Seq = self.layout.build_model(len(self.data.vocab))
         if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and ds_checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
 
             log.info("initial weights: %s", initialise(self.model, len(self.data.vocab), cfg.init, cfg.train.seed))
-        if cfg.moe.enabled and not self.zero3:
-            from mtmoe.train.deepspeed_moe import wrap_moe_layers
-
-            wrap_moe_layers(self.model)
-        optimizer, groups = build_optimizer(self.model, cfg, self.ds_config)
 
         warmup = inverse_sqrt_schedule(cfg.train.warmup_steps)
         self.spent = 0.0  # the fraction of the budget spent, as of the last budget check (all ranks alike)
@@ -156,14 +119,8 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(  # after each optimizer step
                 opt, lambda step: warmup(step) * cooldown_factor(self.spent, cfg.train.cooldown))
 
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-            lr_scheduler=scheduler, config=self.ds_config)
-        assert self.engine.device == self.device, (self.engine.device, self.device)
-        log.info("rank %d trains on %s (%s)%s", self.rank, self.device,
-                 torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
-                 ", bf16 autocast" if self.bf16 else ", fp32")
-        self.ep_group = self._expert_group()
+        self.engine, self.optimizer, self.scheduler = self.layout.initialize(self.model, scheduler)
+        log.info("%s", self.layout.describe())
         sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data.temperature)
         self.stream = BatchStream(sources, mixture.probs, {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
@@ -190,33 +147,6 @@ class Trainer:
         self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
                              resume_step=self.step if state is not None else None)
 
-    def _build_model(self) -> Seq2Seq:
-        """The model with its seeded initial weights. Under ZeRO-3 it is built inside
-        `deepspeed.zero.Init`, so each parameter is partitioned (and swapped to NVMe with
-        `train.offload_param=nvme`) as soon as its module exists: no rank ever holds the whole model.
-        The MoE layers stay plain `MoEFFN`s (DeepSpeed's MoE container refuses ZeRO-3); their experts
-        are partitioned like every other parameter, and the mtmoe router, capacity and RTS run as usual."""
-        cfg = self.cfg
-        ep_rank = self.rank % cfg.moe.ep_size if cfg.moe.enabled else 0
-        if not self.zero3:
-            return build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
-        import deepspeed
-
-        _fixed_mmap_threshold()
-
-        if "nvme" in (cfg.train.offload_param, cfg.train.offload_optimizer):
-            self.swap_dir.mkdir(parents=True, exist_ok=True)
-        set_gather(gather_partitioned)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-            model = build_model(len(self.data.vocab), cfg.model, cfg.moe, ep_rank, cfg.train.seed)
-        # Parameters used outside their own module's forward (the tied output projection, learned
-        # positions): ZeRO-3 must gather them whenever the model runs.
-        deepspeed.zero.register_external_parameter(model, model.embed.weight)
-        deepspeed.zero.register_external_parameter(model.project, model.embed.weight)  # decoding's projection
-        if cfg.model.positions == "learned":
-            deepspeed.zero.register_external_parameter(model.positions, model.positions.table.weight)
-        return model
-
     def _resume(self) -> dict | None:
         """Loads the run dir's newest good checkpoint (resharded when the layout changed) and
         restores step, time spent, data position and skip count; its mtmoe state, or None."""
@@ -224,9 +154,7 @@ class Trainer:
         if self.is_main:
             checkpoint.remove_stale_partials(self.run_dir)
         barrier()
-        layout = {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
-                  "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
-                  "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None}
+        layout = self.layout.checkpoint_layout()
         moe_shape = (cfg.moe.num_experts, len(self.model.moe_layer_names()))
         state = checkpoint.load(self.engine, self.run_dir, layout=layout, moe_shape=moe_shape)
         if state is not None:
@@ -248,17 +176,6 @@ class Trainer:
         spent = self._out_of_budget(time.monotonic())  # a collective under a time budget: every rank calls it
         done = results is not None and results.get("step") == self.step and spent
         return results if not any_rank(not done) else None
-
-    def _expert_group(self):
-        """The expert-parallel process group when experts are sharded over ranks, else None."""
-        if not self.cfg.moe.enabled or self.cfg.moe.ep_size == 1:
-            return None
-        from deepspeed.utils import groups
-
-        name = f"ep_size_{self.cfg.moe.ep_size}"
-        assert groups._get_expert_parallel_rank(name) == self.rank % self.cfg.moe.ep_size, \
-            "DeepSpeed's expert-parallel rank differs from the one the experts were built for"
-        return groups._get_expert_parallel_group(name)
 
     # -- pieces of the loop ----------------------------------------------------------------------
     def _state(self) -> dict:
@@ -282,12 +199,7 @@ class Trainer:
         result = None
         mode = self.cfg.train.valid_bleu
         with_bleu = mode == "always" or (mode == "final" and final)
-        # Under ZeRO-3 every forward gathers parameters collectively: all ranks validate, in lockstep.
-        sync_group = self.ep_group
-        if self.zero3 and self.world > 1:
-            import torch.distributed as dist
-
-            sync_group = dist.group.WORLD
+        sync_group = self.layout.validation_group()
         if sync_group is not None or self.is_main:
             result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
                                     with_bleu, self.bf16, sync_group)
@@ -430,29 +342,8 @@ class Trainer:
                 plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
             self.runlog.close()
         barrier()
-        if self.is_main and not self.cfg.train.nvme_path and self.swap_dir.is_dir():
-            import shutil
-
-            shutil.rmtree(self.swap_dir, ignore_errors=True)  # DeepSpeed's swap files: scratch, not state
+        self.layout.close(self.is_main)
         return results or {}
-
-
-def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:
-    """Makes glibc serve every allocation over 1 MiB by mmap, so freeing it returns the memory.
-
-    ZeRO-3 with offload allocates and frees parameter- and expert-sized CPU tensors (a few MiB) all
-    the time (swap in, swap out). glibc's default mmap threshold grows to 32 MiB after the first
-    large free, so these then come from the heap, which does not shrink: measured on a 0.22 B-param
-    model with `parallel=zero3_nvme`, resident memory halves (4.2 -> 2.1 GiB per rank) with the
-    threshold fixed. Same effect as MALLOC_MMAP_THRESHOLD_=1048576 in the environment."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
 
 
 def _new_window() -> dict:
