@@ -3,8 +3,8 @@
 The package follows the data flow, each layer importing only from the ones above it here
 (tests/test_layering.py holds the import graph to it):
   errors, paths, scoring   leaf modules: the one-line errors, project paths, sacrebleu BLEU/chrF
-  device    the device decision: where an app computes, bf16 there, where collectives' tensors live
   config    structured Hydra configs, one validate function per app, the task-parameter schema
+  device    the device decision: where an app computes, bf16 there, where collectives' tensors live
   data/     corpus files -> SentencePiece vocabulary -> token ids -> sampled token-budget batches
   model/    the one encoder-decoder model (plain torch): MoE FFNs with the mtmoe router, batched
             beam search (generation), quantized experts, the state-dict key grammar (keys)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 
-from mtmoe.device import check_device_spec
 from mtmoe.errors import ConfigError
 
 # Choices, each written once. OmegaConf cannot type a field as Literal (and an Enum would change
@@ -43,6 +43,17 @@ PruneRule = Literal["loss", "coverage", "global"]
 Quant = Literal["none", "int8", "int4"]
 QUANT_BITS = {"int8": 8, "int4": 4}
 """Bits of each `quant` choice but none."""
+
+
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_spec(field: str, spec: str) -> str:
+    """`spec` when it is a `device=` value (auto, cpu, cuda, cuda:N), else ConfigError naming `field`.
+    Syntax only: `resolve_device` checks that the device exists."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
+        raise ConfigError(f"{field}={spec!r}: expected auto, cpu, cuda or cuda:N")
+    return spec
 
 
 def choice(default, options) -> Any:

@@ -3,30 +3,21 @@ on which device a process group's collectives take their tensors.
 
 Every app asks once (`resolve_device` for eval/translate/export, `training_device` for a training
 rank) before it writes anything, and everything after follows the answer: the model is moved
-there, batches are copied there (`mtmoe.data.batching.prefetch_to`), autocast uses its type.
+there, batches are copied there (`mtmoe.data.batching.DeviceFeed`), autocast uses its type.
 `device=` values: `auto` (the GPU when CUDA is there, else the CPU), `cpu`, `cuda`, `cuda:N`.
-A leaf module (torch and mtmoe.errors only), so every layer may use it.
+Above config (whose `check_device_spec` checks a `device=` value's syntax without importing torch,
+so the tools refuse a bad config before loading torch), below data, so every later layer may use it.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from mtmoe.config import check_device_spec
 from mtmoe.errors import ConfigError
-
-DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def check_device_spec(field: str, spec: str) -> str:
-    """`spec` when it is a `device=` value (auto, cpu, cuda, cuda:N), else ConfigError naming `field`.
-    Syntax only: `resolve_device` checks that the device exists."""
-    if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
-        raise ConfigError(f"{field}={spec!r}: expected auto, cpu, cuda or cuda:N")
-    return spec
 
 
 def resolve_device(spec: str, field: str = "device") -> torch.device:

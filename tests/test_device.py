@@ -11,6 +11,7 @@ import torch
 
 from helpers import compose_train, run_cli, tiny_overrides
 from mtmoe import device as devices
+from mtmoe.config import check_device_spec
 from mtmoe.data.batching import BatchStream, DeviceFeed, collate
 from mtmoe.data.tokenized import TokenizedCorpus
 from mtmoe.errors import ConfigError
@@ -21,7 +22,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refus
 @pytest.mark.parametrize("spec", ["tpu", "cuda:", "cuda:x", "CPU", "", "cuda0"])
 def test_device_spec_syntax_is_checked(spec):
     with pytest.raises(ConfigError, match=r"^device='.*': expected auto, cpu, cuda or cuda:N"):
-        devices.check_device_spec("device", spec)
+        check_device_spec("device", spec)
 
 
 def test_cpu_and_auto_resolve_here():

@@ -3,8 +3,8 @@
 Layers, bottom up; a module imports only from lower layers and from its own package:
 
     errors, paths, scoring      leaf modules (no mtmoe imports)
-    device                      the device decision (errors only)
-    config                      the structured configs and their validate functions
+    config                      the structured configs and their validate functions (no torch)
+    device                      the device decision
     data                        corpus -> vocabulary -> token ids -> batches
     model                       the plain-torch model, generation, quantized experts, key grammar
     formats                     what is on disk: DeepSpeed checkpoint, run description, export format
@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mtmoe"
-LAYERS = [{"errors", "paths", "scoring"}, {"device"}, {"config"}, {"data"}, {"model"}, {"formats"},
+LAYERS = [{"errors", "paths", "scoring"}, {"config"}, {"device"}, {"data"}, {"model"}, {"formats"},
           {"train", "export", "serve"}, {"eval"}, {"cli"}]
 SHIMS = {"mtmoe.train.__main__", "mtmoe.eval.__main__", "mtmoe.export.__main__", "mtmoe.translate"}
 
