@@ -52,6 +52,24 @@ def test_gzip_bom_crlf_and_trailing_whitespace(tmp_path):
     assert read_lines(tmp_path / "c.en.gz") == ["Hello", "World"]
 
 
+def test_training_corpus_check_refuses_what_loading_refuses_without_warning(tmp_path, caplog):
+    """mtmoe-train's check before torch (`check_training_corpus`): the training and validation text
+    get the loader's checks, quietly (the trainer's own load warns, into train.log)."""
+    from mtmoe.config import DataConfig
+    from mtmoe.data.prepare import check_training_corpus
+
+    for prefix in ("train", "val"):
+        write(tmp_path / f"{prefix}.en", b"\xef\xbb\xbfa\r\nb\r\n")
+        write(tmp_path / f"{prefix}.de", b"x\ny\n")
+    cfg = DataConfig(corpus_dir=str(tmp_path), langs=["en", "de"])
+    with caplog.at_level("WARNING", logger="mtmoe"):
+        check_training_corpus(cfg)
+    assert caplog.records == []
+    write(tmp_path / "val.de", b"x\n")
+    with pytest.raises(CorpusError, match=r"val\.de: misaligned corpus: 1 lines, but .*val\.en has 2"):
+        check_training_corpus(cfg)
+
+
 def test_language_without_data(tmp_path):
     write(tmp_path / "c.en", b"a\n")
     with pytest.raises(CorpusError, match=r"c\.xx\[\.gz\]: no such file \(language 'xx' has no data\)"):

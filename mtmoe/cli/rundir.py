@@ -7,8 +7,10 @@ another model) must leave an existing run as it was, and no new run dir behind.
 `RunDirGuard` is a Hydra callback (`hydra.callbacks` in conf/train.yaml); `on_run_start` runs
 after the config is composed and before Hydra writes anything. It
 
-- refuses, there and then, a config that `validate()` rejects and a resume whose model settings
-  differ from the run's model.json (`train/checkpoint.py`), so nothing is written at all;
+- refuses, there and then, a config that `validate()` rejects, training or validation text that
+  the data layer rejects (`check_training_corpus`: missing, misaligned or broken files, named with
+  their line) and a resume whose model settings differ from the run's model.json, so nothing is
+  written at all, before torch is imported;
 - records what the run dir holds (its entries, the `.hydra` files, the length of `train.log`), so
   that a refusal found later (bad data, an unusable checkpoint) restores it (`restore_if_refused`
   around `main()`): a new run dir is removed, an existing one gets its files back.
@@ -86,9 +88,11 @@ def _first_process() -> bool:
 
 
 def _preflight(config: DictConfig) -> None:
-    """The checks that need neither data nor a process group, before Hydra writes anything.
-    A config refusal comes before the run-dir check imports torch (~3 s of CPU)."""
+    """The checks that need no process group, before Hydra writes anything: the config, the
+    training and validation text (read and checked, not tokenized), the run dir's model. A config
+    or data refusal comes before the run-dir check imports torch (~3 s of CPU)."""
     from mtmoe.config import validate
+    from mtmoe.data.prepare import check_training_corpus
 
     task = config.copy()
     with open_dict(task):
@@ -96,6 +100,7 @@ def _preflight(config: DictConfig) -> None:
     cfg = OmegaConf.to_object(task)
     world = int(os.environ.get("WORLD_SIZE") or (cfg.launch.ranks if cfg.launch.ranks > 0 else 1))
     validate(cfg, world)
+    check_training_corpus(cfg.data)
     from mtmoe.formats.run_description import check_same_model
 
     check_same_model(Path(config.hydra.run.dir).absolute(), cfg)

@@ -47,13 +47,14 @@ def decode_line(chunk: bytes, where: str | Path, number: int) -> str:
         raise CorpusError(f"{where}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, warn: bool = True) -> list[str]:
     """Reads a UTF-8 text file (gzip if it ends in .gz): one stripped sentence per line.
 
     Strips surrounding whitespace (Multi30k has trailing tabs). A UTF-8 BOM and CRLF line endings
     are accepted with a warning naming the file (Windows tools write them; the text is intact).
     Raises CorpusError naming file and line for invalid UTF-8, an empty line, a NUL byte, or a
-    carriage return inside a line (old Mac line endings: the file's lines are not what they seem)."""
+    carriage return inside a line (old Mac line endings: the file's lines are not what they seem).
+    `warn=False` reads without the warnings (a check before the run, which reads the file again)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -61,7 +62,8 @@ def read_lines(path: Path) -> list[str]:
     except (OSError, EOFError) as e:
         raise CorpusError(f"{path}: cannot read ({e})") from e
     if raw.startswith(b"\xef\xbb\xbf"):
-        log.warning("%s: starts with a UTF-8 byte-order mark (ignored)", path)
+        if warn:
+                log.warning("%s: starts with a UTF-8 byte-order mark (ignored)", path)
         raw = raw[3:]
     chunks = raw.split(b"\n")
     if chunks and chunks[-1] == b"":
@@ -80,7 +82,7 @@ def read_lines(path: Path) -> list[str]:
         lines.append(text)
     if not lines:
         raise CorpusError(f"{path}: the file is empty")
-    if crlf:
+    if crlf and warn:
         log.warning("%s: %d of %d lines end in CRLF (Windows line endings; the CR is dropped)", path, crlf, len(lines))
     return lines
 
@@ -89,20 +91,33 @@ def load_text_corpus(prefix: Path, langs: Sequence[str]) -> datasets.Dataset:
     """Reads `{prefix}.{lang}` for every language, checks they are line-aligned."""
     import datasets
 
+    return datasets.Dataset.from_dict(read_text_columns(prefix, langs))
+
+
+def check_text_corpus(corpus_dir: str, prefix: str, langs: Sequence[str]) -> None:
+    """The checks of `load_corpus` for a text corpus (files there, line-aligned, every line valid
+    UTF-8 text), without building a Dataset or warning: mtmoe-train's check of its data before it
+    imports torch, so bad data is refused in about a second (the trainer reads the files again)."""
+    read_text_columns(resolve(Path(corpus_dir) / prefix), langs, warn=False)
+
+
+def read_text_columns(prefix: Path, langs: Sequence[str], warn: bool = True) -> dict[str, list[str]]:
+    """{lang: lines} of `{prefix}.{lang}` for every language; CorpusError naming the file (and line)
+    for a missing file, a bad line or files of different lengths."""
     columns: dict[str, list[str]] = {}
     first: tuple[Path, int] | None = None
     for lang in langs:
         path = find_language_file(prefix, lang)
         if path is None:
             raise CorpusError(f"{prefix}.{lang}[.gz]: no such file (language {lang!r} has no data)")
-        lines = read_lines(path)
+        lines = read_lines(path, warn)
         if first is None:
             first = (path, len(lines))
         elif len(lines) != first[1]:
             raise CorpusError(
                 f"{path}: misaligned corpus: {len(lines)} lines, but {first[0]} has {first[1]}")
         columns[lang] = lines
-    return datasets.Dataset.from_dict(columns)
+    return columns
 
 
 def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.Dataset:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmoe.config import DataConfig
-from mtmoe.data.corpus import find_language_file, load_corpus
+from mtmoe.data.corpus import check_text_corpus, find_language_file, load_corpus
 from mtmoe.data.sampling import Direction, parse_directions, temperature_probs
 from mtmoe.data.schedule import Mixture
 from mtmoe.data.tasks import build_sources
@@ -64,6 +64,16 @@ def usable_rows(corpus: TokenizedCorpus, cfg: DataConfig) -> np.ndarray:
     log.warning("skipping %d of %d training lines longer than data.max_len=%d tokens (data.too_long=skip)",
                 count, len(corpus), cfg.max_len)
     return np.flatnonzero(~too_long)
+
+
+def check_training_corpus(cfg: DataConfig) -> None:
+    """Refuses bad training or validation text (CorpusError naming the file and line) by the same
+    checks as `prepare_training_data`, without tokenizing or importing torch (see
+    `mtmoe.data.corpus.check_text_corpus`). Corpora in table formats are checked when loaded."""
+    if cfg.format != "text":
+        return
+    for prefix in (cfg.train_prefix, cfg.valid_prefix):
+        check_text_corpus(cfg.corpus_dir, prefix, cfg.langs)
 
 
 def prepare_training_data(cfg: DataConfig, is_first: bool = True,
