@@ -202,6 +202,11 @@ class TrainConfig:
     bf16: Optional[bool] = None
     """bf16 autocast for forward/backward (bf16 compute, fp32 master weights and Adam state); None
     (default): on a GPU with bf16, off on a CPU (fast there only with avx512_bf16)."""
+    gpu_memory_gib: float = 0.0
+    """Caps the GPU memory each rank's allocator may hold (0 = no cap), as if the GPU were that
+    small: beyond it an allocation fails with CUDA's out-of-memory error. For finding what fits a
+    smaller GPU quickly (scripts/bench_scale.py --device cuda); refused when the rank trains on the
+    CPU. The run's results.json reports the peak held (`peak_gpu_memory_gib`)."""
     accumulate: int = 1
     """Micro-batches per optimizer step and rank (gradient accumulation): the global batch is
     world size x accumulate token-budget batches, and the loss is normalised by its target tokens,
@@ -663,6 +668,8 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
     check_device_spec("train.device", t.device)
     if t.max_steps <= 0 and t.max_minutes <= 0:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
+    if t.gpu_memory_gib < 0:
+        raise ConfigError(f"train.gpu_memory_gib={t.gpu_memory_gib} must be >= 0 (0 = no cap)")
     if t.max_tokens < 16:
         raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
     check_optimizer(t)

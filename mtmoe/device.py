@@ -75,6 +75,32 @@ def resolve_bf16(requested: Optional[bool], device: torch.device, field: str = "
     return bool(requested)
 
 
+def cap_memory(device: torch.device, gib: float, field: str = "train.gpu_memory_gib") -> None:
+    """Caps what the caching allocator may hold on `device` at `gib` GiB (nothing when `gib` is 0):
+    `torch.cuda.set_per_process_memory_fraction`, so an allocation beyond it raises CUDA's
+    out-of-memory error as on a GPU of that size. Called before anything is put on the GPU.
+    ConfigError naming `field` on a CPU device or for more than the GPU has."""
+    if gib <= 0:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"{field}={gib}: caps a GPU's memory, and this rank computes on the {device.type} "
+                          f"(train.device); leave {field}=0")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ConfigError(f"{field}={gib}: more than {torch.cuda.get_device_name(device)} has "
+                          f"({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+
+
+def peak_memory_gib(device: torch.device) -> Optional[float]:
+    """The most GPU memory the caching allocator held on `device` in this process, in GiB (what
+    `cap_memory` caps: tensors plus the allocator's cached blocks, not the CUDA context); None on a
+    CPU, whose memory the allocator does not account."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**30
+
+
 def collective_device(group=None) -> torch.device:
     """Where the tensors of `group`'s collectives must live: the current GPU under NCCL (which takes
     CUDA tensors only), the CPU under gloo (or with no process group)."""

@@ -9,6 +9,9 @@
 #   main          the main job's recipe on the GPU for MAIN_MINUTES (default 1.5): tokens/s, val BLEU
 #   bench_default scripts/bench_vs_hf.py --device cuda --size default  (the main job's model)
 #   bench_big     scripts/bench_vs_hf.py --device cuda --size big      (d1024 6+6, 8 experts)
+#   scale         scripts/bench_scale.py --device cuda: the largest model per one-GPU layout (GPU only,
+#                 ZeRO-2 + CPU Adam, ZeRO-3 on the CPU), the GPU capped at SCALE_GPU_GIB (default 8),
+#                 each mode's search cut after SCALE_MODE_MINUTES (default 2; its fit then a lower bound)
 # Default steps: pytest main layouts. Every step writes under $OUT, has its own time limit, and the run goes
 # on when one fails; the exit code is the first failure's.
 set -uo pipefail
@@ -54,6 +57,9 @@ PY
                      --threads 1 --train-batches 8 --repeats 3 --decode-sentences 256 --out "$OUT/vs_hf_cuda_default" ;;
     bench_big) step bench_big "${BENCH_LIMIT:-200}" python scripts/bench_vs_hf.py --device cuda --size big --threads 1 \
                  --train-batches 6 --repeats 3 --decode-sentences 256 --out "$OUT/vs_hf_cuda_big" ;;
+    scale) step scale "${SCALE_LIMIT:-480}" python scripts/bench_scale.py --device cuda --gpu-gib "${SCALE_GPU_GIB:-8}" \
+             --modes "${SCALE_MODES:-gpu,zero2_cpu_adam,zero3_cpu}" --mode-minutes "${SCALE_MODE_MINUTES:-2}" \
+             --timeout 150 --out "$OUT/scale_cuda" ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done

@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtmoe.config import ModelConfig, TrainAppConfig
+from mtmoe.config import ModelConfig, TrainAppConfig, register_configs
 from mtmoe.paths import CONF_DIR
 from mtmoe.train.distributed import free_port
 
@@ -72,6 +72,7 @@ def run_cli(name: str, args: list[str], stdin: str | None = None, timeout: int =
 
 def compose_train(overrides: list[str]) -> TrainAppConfig:
     """The mtmoe-train config the shipped YAML and `overrides` compose (not validated)."""
+    register_configs()  # the schema the YAML extends (the apps register it at start-up)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return OmegaConf.to_object(compose("train", overrides=overrides))
 

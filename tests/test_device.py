@@ -11,7 +11,7 @@ import torch
 
 from helpers import compose_train, run_cli, tiny_overrides
 from mtmoe import device as devices
-from mtmoe.config import check_device_spec
+from mtmoe.config import check_device_spec, validate
 from mtmoe.data.batching import BatchStream, DeviceFeed, collate
 from mtmoe.data.tokenized import TokenizedCorpus
 from mtmoe.errors import ConfigError
@@ -65,6 +65,32 @@ def test_bf16_defaults_and_refusal(monkeypatch):
         devices.resolve_bf16(True, gpu)
     monkeypatch.setattr(devices, "bf16_supported", lambda device: True)
     assert devices.resolve_bf16(None, gpu) is True
+
+
+def test_gpu_memory_cap_is_refused_on_a_cpu_and_above_the_gpu(monkeypatch):
+    """train.gpu_memory_gib caps a GPU's allocator: refused, naming the field, for a rank on the CPU
+    (before the process group starts) and for more than the GPU has; 0 is no cap; negative is refused
+    by the config check."""
+    devices.cap_memory(torch.device("cpu"), 0.0)  # no cap: nothing to refuse
+    with pytest.raises(ConfigError, match=r"^train\.gpu_memory_gib=4\.0: caps a GPU's memory, and this rank "
+                                          r"computes on the cpu"):
+        devices.cap_memory(torch.device("cpu"), 4.0)
+    from mtmoe.train.layout import TrainingLayout
+
+    with pytest.raises(ConfigError, match=r"^train\.gpu_memory_gib=2\.0: caps a GPU's memory"):
+        TrainingLayout(compose_train(["model=tiny", "train.device=cpu", "train.gpu_memory_gib=2", "train.max_steps=1"]))
+    with pytest.raises(ConfigError, match=r"^train\.gpu_memory_gib=-1\.0 must be >= 0"):
+        validate(compose_train(["model=tiny", "train.gpu_memory_gib=-1", "train.max_steps=1"]))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: fractions.append((f, device)))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^train\.gpu_memory_gib=96\.0: more than H100 has \(80\.0 GiB\)"):
+        devices.cap_memory(gpu, 96.0)
+    devices.cap_memory(gpu, 8.0)
+    assert fractions == [(0.1, gpu)]
+    assert devices.peak_memory_gib(torch.device("cpu")) is None
 
 
 def test_collectives_use_the_cpu_without_a_process_group():

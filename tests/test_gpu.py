@@ -40,8 +40,8 @@ def gpu_runs(tmp_path_factory, corpus, cache_dir) -> dict[str, Path]:
     """A tiny MoE trained 12 steps on the GPU in fp32 and in bf16 (same seed and batches)."""
     root = tmp_path_factory.mktemp("gpu_runs")
     runs = {}
-    for name, bf16 in (("fp32", "false"), ("bf16", "true")):
-        train(corpus, cache_dir, root / name, 12, **{"train.bf16": bf16})
+    for name, bf16, cap in (("fp32", "false", 4), ("bf16", "true", 0)):
+        train(corpus, cache_dir, root / name, 12, **{"train.bf16": bf16, "train.gpu_memory_gib": cap})
         assert "trains on cuda:0" in (root / name / "train.log").read_text()
         runs[name] = root / name
     return runs
@@ -56,6 +56,26 @@ def test_trains_on_the_gpu_in_fp32_and_bf16(gpu_runs):
     assert fp32[12] < fp32[2]  # it learns
     results = json.loads((gpu_runs["fp32"] / "results.json").read_text())
     assert results["step"] == 12 and results["target_tokens"] > 0
+    # the fp32 run's allocator was capped at 4 GiB (train.gpu_memory_gib); both report their peak
+    assert "memory capped at 4.0 GiB" in (gpu_runs["fp32"] / "train.log").read_text()
+    assert 0 < results["peak_gpu_memory_gib"] <= 4
+    assert json.loads((gpu_runs["bf16"] / "results.json").read_text())["peak_gpu_memory_gib"] > 0
+
+
+def test_gpu_memory_cap_makes_a_bigger_allocation_fail():
+    """`cap_memory` makes the GPU as small as asked: an allocation beyond it raises CUDA's
+    out-of-memory error (what scripts/bench_scale.py --device cuda reads as "does not fit")."""
+    from mtmoe.device import cap_memory
+
+    device = torch.device("cuda", 0)
+    torch.cuda.empty_cache()
+    cap_memory(device, 0.25)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+        torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # under the cap: fine
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def test_resumes_on_the_gpu(gpu_runs, tmp_path, corpus, cache_dir):

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mtmoe.config import TrainAppConfig, validate
-from mtmoe.device import resolve_bf16, training_device
+from mtmoe.device import cap_memory, resolve_bf16, training_device
 from mtmoe.model.partitioned import set_gather
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train.distributed import init_distributed
@@ -68,6 +68,7 @@ class TrainingLayout:
         self.cfg = cfg
         self.device = training_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.bf16 = resolve_bf16(cfg.train.bf16, self.device)
+        cap_memory(self.device, cfg.train.gpu_memory_gib)
         self.rank, self.world = init_distributed(self.device)
         validate(cfg, self.world)
         self.partitioned = cfg.train.zero_stage == 3
@@ -78,7 +79,9 @@ class TrainingLayout:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         kind = f"ZeRO-{self.cfg.train.zero_stage}" + (", partitioned MoE" if self.partitioned else "")
-        return f"rank {self.rank} trains on {self.device} ({name}), {'bf16 autocast' if self.bf16 else 'fp32'}, {kind}"
+        cap = f", memory capped at {self.cfg.train.gpu_memory_gib} GiB" if self.cfg.train.gpu_memory_gib else ""
+        return (f"rank {self.rank} trains on {self.device} ({name}{cap}), {'bf16 autocast' if self.bf16 else 'fp32'}, "
+                f"{kind}")
 
     # -- building ------------------------------------------------------------------------------
     def build_model(self, vocab_size: int) -> Seq2Seq:

@@ -25,6 +25,7 @@ from mtmoe.config import TrainAppConfig
 from mtmoe.data.batching import Batch, BatchStream, DeviceFeed
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.device import peak_memory_gib
 from mtmoe.formats import ds_checkpoint, run_description
 from mtmoe.formats.integrity import write_atomic
 from mtmoe.model.seq2seq import Seq2Seq
@@ -332,10 +333,14 @@ class Trainer:
         if saved_step != self.step and cfg.train.save_every >= 0:
             self.save()
         final = self.validate(final=True)
+        peak_gpu = peak_memory_gib(self.layout.device)
+        if peak_gpu is not None:
+            peak_gpu = round(all_reduce_max(peak_gpu), 2)  # the fullest rank's GPU
         results = None
         if self.is_main:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
                        **({"target_tokens": self.target_tokens} if self.target_tokens is not None else {}),
+                       **({"peak_gpu_memory_gib": peak_gpu} if peak_gpu is not None else {}),
                        "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
             if cfg.train.plot:
