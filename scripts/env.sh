@@ -1,5 +1,5 @@
 # Sourced by the scripts: activates this clone's .venv and keeps DeepSpeed's JIT-built ops
-# (cpu_adam, shm_comm, async_io) in it. torch guards each op build with a lock file that a killed
+# (cpu_adam, async_io) in it. torch guards each op build with a lock file that a killed
 # process leaves behind, and every later load then waits on it forever; a build folder owned by the
 # clone cannot be blocked by another checkout's (or an earlier, killed run's) shared ~/.cache.
 # Set TORCH_EXTENSIONS_DIR yourself to share builds between clones.

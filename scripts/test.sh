@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . scripts/env.sh
-# DeepSpeed JIT-builds its ops on first use (cold, on 2 cores: shm_comm ~1 min, cpu_adam ~1.5 min,
+# DeepSpeed JIT-builds its ops on first use (cold, on 2 cores: cpu_adam ~1.5 min,
 # async_io + pin_memory ~4 min; see mtmoe/train/ds_ops.py). Start the builds now, in the background,
 # so they overlap the first, single-process tests; a test that needs an op before it is ready waits on
 # torch's build lock.

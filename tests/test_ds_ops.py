@@ -70,3 +70,17 @@ def test_ops_of_many_sources_get_torchs_header_precompiled(monkeypatch, tmp_path
     assert write(ds_ops.PCH_MIN_SOURCES - 1) == ["-DTORCH_EXTENSION_NAME=op", "-O0"] and len(precompiled) == 1
     monkeypatch.setattr(ds_ops, "precompile_torch_header", lambda build_dir, cflags, built: None)  # failed
     assert write(ds_ops.PCH_MIN_SOURCES) == ["-DTORCH_EXTENSION_NAME=op", "-O0"]
+
+
+def test_the_shm_comm_op_is_neither_built_nor_loaded(monkeypatch):
+    """DeepSpeed's CPU comm backend loads shm_comm when the process group starts, for tensor-parallel
+    inference only; mtmoe marks it incompatible (ds_ops.UNUSED_OPS), so DeepSpeed's own loader
+    returns None without building it."""
+    import importlib
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm's `torch` is torch)
+    builds = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: builds.append(kw) or object())
+    monkeypatch.setattr(OpBuilder, "_loaded_ops", {})
+    use_mtmoe_build()
+    assert ds_comm_torch.build_shm_op() is None and builds == []

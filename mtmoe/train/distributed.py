@@ -29,8 +29,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     on a GPU machine with `train.device=cpu`).
 
     Without a launcher (plain `mtmoe-train`) the environment of a world of one is filled in, so
-    DeepSpeed neither needs mpi4py nor tries MPI discovery. DeepSpeed's ops (the first, shm_comm,
-    loads here on a CPU) are built as `mtmoe.train.ds_ops` says."""
+    DeepSpeed neither needs mpi4py nor tries MPI discovery. DeepSpeed's ops are built (or, like
+    the shm_comm op its CPU comm backend would load here, not built) as `mtmoe.train.ds_ops` says."""
     use_accelerator(device)
     import deepspeed
 
@@ -47,8 +47,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         with quiet_op_loading():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False)
-        if device.type == "cpu":
-            _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -87,24 +85,6 @@ def quiet_op_loading():
         for line in printed.getvalue().splitlines():
             if line.strip():
                 log.log(logging.DEBUG if "built successfully" in line else logging.INFO, "%s", line)
-
-
-def _unlink_shm_workspace() -> None:
-    """Removes this rank's name of DeepSpeed's CPU all-reduce workspace from /dev/shm.
-
-    DeepSpeed's shm_comm op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
-    (~66 MiB per rank) and never unlinks it, so every launch on a fresh port leaks RAM until reboot
-    (a CI run leaked ~8 GB). Once every rank has mapped every workspace (true when
-    `init_distributed` returns, then a barrier) the names are no longer needed: the mappings stay
-    valid, and the memory is freed when the last process exits, even after kill -9."""
-    barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-        dist.get_rank())
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        pass
 
 
 def barrier() -> None:

@@ -2,8 +2,9 @@
 torch's header precompiled for an op of many sources.
 
 DeepSpeed JIT-compiles its ops on first use into TORCH_EXTENSIONS_DIR (on a CPU-only machine:
-shm_comm for the collectives, cpu_adam for optimizer offload, async_io + pin_memory for NVMe
-offload). Three things cost every cold start and nothing for what the op does:
+cpu_adam for optimizer offload, async_io + pin_memory for NVMe offload). One op it would load that
+mtmoe never calls is not built at all (`UNUSED_OPS`: shm_comm). Three things cost every cold start
+and nothing for what the op does:
 - its CPU builders compile with `-g`: debug info for every torch header a source includes. Measured
   on this project's 2-core box, that is ~40 % of the compiler's time (cpu_adam.cpp at -O3: 78 s ->
   47 s of CPU; an async_io source at -O0: 62 s -> 37 s), ~5 of the ~16 CPU-minutes of a cold build
@@ -19,7 +20,7 @@ offload). Three things cost every cold start and nothing for what the op does:
   precompiled header (~0.8 GB for torch's) is deleted once the op is built; it is made again only
   when the op's compile flags change.
 
-`use_mtmoe_build()` changes all three for the process (idempotent). Every mtmoe process that loads an
+`use_mtmoe_build()` changes all three for the process and skips the unused ops (idempotent). Every mtmoe process that loads an
 op calls it first (`init_distributed` does, and the pre-build below), and so must any other
 process that shares the build folder: ninja rebuilds an op whose compile command changed, so a
 process with DeepSpeed's own flags rebuilds it with `-g` (and the next mtmoe process back again).
@@ -48,8 +49,15 @@ PRECOMPILED: list[Path] = []
 PCH_MIN_SOURCES = 3
 """Ops with at least this many C++ sources get a precompiled torch/extension.h (async_io has 12;
 shm_comm and cpu_adam have 2, where the header's own compile would cost what it saves)."""
-PREBUILT_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder", "AsyncIOBuilder")
+PREBUILT_OPS = ("CPUAdamBuilder", "AsyncIOBuilder")
 """The accelerator's builders of the ops a CPU run loads (async_io loads pin_memory itself)."""
+UNUSED_OPS = ("ShareMemCommBuilder",)
+"""Ops DeepSpeed would load by itself that mtmoe never calls, marked incompatible so they are not
+built. shm_comm: DeepSpeed's torch comm backend builds and initialises it (with a /dev/shm
+workspace) when the process group starts on a CPU, for `inference_all_reduce`, which only its
+tensor-parallel inference layers call; training's all-reduces and the MoE all-to-all go through
+torch.distributed (gloo). Its cold build cost ~1 CPU-minute on every fresh clone, before the
+first training step (the main job's start-up included)."""
 
 
 def without_debug_info(flags: list[str]) -> list[str]:
@@ -60,6 +68,7 @@ def use_mtmoe_build() -> None:
     """Makes this process build DeepSpeed's ops without debug info, with torch's header precompiled
     for an op of many sources, and probe the CPU once."""
     _use_precompiled_torch_header()
+    skip_unused_ops()
     if getattr(OpBuilder.jit_load, "mtmoe_build", False):
         return
     deepspeed_jit_load = OpBuilder.jit_load
@@ -84,6 +93,18 @@ def use_mtmoe_build() -> None:
         return
     if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
         cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+
+
+def skip_unused_ops(names=UNUSED_OPS) -> None:
+    """Marks the ops of `names` incompatible in DeepSpeed's table of ops (`deepspeed.ops.__compatible_ops__`,
+    which it consults before building an op it loads by itself), so they are neither built nor loaded."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None:
+            compatible[builder.NAME] = False
 
 
 def _use_precompiled_torch_header() -> None:
