@@ -27,8 +27,10 @@ else
 fi
 started=$(date +%s)
 
+# train.valid_bleu=never: the job scores the export with beam 4 on val (picking the length penalty) and
+# on test right after; a greedy val BLEU at the end of training would cost ~30 s for a weaker figure.
 deepspeed --no_local_rank --num_gpus "$RANKS" --module mtmoe.train +experiment=$PRESET train.device=$DEVICE \
-  hydra.run.dir="$RUN" "$@"
+  train.valid_bleu=never hydra.run.dir="$RUN" "$@"
 trained=$(date +%s)
 phases=()  # "name seconds" of each step after training
 lap() { local now; now=$(date +%s); phases+=("$1=$((now - ${last:-$trained}))"); last=$now; }
@@ -68,8 +70,10 @@ median = f"{tps[len(tps) // 2]:.0f}" if tps else "n/a (no step logged)"  # a run
 tokens = f"{results['target_tokens'] / 1e6:.2f} M target tokens" if "target_tokens" in results else "tokens n/a"
 print(f"training: {results['step']} steps, {tokens} in {results['train_minutes']} min, median {median} "
       f"target tokens/s ({ranks} ranks); training phase wall {trained - started} s")
-print(f"trained model, val (greedy, {len(results['directions'])} directions): "
-      f"BLEU {results.get('valid_bleu')}  chrF {results.get('valid_chrf')}")
+val_bleu = (f", greedy BLEU {results['valid_bleu']} chrF {results.get('valid_chrf')}"
+            if results.get("valid_bleu") is not None else "")
+print(f"trained model, val ({len(results.get('directions', {})) or 'all'} directions): "
+      f"loss {results.get('valid_loss')}{val_bleu}")
 export = json.load(open(f"{run}/export/config.json"))["source"]
 print(f"exported: {' + '.join(export.get('averaged', [export['checkpoint']]))}"
       + (" (weights averaged)" if export.get("averaged") else ""))

@@ -224,6 +224,29 @@ def pruned_copy(model, kept):
     return pruned
 
 
+def test_direction_nll_equals_the_per_sentence_reference():
+    """The calibration NLL (length-sorted batches, projection of the real positions only) equals
+    the plain reference: each sentence alone through the model's forward, summed over tokens."""
+    from mtmoe.data.batching import collate
+    from mtmoe.export.calibrate import direction_nll
+
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1)).eval()
+    vocab, pairs = FakeVocab(), [("en", "de"), ("de", "en")]
+    ids = {lang: vocab.encode(lines) for lang, lines in CALIBRATION.items()}
+    expected = {}
+    with torch.no_grad():
+        for src, tgt in pairs:
+            total, tokens = 0.0, 0
+            for s, t in zip(ids[src], ids[tgt]):
+                batch = collate([np.array(s)], [np.array(t)], [vocab.tag_id(tgt)], TINY.max_positions)
+                logits = model(batch.src, batch.tgt_in)[0][0]
+                total += float(torch.nn.functional.cross_entropy(logits, batch.tgt_out[0], reduction="sum"))
+                tokens += batch.tgt_out.numel()
+            expected[f"{src}-{tgt}"] = total / tokens
+    got = direction_nll(model, vocab, CALIBRATION, pairs, batch_sentences=2)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
 def test_loss_rule_keeps_the_set_whose_pruned_model_loses_least():
     """The loss rule's in-place restriction computes as the pruned model does, and the kept set of
     each layer is the one whose really pruned model has the smallest mean + worst NLL increase."""

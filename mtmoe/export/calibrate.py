@@ -61,21 +61,31 @@ def restricted(layer: MoEFFN, kept: Sequence[int]):
 @torch.no_grad()
 def direction_nll(model: Seq2Seq, vocab: Vocab, texts: dict[str, Sequence[str]], pairs: Sequence[Direction],
                   batch_sentences: int = 64) -> dict[str, float]:
-    """Teacher-forced NLL per target token of each direction (nats), the model in eval mode."""
+    """Teacher-forced NLL per target token of each direction (nats), the model in eval mode.
+
+    The rules call this once per candidate set (26 passes for 4 of 8 experts), so it wastes nothing:
+    sentences are batched in order of length (little padding; the NLL is a sum over tokens, so the
+    order does not change it beyond float rounding, and eval routing has no capacity limit that
+    batch company could change), and the vocabulary projection, the largest matmul, is applied to
+    the real target positions only: on the main job's model (100 lines x 6 directions, 2 threads)
+    a pass took 1.6-2.0x less time than one batch of consecutive lines through the model's
+    forward (interleaved runs), with NLLs equal to 4e-7."""
     model.eval()
     device = model.embed.weight.device
     ids = {lang: [np.asarray(x, dtype=np.int64) for x in vocab.encode(lines)] for lang, lines in texts.items()}
     out = {}
     for src, tgt in pairs:
+        order = sorted(range(len(ids[src])), key=lambda i: (len(ids[src][i]), len(ids[tgt][i])))
         total, tokens = 0.0, 0
-        for start in range(0, len(ids[src]), batch_sentences):
-            stop = min(len(ids[src]), start + batch_sentences)
-            batch = collate(ids[src][start:stop], ids[tgt][start:stop], [vocab.tag_id(tgt)] * (stop - start),
+        for start in range(0, len(order), batch_sentences):
+            rows = order[start:start + batch_sentences]
+            batch = collate([ids[src][i] for i in rows], [ids[tgt][i] for i in rows], [vocab.tag_id(tgt)] * len(rows),
                             model.model_cfg.max_positions).to(device, non_blocking=True)
-            logits, _, _ = model(batch.src, batch.tgt_in)
-            target = batch.tgt_out
-            real = target != PAD_ID
-            total += float(F.cross_entropy(logits[real].float(), target[real], reduction="sum"))
+            memory, memory_keep, _, _ = model.encode(batch.src)
+            hidden, _, _ = model.decode(batch.tgt_in, memory, memory_keep, project=False)
+            real = batch.tgt_out != PAD_ID
+            logits = model.project(hidden[real])
+            total += float(F.cross_entropy(logits.float(), batch.tgt_out[real], reduction="sum"))
             tokens += int(real.sum())
         out[f"{src}-{tgt}"] = total / max(tokens, 1)
     return out
