@@ -36,7 +36,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
     from mtmoe.train.ds_ops import use_mtmoe_build
 
-    use_mtmoe_build()
+    with quiet_op_loading():  # marking the unused ops makes DeepSpeed probe its ops (a gcc test program)
+        use_mtmoe_build()
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
