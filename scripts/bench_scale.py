@@ -51,7 +51,6 @@ from typing import Optional
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 MODES = {
     "cpu": {
@@ -245,9 +244,9 @@ def largest_fit(mode: str, trial, start: int, log, deadline: float) -> dict:
 
 
 def markdown(results: dict) -> str:
-    base_mode = "gpu" if results.get("device") == "cuda" else "ram"
-    base = next((r["parameters"] for r in results["modes"] if r["mode"] == base_mode), 0)
     gpu = results.get("device") == "cuda"
+    base_mode = "gpu" if gpu else "ram"
+    base = next((r["parameters"] for r in results["modes"] if r["mode"] == base_mode), 0)
     cap = f"; GPU memory capped at {results['gpu_gib']} GiB per trial (train.gpu_memory_gib)" if gpu else ""
     lines = [f"Machine: {results['machine']}; budget {results['budget_gib']} GiB resident (all processes of a trial){cap}.",
              "", f"| mode | largest model (params) | experts/layer |{' peak GPU GiB |' if gpu else ''} peak RSS GiB | "

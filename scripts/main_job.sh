@@ -72,7 +72,7 @@ print(f"training: {results['step']} steps, {tokens} in {results['train_minutes']
       f"target tokens/s ({ranks} ranks); training phase wall {trained - started} s")
 val_bleu = (f", greedy BLEU {results['valid_bleu']} chrF {results.get('valid_chrf')}"
             if results.get("valid_bleu") is not None else "")
-print(f"trained model, val ({len(results.get('directions', {})) or 'all'} directions): "
+print(f"trained model, val ({len(results['directions'])} directions): "
       f"loss {results.get('valid_loss')}{val_bleu}")
 export = json.load(open(f"{run}/export/config.json"))["source"]
 print(f"exported: {' + '.join(export.get('averaged', [export['checkpoint']]))}"

@@ -63,7 +63,7 @@ def read_lines(path: Path, warn: bool = True) -> list[str]:
         raise CorpusError(f"{path}: cannot read ({e})") from e
     if raw.startswith(b"\xef\xbb\xbf"):
         if warn:
-                log.warning("%s: starts with a UTF-8 byte-order mark (ignored)", path)
+            log.warning("%s: starts with a UTF-8 byte-order mark (ignored)", path)
         raw = raw[3:]
     chunks = raw.split(b"\n")
     if chunks and chunks[-1] == b"":

@@ -34,10 +34,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     use_accelerator(device)
     import deepspeed
 
-    from mtmoe.train.ds_ops import use_mtmoe_build
+    from mtmoe.train.ds_ops import skip_unused_ops, use_mtmoe_build
 
-    with quiet_op_loading():  # marking the unused ops makes DeepSpeed probe its ops (a gcc test program)
-        use_mtmoe_build()
+    use_mtmoe_build()
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -46,6 +45,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         with quiet_op_loading():
+            skip_unused_ops()  # before the comm backend would build shm_comm (DeepSpeed probes its ops here)
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()

@@ -20,7 +20,8 @@ and nothing for what the op does:
   precompiled header (~0.8 GB for torch's) is deleted once the op is built; it is made again only
   when the op's compile flags change.
 
-`use_mtmoe_build()` changes all three for the process and skips the unused ops (idempotent). Every mtmoe process that loads an
+`use_mtmoe_build()` changes all three for the process (idempotent); `skip_unused_ops()` (called by
+`init_distributed` before the process group starts) keeps the unused ops out. Every mtmoe process that loads an
 op calls it first (`init_distributed` does, and the pre-build below), and so must any other
 process that shares the build folder: ninja rebuilds an op whose compile command changed, so a
 process with DeepSpeed's own flags rebuilds it with `-g` (and the next mtmoe process back again).
@@ -68,7 +69,6 @@ def use_mtmoe_build() -> None:
     """Makes this process build DeepSpeed's ops without debug info, with torch's header precompiled
     for an op of many sources, and probe the CPU once."""
     _use_precompiled_torch_header()
-    skip_unused_ops()
     if getattr(OpBuilder.jit_load, "mtmoe_build", False):
         return
     deepspeed_jit_load = OpBuilder.jit_load
