@@ -9,7 +9,7 @@ import torch
 from helpers import TINY
 from mtmoe.config import MoEConfig
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from mtmoe.model.generation import beam_search, translate_ids
+from mtmoe.model.generation import beam_search, best_hypothesis, translate_ids, translate_ids_per_penalty
 from mtmoe.model.seq2seq import build_model
 from mtmoe.scoring import score_direction
 
@@ -60,6 +60,26 @@ def test_batched_beam_equals_one_at_a_time():
     single = [translate_ids(model, [s], tag_id=4, beam=4)[0] for s in sentences]
     assert batched == single
     assert all(EOS_ID not in hyp for hyp in batched)
+
+
+def test_best_hypothesis_ranks_by_length_normalised_score():
+    finished = [(-4.0, [5, 6, 7, 8, 9]), (-2.0, [5]), (-2.0, [6])]  # sum log p, ids without EOS
+    assert best_hypothesis(finished, 0.0) == [5]  # raw score; ties: the first to finish
+    assert best_hypothesis(finished, 1.0) == [5, 6, 7, 8, 9]  # -4/6 > -2/2
+    assert best_hypothesis(finished, 0.5) == [5]  # -4/sqrt(6) = -1.63 < -2/sqrt(2) = -1.41
+
+
+def test_one_search_per_penalty_equals_a_search_per_penalty():
+    """The length penalty only ranks finished hypotheses, so the grid of a tuning run comes from one
+    search (translate_ids_per_penalty) and must equal one search per penalty (the slow path)."""
+    model = random_model(seed=5)
+    rng = np.random.default_rng(2)
+    sentences = [rng.integers(4, 60, size=n) for n in (3, 9, 5, 12, 6, 2)]
+    penalties = [0.0, 0.6, 1.0, 4.0]
+    shared = translate_ids_per_penalty(model, sentences, tag_id=4, beam=4, length_penalties=penalties)
+    separate = [translate_ids(model, sentences, tag_id=4, beam=4, length_penalty=lp) for lp in penalties]
+    assert shared == separate
+    assert shared[0] != shared[-1]  # the penalties pick different hypotheses here: the test can tell
 
 
 def test_sacrebleu_scores_and_signature():

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,7 +31,7 @@ from mtmoe.eval.telemetry import plot_heatmap
 from mtmoe.export.routing import collect_routing
 from mtmoe.export.subset import choose_subset, format_held, load_subset
 from mtmoe.formats.export_format import load_export, read_export_config, trained_directions, warn_zero_shot
-from mtmoe.model.generation import translate, warn_cut_lines
+from mtmoe.model.generation import translate_per_penalty, warn_cut_lines
 from mtmoe.paths import resolve
 from mtmoe.scoring import format_table, score_direction, summarize
 from mtmoe.serve.metrics import format_summary, merge_summaries
@@ -38,14 +39,16 @@ from mtmoe.serve.runtime import load_for_serving
 from mtmoe.serve.validate import check_serve, offloading
 
 
-def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: int, length_penalty: float,
+def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: int, length_penalties: Sequence[float],
                      max_tokens: int, serve: Optional[ServeConfig], subset_mass: Optional[float],
-                     device: torch.device, on_done=None) -> tuple[dict[str, list[str]], Optional[dict], dict[str, dict], Optional[tuple]]:
+                     device: torch.device, on_done=None
+                     ) -> tuple[dict[str, list[list[str]]], Optional[dict], dict[str, dict], Optional[tuple]]:
     """Translates the (src, tgt) `pairs` with one load of the export (with `subset_mass`, one load
-    of that direction's expert subset per pair). Returns (hypotheses per direction, serving metrics
-    (offloading only), experts held per direction (subsets only), (model, vocab) of the full export
-    when it was loaded whole and resident)."""
-    hyps: dict[str, list[str]] = {}
+    of that direction's expert subset per pair), one beam search for all `length_penalties`.
+    Returns (hypotheses per direction, one list per penalty; serving metrics (offloading only),
+    experts held per direction (subsets only), (model, vocab) of the full export when it was
+    loaded whole and resident)."""
+    hyps: dict[str, list[list[str]]] = {}
     held: dict[str, dict] = {}
     model = vocab = runtime = None
     try:
@@ -57,7 +60,7 @@ def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: 
                 model, vocab, _, runtime = load_for_serving(model_dir, serve, device)
             if runtime is not None:
                 runtime.set_direction(src, tgt)  # language-aware serving seeds its caches for it
-            hyps[name] = translate(model, vocab, texts[src], tgt, beam, length_penalty, max_tokens)
+            hyps[name] = translate_per_penalty(model, vocab, texts[src], tgt, beam, length_penalties, max_tokens)
             if on_done is not None:
                 on_done()
     finally:
@@ -67,12 +70,12 @@ def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: 
     return hyps, None if runtime is None else runtime.metrics.summary(), held, full
 
 
-def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalty: float,
+def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalties: Sequence[float],
                       max_tokens: int, threads: int, serve: Optional[ServeConfig], subset_mass: Optional[float],
                       device: torch.device):
     """Worker process: translates one (src, tgt) pair (see _translate_pairs)."""
     torch.set_num_threads(threads)
-    return _translate_pairs(model_dir, texts, [pair], beam, length_penalty, max_tokens, serve, subset_mass,
+    return _translate_pairs(model_dir, texts, [pair], beam, length_penalties, max_tokens, serve, subset_mass,
                             device)[:3]
 
 
@@ -116,6 +119,51 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     `device`: a `device=` value (auto, cpu, cuda, cuda:N) or a torch.device; decoding runs there."""
     device = resolve_device(device) if isinstance(device, str) else device
     model_dir = str(resolve(model_dir))
+    scored = _decode_and_score(model_dir, test, langs, directions, beam, [length_penalty], max_tokens, limit,
+                               workers, threads, serve, subset, tuned, device)
+    report, hyps = scored.reports[0], scored.hyps[0]
+    if out:
+        out = resolve(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".txt").write_text(report["table"] + "\n")
+        for name, lines in hyps.items():
+            out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
+    if telemetry:
+        # decoded in workers, offloaded or by subsets: load it here
+        model, vocab = scored.full or load_export(model_dir, device=device)[:2]
+        routing = collect_routing(model, vocab, scored.texts, scored.pairs, progress="telemetry")
+        stem = out.with_suffix("") if out else Path("telemetry")
+        Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
+        plot_heatmap(routing, Path(f"{stem}.telemetry.png"))
+        report["telemetry"] = f"{stem}.telemetry.json"
+    return report
+
+
+def evaluate_penalties(model_dir, test: str, length_penalties: Sequence[float], langs: Optional[Sequence[str]] = None,
+                       directions: Optional[str | Sequence[str]] = None, beam: int = 4, max_tokens: int = 4096,
+                       limit: int = 0, workers: int = 1, threads: int = 0, serve: Optional[ServeConfig] = None,
+                       subset: Optional[SubsetConfig] = None, device: str | torch.device = "cpu") -> list[dict]:
+    """The report `evaluate_export` gives for each of `length_penalties` (nothing written), from one
+    decoding: the penalty only ranks a sentence's finished beam hypotheses, so one search serves all
+    (`mtmoe.model.generation.beam_search_finished`)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    return _decode_and_score(str(resolve(model_dir)), test, langs, directions, beam, list(length_penalties),
+                             max_tokens, limit, workers, threads, serve, subset, None, device).reports
+
+
+@dataclass
+class _Scored:
+    reports: list[dict]  # one per length penalty
+    hyps: list[dict[str, list[str]]]  # per length penalty: direction -> translations
+    texts: dict[str, list[str]]  # language -> the test lines decoded
+    pairs: list[tuple[str, str]]
+    full: Optional[tuple]  # (model, vocab) when this process decoded with the whole export resident
+
+
+def _decode_and_score(model_dir: str, test: str, langs, directions, beam: int, length_penalties: list[float],
+                      max_tokens: int, limit: int, workers: int, threads: int, serve: Optional[ServeConfig],
+                      subset: Optional[SubsetConfig], tuned: Optional[dict], device: torch.device) -> _Scored:
     if serve is not None:
         check_serve(serve)
     if subset is not None:
@@ -138,7 +186,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
             choose_subset(model_dir, f"{src}-{tgt}", subset_mass)
 
     started = time.monotonic()
-    hyps: dict[str, list[str]] = {}
+    hyps: dict[str, list[list[str]]] = {}  # direction -> translations per length penalty
     serving: list[dict] = []  # serving metrics of each decoding process (offloading only)
     held: dict[str, dict] = {}  # experts held per direction (subsets only)
     workers = max(1, min(workers, len(pairs)))
@@ -147,7 +195,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         if workers == 1:
             if threads:
                 torch.set_num_threads(threads)
-            hyps, metrics, held, full = _translate_pairs(model_dir, texts, pairs, beam, length_penalty, max_tokens,
+            hyps, metrics, held, full = _translate_pairs(model_dir, texts, pairs, beam, length_penalties, max_tokens,
                                                          serve, subset_mass, device, on_done=lambda: bar.update(1))
             serving += [metrics] if metrics is not None else []
         else:
@@ -155,7 +203,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                 load_for_serving(model_dir, serve)[3].close()
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalty,
+                futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalties,
                                        max_tokens, threads or 1, serve, subset_mass, device) for pair in pairs]
                 for future in as_completed(futures):
                     lines, metrics, pair_held = future.result()
@@ -165,9 +213,22 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                         serving.append(metrics)
                     bar.update(1)
     seconds = time.monotonic() - started
+    total = len(pairs) * len(texts[needed[0]])
+    reports, per_penalty = [], []
+    for i, length_penalty in enumerate(length_penalties):
+        lines = {name: per_direction[i] for name, per_direction in hyps.items()}
+        per_penalty.append(lines)
+        reports.append(_report(model_dir, test, beam, length_penalty, device, pairs, untrained, texts, lines,
+                               seconds, total, serving, held, subset_mass, tuned))
+    return _Scored(reports, per_penalty, texts, pairs, full)
+
+
+def _report(model_dir: str, test: str, beam: int, length_penalty: float, device: torch.device, pairs, untrained,
+            texts: dict, hyps: dict[str, list[str]], seconds: float, total: int, serving: list[dict],
+            held: dict[str, dict], subset_mass: Optional[float], tuned: Optional[dict]) -> dict:
+    """The report of one decoding setting: scores per direction, mean, zero-shot section, table."""
     scores = {f"{s}-{t}": score_direction(hyps[f"{s}-{t}"], texts[t]) for s, t in pairs}
     per_direction = {name: r for name, r in scores.items() if name not in untrained}
-    total = len(pairs) * len(texts[needed[0]])
     report = {"model": model_dir, "test": str(test), "beam": beam, "length_penalty": length_penalty,
               "device": str(device),
               "directions": per_direction, "mean": summarize(per_direction) if per_direction else None,
@@ -189,18 +250,4 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     if held:
         report["subset"] = {"mass": subset_mass, "directions": {f"{s}-{t}": held[f"{s}-{t}"] for s, t in pairs}}
         report["table"] += "".join("\n" + format_held(held[f"{s}-{t}"]) for s, t in pairs)
-    if out:
-        out = resolve(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".txt").write_text(report["table"] + "\n")
-        for name, lines in hyps.items():
-            out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
-    if telemetry:
-        model, vocab = full or load_export(model_dir, device=device)[:2]  # decoded in workers, offloaded or by subsets
-        routing = collect_routing(model, vocab, texts, pairs, progress="telemetry")
-        stem = out.with_suffix("") if out else Path("telemetry")
-        Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
-        plot_heatmap(routing, Path(f"{stem}.telemetry.png"))
-        report["telemetry"] = f"{stem}.telemetry.json"
     return report

@@ -1,9 +1,11 @@
 """Decoding settings picked on a held-out set (`mtmoe-eval tune.on=data/multi30k/val`), not on the test.
 
-Every (beam, length penalty) of the grid decodes the first `tune.lines` lines of each scored
+Every (beam, length penalty) of the grid is scored on the first `tune.lines` lines of each scored
 direction of the held-out set; the setting with the best mean BLEU over those directions (ties: the
-first in grid order, beams outer) is the one the test set is then decoded with. Each setting is one
-`evaluate_export` run, so serving and subset options apply to the tuning as to the test.
+first in grid order, beams outer) is the one the test set is then decoded with. Each beam size is one
+decoding (`evaluate_penalties`): the length penalty only ranks the finished hypotheses of a search, so
+all penalties of the grid come from the same search. Serving and subset options apply to the tuning as
+to the test.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from mtmoe.config import ServeConfig, SubsetConfig, TuneConfig
-from mtmoe.eval.run import evaluate_export, select_directions
+from mtmoe.eval.run import evaluate_penalties, select_directions
 from mtmoe.formats.export_format import read_export_config
 from mtmoe.paths import resolve
 from mtmoe.scoring import summarize
@@ -27,10 +29,10 @@ def tune_decoding(model_dir, tune: TuneConfig, beam: int, test: str, langs: Opti
     names = [f"{s}-{t}" for s, t in pairs]
     grid = []
     for b in tune.beams or [beam]:
-        for lp in tune.length_penalties:
-            report = evaluate_export(model_dir, tune.on, directions=names, beam=b, length_penalty=lp,
+        reports = evaluate_penalties(model_dir, tune.on, tune.length_penalties, directions=names, beam=b,
                                      max_tokens=max_tokens, limit=tune.lines, workers=workers, threads=threads,
                                      serve=serve, subset=subset, device=device)
+        for lp, report in zip(tune.length_penalties, reports):
             scored = {**report["directions"], **report.get("zero_shot", {}).get("directions", {})}
             mean = summarize(scored)
             grid.append({"beam": b, "length_penalty": lp, "bleu": mean["bleu"], "chrf": mean["chrf"],

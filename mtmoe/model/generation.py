@@ -50,14 +50,36 @@ def _all_agree(flag: bool, group) -> bool:
     return bool(t.item())
 
 
+Finished = list[tuple[float, list[int]]]
+"""One sentence's finalized hypotheses, in the order they finished: (sum of log p, token ids
+without BOS and EOS)."""
+
+
+def best_hypothesis(finished: Finished, length_penalty: float) -> list[int]:
+    """The hypothesis with the best sum log p / len^length_penalty (len counts the EOS; ties: the
+    first to finish)."""
+    return max(finished, key=lambda item: item[0] / (len(item[1]) + 1) ** length_penalty)[1]
+
+
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
                 max_len_a: float = 1.5, max_len_b: int = 10, sync_group=None) -> list[list[int]]:
-    """src [B, S] (tagged, EOS-terminated, PAD-padded) -> best hypothesis token ids per sentence.
+    """src [B, S] (tagged, EOS-terminated, PAD-padded) -> best hypothesis token ids per sentence
+    (`best_hypothesis` of `beam_search_finished`)."""
+    return [best_hypothesis(f, length_penalty)
+            for f in beam_search_finished(model, src, beam, max_len_a, max_len_b, sync_group)]
 
-    A hypothesis' score is sum log p / len^length_penalty. Each step keeps 2*beam candidates;
-    those ending in EOS within the top `beam` are finalized, the best `beam` others continue.
-    A sentence is done once it has `beam` finalized hypotheses."""
+
+@torch.no_grad()
+def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: float = 1.5, max_len_b: int = 10,
+                         sync_group=None) -> list[Finished]:
+    """src [B, S] (tagged, EOS-terminated, PAD-padded) -> each sentence's `beam` finalized hypotheses.
+
+    Each step keeps 2*beam candidates by sum log p; those ending in EOS within the top `beam` are
+    finalized, the best `beam` others continue. A sentence is done once it has `beam` finalized
+    hypotheses. The length penalty plays no part in the search (it only ranks the finalized
+    hypotheses, `best_hypothesis`), so one search serves every penalty: tuning it on a held-out set
+    decodes once (mtmoe.eval.tune)."""
     bsz, k = src.shape[0], beam
     device = src.device
     memory, memory_keep, _, _ = model.encode(src)
@@ -71,7 +93,7 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
     tokens = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long, device=device)
     scores = torch.zeros(bsz, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(bsz)]
+    finished: list[Finished] = [[] for _ in range(bsz)]
     done = np.zeros(bsz, dtype=bool)
     active = torch.arange(bsz)  # original index of each sentence still in the batch (host)
 
@@ -97,7 +119,7 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
             if done[sentence] or not torch.isfinite(top_scores[b, j]):
                 continue
             hyp = tokens[b * k + int(top_beam[b, j]), 1:].tolist()
-            finished[sentence].append((float(top_scores[b, j]) / (len(hyp) + 1) ** length_penalty, hyp))
+            finished[sentence].append((float(top_scores[b, j]), hyp))
             if len(finished[sentence]) >= k:
                 done[sentence] = True
         if _all_agree(bool(done.all()), sync_group):
@@ -122,18 +144,26 @@ def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float =
         tokens = torch.cat([tokens.index_select(0, order), new_tokens.reshape(-1, 1)], dim=1)
         _reorder_cache(cache, order, k, kept_sentences)
 
-    return [max(hyps, key=lambda item: item[0])[1] for hyps in finished]
+    return finished
 
 
 def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int = 4,
                   length_penalty: float = 1.0, max_tokens: int = 4096, sync_group=None,
                   progress: Optional[object] = None) -> list[list[int]]:
     """Translates tokenized sentences (no tag/EOS yet) into token ids, in input order."""
+    return translate_ids_per_penalty(model, src_ids, tag_id, beam, [length_penalty], max_tokens, sync_group,
+                                     progress)[0]
+
+
+def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int,
+                              length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
+                              progress: Optional[object] = None) -> list[list[list[int]]]:
+    """`translate_ids` for each of `length_penalties` from one beam search: [penalty][sentence] -> ids."""
     max_len = model.model_cfg.max_positions - 2
     lengths = np.array([min(len(s), max_len) + 2 for s in src_ids])
     order = np.argsort(lengths, kind="stable")
     groups = pack_by_tokens(lengths[order], lengths[order], max(max_tokens // beam, int(lengths.max())))
-    out: list[list[int]] = [[] for _ in src_ids]
+    out: list[list[list[int]]] = [[[] for _ in src_ids] for _ in length_penalties]
     was_training = model.training
     device = next(model.parameters()).device  # decode where the model is
     model.eval()
@@ -143,8 +173,9 @@ def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int =
             batch = collate([src_ids[i] for i in idx], [np.zeros(0, np.int64)] * len(idx), [tag_id] * len(idx),
                             max_len + 2)
             src = batch.src.to(device, non_blocking=True)
-            for i, hyp in zip(idx, beam_search(model, src, beam, length_penalty, sync_group=sync_group)):
-                out[i] = [t for t in hyp if t != EOS_ID]
+            for i, finished in zip(idx, beam_search_finished(model, src, beam, sync_group=sync_group)):
+                for hyps, length_penalty in zip(out, length_penalties):
+                    hyps[i] = [t for t in best_hypothesis(finished, length_penalty) if t != EOS_ID]
             if progress is not None:
                 progress.update(len(idx))
     finally:
@@ -171,7 +202,15 @@ def warn_cut_lines(vocab: Vocab, lines: Sequence[str], max_positions: int, sourc
 def translate(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: int = 4,
               length_penalty: float = 1.0, max_tokens: int = 4096, sync_group=None, progress=None) -> list[str]:
     """Source sentences -> translations into `tgt_lang` (detokenized strings)."""
+    return translate_per_penalty(model, vocab, lines, tgt_lang, beam, [length_penalty], max_tokens, sync_group,
+                                 progress)[0]
+
+
+def translate_per_penalty(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: int,
+                          length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
+                          progress=None) -> list[list[str]]:
+    """`translate` for each of `length_penalties` from one beam search: [penalty][line] -> translation."""
     src_ids = [np.asarray(ids, dtype=np.int64) for ids in vocab.encode(lines)]
-    hyps = translate_ids(model, src_ids, vocab.tag_id(tgt_lang), beam, length_penalty, max_tokens,
-                         sync_group, progress)
-    return [vocab.decode(h) for h in hyps]
+    per_penalty = translate_ids_per_penalty(model, src_ids, vocab.tag_id(tgt_lang), beam, length_penalties,
+                                            max_tokens, sync_group, progress)
+    return [[vocab.decode(h) for h in hyps] for hyps in per_penalty]
