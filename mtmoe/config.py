@@ -367,8 +367,8 @@ class ServeConfig:
     `speculative` (the next layer's router applied to this layer's input), `pregate` (the plan of a
     model trained with moe.pregate=true), `language` (each layer's cache seeded and held with the
     experts the request's direction uses most, from the export's routing statistics; the router of
-    each MoE layer applied one sub-layer ahead for every token; a call's missing experts streamed
-    while its others compute)."""
+    each MoE layer applied ahead for every token, at up to three points before the layer; a call's
+    missing experts streamed while its others compute)."""
     store_dir: Optional[str] = None
     """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
     slow_gbps: float = 0.0

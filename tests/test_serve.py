@@ -391,19 +391,90 @@ def test_pregate_policy_prefetches_the_relayed_plan(tmp_path):
 
 
 def test_language_policy_holds_the_directions_experts(tmp_path, caplog):
-    """set_direction holds each layer's most used experts for the direction (decoder: capacity - 1,
-    encoder: capacity - 2) and fills the rest; a direction without statistics seeds nothing."""
+    """set_direction holds each layer's most used experts for the direction (encoder: capacity - 2;
+    decoder: none in its first mode, predictions alone; capacity - 1 in a mode that holds) and
+    fills the rest; a direction without statistics seeds nothing."""
     model = random_model()
     offloaded, runtime = served(model, tmp_path, experts_per_layer=3, prefetch="language")  # en-de
     with runtime:
         runtime.wait_idle()
         assert {name: cache.held() for name, cache in runtime.caches.items()} == \
-            {"enc0": [3], "enc1": [3], "dec0": [3, 2], "dec1": [3, 2]}  # fake_routing prefers high ids
+            {"enc0": [3], "enc1": [3], "dec0": [], "dec1": []}  # fake_routing prefers high ids
         assert all(sorted(cache.resident()) == [1, 2, 3] for cache in runtime.caches.values())
+        runtime.policy._modes["dec1"].mode = policies.Mode(predict=True, hold=True)
+        runtime.set_direction("en", "de")
+        assert runtime.caches["dec1"].held() == [3, 2] and runtime.caches["dec0"].held() == []
         with caplog.at_level("WARNING", logger="mtmoe"):
             runtime.set_direction("fr", "cs")
         assert "no routing statistics for fr-cs at enc0" in caplog.text
         assert all(cache.held() == [] for cache in runtime.caches.values())
+
+
+def test_mode_chooser_measures_each_mode_and_keeps_the_best():
+    """A window in each mode, then the best for `commit` windows, then each again from the first;
+    counters reset (a benchmark's warm-up) restart the window."""
+    a, b, c = policies.DECODER_MODES
+    chooser = policies.ModeChooser([a, b, c], window=2, commit=2)
+    hits = acts = 0
+    changes = []
+
+    def calls(n, rate):
+        nonlocal hits, acts
+        for _ in range(n):
+            acts += 10
+            hits += int(10 * rate)
+            changes.append(chooser.after_call(hits, acts))
+
+    assert chooser.mode == a and chooser.after_call(0, 0) is None  # the first call starts the window
+    calls(2, 0.5)
+    assert chooser.mode == b and changes[-1] == b
+    calls(2, 0.9)
+    assert chooser.mode == c
+    calls(2, 0.9)  # a tie with b: the earlier mode
+    assert chooser.mode == b and chooser._rates == {a: 0.5, b: 0.9, c: 0.9}
+    calls(4, 0.1)  # committed for 2 windows whatever happens meanwhile
+    assert chooser.mode == a and chooser._rates == {}  # then each again, from the first
+    calls(2, 0.8)
+    calls(2, 0.3)
+    calls(2, 0.7)
+    assert chooser.mode == a
+    chooser = policies.ModeChooser([a, b], window=2, commit=2)
+    chooser.after_call(100, 1000)
+    chooser.after_call(0, 0)  # reset: this call starts the window again
+    assert chooser.after_call(5, 10) is None
+    assert chooser.after_call(10, 20) == b and chooser._rates == {a: 0.5}
+
+
+def test_language_policy_switching_modes_keeps_outputs(tmp_path):
+    """Modes switched between decoding steps (ModeChoosers with a tiny window: predictions on and
+    off, holds taken and released) change which experts are resident, never the outputs."""
+    model = random_model()
+    reference = decode_all(model)
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch="language")
+    holds, modes = [], set()
+    with runtime:
+        for name, chooser in runtime.policy._modes.items():
+            runtime.policy._modes[name] = policies.ModeChooser(chooser.modes, window=2, commit=1)
+        real_hold = runtime.hold
+        runtime.hold = lambda layer, experts: (holds.append((layer, list(experts))), real_hold(layer, experts))
+        real_after = policies.ModeChooser.after_call
+        policies_after = lambda self, hits, acts: (modes.add(self.mode), real_after(self, hits, acts))[1]
+        for chooser in runtime.policy._modes.values():
+            chooser.after_call = policies_after.__get__(chooser)
+        assert decode_all(offloaded) == reference
+    assert ("dec0", [3]) in holds and ("dec0", []) in holds  # holds were taken and released
+    assert modes == set(policies.DECODER_MODES)  # every mode served calls
+
+
+def test_prediction_points():
+    """The language policy's ahead predictions for a layer: the previous layer's FFN input (from
+    the second layer on), the layer's input, and in a decoder layer the state after self-attention."""
+    model = random_model()
+    enc, dec = model.encoder, model.decoder
+    assert policies.prediction_points(enc, 0, decoder=False) == [(enc[0], enc[0].ffn_norm)]
+    assert policies.prediction_points(enc, 1, decoder=False) == [(enc[0].ffn, None), (enc[1], enc[1].ffn_norm)]
+    assert policies.prediction_points(dec, 1, decoder=True) == [
+        (dec[0].ffn, None), (dec[1], dec[1].ffn_norm), (dec[1].cross_attn_norm, dec[1].ffn_norm)]
 
 
 def test_language_policy_on_a_model_with_dense_layers_first(tmp_path):

@@ -19,9 +19,11 @@ experts, fill) and runtime.hold(layer, experts), and read runtime.capacities and
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+from torch import nn
 
 from mtmoe.config import PrefetchPolicy, check_choice
 from mtmoe.errors import ConfigError
@@ -125,6 +127,93 @@ class Pregate:
             relay.listeners.remove(listener)
 
 
+def prediction_points(stack, index: int, decoder: bool) -> list[tuple[nn.Module, Optional[nn.Module]]]:
+    """Where the language policy applies layer `index`'s router ahead, earliest first: (module whose
+    forward pre-hook sees the hidden state [B, T, D] as its first argument, norm to apply to it
+    first or None). The previous layer's FFN input (already normalised by that layer's FFN norm);
+    the layer's own input; in a decoder layer, the state after its self-attention (the input of its
+    cross-attention norm). `stack` is the encoder's or decoder's list of layers."""
+    layer = stack[index]
+    points = [(stack[index - 1].ffn, None)] if index > 0 else []
+    points.append((layer, layer.ffn_norm))
+    if decoder:
+        points.append((layer.cross_attn_norm, layer.ffn_norm))
+    return points
+
+
+def held_count(stack: str, capacity: int, hold: bool = True) -> int:
+    """How many of a layer's experts the language policy holds for the direction (never evicted).
+
+    Encoder layers: capacity - 2. The encoder runs a whole sentence at once and needs most of a
+    layer's experts; it streams them through two slots (one computes while the other loads).
+    Decoder layers: capacity - 1 when `hold` (a step needs one or two experts; one slot serves the
+    rest), else none, leaving every slot to the ahead predictions."""
+    if stack == "enc":
+        return max(capacity - 2, 0)
+    return max(capacity - 1, 0) if hold else 0
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the language policy serves one MoE layer: `predict` (apply its router ahead and prefetch
+    the predicted experts) and `hold` (keep the direction's top experts resident, `held_count`)."""
+    predict: bool
+    hold: bool
+
+
+DECODER_MODES = (Mode(predict=True, hold=False), Mode(predict=True, hold=True), Mode(predict=False, hold=True))
+ENCODER_MODES = (Mode(predict=True, hold=True), Mode(predict=False, hold=True))
+
+
+class ModeChooser:
+    """Which `Mode` serves a layer, chosen by measuring each on the layer's own calls.
+
+    What pays depends on the expert size, the slow tier, the model's speed and the box, so it is
+    measured rather than modelled: the layer's hit rate over `window` calls in each mode, then the
+    best (ties: the earlier mode) for `commit` windows, then each again. Measured on the main job's
+    model (scripts/bench_serve.py, 2 of 4 experts resident, beam 4, en-de): where loads are RAM
+    copies, predictions with every slot free hit 0.88-0.90, with the top expert held 0.84; at a
+    simulated 0.5 GB/s tier (4 MiB experts, ~8 ms a load, longer than a decoding step) a prediction
+    cannot land in time and its load keeps a slot busy, so holding with on-demand loads is what
+    pays (predicting: 0.47-0.55, LRU on demand alone: 0.68)."""
+
+    def __init__(self, modes: Sequence[Mode], window: int = 64, commit: int = 8):
+        self.modes, self.window, self.commit = tuple(modes), window, commit
+        self.mode = self.modes[0]
+        self._calls = 0
+        self._start: Optional[tuple[int, int]] = None  # (hits, activations) at the window's start
+        self._rates: dict[Mode, float] = {}  # hit rate of each mode's last trial window
+        self._committed = 0  # windows left in the committed mode
+
+    def after_call(self, hits: int, activations: int) -> Optional[Mode]:
+        """Called once per call of the layer with its cumulative counters; returns the new mode
+        when it changes, else None."""
+        if self._start is None or activations < self._start[1]:  # first call, or the counters were reset:
+            self._start, self._calls = (hits, activations), 0  # the window starts after this call
+            return None
+        self._calls += 1
+        if self._calls < self.window:
+            return None
+        done = activations - self._start[1]
+        rate = (hits - self._start[0]) / done if done else 0.0
+        self._calls, self._start = 0, (hits, activations)
+        before = self.mode
+        if self._committed:
+            self._committed -= 1
+            if not self._committed:  # re-measure every mode, from the first
+                self._rates.clear()
+                self.mode = self.modes[0]
+        else:
+            self._rates[self.mode] = rate
+            untried = [m for m in self.modes if m not in self._rates]
+            if untried:
+                self.mode = untried[0]
+            else:
+                self.mode = max(self.modes, key=lambda m: self._rates[m])  # max keeps the first of equals
+                self._committed = self.commit
+        return self.mode if self.mode != before else None
+
+
 class Language:
     """`serve.prefetch=language`. Multilingual MoE layers route by language (a decoder layer by
     target language, an encoder layer by source language), and the direction of a request is known
@@ -134,15 +223,19 @@ class Language:
       MoE layer's experts by their share of that direction's routing in the stored statistics
       (`by_direction`; without it, the source language's share in encoder layers and the target
       language's in decoder layers), holds the top ones in the layer's cache (never evicted) and
-      fills the other slots with the next ones. Decoder layers hold capacity - 1 (a decoding step
-      needs one or two experts; one slot serves the rest); encoder layers hold capacity - 2, since
-      the encoder runs a whole sentence at once, needs most of a layer's experts, and streams them
-      through two slots (one computes while the other loads).
-    - Ahead: a forward pre-hook one sub-layer before each MoE layer (the FFN of the previous layer
-      of the stack, dense or MoE; for a stack's first layer, the layer itself through its FFN norm)
-      applies the MoE layer's router to that input, for every token (in the encoder the whole
-      sentence), and fills the layer's free slots with the predicted experts, most demanded first,
-      while the layers in between compute.
+      fills the other slots with the next ones; how many it holds is `held_count`'s rule.
+    - Each layer's `Mode` (predict ahead or not; a decoder layer: hold or not) is measured on its
+      own calls and the best kept (`ModeChooser`).
+    - Ahead: the MoE layer's router (after the layer's FFN norm) is applied to the hidden state at
+      up to three points before the layer's FFN runs, for every token (in the encoder the whole
+      sentence), each time filling the layer's free slots with the predicted experts, most demanded
+      first (`prediction_points`). The earliest guess gives a load the most time; each later one
+      sees a hidden state closer to the one the router will see and replaces a wrong guess that has
+      not started loading. One point is not enough (`scripts/routing_foresight.py`, en-de): on the
+      main job's model (beam 4) the router applied at the previous FFN's input picks the expert the
+      decoder's MoE layer then uses for 0.57 of the tokens, at the layer's input 0.89, after its
+      self-attention 0.95; on the small 8-expert models of scripts/bench_serve.py (greedy, decoder
+      layers 1-2) 0.58-0.75, 0.79-0.84 and 0.85-0.90; but the later the point, the less time a load has.
     - `streams`: the runtime loads each call's missing experts in execution order while the call's
       other experts compute (LayerCache.plan_call).
     """
@@ -156,6 +249,9 @@ class Language:
         self._runtime, self._routing = runtime, runtime.routing
         self._handles = []
         self._layers = moe_stacks(model)
+        self._order: dict[str, list[int]] = {}  # layer -> the direction's experts, most used first
+        self._modes = {name: ModeChooser(DECODER_MODES if name.startswith("dec") else ENCODER_MODES)
+                       for layers in self._layers.values() for name, _ in layers}
         for stack_name, layers in self._layers.items():
             stack = model.encoder if stack_name == "enc" else model.decoder
             for name, layer in layers:
@@ -163,16 +259,16 @@ class Language:
                 if overall is None or len(overall["share"]) != len(layer.experts):
                     raise ConfigError(f"serve.prefetch=language: the routing statistics do not match MoE layer "
                                       f"{name} ({len(layer.experts)} experts); re-export the model")
-                index = int(name[3:])
-                if index > 0:
-                    hook = self._hook(name, layer.gate, None)
-                    self._handles.append(stack[index - 1].ffn.register_forward_pre_hook(hook, with_kwargs=True))
-                else:
-                    hook = self._hook(name, layer.gate, stack[0].ffn_norm)
-                    self._handles.append(stack[0].register_forward_pre_hook(hook, with_kwargs=True))
+                points = prediction_points(stack, int(name[3:]), stack_name == "dec")
+                for module, norm in points:
+                    self._handles.append(module.register_forward_pre_hook(self._hook(name, layer.gate, norm),
+                                                                          with_kwargs=True))
+                self._handles.append(layer.register_forward_hook(self._after_call(name)))
 
     def _hook(self, name: str, router: Router, norm):
         def hook(module, args, kwargs):
+            if not self._modes[name].mode.predict:
+                return
             x = args[0] if args else kwargs["x"]  # [B, T, D]
             keep = args[1] if len(args) > 1 else kwargs.get("keep")  # [B, T] bool or None
             tokens = x.reshape(-1, x.shape[-1])
@@ -194,13 +290,24 @@ class Language:
             return []
         return ranked(torch.tensor(stats["share"]))
 
+    def _after_call(self, name: str):
+        """MoE layer hook: counts the call for its ModeChooser and applies a new mode's holds."""
+        def hook(module, args, output):
+            counts = self._runtime.metrics.layers[name]
+            if self._modes[name].after_call(counts.hits, counts.activations) is not None:
+                self._hold(name, name[:3])
+        return hook
+
+    def _hold(self, name: str, stack: str) -> None:
+        count = held_count(stack, self._runtime.capacities[name], self._modes[name].mode.hold)
+        self._runtime.hold(name, self._order.get(name, [])[:count])
+
     def set_direction(self, src: str, tgt: str) -> None:
         for stack_name, layers in self._layers.items():
             for name, _ in layers:
-                order = self.ranking(name, src, tgt)
-                capacity = self._runtime.capacities[name]
-                self._runtime.hold(name, order[:max(capacity - (2 if stack_name == "enc" else 1), 0)])
-                self._runtime.prefetch(name, order[:capacity], fill=True)
+                self._order[name] = self.ranking(name, src, tgt)
+                self._hold(name, stack_name)
+                self._runtime.prefetch(name, self._order[name][:self._runtime.capacities[name]], fill=True)
 
     def close(self) -> None:
         for handle in self._handles:
