@@ -164,6 +164,8 @@ class _Scored:
 def _decode_and_score(model_dir: str, test: str, langs, directions, beam: int, length_penalties: list[float],
                       max_tokens: int, limit: int, workers: int, threads: int, serve: Optional[ServeConfig],
                       subset: Optional[SubsetConfig], tuned: Optional[dict], device: torch.device) -> _Scored:
+    """Checks the options and the test files, decodes every direction once (one beam search for all
+    `length_penalties`) and scores it per penalty."""
     if serve is not None:
         check_serve(serve)
     if subset is not None:
