@@ -32,50 +32,48 @@ from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.formats.export_format import load_export  # noqa: E402
 from mtmoe.model.generation import translate  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
+from mtmoe.serve.policies import moe_stacks, prediction_points  # noqa: E402
 
 POINTS = ("prev_ffn_in", "layer_in", "after_self_attn", "prev_step")
 
 
 class Recorder:
-    """Captures the hidden states [N, D] at each point of each layer during one forward of a stack,
-    and scores the predictions once the MoE layer has run."""
+    """Captures the hidden states [N, D] at the serving policy's prediction points of each MoE layer
+    (`prediction_points`, so this measures what the policy predicts from) and scores the predictions
+    once the MoE layer has run."""
 
     def __init__(self, model):
-        self.states: dict[tuple[str, int], torch.Tensor] = {}
+        self.states: dict[tuple[str, str], tuple[torch.Tensor, object]] = {}  # (layer, point) -> (x, norm)
         self.right: Counter = Counter()
         self.total: Counter = Counter()
         self.previous: dict[str, torch.Tensor] = {}
         self.handles = []
-        for stack_name, stack in (("enc", model.encoder), ("dec", model.decoder)):
-            for j, layer in enumerate(stack):
-                self._capture(layer, (f"{stack_name}_in", j))
-                self._capture(layer.ffn_norm, (f"{stack_name}_ffn", j))
-                if stack_name == "dec":
-                    self._capture(layer.cross_attn_norm, ("dec_mid", j))
-                if hasattr(layer.ffn, "gate"):
-                    self.handles.append(layer.register_forward_hook(self._score(stack_name, stack, j)))
+        for stack_name, layers in moe_stacks(model).items():
+            stack = model.encoder if stack_name == "enc" else model.decoder
+            for name, moe in layers:
+                j = int(name[3:])
+                for module, norm in prediction_points(stack, j, stack_name == "dec"):
+                    point = ("layer_in" if module is stack[j] else
+                             "prev_ffn_in" if j > 0 and module is stack[j - 1].ffn else "after_self_attn")
+                    self._capture(module, (name, point), norm)
+                self._capture(moe, (name, "routed"), None)  # the MoE layer's own (normalised) input
+                self.handles.append(moe.register_forward_hook(self._score(name, moe)))
 
-    def _capture(self, module, key):
+    def _capture(self, module, key, norm):
         def hook(_module, args):
-            self.states[key] = args[0].detach().reshape(-1, args[0].shape[-1])
+            self.states[key] = (args[0].detach().reshape(-1, args[0].shape[-1]), norm)
         self.handles.append(module.register_forward_pre_hook(hook))
 
-    def _score(self, stack_name: str, stack, j: int):
+    def _score(self, name: str, moe):
         def hook(_module, _args, _out):
-            layer = stack[j]
-            ffn_in = self.states[(f"{stack_name}_ffn", j)]
             with torch.no_grad():
-                actual = layer.ffn.gate.select(layer.ffn_norm(ffn_in))[3][:, 0]
-                points = {"layer_in": self.states[(f"{stack_name}_in", j)]}
-                if j > 0:  # as the serving policy sees it: normalised by the previous layer's FFN norm
-                    points["prev_ffn_in"] = stack[j - 1].ffn_norm(self.states[(f"{stack_name}_ffn", j - 1)])
-                if stack_name == "dec":
-                    points["after_self_attn"] = self.states[("dec_mid", j)]
-                name = f"{stack_name}{j}"
-                for point, x in points.items():
-                    x = x if point == "prev_ffn_in" else layer.ffn_norm(x)
-                    self._count(name, point, layer.ffn.gate.select(x)[3][:, 0], actual)
-                if stack_name == "dec":
+                actual = moe.gate.select(self.states[name, "routed"][0])[3][:, 0]
+                for point in POINTS[:3]:
+                    if (name, point) in self.states:
+                        x, norm = self.states[name, point]
+                        x = x if norm is None else norm(x)
+                        self._count(name, point, moe.gate.select(x)[3][:, 0], actual)
+                if name.startswith("dec"):
                     before = self.previous.get(name)
                     if before is not None and before.shape == actual.shape:
                         self._count(name, "prev_step", before, actual)

@@ -452,15 +452,17 @@ def test_language_policy_switching_modes_keeps_outputs(tmp_path):
     reference = decode_all(model)
     offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch="language")
     holds, modes = [], set()
+
+    class Recording(policies.ModeChooser):
+        def after_call(self, hits, activations):
+            modes.add(self.mode)
+            return super().after_call(hits, activations)
+
     with runtime:
         for name, chooser in runtime.policy._modes.items():
-            runtime.policy._modes[name] = policies.ModeChooser(chooser.modes, window=2, commit=1)
+            runtime.policy._modes[name] = Recording(chooser.modes, window=2, commit=1)
         real_hold = runtime.hold
         runtime.hold = lambda layer, experts: (holds.append((layer, list(experts))), real_hold(layer, experts))
-        real_after = policies.ModeChooser.after_call
-        policies_after = lambda self, hits, acts: (modes.add(self.mode), real_after(self, hits, acts))[1]
-        for chooser in runtime.policy._modes.values():
-            chooser.after_call = policies_after.__get__(chooser)
         assert decode_all(offloaded) == reference
     assert ("dec0", [3]) in holds and ("dec0", []) in holds  # holds were taken and released
     assert modes == set(policies.DECODER_MODES)  # every mode served calls

@@ -141,7 +141,7 @@ def prediction_points(stack, index: int, decoder: bool) -> list[tuple[nn.Module,
     return points
 
 
-def held_count(stack: str, capacity: int, hold: bool = True) -> int:
+def held_count(stack: str, capacity: int, hold: bool) -> int:
     """How many of a layer's experts the language policy holds for the direction (never evicted).
 
     Encoder layers: capacity - 2. The encoder runs a whole sentence at once and needs most of a
@@ -235,7 +235,7 @@ class Language:
       main job's model (beam 4) the router applied at the previous FFN's input picks the expert the
       decoder's MoE layer then uses for 0.57 of the tokens, at the layer's input 0.89, after its
       self-attention 0.95; on the small 8-expert models of scripts/bench_serve.py (greedy, decoder
-      layers 1-2) 0.58-0.75, 0.79-0.84 and 0.85-0.90; but the later the point, the less time a load has.
+      layers 1-2) 0.63-0.77, 0.79-0.84 and 0.85-0.90; but the later the point, the less time a load has.
     - `streams`: the runtime loads each call's missing experts in execution order while the call's
       other experts compute (LayerCache.plan_call).
     """
@@ -295,18 +295,18 @@ class Language:
         def hook(module, args, output):
             counts = self._runtime.metrics.layers[name]
             if self._modes[name].after_call(counts.hits, counts.activations) is not None:
-                self._hold(name, name[:3])
+                self._hold(name)
         return hook
 
-    def _hold(self, name: str, stack: str) -> None:
-        count = held_count(stack, self._runtime.capacities[name], self._modes[name].mode.hold)
+    def _hold(self, name: str) -> None:
+        count = held_count(name[:3], self._runtime.capacities[name], self._modes[name].mode.hold)
         self._runtime.hold(name, self._order.get(name, [])[:count])
 
     def set_direction(self, src: str, tgt: str) -> None:
-        for stack_name, layers in self._layers.items():
+        for layers in self._layers.values():
             for name, _ in layers:
                 self._order[name] = self.ranking(name, src, tgt)
-                self._hold(name, stack_name)
+                self._hold(name)
                 self._runtime.prefetch(name, self._order[name][:self._runtime.capacities[name]], fill=True)
 
     def close(self) -> None:
