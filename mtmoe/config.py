@@ -39,6 +39,7 @@ Offload = Literal["none", "cpu", "nvme"]
 ValidBleu = Literal["final", "always", "never"]
 ScheduleKind = Literal["constant", "linear", "stepwise", "curriculum"]
 PrefetchPolicy = Literal["none", "speculative", "pregate", "language"]
+ServeBudget = Literal["layer", "model"]
 PruneRule = Literal["loss", "coverage", "global"]
 Quant = Literal["none", "int8", "int4"]
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -369,6 +370,12 @@ class ServeConfig:
     experts the request's direction uses most, from the export's routing statistics; the router of
     each MoE layer applied ahead for every token, at up to three points before the layer; a call's
     missing experts streamed while its others compute)."""
+    budget: str = choice("model", ServeBudget)
+    """Whose slots the resident experts take: `model` (default: all MoE layers share
+    experts_per_layer x their number, and a layer that needs a slot takes the least recently used
+    one of any layer, so the encoder, which runs once per sentence and needs most of its experts
+    then, and the decoder, which needs few per step, take turns) or `layer` (each MoE layer keeps
+    its own experts_per_layer slots). scripts/bench_serve.py --budgets layer model compares them."""
     store_dir: Optional[str] = None
     """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
     slow_gbps: float = 0.0

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -50,7 +51,7 @@ from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.model.generation import translate  # noqa: E402
 from mtmoe.formats.export_format import load_export  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
-from mtmoe.config import ServeConfig  # noqa: E402
+from mtmoe.config import ServeBudget, ServeConfig  # noqa: E402
 from mtmoe.serve.runtime import load_for_serving  # noqa: E402
 from mtmoe.serve.validate import POLICIES  # noqa: E402
 
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
                     help="fast-tier sizes (fractions of each MoE layer's experts)")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--budgets", nargs="+", default=["model"], choices=list(get_args(ServeBudget)),
+                    help="serve.budget: slots per layer, or the same total shared by all MoE layers")
     ap.add_argument("--store-dir", help="where experts.safetensors goes (default: the export dir)")
     ap.add_argument("--out", default="bench/serve")
     args = ap.parse_args()
@@ -141,18 +144,20 @@ def main() -> None:
         for gbps in args.slow_gbps:
             for label in args.sizes:
                 size = SIZES[label] or float(layer_experts)
-                for policy in args.policies:
-                    serve = ServeConfig(experts_per_layer=size, prefetch=policy, slow_gbps=gbps,
-                                        store_dir=args.store_dir)
-                    try:
-                        served, _, _, runtime = load_for_serving(export, serve)
-                    except (ConfigError, ExportError):
-                        if policy in ("pregate", "language"):  # not a pre-gate model / no routing.json: noted
-                            continue
-                        raise
-                    runtime.set_direction(src, tgt)  # the language policy seeds and holds its caches
-                    settings.append({"export": str(export), "label": label, "policy": policy,
-                                     "slow_gbps": gbps or None, "model": served, "vocab": vocab, "runtime": runtime})
+                for budget in args.budgets if SIZES[label] else ["layer"]:  # all resident: nothing to share
+                    for policy in args.policies:
+                        serve = ServeConfig(experts_per_layer=size, prefetch=policy, slow_gbps=gbps,
+                                            store_dir=args.store_dir, budget=budget)
+                        try:
+                            served, _, _, runtime = load_for_serving(export, serve)
+                        except (ConfigError, ExportError):
+                            if policy in ("pregate", "language"):  # not a pre-gate model / no routing.json: noted
+                                continue
+                            raise
+                        runtime.set_direction(src, tgt)  # the language policy seeds and holds its caches
+                        settings.append({"export": str(export), "label": label, "policy": policy, "budget": budget,
+                                         "slow_gbps": gbps or None, "model": served, "vocab": vocab,
+                                         "runtime": runtime})
     for setting in settings:
         decode(setting["model"], setting["vocab"], warmup, tgt, args.beam, args.batch_sentences)
     for round_ in range(args.rounds):
@@ -172,7 +177,8 @@ def main() -> None:
                 # What the wall time would be on an idle box: the compute thread's own CPU time plus
                 # the time it waited for experts (an on-demand copy is in both: an upper bound).
                 setting["busy_s"] = cpu + stall
-            print(f"round {round_ + 1}: {Path(setting['export']).name} {setting['label']} {setting['policy']} "
+            print(f"round {round_ + 1}: {Path(setting['export']).name} {setting['label']} "
+                  f"{setting.get('budget', '')} {setting['policy']} "
                   f"gbps={setting['slow_gbps']}: {len(lines) / seconds:.2f} sentences/s", file=sys.stderr)
 
     rows = []
@@ -181,6 +187,7 @@ def main() -> None:
             base, base_busy = len(lines) / setting["seconds"], len(lines) / setting["busy_s"]
         speed, busy = len(lines) / setting["seconds"], len(lines) / setting["busy_s"]
         row = {"export": setting["export"], "experts_resident": setting["label"], "policy": setting["policy"],
+               "budget": setting.get("budget"),
                "slow_gbps": setting["slow_gbps"], "sentences_per_s": round(speed, 2),
                "speed_vs_resident": round(speed / base, 3), "sentences_per_cpu_stall_s": round(busy, 2),
                "cpu_stall_speed_vs_resident": round(busy / base_busy, 3)}
@@ -215,6 +222,9 @@ def main() -> None:
         "held or none; encoder: capacity - 2 held) with the best hit rate over windows of 64 calls, tried in "
         "turn and then kept for 8 windows (the trials are part of the figures)."
         if language_ran else "language: not run (no export has routing statistics, routing.json).",
+        "budget (serve.budget): `layer` = each MoE layer its own slots (N/layer); `model` = the same total "
+        "shared by all MoE layers (N shared): a prediction may take any layer's least recently used slot, a "
+        "miss only while its layer holds fewer than its share.",
         "Hit rate = expert calls (with > 0 rows) served from the fast tier without waiting; enc/dec: the "
         "encoder runs a whole sentence at once (prefill: most experts of every layer), the decoder one token "
         "per step. Speed is relative to the plain all-resident model, timed in the same process, interleaved, "
@@ -249,11 +259,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for j, (model, gbps) in enumerate(panels):
         part = [r for r in served if (Path(r["export"]).name, r["slow_gbps"]) == (model, gbps)]
         sizes = list(dict.fromkeys(r["experts_resident"] for r in part))
-        policies = list(dict.fromkeys(r["policy"] for r in part))
+        policies = list(dict.fromkeys(bar(r) for r in part))
         width = 0.8 / len(policies)
         for i, policy in enumerate(policies):
             for k, key in enumerate(("hit_rate", "cpu_stall_speed_vs_resident")):
-                values = [next((r[key] for r in part if r["policy"] == policy and r["experts_resident"] == size), 0)
+                values = [next((r[key] for r in part if bar(r) == policy and r["experts_resident"] == size), 0)
                           for size in sizes]
                 axes[k, j].bar(np.arange(len(sizes)) + (i - (len(policies) - 1) / 2) * width, values, width,
                                label=policy)
@@ -266,6 +276,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def bar(row: dict) -> str:
+    """A served setting's name in the plot: its policy, and whether the layers share one budget."""
+    return row["policy"] + (" (shared)" if row.get("budget") == "model" else "")
 
 
 def stack_hit_rate(layers: dict, stack: str) -> float:
@@ -301,7 +316,9 @@ def markdown(rows: list[dict], setup: dict, notes: list[str]) -> str:
             lines.append(f"| {name} | {r['experts_resident']} | {r['policy']} | - | {speeds} | - | - | - | - | - | - "
                          f"| - | all |")
             continue
-        resident = f"{r['experts_resident']} ({min(r['experts_per_layer'].values())}/layer)"
+        per_layer = r["experts_per_layer"]
+        resident = (f"{r['experts_resident']} ({sum(per_layer.values())} shared)" if r.get("budget") == "model"
+                    else f"{r['experts_resident']} ({min(per_layer.values())}/layer)")
         lines.append(f"| {name} | {resident} | {r['policy']} | {r['slow_gbps'] or '-'} | {speeds} | "
                      f"{r['hit_rate']:.3f} | {r['enc_hit_rate']:.2f} / {r['dec_hit_rate']:.2f} | "
                      f"{r['prefetch_hits']}/{r['activations']} | {r['late_prefetches']} | {r['wasted_prefetches']} | "

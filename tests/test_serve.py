@@ -5,9 +5,11 @@ policy and cache size, on plain, pruned and int8 models."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,11 +27,14 @@ from mtmoe.model.quantized import QuantizedExperts, quantize_experts
 from mtmoe.model.seq2seq import build_model
 from mtmoe.model.transformer import FeedForward
 from mtmoe.serve import policies
-from mtmoe.serve.cache import LayerCache
+from mtmoe.serve.cache import LayerCache, SlotPool
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.metrics import ServeMetrics, merge_summaries
 from mtmoe.serve.runtime import OffloadedExperts, load_for_serving, offload
 from mtmoe.serve.validate import cache_sizes, check_serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -193,6 +198,115 @@ def test_failed_stream_load_whose_slot_went_to_a_later_expert():
     assert counts(metrics)["activations"] == 3
 
 
+def make_shared(size, layers=("A", "B"), num_experts=4, shares=None):
+    """Caches of `layers` (different experts each) drawing on one pool of `size` slots, each with a
+    share of 1 (or `shares`); `size` None: each layer a pool of its own share."""
+    torch.manual_seed(0)
+    shares = shares or {name: 1 for name in layers}
+    experts = {name: [FeedForward(8, 16).eval() for _ in range(num_experts)] for name in layers}
+    store = MemoryStore(experts[layers[0]], layers[0])
+    for name in layers[1:]:
+        store.blobs.update({(name, e): store.layout.pack(m.state_dict()) for e, m in enumerate(experts[name])})
+    metrics = ServeMetrics(list(layers), "none", shares, 0)
+    pool = SlotPool(size, store.layout.nbytes) if size else None
+    caches = {name: LayerCache(name, copy.deepcopy(experts[name][0]).to("meta"), store.layout, num_experts,
+                               shares[name], store, metrics, torch.device("cpu"), pool) for name in layers}
+    return caches, store, metrics, experts
+
+
+def test_shared_pool_gives_slots_to_whichever_layer_needs_them():
+    """budget=model: a layer takes the least recently used slot of any layer (on a miss only while
+    it holds fewer than its share; a prediction always), computes its own expert in it, and the
+    pool's slots are all the memory there is."""
+    caches, store, metrics, experts = make_shared(size=3)
+    a, b = caches["A"], caches["B"]
+    x = torch.randn(3, 8)
+    for name, e in (("A", 0), ("A", 1), ("A", 2), ("B", 0)):  # B's expert evicts A's least recently used (0)
+        with caches[name].use(e) as module:
+            assert torch.equal(module(x), experts[name][e](x))  # the layer's own expert e, not the other's
+    assert a.resident() == [1, 2] and b.resident() == [0]
+    with a.use(0) as module:  # back to A: evicts A's 1, now the least recently used of the pool
+        assert torch.equal(module(x), experts["A"][0](x))
+    assert a.resident() == [2, 0] and b.resident() == [0]
+    with b.use(1):  # a miss of a layer holding its share (1) recycles its own slot, though A's 2 is older
+        pass
+    assert a.resident() == [2, 0] and b.resident() == [1]
+    for slot, e in b.reserve_prefetch([2], fill=True):  # a prediction borrows: the pool's least recently used
+        b.fill(slot, e)
+    assert a.resident() == [0] and b.resident() == [1, 2]
+    assert metrics.summary()["peak_resident_expert_bytes"] == 3 * store.layout.nbytes  # 3 slots, each allocated once
+
+
+def test_shared_pool_spares_other_layers_holds_and_prefetches():
+    """Another layer's held experts are never taken; its unused prefetches are not taken by a
+    prefetch (the other layer's bet on its coming call), and by an on-demand load only when
+    nothing else can go."""
+    caches, store, metrics, _ = make_shared(size=3, layers=("A", "B", "C"))
+    a, b, c = caches["A"], caches["B"], caches["C"]
+    a.capacity = 2  # a share of 2: one expert may be held
+    for slot, e in a.hold([3]):
+        a.fill(slot, e)
+    for slot, e in b.reserve_prefetch([1], fill=True):
+        b.fill(slot, e)
+    with c.use(0):  # the third, free slot
+        pass
+    jobs = c.reserve_prefetch([1, 2])
+    assert [e for _, e in jobs] == [1]  # into C's own slot; A's held 3 and B's prefetched 1 stay
+    for slot, e in jobs:
+        c.fill(slot, e)
+    with c.use(2):  # on demand: C's own unused prefetch goes before B's
+        pass
+    assert a.resident() == [3] and b.resident() == [1] and c.resident() == [2]
+    with c.use(2), c.use(0):  # C's slot is pinned: B's unused prefetch is all that can go
+        pass
+    assert a.resident() == [3] and b.resident() == [] and c.resident() == [2, 0]
+    assert counts(metrics)["wasted_prefetches"] == 2  # C's 1 and B's 1
+
+
+def test_shared_pool_stale_prefetch_of_another_layer_loads_nothing():
+    """A prefetch job of layer A whose slot went to layer B, which then queued its own expert with
+    the same number there: A's late job must not copy A's expert into B's slot."""
+    caches, store, metrics, experts = make_shared(size=1)
+    a, b = caches["A"], caches["B"]
+    (stale_slot, stale_expert), = a.reserve_prefetch([1], fill=True)
+    with b.use(1):  # on demand, nothing else to take: B takes A's queued slot
+        pass
+    with a.use(0):  # A takes it back for its 0 (on demand)
+        pass
+    (slot, expert), = b.reserve_prefetch([1], fill=True)  # B queues its 1 in the same slot
+    assert (slot, expert) == (stale_slot, stale_expert)
+    a.fill(stale_slot, stale_expert)  # the loader reaches A's old job: the slot is B's now
+    b.fill(slot, expert)
+    x = torch.randn(3, 8)
+    with b.use(1) as module:
+        assert torch.equal(module(x), experts["B"][1](x))
+    assert store.reads == [1, 0, 1]
+
+
+def test_serve_bound_counts_the_runtimes_loads_and_belady_bounds_them():
+    """scripts/serve_bound.py: its LRU count equals the loads of the runtime's caches (no prefetch)
+    on the same accesses, per layer and shared; Belady never needs more; a hand-traced case."""
+    spec = importlib.util.spec_from_file_location("serve_bound", ROOT / "scripts" / "serve_bound.py")
+    bound = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound)
+    hand = [("A", 0), ("A", 1), ("B", 0), ("A", 2), ("A", 0)]
+    assert bound.count_loads(hand, {"A": 1, "B": 1}, True, "lru") == 5  # B borrows A's 0; A recycles its own
+    assert bound.count_loads(hand, {"A": 1, "B": 1}, True, "belady") == 4
+    rng = np.random.default_rng(0)
+    layers = ("A", "B", "C")
+    accesses = [(layers[i], int(e)) for i, e in zip(rng.integers(0, 3, 300), rng.integers(0, 4, 300))]
+    shares = {"A": 1, "B": 2, "C": 1}
+    for pooled in (False, True):
+        caches, store, _, _ = make_shared(sum(shares.values()) if pooled else None, layers, shares=shares)
+        for name, e in accesses:
+            with caches[name].use(e):
+                pass
+        lru = bound.count_loads(accesses, shares, pooled, "lru")
+        assert lru == len(store.reads)
+        assert bound.count_loads(accesses, shares, pooled, "belady") <= lru
+    assert bound.count_loads(accesses, shares, True, "belady") <= bound.count_loads(accesses, shares, False, "belady")
+
+
 def test_zero_row_expert_call_loads_nothing():
     cache, store, metrics, _ = make_cache(capacity=1)
     out = OffloadedExperts(cache).forward_expert(3, torch.zeros(0, 8))
@@ -264,7 +378,8 @@ def served(model, tmp_path, **serve):
 @pytest.mark.parametrize("policy", ["none", "speculative", "language"])
 def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
     """Token ids identical to the all-resident model, greedy and beam, with 1 (2 for top-2),
-    half and all experts resident; the speculative and language policies really prefetch."""
+    half and all experts resident in each layer's own slots (budget=layer; the shared pool:
+    test_shared_budget_outputs_equal_resident); the speculative and language policies really prefetch."""
     kept = {"enc0": [0, 2, 3], "enc1": [1, 3], "dec0": [0, 1, 2, 3], "dec1": [0, 3]}
     model = random_model(top_k=2 if variant == "top2" else 1, kept=kept if variant == "pruned" else None,
                          bits=8 if variant == "int8" else None)
@@ -272,7 +387,7 @@ def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
         assert isinstance(model.encoder[0].ffn.experts, QuantizedExperts)
     reference = decode_all(model)
     for size in ((2, 0.5, 4) if variant == "top2" else (1, 0.5, 4)):
-        offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch=policy)
+        offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch=policy, budget="layer")
         with runtime:
             assert decode_all(offloaded) == reference, f"experts_per_layer={size}"
         s = runtime.metrics.summary()
@@ -284,6 +399,36 @@ def test_offloaded_outputs_equal_resident(tmp_path, variant, policy):
             assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
         if policy == "none":
             assert s["prefetch_loads"] == 0
+
+
+@pytest.mark.parametrize("variant", ["plain", "top2", "pruned", "int8"])
+@pytest.mark.parametrize("policy", ["none", "speculative", "language"])
+def test_shared_budget_outputs_equal_resident(tmp_path, variant, policy):
+    """serve.budget=model: token ids identical to the all-resident model with the layers' slots
+    pooled, a layer really holding more than its share, and the pool never exceeded."""
+    kept = {"enc0": [0, 2, 3], "enc1": [1, 3], "dec0": [0, 1, 2, 3], "dec1": [0, 3]}
+    model = random_model(top_k=2 if variant == "top2" else 1, kept=kept if variant == "pruned" else None,
+                         bits=8 if variant == "int8" else None)
+    reference = decode_all(model)
+    size = 2 if variant == "top2" else 1
+    offloaded, runtime = served(model, tmp_path, experts_per_layer=size, prefetch=policy, budget="model")
+    most = {name: 0 for name in runtime.caches}
+    for name, cache in runtime.caches.items():  # records how many slots each layer has at any time
+        reserve = cache._reserve
+
+        def counting(slot, expert, state, prefetched, _cache=cache, _reserve=reserve, _name=name):
+            _reserve(slot, expert, state, prefetched)  # under the pool's lock: present() would wait for it
+            most[_name] = max(most[_name], len(_cache._lru))
+        cache._reserve = counting
+    with runtime:
+        assert decode_all(offloaded) == reference
+    s = runtime.metrics.summary()
+    share = dict(s["experts_per_layer"])
+    assert any(most[name] > share[name] for name in most), (most, share)
+    nbytes = next(iter(runtime.caches.values())).layout.nbytes
+    assert s["peak_resident_expert_bytes"] <= sum(share.values()) * nbytes
+    if policy != "none":
+        assert s["prefetch_hits"] > 0
 
 
 def test_speculative_prediction_is_the_routers_choice():
@@ -542,6 +687,7 @@ def test_pregate_needs_a_pregate_model(tmp_path):
     (dict(experts_per_layer=1.5), r"serve.experts_per_layer=1.5: a count"),
     (dict(prefetch="speculative"), r"serve.prefetch=speculative needs serve.experts_per_layer"),
     (dict(experts_per_layer=1, slow_gbps=-1), r"serve.slow_gbps=-1 must be >= 0"),
+    (dict(experts_per_layer=1, budget="global"), r"serve.budget='global': expected one of layer, model"),
 ])
 def test_bad_serve_config(serve, message):
     with pytest.raises(ConfigError, match=message):
@@ -588,7 +734,7 @@ def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
                    stdin="\n".join(LINES) + "\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == expected
-    assert "serving: prefetch=none experts/layer={'enc1': 1, 'dec1': 1} hit rate" in proc.stderr
+    assert "serving: prefetch=none experts/layer={'enc1': 1, 'dec1': 1} budget=model hit rate" in proc.stderr
 
     out = tmp_path / "eval.json"
     proc = run_cli("mtmoe-eval", [f"model={exports['int8']}", f"test={corpus}/test_2016_flickr", "langs=[en,de]",

@@ -1,7 +1,8 @@
 """Serving MoE models whose experts do not all fit in fast memory (issue #6).
 
 Only some experts of each MoE layer are resident; the rest live in a slow tier and are loaded on
-demand into a per-layer LRU cache, while a prefetch policy loads the next MoE layer's experts
+demand into each layer's LRU cache (its slots drawn from one pool shared by all MoE layers, or its
+own: serve.budget), while a prefetch policy loads the next MoE layer's experts
 ahead of time. Decoding code does not change: the runtime swaps each `MoEFFN.experts` for a stand-in
 that serves experts from the cache, so outputs are identical to the all-resident model.
 
@@ -11,7 +12,7 @@ Reading order (each module has one job):
 - `layout`    one expert's tensors packed into one flat byte buffer (one copy per load);
 - `store`     the slow tier: `experts.safetensors`, memory-mapped (pinned CPU RAM for a GPU model);
 - `metrics`   hit rate, prefetch hits, bytes moved, stall time, peak resident expert bytes;
-- `cache`     the fast tier of one MoE layer: slots, LRU eviction, on-demand loads;
+- `cache`     the fast tier: slot pools, and one MoE layer's cache on them (LRU eviction, on-demand loads);
 - `loader`    the background thread that performs prefetch loads;
 - `policies`  none / speculative / pregate / language: who calls `prefetch(layer, experts)` (and
               `hold`: the language-aware policy keeps a direction's experts resident);

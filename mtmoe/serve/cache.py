@@ -1,9 +1,19 @@
-"""The fast tier of one MoE layer: `capacity` slots holding experts, least recently used evicted.
+"""The fast tier of one MoE layer: the experts it holds in slots, least recently used evicted.
 
 A slot is an expert module of the layer's own type (FeedForward, or its quantized form) whose
 tensors are views into the slot's flat buffer uint8 [nbytes] (`layout.ExpertLayout.bind`);
 loading expert e into it copies e's blob from the store into the buffer. Buffers are allocated
-on a slot's first load and reused, so the resident expert bytes never exceed capacity * nbytes.
+on a slot's first load and reused, so the resident expert bytes never exceed slots * nbytes.
+
+The slots come from a `SlotPool` (`serve.budget`): `layer` gives each layer a pool of its own
+`capacity` slots; `model` gives all MoE layers one pool with the sum of their capacities, and a
+layer that needs a slot may take the least recently used one of any layer (a prediction always, a
+miss while its layer holds fewer than its share: `_victim` says why). The shared pool exists
+because a sentence's layers do not need their experts at the same time: the encoder runs once per
+sentence and needs most experts of each of its layers then (a whole sentence is routed at once),
+while each decoding step needs one or two experts of each decoder layer. With a budget per layer,
+the encoder's slots sit idle while the decoder runs, and the decoder's while the encoder runs.
+A layer's `capacity` stays its share: what it holds (`hold`) and seeds are counted against it.
 
 Eviction is least recently used, with two refinements for prefetches: an on-demand load evicts
 an expert that was prefetched and not used yet only when nothing else can go (the prefetch is a
@@ -27,15 +37,20 @@ LOADING or READY. The rules that make outputs independent of prefetching:
 - a pinned or LOADING slot is never evicted (so never overwritten under compute or a copy);
 - a prefetch that compute needs now is taken over if still QUEUED (compute loads it at once),
   waited for if LOADING, and loaded again on demand if it failed.
+
+In a shared pool the layers' caches share the pool's lock, and a layer never takes another
+layer's slot that is pinned, loading, held, needed by that layer's call in progress, or prefetched
+and not used yet (a prefetch is a bet on a coming call: the earlier layer's comes first), except
+for an on-demand load that has no other slot to go to.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -55,30 +70,54 @@ class Slot:
 
     def __init__(self, index: int):
         self.index = index
+        self.owner: Optional["LayerCache"] = None  # the layer whose expert it holds (or is reserved for)
         self.expert: Optional[int] = None
+        self.used = 0  # pool clock of its last use or reservation (least recently used: smallest)
         self.state = EMPTY
         self.pins = 0  # compute calls running on this slot right now
         self.prefetched = False  # put here by a prefetch and not used since
         self.done = threading.Event()  # cleared while a load is pending
         self.done.set()
         self.copy_event = None  # GPU store: the CUDA event compute must wait for; CPU: None
-        self.flat: Optional[torch.Tensor] = None  # uint8 [nbytes], allocated on the first load
-        self.module: Optional[nn.Module] = None  # the expert computing with views into `flat`
+        self.flat: Optional[torch.Tensor] = None  # uint8 [pool nbytes], allocated on the first load
+        self.module: Optional[nn.Module] = None  # the owner's expert module computing with views into `flat`
+        self.modules: dict[str, nn.Module] = {}  # layer name -> its expert module bound to `flat`
+
+
+class SlotPool:
+    """Slots shared by the LayerCaches drawing on it (one layer's, or every layer's), the lock that
+    guards them and the clock that orders their uses. `nbytes`: a slot's buffer, the largest
+    expert blob of its layers (a smaller one uses the buffer's first bytes)."""
+
+    def __init__(self, size: int, nbytes: int):
+        self.slots = [Slot(i) for i in range(size)]
+        self.nbytes = nbytes
+        self.lock = threading.Lock()
+        self.caches: list["LayerCache"] = []
+        self._clock = itertools.count(1)
+
+    def tick(self) -> int:
+        return next(self._clock)
 
 
 class LayerCache:
-    """LRU cache of one MoE layer's experts (`num_experts` of them in the store, `capacity` slots).
+    """LRU cache of one MoE layer's experts (`num_experts` of them in the store, `capacity` slots
+    of its own, or its share of a shared `pool`).
 
     `blueprint` is one expert of the layer on the meta device: slots are copies of it bound to
     their buffers."""
 
     def __init__(self, name: str, blueprint: nn.Module, layout: ExpertLayout, num_experts: int, capacity: int,
-                 store, metrics: ServeMetrics, device: torch.device):
+                 store, metrics: ServeMetrics, device: torch.device, pool: Optional[SlotPool] = None):
         self.name, self.layout, self.num_experts, self.capacity = name, layout, num_experts, capacity
         self._blueprint, self._store, self._metrics, self._device = blueprint, store, metrics, device
-        self._slots = [Slot(i) for i in range(capacity)]
-        self._lru: OrderedDict[int, Slot] = OrderedDict()  # expert -> its slot (not EMPTY), oldest use first
-        self._lock = threading.Lock()
+        self._pool = pool if pool is not None else SlotPool(capacity, layout.nbytes)
+        if self._pool.nbytes < layout.nbytes:
+            raise ValueError(f"{name}: its experts ({layout.nbytes} bytes) do not fit the pool's slots "
+                             f"({self._pool.nbytes} bytes)")
+        self._pool.caches.append(self)
+        self._lru: dict[int, Slot] = {}  # expert -> its slot (not EMPTY); slot.used orders them
+        self._lock = self._pool.lock
         self._held: list[int] = []  # never evicted (hold)
         self._call_left: set[int] = set()  # streaming: experts of the current call not computed yet
         self._call_stream: list[int] = []  # streaming: its missing experts without a slot yet, in order
@@ -106,7 +145,7 @@ class LayerCache:
                 slot = self._lru.get(expert)
                 if slot is not None and slot.state == READY:
                     slot.pins += 1
-                    self._lru.move_to_end(expert)
+                    slot.used = self._pool.tick()
                     if outcome is None:
                         self._metrics.add(self.name, activations=1, hits=1, prefetch_hits=int(slot.prefetched))
                     else:
@@ -122,14 +161,15 @@ class LayerCache:
                 else:  # not a slot whose expert the call still needs, unless every free one has one
                     # (a streamed load failed and its slot went to a later expert of the call:
                     # the expert needed now comes first; the later one loads on demand)
-                    victim = (self._victim(protect=self._call_left - {expert}, spare_prefetched=True)
-                              or self._victim(protect={expert}, spare_prefetched=True))
+                    victim = (self._victim(protect=self._call_left - {expert}, spare_prefetched=True,
+                                           borrow=len(self._lru) < self.capacity)
+                              or self._victim(protect={expert}, spare_prefetched=True, borrow=True))
                     if victim is not None:
                         self._reserve(victim, expert, LOADING, prefetched=False)
                         victim.pins += 1
                         load, outcome = victim, outcome or "miss"
                     else:  # every free slot is mid-load: wait for one
-                        wait = next((s for s in self._slots if s.state == LOADING), None)
+                        wait = next((s for s in self._pool.slots if s.state == LOADING), None)
                         if wait is None:
                             raise RuntimeError(f"{self.name}: no slot can take expert {expert} (all pinned)")
             if load is not None:
@@ -161,7 +201,7 @@ class LayerCache:
             return self._reserve_wanted(list(dict.fromkeys(int(e) for e in experts)), fill)
 
     def _reserve_wanted(self, wanted: list[int], fill: bool) -> list[tuple[Slot, int]]:
-        room = self.capacity - len(self._held)
+        room = len(self._pool.slots) - sum(len(cache._held) for cache in self._pool.caches)
         others = [e for e in wanted if e not in self._held]
         others = others if len(others) <= room else others[: room if fill else room - 1]
         wanted = [e for e in wanted if e in self._held or e in others]
@@ -169,11 +209,11 @@ class LayerCache:
         jobs = []
         for e in reversed(wanted):
             if e in self._lru:
-                self._lru.move_to_end(e)
+                self._lru[e].used = self._pool.tick()
         for e in wanted:
             if e in self._lru:
                 continue
-            victim = self._victim(protect, spare_prefetched=False)
+            victim = self._victim(protect, spare_prefetched=False, borrow=True)
             if victim is None:
                 break
             self._reserve(victim, e, QUEUED, prefetched=True)
@@ -211,7 +251,7 @@ class LayerCache:
         while self._call_stream:
             expert = self._call_stream[0]
             if expert not in self._lru:
-                victim = self._victim(protect=self._call_left, spare_prefetched=False)
+                victim = self._victim(protect=self._call_left, spare_prefetched=False, borrow=True)
                 if victim is None:
                     break
                 self._reserve(victim, expert, QUEUED, prefetched=True)
@@ -223,7 +263,7 @@ class LayerCache:
         """Loader thread: performs a reserved prefetch, unless compute took it over or it was
         cancelled meanwhile. A failure frees the slot (compute then loads on demand)."""
         with self._lock:
-            if slot.state != QUEUED or slot.expert != expert:
+            if slot.owner is not self or slot.state != QUEUED or slot.expert != expert:
                 return
             slot.state = LOADING
         try:
@@ -236,12 +276,16 @@ class LayerCache:
         """Copies `expert` into `slot` (LOADING, owned by the calling thread), then marks it READY."""
         try:
             if slot.flat is None:
-                slot.flat = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self._device)
-                slot.module = copy.deepcopy(self._blueprint)
-                self.layout.bind(slot.module, slot.flat)
-                slot.module.eval()
-                self._metrics.add(self.name, resident_bytes=self.layout.nbytes)
-            event = self._store.read_into(self.name, expert, slot.flat)
+                slot.flat = torch.empty(self._pool.nbytes, dtype=torch.uint8, device=self._device)
+                self._metrics.add(self.name, resident_bytes=self._pool.nbytes)
+            dst = slot.flat[:self.layout.nbytes]
+            module = slot.modules.get(self.name)
+            if module is None:  # the slot's first expert of this layer: a module of the layer's type on its bytes
+                module = copy.deepcopy(self._blueprint)
+                self.layout.bind(module, dst)
+                slot.modules[self.name] = module.eval()
+            slot.module = module
+            event = self._store.read_into(self.name, expert, dst)
         except BaseException:
             with self._lock:
                 self._free(slot)
@@ -252,35 +296,54 @@ class LayerCache:
             slot.done.set()
         self._metrics.add(self.name, bytes_moved=self.layout.nbytes, prefetch_loads=int(by_prefetch))
 
-    def _victim(self, protect, spare_prefetched: bool) -> Optional[Slot]:
+    def _victim(self, protect, spare_prefetched: bool, borrow: bool) -> Optional[Slot]:
         """A slot to reuse (lock held): an empty one, else the least recently used READY or QUEUED
         slot that is not pinned and whose expert is not in `protect` (with `spare_prefetched`,
-        unused prefetches last); it is freed here."""
-        for slot in self._slots:
+        unused prefetches last), of this layer or, in a shared pool and with `borrow`, another
+        layer's that it does not hold, need in its call in progress or expect from a prefetch (for
+        an on-demand load with nothing else to take, the last also); it is freed here.
+
+        Who borrows: predictions (prefetches, streaming) always may, an on-demand load only while
+        its layer has fewer slots than its share. A miss says nothing about the layer's coming
+        calls, and under one LRU order for all layers the layer that runs least often loses its
+        experts every time: the encoder runs once per sentence, and by the next sentence the
+        decoder's ~20 steps have used every other slot more recently (measured, 8-expert model
+        with half resident and no prefetch: encoder hit rate 0.50 with a budget per layer, 0.01
+        shared with borrowing on every miss)."""
+        for slot in self._pool.slots:
             if slot.state == EMPTY and slot.pins == 0:
                 return slot
-        candidates = [(e, slot) for e, slot in self._lru.items()
-                      if slot.pins == 0 and slot.state in (READY, QUEUED) and e not in protect
-                      and e not in self._held]
-        if spare_prefetched:
-            candidates.sort(key=lambda item: item[1].prefetched)  # stable: LRU order within each group
+        candidates = [slot for e, slot in self._lru.items() if self._evictable(slot) and e not in protect]
+        for cache in self._pool.caches if borrow else ():
+            if cache is not self:
+                candidates += [slot for e, slot in cache._lru.items()
+                               if cache._evictable(slot) and e not in cache._call_left
+                               and (spare_prefetched or not slot.prefetched)]
         if not candidates:
             return None
-        slot = candidates[0][1]
+        if spare_prefetched:  # unused prefetches last (another layer's after this one's), else least recently used
+            slot = min(candidates, key=lambda s: (s.prefetched, s.prefetched and s.owner is not self, s.used))
+        else:
+            slot = min(candidates, key=lambda s: s.used)
         if slot.prefetched:
-            self._metrics.add(self.name, wasted_prefetches=1)
-        self._free(slot)
+            self._metrics.add(slot.owner.name, wasted_prefetches=1)
+        slot.owner._free(slot)
         return slot
 
+    def _evictable(self, slot: Slot) -> bool:
+        """Lock held: `slot` (one of this layer's) is neither computing, loading nor held."""
+        return slot.pins == 0 and slot.state in (READY, QUEUED) and slot.expert not in self._held
+
     def _reserve(self, slot: Slot, expert: int, state: str, prefetched: bool) -> None:
-        slot.expert, slot.state, slot.prefetched, slot.copy_event = expert, state, prefetched, None
+        slot.owner, slot.expert, slot.state, slot.prefetched, slot.copy_event = self, expert, state, prefetched, None
+        slot.used = self._pool.tick()  # most recently used
         slot.done.clear()
-        self._lru[expert] = slot  # most recently used
+        self._lru[expert] = slot
 
     def _free(self, slot: Slot) -> None:
         if slot.expert is not None and self._lru.get(slot.expert) is slot:
             del self._lru[slot.expert]
-        slot.expert, slot.state, slot.prefetched = None, EMPTY, False
+        slot.owner, slot.expert, slot.state, slot.prefetched = None, None, EMPTY, False
 
     # -- introspection -----------------------------------------------------------------------
     def blueprint(self) -> nn.Module:
@@ -290,10 +353,13 @@ class LayerCache:
     def resident(self) -> list[int]:
         """Experts READY here, least recently used first."""
         with self._lock:
-            return [e for e, slot in self._lru.items() if slot.state == READY]
+            return [e for e, slot in self._by_use() if slot.state == READY]
 
     def present(self) -> list[int]:
         """Experts READY here (least recently used first), then those being loaded (oldest reservation first)."""
         with self._lock:
-            ready = [e for e, slot in self._lru.items() if slot.state == READY]
-            return ready + [e for e, slot in self._lru.items() if slot.state != READY]
+            by_use = self._by_use()
+            return [e for e, slot in by_use if slot.state == READY] + [e for e, slot in by_use if slot.state != READY]
+
+    def _by_use(self) -> list[tuple[int, Slot]]:
+        return sorted(self._lru.items(), key=lambda item: item[1].used)

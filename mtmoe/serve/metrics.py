@@ -32,8 +32,9 @@ class LayerCounts:
 class ServeMetrics:
     """Thread-safe counters (compute and the loader thread both add to them)."""
 
-    def __init__(self, layers: list[str], policy: str, capacities: dict[str, int], all_expert_bytes: int):
-        self.policy, self.capacities, self.all_expert_bytes = policy, capacities, all_expert_bytes
+    def __init__(self, layers: list[str], policy: str, capacities: dict[str, int], all_expert_bytes: int,
+                 budget: str = "model"):
+        self.policy, self.capacities, self.all_expert_bytes, self.budget = policy, capacities, all_expert_bytes, budget
         self.layers = {name: LayerCounts() for name in layers}
         self._lock = threading.Lock()
         self.peak_resident_bytes = 0
@@ -72,7 +73,8 @@ class ServeMetrics:
             for c in self.layers.values():
                 for f in fields(c):
                     setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
-            out = {"policy": self.policy, "experts_per_layer": dict(self.capacities), **asdict(total)}
+            out = {"policy": self.policy, "experts_per_layer": dict(self.capacities), "budget": self.budget,
+                   **asdict(total)}
             del out["resident_bytes"]
             out.update(hit_rate=_rate(total.hits, total.activations),
                        prefetch_hit_rate=_rate(total.prefetch_hits, total.activations),
@@ -94,7 +96,7 @@ def _rate(part: int, whole: int):
 def format_summary(s: dict) -> str:
     """One line for a terminal or a report table."""
     mib = 1 << 20
-    return (f"serving: prefetch={s['policy']} experts/layer={s['experts_per_layer']} "
+    return (f"serving: prefetch={s['policy']} experts/layer={s['experts_per_layer']} budget={s['budget']} "
             f"hit rate {s['hit_rate']} (prefetch hits {s['prefetch_hits']} of {s['activations']} activations), "
             f"{s['bytes_moved'] / mib:.1f} MiB moved, stall {s['stall_s']:.2f} s, "
             f"peak resident experts {s['peak_resident_expert_bytes'] / mib:.2f} of "

@@ -171,11 +171,11 @@ class ModeChooser:
     What pays depends on the expert size, the slow tier, the model's speed and the box, so it is
     measured rather than modelled: the layer's hit rate over `window` calls in each mode, then the
     best (ties: the earlier mode) for `commit` windows, then each again. Measured on the main job's
-    model (scripts/bench_serve.py, 2 of 4 experts resident, beam 4, en-de): where loads are RAM
-    copies, predictions with every slot free hit 0.88-0.90, with the top expert held 0.84; at a
-    simulated 0.5 GB/s tier (4 MiB experts, ~8 ms a load, longer than a decoding step) a prediction
-    cannot land in time and its load keeps a slot busy, so holding with on-demand loads is what
-    pays (predicting: 0.47-0.55, LRU on demand alone: 0.68)."""
+    model (scripts/bench_serve.py, 2 of 4 experts resident in each layer's own slots, beam 4,
+    en-de): where loads are RAM copies, predictions with every slot free hit 0.88-0.90, with the
+    top expert held 0.84; at a simulated 0.5 GB/s tier (4 MiB experts, ~8 ms a load, longer than a
+    decoding step) a prediction cannot land in time and its load keeps a slot busy, so holding with
+    on-demand loads is what pays (predicting: 0.47-0.55, LRU on demand alone: 0.68)."""
 
     def __init__(self, modes: Sequence[Mode], window: int = 64, commit: int = 8):
         self.modes, self.window, self.commit = tuple(modes), window, commit

@@ -1,5 +1,5 @@
 """The serving runtime: a Seq2Seq whose experts are served from a slow-tier store through
-per-layer LRU caches, with prefetching.
+per-layer LRU caches (on one shared pool of slots, or a pool each: serve.budget), with prefetching.
 
 `offload(model, weights, serve)` replaces each MoEFFN's `experts` (an ExpertGroup, see
 mtmoe.model.experts) with OffloadedExperts, another ExpertGroup: the dispatch hands it the rows of
@@ -31,7 +31,7 @@ from mtmoe.model.experts import ExpertGroup
 from mtmoe.model.keys import experts_prefix
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.seq2seq import Seq2Seq
-from mtmoe.serve.cache import LayerCache
+from mtmoe.serve.cache import LayerCache, SlotPool
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.loader import Loader
 from mtmoe.serve.metrics import ServeMetrics
@@ -94,19 +94,21 @@ class OffloadedExperts(ExpertGroup):
         return self.cache.blueprint()
 
     def extra_repr(self) -> str:
-        return f"{self.cache.capacity} of {self.cache.num_experts} experts resident"
+        return f"{self.cache.capacity} of {self.cache.num_experts} experts resident (or its share of a shared pool)"
 
 
 class OffloadRuntime:
     """Owns the caches, the loader thread and the prefetch policy of one offloaded model.
 
-    `prefetch(layer, experts)` is the one entry point of every policy. Close the runtime (or use
+    `prefetch(layer, experts)` is the one entry point of every policy. `budget` (serve.budget):
+    `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum. Close the runtime (or use
     it as a context manager) to stop the loader thread and detach the policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
-                 store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict] = None):
+                 store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict] = None,
+                 budget: str = "model"):
         all_bytes = sum(spec.layout.nbytes * spec.num_experts for spec in specs.values())
-        self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes)
+        self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes, budget)
         self.caches: dict[str, LayerCache] = {}
         self.capacities, self.routing = capacities, routing
         self.loader = Loader()
@@ -116,9 +118,12 @@ class OffloadRuntime:
             self.loader.close()
             raise
         stream = self.loader.submit if getattr(self.policy, "streams", False) else None
+        shared = None  # budget=layer: each cache makes its own pool
+        if budget == "model":
+            shared = SlotPool(sum(capacities.values()), max(spec.layout.nbytes for spec in specs.values()))
         for name, layer in layers.items():
             cache = LayerCache(name, layer.experts.blueprint(), specs[name].layout, specs[name].num_experts,
-                               capacities[name], store, self.metrics, device)
+                               capacities[name], store, self.metrics, device, shared)
             layer.experts = OffloadedExperts(cache, stream)  # the resident experts are dropped here
             self.caches[name] = cache
 
@@ -181,7 +186,7 @@ def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optio
     device = next(iter(layers.values())).gate.wg.weight.device
     if device.type == "cuda" and torch.cuda.is_available():
         store = PinnedStore(store, device)
-    return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch, routing)
+    return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch, routing, serve.budget)
 
 
 def store_path_for(export_dir: Path, serve: ServeConfig) -> Path:

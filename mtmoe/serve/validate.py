@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import get_args
 
-from mtmoe.config import PrefetchPolicy, ServeConfig, check_choice
+from mtmoe.config import PrefetchPolicy, ServeBudget, ServeConfig, check_choice
 from mtmoe.errors import ConfigError
 
 POLICIES = get_args(PrefetchPolicy)
@@ -17,6 +17,7 @@ POLICIES = get_args(PrefetchPolicy)
 def check_serve(serve: ServeConfig) -> None:
     """The checks that need no model: known policy, sizes and bandwidth in range."""
     check_choice("serve.prefetch", serve.prefetch, PrefetchPolicy)
+    check_choice("serve.budget", serve.budget, ServeBudget)
     x = serve.experts_per_layer
     if x is not None:
         if x <= 0:
