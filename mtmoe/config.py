@@ -379,8 +379,9 @@ class ServeConfig:
     store_dir: Optional[str] = None
     """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
     slow_gbps: float = 0.0
-    """Simulated slow-tier bandwidth in GB/s for benchmarks (every expert read is stretched to
-    bytes / bandwidth); 0 = as fast as the store file reads (often the OS page cache)."""
+    """Simulated slow-tier bandwidth in GB/s for benchmarks: one channel of that bandwidth, shared
+    by every expert read (on-demand loads and prefetches queue for it); 0 = as fast as the store
+    file reads (often the OS page cache)."""
 
 
 @dataclass

@@ -25,8 +25,9 @@ layer at every step).
 
 The slow tier is the memory-mapped experts.safetensors on disk. Page caches cannot be dropped here,
 so after their first read the OS page cache serves the store from RAM: unthrottled figures measure
-a RAM-to-RAM copy, not a disk. --slow-gbps G stretches every expert read to bytes / G (sleeping the
-remainder in the reading thread) to model a slower tier; the output says which was used.
+a RAM-to-RAM copy, not a disk. --slow-gbps G models a slower tier: one channel of G GB/s that every
+expert read queues for (on-demand loads and prefetches share it; each read returns once the channel
+has carried its bytes, sleeping the remainder); the output says which was used.
 """
 
 from __future__ import annotations
@@ -211,8 +212,9 @@ def main() -> None:
         "Slow tier: the memory-mapped experts.safetensors on disk; the OS page cache may serve its reads "
         "from RAM (page caches cannot be dropped here), so rows without a simulated bandwidth measure a "
         "RAM-to-RAM copy.",
-        "Simulated bandwidth (slow GB/s column): every expert read is stretched to bytes / bandwidth by "
-        "sleeping the remainder in the reading thread; it is a model of a slower tier, not a measurement of one.",
+        "Simulated bandwidth (slow GB/s column): one channel of that bandwidth shared by every expert read "
+        "(on-demand loads in the compute thread and prefetches in the loader thread queue for it; a read returns "
+        "once the channel has carried its bytes); it is a model of a slower tier, not a measurement of one.",
         "pregate: run on exports trained with moe.pregate=true only (the model's plan for the next MoE layer "
         "drives the prefetch; on such a model `speculative` computes the same prediction from a hook)."
         if pregate_ran else "pregate: not run (no export was trained with moe.pregate=true).",

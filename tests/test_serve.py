@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from mtmoe.serve.cache import LayerCache, SlotPool
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.metrics import ServeMetrics, merge_summaries
 from mtmoe.serve.runtime import OffloadedExperts, load_for_serving, offload
+from mtmoe.serve.store import DiskStore
 from mtmoe.serve.validate import cache_sizes, check_serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,6 +525,32 @@ def test_expert_store_is_safetensors_and_rebuilt_when_stale(tmp_path):
     offloaded, runtime = served(other, tmp_path, experts_per_layer=2)
     with runtime:
         assert decode_all(offloaded) == decode_all(other)
+
+
+def test_simulated_slow_tier_is_one_channel_shared_by_all_reads(tmp_path):
+    """serve.slow_gbps: reads from two threads at once queue for one channel of that bandwidth (an
+    on-demand load and a prefetch do not each get the full bandwidth): two blobs take at least
+    twice one blob's time, and each read returns only once its blob has been carried."""
+    served(random_model(), tmp_path, experts_per_layer=2)[1].close()
+    with safe_open(str(tmp_path / "experts.safetensors"), framework="pt") as f:
+        nbytes = f.get_tensor("enc0.0").numel()
+    seconds = 0.05  # per blob
+    store = DiskStore(tmp_path / "experts.safetensors", {}, slow_gbps=nbytes / seconds / 1e9)
+    dst = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(2)]
+    finished = []
+    started = time.perf_counter()
+
+    def read(i):
+        store.read_into("enc0", i, dst[i])
+        finished.append(time.perf_counter() - started)
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert min(finished) >= seconds and max(finished) >= 2 * seconds
+    with safe_open(str(tmp_path / "experts.safetensors"), framework="pt") as f:
+        assert all(torch.equal(dst[i], f.get_tensor(f"enc0.{i}")) for i in range(2))
 
 
 def test_pregate_policy_prefetches_the_relayed_plan(tmp_path):

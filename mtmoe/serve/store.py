@@ -9,7 +9,10 @@ rebuilt when model.safetensors changes or the file is unreadable.
 Reads go through `safe_open`, which memory-maps the file: reading an expert is one copy of its
 blob from the mapping into a fast-tier slot. The OS page cache may serve it from RAM rather than
 from the disk (on a box where the file fits in the page cache, after the first read it will);
-`slow_gbps` stretches each read to a chosen bandwidth to model a slower tier.
+`slow_gbps` models a slower tier: one channel of that bandwidth, which every read shares (an
+on-demand load in the compute thread and a prefetch in the loader thread queue for it rather than
+each getting the full bandwidth, as they would if each read were only stretched to its own
+bytes / bandwidth).
 
 A model on a GPU uses PinnedStore instead: the blobs in page-locked CPU RAM, copied to the GPU
 on a side CUDA stream.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,17 +115,24 @@ class DiskStore:
     def __init__(self, path: Path, layers: dict[str, LayerSpec], slow_gbps: float = 0.0):
         self.path, self.layers, self.slow_gbps = Path(path), layers, slow_gbps
         self._file = safe_open(str(self.path), framework="pt")  # a memory map; tensors read lazily
+        self._channel = threading.Lock()  # slow_gbps: guards _free_at
+        self._free_at = 0.0  # slow_gbps: perf_counter time at which the simulated channel is idle
 
     def nbytes(self, layer: str) -> int:
         return self.layers[layer].layout.nbytes
 
     def read_into(self, layer: str, expert: int, dst: torch.Tensor) -> None:
         """Copies expert `expert` of `layer` into dst uint8 [nbytes] (CPU). Returns when done
-        (and, with `slow_gbps`, not before nbytes / bandwidth seconds have passed)."""
-        started = time.perf_counter()
-        dst.copy_(self._file.get_tensor(blob_name(layer, expert)))
+        (and, with `slow_gbps`, once the simulated channel has carried the blob: nbytes / bandwidth
+        seconds after the channel became free for it, reads queueing in arrival order)."""
+        done_at = None
         if self.slow_gbps:
-            remaining = dst.numel() / (self.slow_gbps * 1e9) - (time.perf_counter() - started)
+            with self._channel:
+                done_at = max(time.perf_counter(), self._free_at) + dst.numel() / (self.slow_gbps * 1e9)
+                self._free_at = done_at
+        dst.copy_(self._file.get_tensor(blob_name(layer, expert)))
+        if done_at is not None:
+            remaining = done_at - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
 
