@@ -372,10 +372,11 @@ class ServeConfig:
     missing experts streamed while its others compute)."""
     budget: str = choice("model", ServeBudget)
     """Whose slots the resident experts take: `model` (default: all MoE layers share
-    experts_per_layer x their number, and a layer that needs a slot takes the least recently used
-    one of any layer, so the encoder, which runs once per sentence and needs most of its experts
-    then, and the decoder, which needs few per step, take turns) or `layer` (each MoE layer keeps
-    its own experts_per_layer slots). scripts/bench_serve.py --budgets layer model compares them."""
+    experts_per_layer x their number; a prediction may take the least recently used slot of any
+    layer, a miss only while its layer holds less than its share; so the encoder, which runs once
+    per sentence and needs most of its experts then, and the decoder, which needs few per step,
+    take turns) or `layer` (each MoE layer keeps its own experts_per_layer slots).
+    scripts/bench_serve.py --budgets layer model compares them."""
     store_dir: Optional[str] = None
     """Where the expert store `experts.safetensors` is written on first use; default: the export dir."""
     slow_gbps: float = 0.0

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Serving with only some experts resident: speed and cache behaviour vs the all-resident model.
 
-Sweeps, per export, the fast-tier size (1/4, 1/2 and all of each MoE layer's experts) x prefetch
-policy (none, speculative, language when the export has routing statistics, and pregate when the
-model was trained with moe.pregate=true) x simulated slow-tier bandwidth, decoding --lines lines of one test direction, and reports
+Sweeps, per export, the fast-tier size (1/4, 1/2 and all of each MoE layer's experts) x budget
+(--budgets: serve.budget, slots per layer or shared) x prefetch policy (none, speculative, language
+when the export has routing statistics, and pregate when the model was trained with
+moe.pregate=true) x simulated slow-tier bandwidth, decoding --lines lines of one test direction, and reports
 sentences/s, speed relative to that model all resident (plain `load_export`), hit rate, prefetch
 hits, bytes moved slow -> fast, stall time and peak resident expert bytes. All settings are loaded
 and warmed up first, then timed in --rounds interleaved rounds in this one process; each keeps its
@@ -257,7 +258,7 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = list(dict.fromkeys((Path(r["export"]).name, r["slow_gbps"]) for r in served))
     if not panels:
         return
-    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7.5), squeeze=False)
     for j, (model, gbps) in enumerate(panels):
         part = [r for r in served if (Path(r["export"]).name, r["slow_gbps"]) == (model, gbps)]
         sizes = list(dict.fromkeys(r["experts_resident"] for r in part))
@@ -274,7 +275,8 @@ def plot(rows: list[dict], path: Path) -> None:
             axes[k, j].set_ylabel(label)
             axes[k, j].axhline(1.0, color="k", linewidth=0.6)
         axes[0, j].set_title(f"{model}, slow tier {gbps or 'page cache'}" + (" GB/s" if gbps else ""))
-        axes[0, j].legend(fontsize=7)
+        axes[1, j].legend(*axes[0, j].get_legend_handles_labels(), fontsize=7, ncol=2, loc="upper center",
+                          bbox_to_anchor=(0.5, -0.12))  # below the panels, hiding no bar
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

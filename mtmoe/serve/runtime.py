@@ -101,8 +101,9 @@ class OffloadRuntime:
     """Owns the caches, the loader thread and the prefetch policy of one offloaded model.
 
     `prefetch(layer, experts)` is the one entry point of every policy. `budget` (serve.budget):
-    `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum. Close the runtime (or use
-    it as a context manager) to stop the loader thread and detach the policy."""
+    `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum.
+    Close the runtime (or use it as a context manager) to stop the loader thread and detach the
+    policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
                  store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict] = None,
