@@ -69,7 +69,7 @@ def make_cache(capacity, num_experts=4):
     torch.manual_seed(0)
     experts = [FeedForward(8, 16).eval() for _ in range(num_experts)]
     store = MemoryStore(experts)
-    metrics = ServeMetrics(["L"], "none", {"L": capacity}, 0)
+    metrics = ServeMetrics(["L"], "none", {"L": capacity}, 0, "layer")
     blueprint = copy.deepcopy(experts[0]).to("meta")
     cache = LayerCache("L", blueprint, store.layout, num_experts, capacity, store, metrics, torch.device("cpu"))
     return cache, store, metrics, experts
@@ -209,7 +209,7 @@ def make_shared(size, layers=("A", "B"), num_experts=4, shares=None):
     store = MemoryStore(experts[layers[0]], layers[0])
     for name in layers[1:]:
         store.blobs.update({(name, e): store.layout.pack(m.state_dict()) for e, m in enumerate(experts[name])})
-    metrics = ServeMetrics(list(layers), "none", shares, 0)
+    metrics = ServeMetrics(list(layers), "none", shares, 0, "model" if size else "layer")
     pool = SlotPool(size, store.layout.nbytes) if size else None
     caches = {name: LayerCache(name, copy.deepcopy(experts[name][0]).to("meta"), store.layout, num_experts,
                                shares[name], store, metrics, torch.device("cpu"), pool) for name in layers}
@@ -321,7 +321,7 @@ def test_metrics_of_several_processes_merge():
     """mtmoe-eval workers: counters add up, the peak is one process's, speed is the job's."""
     summaries = []
     for hits, peak in ((3, 100), (1, 300)):
-        m = ServeMetrics(["L"], "none", {"L": 1}, 400)
+        m = ServeMetrics(["L"], "none", {"L": 1}, 400, "layer")
         m.add("L", activations=4, hits=hits, misses=4 - hits, bytes_moved=10, stall_s=0.5, resident_bytes=peak)
         summaries.append(m.summary())
     merged = merge_summaries(summaries, sentences=20, seconds=4.0)

@@ -33,7 +33,7 @@ class ServeMetrics:
     """Thread-safe counters (compute and the loader thread both add to them)."""
 
     def __init__(self, layers: list[str], policy: str, capacities: dict[str, int], all_expert_bytes: int,
-                 budget: str = "model"):
+                 budget: str):
         self.policy, self.capacities, self.all_expert_bytes, self.budget = policy, capacities, all_expert_bytes, budget
         self.layers = {name: LayerCounts() for name in layers}
         self._lock = threading.Lock()

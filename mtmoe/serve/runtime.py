@@ -106,8 +106,7 @@ class OffloadRuntime:
     policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
-                 store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict] = None,
-                 budget: str = "model"):
+                 store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict], budget: str):
         all_bytes = sum(spec.layout.nbytes * spec.num_experts for spec in specs.values())
         self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes, budget)
         self.caches: dict[str, LayerCache] = {}
