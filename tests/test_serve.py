@@ -309,6 +309,32 @@ def test_serve_bound_counts_the_runtimes_loads_and_belady_bounds_them():
     assert bound.count_loads(accesses, shares, True, "belady") <= bound.count_loads(accesses, shares, False, "belady")
 
 
+def test_serve_bound_prefetch_simulation_hand_traced():
+    """scripts/serve_bound.py's prefetch simulation on hand-traced cases (loads of 0.5 s, one channel):
+    a load overlaps the previous call's compute only if it is foreseen, and knowledge is acted on
+    only once its call (next call) or sentence has started; a slot still computing is not evicted."""
+    spec = importlib.util.spec_from_file_location("serve_bound", ROOT / "scripts" / "serve_bound.py")
+    bound = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound)
+    A, B, C = ("L", 0), ("L", 1), ("L", 2)
+    one_sentence = [[A, B]], [[(0, 1.0), (1, 1.0)]]
+    # A's load stalls the start; B's runs while A computes
+    assert bound.prefetch_stall(*one_sentence, 2, 0.5, "next call") == (0.5, 2)
+    two_sentences = [[A], [B]], [[(0, 1.0)], [(0, 1.0)]]
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "stream") == (0.5, 2)
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence") == (1.0, 2)  # B unknown until it starts
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [B]) == (0.5, 2)  # guessed
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [C]) == (1.0, 3)  # wrong guess
+    three_calls = [[A, B, C]], [[(0, 1.0), (1, 0.1), (2, 1.0)]]
+    # next call: C is revealed when B's call starts (1.5 s) and lands at 2.0 s, 0.4 s after it is needed
+    stall, loads = bound.prefetch_stall(*three_calls, 3, 0.5, "next call")
+    assert abs(stall - 0.9) < 1e-9 and loads == 3
+    assert bound.prefetch_stall(*three_calls, 3, 0.5, "sentence") == (0.5, 3)
+    # one slot: nothing overlaps (the slot computing cannot take the next expert): every load stalls
+    assert bound.prefetch_stall([[A, B, A]], [[(0, 1.0), (1, 1.0), (2, 1.0)]], 1, 0.5, "stream") == (1.5, 3)
+    assert bound.prefetch_stall(*one_sentence, 2, 0.0, "stream") == (0.0, 2)
+
+
 def test_zero_row_expert_call_loads_nothing():
     cache, store, metrics, _ = make_cache(capacity=1)
     out = OffloadedExperts(cache).forward_expert(3, torch.zeros(0, 8))
