@@ -469,6 +469,10 @@ def test_speculative_prediction_is_the_routers_choice():
             plan = router(x, keep)[0]
         expected = torch.bincount(plan.expert[keep].reshape(-1), minlength=router.num_experts)
         assert torch.equal(policies.predicted_counts(router, x, keep), expected)
+        everything = torch.ones(50, dtype=torch.bool)
+        assert torch.equal(policies.predicted_counts(router, x, None), policies.predicted_counts(router, x, everything))
+    assert policies.ranked(torch.tensor([0, 3, 1, 3, 0])) == [1, 3, 2]  # most demanded first, ties by id
+    assert policies.ranked(torch.tensor([0.0, 0.25, 0.75])) == [2, 1]
 
 
 def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch):
