@@ -16,7 +16,7 @@ one pool for the model):
 - per sentence, the distinct experts the encoder needs (it routes the whole sentence at once) and
   the decoder needs (one token per step), and the time until the decoder starts;
 - with the shared budget, the speed a prefetcher reaches that knows the future exactly, as far as
-  it reaches (`FORESIGHTS`: the next MoE call, the current sentence, that plus the direction's
+  it reaches (`FORESIGHTS`: the next MoE call, the current sentence, either plus the direction's
   usual encoder experts for the next request, every sentence): a simulation of one slow-tier
   channel and the pool's slots on the recorded calls and their compute times (`prefetch_stall`).
   It says what is out of reach for any predictor with that knowledge, before the runtime's own
@@ -115,17 +115,17 @@ def count_loads(accesses: list[Access], capacities: dict[str, int], pooled: bool
     return loads
 
 
-FORESIGHTS = ("next call", "sentence", "sentence + direction", "stream")
+FORESIGHTS = ("next call", "next call + direction", "sentence", "sentence + direction", "stream")
 """What the prefetcher of `prefetch_stall` knows of the future: the experts of the current and the
 next MoE call of the sentence (what exact pre-gating gives: layer j+1's plan at layer j); all of
-the current sentence's; that plus, after it, the direction's most used encoder experts (`guess`,
-from the export's routing statistics: what is known of the next request without its text); every
-later sentence's too (a queue of requests whose routing is known in advance)."""
+the current sentence's; every later sentence's too (a queue of requests whose routing is known in
+advance). "+ direction": after what it knows, the direction's most used encoder experts (`guess`,
+from the export's routing statistics: what is known of the next request without its text)."""
 
 
 def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, float]]], capacity: int,
-                   load_s: float, foresight: str, guess: Sequence[Access] = ()) -> tuple[float, int]:
-    """(stall seconds, loads) of the best prefetcher we know how to build with `foresight`
+                   load_s: float, foresight: str, guess: Sequence[Access] = ()) -> tuple[float, int, int]:
+    """(stall seconds, loads, hits: accesses that found their expert loaded) of the best prefetcher we know how to build with `foresight`
     (FORESIGHTS) and the runtime's constraints: one pool of `capacity` slots for all layers, one
     slow-tier channel carrying one load of `load_s` at a time, a loading slot unusable until its
     load ends, compute times those of the all-resident run (`record`).
@@ -158,9 +158,8 @@ def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, floa
         """(end of the known real accesses, known accesses after them)."""
         if foresight == "stream":
             return n, ()
-        if foresight == "next call":
-            return call_end[pos], ()
-        return sentence_end[pos], (guess if foresight == "sentence + direction" else ())
+        limit = call_end[pos] if foresight.startswith("next call") else sentence_end[pos]
+        return limit, (guess if foresight.endswith("+ direction") else ())
 
     def next_use(a: Access, pos: int, limit: int, tail: Sequence[Access]) -> int:
         p = positions.get(a, [])
@@ -203,7 +202,7 @@ def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, floa
         state["channel"] = max(state["channel"], now)  # idle until now: nothing worth loading was known
 
     now = stall = 0.0
-    known = None
+    known, hits = None, 0
     for pos in range(n):
         if known is not None:  # between the calls, the channel works with what was known
             prefetch(pos, now, *known)
@@ -218,9 +217,10 @@ def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, floa
             state["loads"] += 1
         begin = max(now, arrival[key])
         stall += begin - now
+        hits += begin == now
         last_use[key] = pos
         now = begin + compute[pos]
-    return stall, state["loads"]
+    return stall, state["loads"], hits
 
 
 def direction_guess(export: Path, direction: str, layers: Sequence[str], slots: int) -> list[Access]:
@@ -288,17 +288,27 @@ def main() -> None:
             row["hide_for_0.9x"] = round(max(0.0, 1 - decode_s / 9 / belady_s), 3) if belady_s else 0.0
             if budget == "model":  # the prefetch simulation has one pool (the runtime's default)
                 row["prefetch_speed"] = {}
+                encoder = [x for x in layers if x.startswith("enc")]
+                # how many of each encoder layer's experts to guess: its share of the pool, or an
+                # equal part of the whole pool; the better of the two is kept (a guess beyond the
+                # share evicts decoder experts that the next step needs when only the next call
+                # is known, and gains when the sentence is)
+                per_layer = sorted({capacities[encoder[0]], row["slots"] // len(encoder)}) if encoder else []
                 for foresight in FORESIGHTS:
-                    guess = ()
-                    if foresight == "sentence + direction":
-                        guess = direction_guess(export, args.direction, [x for x in layers if x.startswith("enc")],
-                                                row["slots"]) if routed else []
-                        if not guess:
-                            continue
-                    stall, loads = prefetch_stall(traces, timing, row["slots"], load_s, foresight, guess)
+                    guesses = [()]
+                    if foresight.endswith("+ direction"):
+                        guesses = [g for g in (direction_guess(export, args.direction, encoder, k * len(encoder))
+                                               for k in per_layer) if g] if routed else []
+                    results = [(prefetch_stall(traces, timing, row["slots"], load_s, foresight, g), len(g))
+                               for g in guesses]
+                    if not results:
+                        continue
+                    (stall, loads, hits), guessed = min(results)
                     row["prefetch_speed"][foresight] = {"speed": round(decode_s / (decode_s + stall), 3),
                                                         "stall_ms_per_sentence": round(stall / n * 1e3, 2),
-                                                        "loads_per_sentence": round(loads / n, 2)}
+                                                        "hit_rate": round(hits / len(accesses), 3),
+                                                        "loads_per_sentence": round(loads / n, 2),
+                                                        "encoder_experts_guessed": guessed}
             rows.append(row)
     mean = lambda key: round(sum(s[key] for s in sentences) / n, 4)  # noqa: E731
     setup = {"export": str(export), "direction": args.direction, "lines": n, "beam": args.beam, "gbps": args.gbps,
@@ -333,16 +343,16 @@ def markdown(setup: dict, rows: list[dict]) -> str:
     if simulated:
         known = [f for f in FORESIGHTS if any(f in r["prefetch_speed"] for r in simulated)]
         lines += ["", f"Prefetching with perfect knowledge of the future, as far as it reaches (one pool of slots, "
-                  f"one {setup['gbps']} GB/s channel; speed vs all resident, stall ms per sentence, loads per "
-                  f"sentence):", "",
+                  f"one {setup['gbps']} GB/s channel; speed vs all resident, stall ms per sentence, hit rate "
+                  f"(calls that find their expert loaded), loads per sentence):", "",
                   "| resident | slots | " + " | ".join(f"knows: {f}" for f in known) + " |",
                   "|---|---:|" + "---:|" * len(known)]
         for r in simulated:
             cells = []
             for f in known:
                 p = r["prefetch_speed"].get(f)
-                cells.append(f"{p['speed']:.3f}x ({p['stall_ms_per_sentence']} ms, {p['loads_per_sentence']})"
-                             if p else "-")
+                cells.append(f"{p['speed']:.3f}x ({p['stall_ms_per_sentence']} ms, {p['hit_rate']:.2f}, "
+                             f"{p['loads_per_sentence']})" if p else "-")
             lines.append(f"| {r['resident']} | {r['slots']} | " + " | ".join(cells) + " |")
     lines += ["", "- Belady: evicts the expert used farthest in the future (the fewest loads any eviction rule "
               "achieves, with the future known); LRU: the runtime's rule, what serve.prefetch=none does (shared "
@@ -355,9 +365,10 @@ def markdown(setup: dict, rows: list[dict]) -> str:
         lines += ["- Prefetching table: a simulation on the same trace (`prefetch_stall`: Cao et al.'s "
                   "aggressive prefetching, which is near-optimal, not optimal; compute times of the all-resident "
                   "run, no runtime overhead). Knows: `next call` = the experts of the next MoE call of the "
-                  "sentence (exact pre-gating); `sentence` = all of the current sentence's; `sentence + "
-                  "direction` = that, then the direction's most used encoder experts (routing.json; slots / "
-                  "encoder layers of each) for the next request; `stream` = every later sentence's too."]
+                  "sentence (exact pre-gating); `sentence` = all of the current sentence's; `+ direction` = "
+                  "after that, the direction's most used encoder experts (routing.json; each encoder layer's "
+                  "share of the pool or an equal part of it, the better) for the next request; `stream` = "
+                  "every later sentence's too."]
     return "\n".join(lines)
 
 

@@ -310,29 +310,31 @@ def test_serve_bound_counts_the_runtimes_loads_and_belady_bounds_them():
 
 
 def test_serve_bound_prefetch_simulation_hand_traced():
-    """scripts/serve_bound.py's prefetch simulation on hand-traced cases (loads of 0.5 s, one channel):
-    a load overlaps the previous call's compute only if it is foreseen, and knowledge is acted on
-    only once its call (next call) or sentence has started; a slot still computing is not evicted."""
+    """scripts/serve_bound.py's prefetch simulation on hand-traced cases (loads of 0.5 s, one channel;
+    (stall s, loads, hits)): a load overlaps the previous call's compute only if it is foreseen, and
+    knowledge is acted on only once its call (next call) or sentence has started; a slot still
+    computing is not evicted."""
     spec = importlib.util.spec_from_file_location("serve_bound", ROOT / "scripts" / "serve_bound.py")
     bound = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bound)
     A, B, C = ("L", 0), ("L", 1), ("L", 2)
     one_sentence = [[A, B]], [[(0, 1.0), (1, 1.0)]]
     # A's load stalls the start; B's runs while A computes
-    assert bound.prefetch_stall(*one_sentence, 2, 0.5, "next call") == (0.5, 2)
+    assert bound.prefetch_stall(*one_sentence, 2, 0.5, "next call") == (0.5, 2, 1)
     two_sentences = [[A], [B]], [[(0, 1.0)], [(0, 1.0)]]
-    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "stream") == (0.5, 2)
-    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence") == (1.0, 2)  # B unknown until it starts
-    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [B]) == (0.5, 2)  # guessed
-    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [C]) == (1.0, 3)  # wrong guess
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "stream") == (0.5, 2, 1)
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence") == (1.0, 2, 0)  # B unknown until it starts
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [B]) == (0.5, 2, 1)  # guessed
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "sentence + direction", [C]) == (1.0, 3, 0)  # wrong guess
+    assert bound.prefetch_stall(*two_sentences, 2, 0.5, "next call + direction", [B]) == (0.5, 2, 1)
     three_calls = [[A, B, C]], [[(0, 1.0), (1, 0.1), (2, 1.0)]]
     # next call: C is revealed when B's call starts (1.5 s) and lands at 2.0 s, 0.4 s after it is needed
-    stall, loads = bound.prefetch_stall(*three_calls, 3, 0.5, "next call")
-    assert abs(stall - 0.9) < 1e-9 and loads == 3
-    assert bound.prefetch_stall(*three_calls, 3, 0.5, "sentence") == (0.5, 3)
+    stall, loads, hits = bound.prefetch_stall(*three_calls, 3, 0.5, "next call")
+    assert abs(stall - 0.9) < 1e-9 and (loads, hits) == (3, 1)
+    assert bound.prefetch_stall(*three_calls, 3, 0.5, "sentence") == (0.5, 3, 2)
     # one slot: nothing overlaps (the slot computing cannot take the next expert): every load stalls
-    assert bound.prefetch_stall([[A, B, A]], [[(0, 1.0), (1, 1.0), (2, 1.0)]], 1, 0.5, "stream") == (1.5, 3)
-    assert bound.prefetch_stall(*one_sentence, 2, 0.0, "stream") == (0.0, 2)
+    assert bound.prefetch_stall([[A, B, A]], [[(0, 1.0), (1, 1.0), (2, 1.0)]], 1, 0.5, "stream") == (1.5, 3, 0)
+    assert bound.prefetch_stall(*one_sentence, 2, 0.0, "stream") == (0.0, 2, 2)
 
 
 def test_zero_row_expert_call_loads_nothing():
@@ -591,6 +593,18 @@ def test_pregate_policy_prefetches_the_relayed_plan(tmp_path):
         assert decode_all(offloaded) == reference
     s = runtime.metrics.summary()
     assert s["prefetch_loads"] > 0 and s["prefetch_hits"] > 0
+
+
+def test_pregate_listener_prefetches_the_plans_experts_most_demanded_first():
+    """The relay's plan [N, k] becomes a prefetch of its experts, most tokens first (ties: lower id),
+    ids out of range (padding, dropped choices) left out."""
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1, every=1, pregate=True), seed=0).eval()
+    calls = []
+    policy = policies.Pregate(model, lambda layer, experts: calls.append((layer, experts)))
+    name, layer = policies.moe_stacks(model)["dec"][1]
+    layer.relay.listeners[-1](layer.relay_index, torch.tensor([[2], [0], [2], [-1], [4], [1], [0], [2], [3], [1]]))
+    policy.close()
+    assert calls == [(name, [2, 0, 1, 3])] and not layer.relay.listeners
 
 
 def test_language_policy_holds_the_directions_experts(tmp_path, caplog):

@@ -19,6 +19,7 @@ experts, fill) and runtime.hold(layer, experts), and read runtime.capacities and
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -122,9 +123,10 @@ class Pregate:
     def _listener(self, layers: dict[int, tuple[str, int]]):
         def listen(index: int, experts: torch.Tensor) -> None:
             name, num_experts = layers[index]
-            ids = experts.reshape(-1)
-            ids = ids[(ids >= 0) & (ids < num_experts)]  # padding or dropped choices may be marked out of range
-            self._prefetch(name, ranked(torch.bincount(ids, minlength=num_experts)))
+            # on the host: a handful of ids per decoding step (padding or dropped choices may be
+            # marked out of range)
+            counts = Counter(e for e in experts.reshape(-1).tolist() if 0 <= e < num_experts)
+            self._prefetch(name, sorted(counts, key=lambda e: (-counts[e], e)))
         return listen
 
     def close(self) -> None:
