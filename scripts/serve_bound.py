@@ -125,10 +125,11 @@ from the export's routing statistics: what is known of the next request without 
 
 def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, float]]], capacity: int,
                    load_s: float, foresight: str, guess: Sequence[Access] = ()) -> tuple[float, int, int]:
-    """(stall seconds, loads, hits: accesses that found their expert loaded) of the best prefetcher we know how to build with `foresight`
-    (FORESIGHTS) and the runtime's constraints: one pool of `capacity` slots for all layers, one
-    slow-tier channel carrying one load of `load_s` at a time, a loading slot unusable until its
-    load ends, compute times those of the all-resident run (`record`).
+    """(stall seconds, loads, hits: accesses that found their expert loaded) of the best prefetcher
+    we know how to build with `foresight` (FORESIGHTS) and the runtime's constraints: one pool of
+    `capacity` slots for all layers, one slow-tier channel carrying one load of `load_s` at a time,
+    a loading slot unusable until its load ends, compute times those of the all-resident run
+    (`record`).
 
     The rule is Cao, Felten, Karlin and Li's "aggressive" prefetching (SIGMETRICS 1995): whenever
     the channel is free, start loading the first expert the prefetcher knows will be needed and is
@@ -229,7 +230,8 @@ def direction_guess(export: Path, direction: str, layers: Sequence[str], slots: 
     next request's encoder before it has the request; [] without statistics of the direction (or,
     failing that, of its source language)."""
     routing = read_routing_stats(export)
-    stats = routing.get("by_direction", {}).get(direction) or routing.get("by_language", {}).get(direction.split("-")[0])
+    src = direction.split("-")[0]
+    stats = routing.get("by_direction", {}).get(direction) or routing.get("by_language", {}).get(src)
     if not stats:
         return []
     guess = []
