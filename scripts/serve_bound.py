@@ -48,6 +48,7 @@ from mtmoe.formats.export_format import ROUTING_FILE, load_export, read_routing_
 from mtmoe.model.generation import translate  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
 from mtmoe.serve.layout import ExpertLayout  # noqa: E402
+from mtmoe.serve.policies import direction_ranking  # noqa: E402
 from mtmoe.serve.validate import cache_sizes  # noqa: E402
 
 SIZES = {"1/4": 0.25, "1/2": 0.5}
@@ -224,22 +225,14 @@ def prefetch_stall(traces: list[list[Access]], timing: list[list[tuple[int, floa
     return stall, state["loads"], hits
 
 
-def direction_guess(export: Path, direction: str, layers: Sequence[str], slots: int) -> list[Access]:
-    """The direction's most used experts of `layers` (the encoder's), `slots` // len(layers) of each
-    by their share in the export's routing statistics, in layer order: what a server knows of the
-    next request's encoder before it has the request; [] without statistics of the direction (or,
-    failing that, of its source language)."""
-    routing = read_routing_stats(export)
-    src = direction.split("-")[0]
-    stats = routing.get("by_direction", {}).get(direction) or routing.get("by_language", {}).get(src)
-    if not stats:
-        return []
-    guess = []
-    for name in layers:
-        share = stats.get(name, {}).get("share", [])
-        ranked = sorted(range(len(share)), key=lambda e: -share[e])
-        guess += [(name, e) for e in ranked[:slots // len(layers)] if share[e] > 0]
-    return guess
+def direction_guess(routing: dict, direction: str, layers: Sequence[str], slots: int) -> list[Access]:
+    """The direction's most used experts of `layers` (the encoder's), `slots` // len(layers) of each,
+    ranked as the language policy ranks them (`direction_ranking`, from the export's routing
+    statistics), in layer order: what a server knows of the next request's encoder before it has
+    the request; [] without statistics for them."""
+    src, tgt = direction.split("-")
+    return [(name, e) for name in layers
+            for e in (direction_ranking(routing, name, src, tgt) or [])[:slots // len(layers)]]
 
 
 def main() -> None:
@@ -271,7 +264,7 @@ def main() -> None:
     load_s = nbytes / (args.gbps * 1e9)
     decode_s = sum(s["seconds"] for s in sentences)
     top_k = max(layer.gate.top_k for layer in layers.values())
-    routed = (export / ROUTING_FILE).is_file()
+    routing = read_routing_stats(export) if (export / ROUTING_FILE).is_file() else None
     rows = []
     for label in args.sizes:
         capacities = cache_sizes(ServeConfig(experts_per_layer=SIZES[label]),
@@ -299,8 +292,8 @@ def main() -> None:
                 for foresight in FORESIGHTS:
                     guesses = [()]
                     if foresight.endswith("+ direction"):
-                        guesses = [g for g in (direction_guess(export, args.direction, encoder, k * len(encoder))
-                                               for k in per_layer) if g] if routed else []
+                        guesses = [g for g in (direction_guess(routing, args.direction, encoder, k * len(encoder))
+                                               for k in per_layer) if g] if routing else []
                     results = [(prefetch_stall(traces, timing, row["slots"], load_s, foresight, g), len(g))
                                for g in guesses]
                     if not results:

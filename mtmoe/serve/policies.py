@@ -19,7 +19,6 @@ experts, fill) and runtime.hold(layer, experts), and read runtime.capacities and
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -64,8 +63,23 @@ def ranked(counts: torch.Tensor) -> list[int]:
 
     counts [E] -> expert ids. Sorted on the host: a prediction hook runs at every MoE layer of
     every decoding step, and one `tolist` costs less there than argsort + indexing on [E]."""
-    c = counts.tolist()
-    return sorted((e for e, n in enumerate(c) if n > 0), key=lambda e: -c[e])
+    return ranked_counts(counts.tolist())
+
+
+def ranked_counts(counts: Sequence[float]) -> list[int]:
+    """`ranked` of counts (or shares) already on the host: indices with a nonzero value, largest
+    first, ties by lower index (the sort is stable)."""
+    return sorted((e for e, n in enumerate(counts) if n > 0), key=lambda e: -counts[e])
+
+
+def direction_ranking(routing: dict, layer: str, src: str, tgt: str) -> Optional[list[int]]:
+    """`layer`'s experts with a nonzero share of src-tgt's routing in an export's routing statistics
+    (routing.json), largest first: the direction's own, else the source language's in an encoder
+    layer and the target language's in a decoder layer; None when neither is there."""
+    stats = routing.get("by_direction", {}).get(f"{src}-{tgt}", {}).get(layer)
+    if stats is None:
+        stats = routing.get("by_language", {}).get(src if layer.startswith("enc") else tgt, {}).get(layer)
+    return None if stats is None else ranked_counts(stats["share"])
 
 
 class Speculative:
@@ -123,10 +137,11 @@ class Pregate:
     def _listener(self, layers: dict[int, tuple[str, int]]):
         def listen(index: int, experts: torch.Tensor) -> None:
             name, num_experts = layers[index]
-            # on the host: a handful of ids per decoding step (padding or dropped choices may be
-            # marked out of range)
-            counts = Counter(e for e in experts.reshape(-1).tolist() if 0 <= e < num_experts)
-            self._prefetch(name, sorted(counts, key=lambda e: (-counts[e], e)))
+            counts = [0] * num_experts  # on the host: a handful of ids per decoding step
+            for e in experts.reshape(-1).tolist():
+                if 0 <= e < num_experts:  # padding or dropped choices may be marked out of range
+                    counts[e] += 1
+            self._prefetch(name, ranked_counts(counts))
         return listen
 
     def close(self) -> None:
@@ -287,15 +302,14 @@ class Language:
         return hook
 
     def ranking(self, layer: str, src: str, tgt: str) -> list[int]:
-        """`layer`'s experts with a nonzero share of the direction's routing, largest first."""
-        stats = self._routing.get("by_direction", {}).get(f"{src}-{tgt}", {}).get(layer)
-        if stats is None:
-            stats = self._routing.get("by_language", {}).get(src if layer.startswith("enc") else tgt, {}).get(layer)
-        if stats is None:
+        """`layer`'s experts with a nonzero share of the direction's routing, largest first
+        (`direction_ranking`); [] with a warning when the statistics have none."""
+        order = direction_ranking(self._routing, layer, src, tgt)
+        if order is None:
             log.warning("serve.prefetch=language: no routing statistics for %s-%s at %s; its cache is not seeded",
                         src, tgt, layer)
             return []
-        return ranked(torch.tensor(stats["share"]))
+        return order
 
     def _after_call(self, name: str):
         """MoE layer hook: counts the call for its ModeChooser and applies a new mode's holds."""
