@@ -214,8 +214,9 @@ def main() -> None:
         "from RAM (page caches cannot be dropped here), so rows without a simulated bandwidth measure a "
         "RAM-to-RAM copy.",
         "Simulated bandwidth (slow GB/s column): one channel of that bandwidth shared by every expert read "
-        "(on-demand loads in the compute thread and prefetches in the loader thread queue for it; a read returns "
-        "once the channel has carried its bytes); it is a model of a slower tier, not a measurement of one.",
+        "(on-demand loads and prefetches queue for it, a prefetch not started yet can be cancelled; an expert is "
+        "usable once the channel has carried its bytes); it is a model of a slower tier, not a measurement of one. "
+        "Every copy (page cache -> slot) is made by the compute thread and counts in its CPU time.",
         "pregate: run on exports trained with moe.pregate=true only (the model's plan for the next MoE layer "
         "drives the prefetch; on such a model `speculative` computes the same prediction from a hook)."
         if pregate_ran else "pregate: not run (no export was trained with moe.pregate=true).",

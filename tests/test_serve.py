@@ -28,11 +28,12 @@ from mtmoe.model.quantized import QuantizedExperts, quantize_experts
 from mtmoe.model.seq2seq import build_model
 from mtmoe.model.transformer import FeedForward
 from mtmoe.serve import policies
-from mtmoe.serve.cache import LayerCache, SlotPool
+from mtmoe.serve.cache import LOADING, QUEUED, LayerCache, SlotPool
+from mtmoe.serve.loader import Loader
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.metrics import ServeMetrics, merge_summaries
 from mtmoe.serve.runtime import OffloadedExperts, load_for_serving, offload
-from mtmoe.serve.store import DiskStore
+from mtmoe.serve.store import Channel, DiskStore
 from mtmoe.serve.validate import cache_sizes, check_serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models decode fastest on one thread, and the loader thread needs a core of its own."""
+    """Tiny models decode fastest on one thread (the runtime's compute thread makes every copy)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -53,25 +54,30 @@ def one_thread():
 
 # -- a store in memory, for the cache alone ----------------------------------------------------
 class MemoryStore:
-    """Blobs of `experts` (FeedForward modules) held in a dict; records every read."""
+    """Blobs of `experts` (FeedForward modules) held in a dict; records every copy. `channel`: a
+    simulated slow tier that on-demand reads queue for, as DiskStore's do."""
 
-    def __init__(self, experts, layer="L"):
+    def __init__(self, experts, layer="L", channel=None):
         self.layout = ExpertLayout.of(experts[0])
         self.blobs = {(layer, e): self.layout.pack(m.state_dict()) for e, m in enumerate(experts)}
         self.reads = []
+        self.channel = channel
 
-    def read_into(self, layer, expert, dst):
+    def copy_into(self, layer, expert, dst):
         self.reads.append(expert)
         dst.copy_(self.blobs[layer, expert])
 
+    read_into = DiskStore.read_into  # copy_into, once the channel (if any) has carried the blob
 
-def make_cache(capacity, num_experts=4):
+
+def make_cache(capacity, num_experts=4, channel=None, loader=None):
     torch.manual_seed(0)
     experts = [FeedForward(8, 16).eval() for _ in range(num_experts)]
-    store = MemoryStore(experts)
+    store = MemoryStore(experts, channel=channel)
     metrics = ServeMetrics(["L"], "none", {"L": capacity}, 0, "layer")
     blueprint = copy.deepcopy(experts[0]).to("meta")
-    cache = LayerCache("L", blueprint, store.layout, num_experts, capacity, store, metrics, torch.device("cpu"))
+    cache = LayerCache("L", blueprint, store.layout, num_experts, capacity, store, metrics, torch.device("cpu"),
+                       pump=loader.pump if loader else None)
     return cache, store, metrics, experts
 
 
@@ -137,6 +143,65 @@ def test_queued_prefetch_taken_over_by_compute():
     cache.fill(slot, expert)  # the loader comes late: nothing left to do
     assert store.reads == [2]
     assert counts(metrics)["late_prefetches"] == 1 and counts(metrics)["prefetch_loads"] == 0
+
+
+def test_channel_starts_a_queued_read_once_free_and_claims_nothing_before():
+    """store.Channel: a read queued behind others starts when the channel has carried them (an
+    idle channel starts it when it was queued), and until it starts it claims no time."""
+    channel = Channel(gbps=1e-9)  # one byte per second: times below are byte counts
+    assert channel.start_by(2, queued_at=10.0, now=10.0) == 12.0  # idle: starts at once
+    assert channel.start_by(3, queued_at=10.0, now=11.0) is None  # behind it: not started by 11
+    assert channel.free_at == 12.0  # and it claimed nothing
+    assert channel.start_by(3, queued_at=10.0, now=13.0) == 15.0  # started at 12, when the first was carried
+    assert channel.start_by(1, queued_at=20.0, now=30.0) == 21.0  # idle since 15: started when queued
+    before = time.perf_counter()
+    assert channel.claim(1) >= before + 1.0  # an on-demand read reaching it now
+
+
+def test_loader_prefetch_is_ready_once_the_channel_has_carried_it():
+    """A prefetch is copied when the channel starts it and READY only once the channel has carried
+    it: compute needing it earlier waits (a late prefetch). One queued behind it and cancelled (its
+    slot taken by a newer prediction) is never copied and takes no channel time: the next starts
+    when the first is carried."""
+    seconds = 0.06  # per expert on the simulated channel
+    loader = Loader(None)
+    cache, store, metrics, experts = make_cache(capacity=2, loader=loader)
+    loader._channel = store.channel = Channel(store.layout.nbytes / seconds / 1e9)
+    loader.submit(cache, cache.reserve_prefetch([1, 2], fill=True))
+    assert (cache._lru[1].state, cache._lru[2].state, store.reads) == (LOADING, QUEUED, [1])
+    carried = cache._lru[1].ready_at
+    loader.submit(cache, cache.reserve_prefetch([3], fill=True))  # 1 is loading: 3 takes 2's slot
+    assert sorted(cache._lru) == [1, 3] and store.reads == [1]
+    x = torch.randn(3, 8)
+    with cache.use(1) as module:  # still on the channel: compute waits for it
+        assert time.perf_counter() >= carried
+        assert torch.equal(module(x), experts[1](x))
+    with cache.use(3) as module:  # started when 1 was carried, not after a slot for 2
+        assert torch.equal(module(x), experts[3](x))
+    assert store.reads == [1, 3] and store.channel.free_at == pytest.approx(carried + seconds, abs=1e-9)
+    assert counts(metrics) == {"activations": 2, "hits": 0, "prefetch_hits": 0, "late_prefetches": 2,
+                               "misses": 0, "prefetch_loads": 2, "wasted_prefetches": 1}
+    assert not loader.pending()
+
+
+def test_loader_queued_prefetch_taken_over_goes_on_the_channel_at_once():
+    """A queued prefetch compute needs now is read by compute at once, on the channel behind the
+    read it carries already (ahead of any still queued); the other prefetch is then a hit."""
+    seconds = 0.04
+    loader = Loader(None)
+    cache, store, metrics, _ = make_cache(capacity=3, loader=loader)
+    loader._channel = store.channel = Channel(store.layout.nbytes / seconds / 1e9)
+    loader.submit(cache, cache.reserve_prefetch([1, 2, 3], fill=True))
+    carried = cache._lru[1].ready_at
+    with cache.use(3):  # queued behind 2: compute reads it now, after 1
+        assert time.perf_counter() >= carried + seconds
+    assert store.reads == [1, 3]
+    with cache.use(1):  # carried meanwhile: a prefetch hit
+        pass
+    loader.wait_idle()  # 2 starts after 3 (which went ahead of it)
+    assert store.reads == [1, 3, 2] and cache._lru[2].ready_at == pytest.approx(carried + 2 * seconds, abs=1e-9)
+    assert counts(metrics) == {"activations": 2, "hits": 1, "prefetch_hits": 1, "late_prefetches": 1,
+                               "misses": 0, "prefetch_loads": 2, "wasted_prefetches": 0}
 
 
 def test_held_experts_stay_resident():
@@ -493,27 +558,27 @@ def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("policy", ["speculative", "language"])
 def test_failed_or_slow_prefetches_fall_back_to_on_demand_loads(tmp_path, policy):
-    """Prefetches (and streamed loads) that fail in the loader thread, or are still loading when
-    compute needs them (a 0.5 MB/s slow tier: a 16 KB expert takes 32 ms, longer than the
-        compute between prediction and use even on a loaded box), change nothing but the timing."""
+    """Prefetches (and streamed loads) whose copy fails when the channel starts them, or that are
+    still on the channel when compute needs them (a 0.5 MB/s slow tier: a 16 KB expert takes
+    32 ms, longer than the compute between prediction and use even on a loaded box), change
+    nothing but the timing."""
     model = random_model()
     reference = decode_all(model)
 
     offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch=policy)
     runtime.wait_idle()  # the language policy's seeding loads, before the store starts failing
-    for cache in runtime.caches.values():
-        store_read = cache._store.read_into
+    failed = []
 
-        def failing(layer, expert, dst, read=store_read):
-            if threading.current_thread().name == "mtmoe-expert-loader":
-                raise OSError("simulated read error")
-            return read(layer, expert, dst)
-
-        cache._store = type("FailingStore", (), {"read_into": staticmethod(failing)})()
+    def failing(layer, expert, dst):
+        failed.append((layer, expert))
+        raise OSError("simulated read error")
+    for cache in runtime.caches.values():  # prefetches fail; on-demand reads (read_into) work
+        cache._store = type("FailingStore", (), {"read_into": staticmethod(cache._store.read_into),
+                                                 "copy_into": staticmethod(failing)})()
     runtime.metrics.reset()
     with runtime:
         assert decode_all(offloaded) == reference
-    assert runtime.metrics.summary()["prefetch_loads"] == 0
+    assert failed and runtime.metrics.summary()["prefetch_loads"] == 0
 
     offloaded, runtime = served(model, tmp_path, experts_per_layer=2, prefetch=policy, slow_gbps=0.0005)
     with runtime:

@@ -13,7 +13,7 @@ Reading order (each module has one job):
 - `store`     the slow tier: `experts.safetensors`, memory-mapped (pinned CPU RAM for a GPU model);
 - `metrics`   hit rate, prefetch hits, bytes moved, stall time, peak resident expert bytes;
 - `cache`     the fast tier: slot pools, and one MoE layer's cache on them (LRU eviction, on-demand loads);
-- `loader`    the background thread that performs prefetch loads;
+- `loader`    prefetch loads, timed by the slow tier's channel (copies made by the compute thread);
 - `policies`  none / speculative / pregate / language: who calls `prefetch(layer, experts)` (and
               `hold`: the language-aware policy keeps a direction's experts resident);
 - `runtime`   wires it together: `offload(model, ...)` and `load_for_serving(export_dir, serve)`;

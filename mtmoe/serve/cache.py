@@ -28,15 +28,19 @@ a call's experts are known (the router has run, before any expert does), the mis
 reserved into slots the call does not need, in execution order, and each expert that finishes
 frees its slot for the next, so loads overlap the computation of the call's other experts.
 
-Two threads use a cache: compute (`use`, from the MoE layer's forward) and the loader thread
-(`fill`, prefetches reserved by `reserve_prefetch`). They share the slot states under one lock;
-copies run outside it. A slot is EMPTY, QUEUED (reserved by a prefetch, copy not started),
-LOADING or READY. The rules that make outputs independent of prefetching:
+The compute thread drives a cache (`use`, from the MoE layer's forward; the policies'
+reservations), and the loader (`mtmoe.serve.loader.Loader`) moves prefetches through their
+states as the slow tier's channel carries them (`start`, `settle`; `pump`, given to the cache,
+brings them up to date before each decision). Slot states are guarded by one lock. A slot is
+EMPTY, QUEUED (reserved by a prefetch, not started on the channel), LOADING (started: copied,
+and READY once the channel has carried it at `ready_at`; or being loaded by a thread's own
+`_load`, `ready_at` infinite) or READY. The rules that make outputs independent of prefetching:
 
 - compute only runs a slot that is READY with the expert it asked for, and pins it meanwhile;
 - a pinned or LOADING slot is never evicted (so never overwritten under compute or a copy);
-- a prefetch that compute needs now is taken over if still QUEUED (compute loads it at once),
-  waited for if LOADING, and loaded again on demand if it failed.
+- a prefetch that compute needs now is taken over if still QUEUED (compute loads it at once, the
+  channel carrying it ahead of the loads queued behind it), waited for if LOADING, and loaded
+  again on demand if it failed. `fill` performs a reserved prefetch in the calling thread.
 
 In a shared pool the layers' caches share the pool's lock, and a layer never takes another
 layer's slot that is pinned, loading, held, needed by that layer's call in progress, or prefetched
@@ -52,7 +56,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -63,6 +67,7 @@ from mtmoe.serve.metrics import ServeMetrics
 log = logging.getLogger(__name__)
 
 EMPTY, QUEUED, LOADING, READY = "empty", "queued", "loading", "ready"
+INF = float("inf")
 
 
 class Slot:
@@ -76,8 +81,7 @@ class Slot:
         self.state = EMPTY
         self.pins = 0  # compute calls running on this slot right now
         self.prefetched = False  # put here by a prefetch and not used since
-        self.done = threading.Event()  # cleared while a load is pending
-        self.done.set()
+        self.ready_at = INF  # LOADING: perf_counter time at which the channel has carried its expert
         self.copy_event = None  # GPU store: the CUDA event compute must wait for; CPU: None
         self.flat: Optional[torch.Tensor] = None  # uint8 [pool nbytes], allocated on the first load
         self.module: Optional[nn.Module] = None  # the owner's expert module computing with views into `flat`
@@ -105,12 +109,15 @@ class LayerCache:
     of its own, or its share of a shared `pool`).
 
     `blueprint` is one expert of the layer on the meta device: slots are copies of it bound to
-    their buffers."""
+    their buffers. `store` has `read_into` and `copy_into` (mtmoe.serve.store); `pump` is the
+    loader's (None: no loader; prefetches are then performed with `fill`)."""
 
     def __init__(self, name: str, blueprint: nn.Module, layout: ExpertLayout, num_experts: int, capacity: int,
-                 store, metrics: ServeMetrics, device: torch.device, pool: Optional[SlotPool] = None):
+                 store, metrics: ServeMetrics, device: torch.device, pool: Optional[SlotPool] = None,
+                 pump: Optional[Callable[[], None]] = None):
         self.name, self.layout, self.num_experts, self.capacity = name, layout, num_experts, capacity
         self._blueprint, self._store, self._metrics, self._device = blueprint, store, metrics, device
+        self._pump = pump or (lambda: None)
         self._pool = pool if pool is not None else SlotPool(capacity, layout.nbytes)
         if self._pool.nbytes < layout.nbytes:
             raise ValueError(f"{name}: its experts ({layout.nbytes} bytes) do not fit the pool's slots "
@@ -140,9 +147,12 @@ class LayerCache:
         started = time.perf_counter()
         outcome = None  # "late" once compute had to wait for, or take over, a pending prefetch
         while True:
+            self._pump()  # prefetches the channel has carried by now are READY
             load = wait = None
             with self._lock:
                 slot = self._lru.get(expert)
+                if slot is not None and slot.state == LOADING and slot.ready_at <= time.perf_counter():
+                    slot.state = READY  # a started prefetch the loader has not settled yet
                 if slot is not None and slot.state == READY:
                     slot.pins += 1
                     slot.used = self._pool.tick()
@@ -152,11 +162,11 @@ class LayerCache:
                         self._count_stall(outcome, started)
                     slot.prefetched = False
                     return slot
-                if slot is not None and slot.state == QUEUED:  # the loader has not started it: do it now
+                if slot is not None and slot.state == QUEUED:  # the channel has not started it: load it now
                     slot.state, slot.prefetched = LOADING, False
                     slot.pins += 1
                     load, outcome = slot, outcome or "late"
-                elif slot is not None:  # LOADING in the loader thread
+                elif slot is not None:  # LOADING: on the channel (or another thread loads it)
                     wait, outcome = slot, outcome or "late"
                 else:  # not a slot whose expert the call still needs, unless every free one has one
                     # (a streamed load failed and its slot went to a later expert of the call:
@@ -168,10 +178,11 @@ class LayerCache:
                         self._reserve(victim, expert, LOADING, prefetched=False)
                         victim.pins += 1
                         load, outcome = victim, outcome or "miss"
-                    else:  # every free slot is mid-load: wait for one
-                        wait = next((s for s in self._pool.slots if s.state == LOADING), None)
-                        if wait is None:
+                    else:  # every free slot is mid-load: wait for the first to be carried
+                        loading = [s for s in self._pool.slots if s.state == LOADING]
+                        if not loading:
                             raise RuntimeError(f"{self.name}: no slot can take expert {expert} (all pinned)")
+                        wait = min(loading, key=lambda s: s.ready_at)
             if load is not None:
                 try:
                     self._load(load, expert, by_prefetch=False)
@@ -181,7 +192,8 @@ class LayerCache:
                     raise
                 self._count_stall(outcome, started)
                 return load
-            wait.done.wait()
+            remaining = wait.ready_at - time.perf_counter()  # infinite: another thread's load, poll
+            time.sleep(1e-4 if remaining == INF else max(remaining, 0.0))
 
     def _count_stall(self, outcome: str, started: float) -> None:
         stall = time.perf_counter() - started
@@ -197,6 +209,7 @@ class LayerCache:
         leaving a slot for on-demand loads. Held experts take no room from the others. Wanted
         experts already here become most recently used and are not evicted for the others; nothing
         pinned, loading or held is evicted."""
+        self._pump()
         with self._lock:
             return self._reserve_wanted(list(dict.fromkeys(int(e) for e in experts)), fill)
 
@@ -223,6 +236,7 @@ class LayerCache:
     def hold(self, experts: Sequence[int]) -> list[tuple[Slot, int]]:
         """Keeps `experts` (at most capacity - 1, most wanted first) resident from now on, instead of
         the ones held before; returns the loads of those not here yet (like reserve_prefetch)."""
+        self._pump()
         with self._lock:
             self._held = list(dict.fromkeys(int(e) for e in experts))[: max(self.capacity - 1, 0)]
             return self._reserve_wanted(list(self._held), fill=True)
@@ -235,6 +249,7 @@ class LayerCache:
         """Streaming: the experts the current call will run, in execution order. Reserves slots for
         the missing ones in that order, in slots holding nothing the call needs (and not held), and
         returns the loads to start now; `after_use` continues as slots free up."""
+        self._pump()
         with self._lock:
             self._call_left = set(order)
             self._call_stream = [e for e in order if e not in self._lru]
@@ -242,6 +257,11 @@ class LayerCache:
 
     def after_use(self, expert: int) -> list[tuple[Slot, int]]:
         """Streaming: `expert` is done for the current call; its slot may take the next missing one."""
+        if not self._call_stream:
+            with self._lock:
+                self._call_left.discard(expert)
+            return []
+        self._pump()
         with self._lock:
             self._call_left.discard(expert)
             return self._stream() if self._call_stream else []
@@ -260,10 +280,11 @@ class LayerCache:
         return jobs
 
     def fill(self, slot: Slot, expert: int) -> None:
-        """Loader thread: performs a reserved prefetch, unless compute took it over or it was
-        cancelled meanwhile. A failure frees the slot (compute then loads on demand)."""
+        """Performs a reserved prefetch now, in the calling thread (on the channel at once), unless
+        compute took it over or it was cancelled meanwhile. A failure frees the slot (compute then
+        loads on demand)."""
         with self._lock:
-            if slot.owner is not self or slot.state != QUEUED or slot.expert != expert:
+            if not self.is_queued(slot, expert):
                 return
             slot.state = LOADING
         try:
@@ -271,30 +292,66 @@ class LayerCache:
         except Exception as e:  # correctness never depends on a prefetch
             log.warning("prefetch of expert %d of %s failed (%s); it will load on demand", expert, self.name, e)
 
+    # -- the loader's side (mtmoe.serve.loader) -----------------------------------------------
+    def is_queued(self, slot: Slot, expert: int) -> bool:
+        """`slot` still waits for the channel with this layer's `expert` (not cancelled, not taken over)."""
+        return slot.owner is self and slot.expert == expert and slot.state == QUEUED
+
+    def start(self, slot: Slot, expert: int, ready_at: float) -> bool:
+        """The channel has started carrying a queued prefetch (`is_queued`), done at `ready_at`:
+        the expert is copied into its slot now, which is LOADING until then. False if the copy
+        failed (the slot is freed: compute loads the expert on demand)."""
+        with self._lock:
+            slot.state, slot.ready_at = LOADING, ready_at
+            try:
+                slot.copy_event = self._store.copy_into(self.name, expert, self._bind(slot))
+            except Exception as e:  # correctness never depends on a prefetch
+                log.warning("prefetch of expert %d of %s failed (%s); it will load on demand", expert, self.name, e)
+                self._free(slot)
+                return False
+        self._metrics.add(self.name, bytes_moved=self.layout.nbytes, prefetch_loads=1)
+        return True
+
+    def settle(self, slot: Slot, expert: int, now: float) -> bool:
+        """A started prefetch is READY once the channel has carried it (by `now`). True when the
+        loader need not watch it any more."""
+        with self._lock:
+            if not (slot.owner is self and slot.expert == expert and slot.state == LOADING):
+                return True  # compute found it carried first
+            if now < slot.ready_at:
+                return False
+            slot.state = READY
+            return True
+
     # -- shared ------------------------------------------------------------------------------
     def _load(self, slot: Slot, expert: int, by_prefetch: bool) -> None:
         """Copies `expert` into `slot` (LOADING, owned by the calling thread), then marks it READY."""
         try:
-            if slot.flat is None:
-                slot.flat = torch.empty(self._pool.nbytes, dtype=torch.uint8, device=self._device)
-                self._metrics.add(self.name, resident_bytes=self._pool.nbytes)
-            dst = slot.flat[:self.layout.nbytes]
-            module = slot.modules.get(self.name)
-            if module is None:  # the slot's first expert of this layer: a module of the layer's type on its bytes
-                module = copy.deepcopy(self._blueprint)
-                self.layout.bind(module, dst)
-                slot.modules[self.name] = module.eval()
-            slot.module = module
+            with self._lock:
+                dst = self._bind(slot)
             event = self._store.read_into(self.name, expert, dst)
         except BaseException:
             with self._lock:
                 self._free(slot)
-                slot.done.set()
             raise
         with self._lock:
             slot.copy_event, slot.state = event, READY
-            slot.done.set()
         self._metrics.add(self.name, bytes_moved=self.layout.nbytes, prefetch_loads=int(by_prefetch))
+
+    def _bind(self, slot: Slot) -> torch.Tensor:
+        """Lock held: `slot`'s buffer (allocated on its first load) as this layer's expert module
+        (`slot.module`); returns the bytes to copy the expert into."""
+        if slot.flat is None:
+            slot.flat = torch.empty(self._pool.nbytes, dtype=torch.uint8, device=self._device)
+            self._metrics.add(self.name, resident_bytes=self._pool.nbytes)
+        dst = slot.flat[:self.layout.nbytes]
+        module = slot.modules.get(self.name)
+        if module is None:  # the slot's first expert of this layer: a module of the layer's type on its bytes
+            module = copy.deepcopy(self._blueprint)
+            self.layout.bind(module, dst)
+            slot.modules[self.name] = module.eval()
+        slot.module = module
+        return dst
 
     def _victim(self, protect, spare_prefetched: bool, borrow: bool) -> Optional[Slot]:
         """A slot to reuse (lock held): an empty one, else the least recently used READY or QUEUED
@@ -337,7 +394,7 @@ class LayerCache:
     def _reserve(self, slot: Slot, expert: int, state: str, prefetched: bool) -> None:
         slot.owner, slot.expert, slot.state, slot.prefetched, slot.copy_event = self, expert, state, prefetched, None
         slot.used = self._pool.tick()  # most recently used
-        slot.done.clear()
+        slot.ready_at = INF
         self._lru[expert] = slot
 
     def _free(self, slot: Slot) -> None:
@@ -352,11 +409,13 @@ class LayerCache:
 
     def resident(self) -> list[int]:
         """Experts READY here, least recently used first."""
+        self._pump()
         with self._lock:
             return [e for e, slot in self._by_use() if slot.state == READY]
 
     def present(self) -> list[int]:
         """Experts READY here (least recently used first), then those being loaded (oldest reservation first)."""
+        self._pump()
         with self._lock:
             by_use = self._by_use()
             return [e for e, slot in by_use if slot.state == READY] + [e for e, slot in by_use if slot.state != READY]

@@ -30,7 +30,7 @@ class LayerCounts:
 
 
 class ServeMetrics:
-    """Thread-safe counters (compute and the loader thread both add to them)."""
+    """Thread-safe counters (compute adds to them; mtmoe-eval merges its workers' summaries)."""
 
     def __init__(self, layers: list[str], policy: str, capacities: dict[str, int], all_expert_bytes: int,
                  budget: str):

@@ -41,7 +41,7 @@ from mtmoe.serve.validate import cache_sizes, check_serve, offloading
 
 
 Submit = Callable[[LayerCache, list], None]
-"""Queues (slot, expert) loads of a cache on the loader thread (Loader.submit)."""
+"""Starts (slot, expert) loads of a cache (Loader.submit)."""
 
 
 class OffloadedExperts(ExpertGroup):
@@ -98,12 +98,12 @@ class OffloadedExperts(ExpertGroup):
 
 
 class OffloadRuntime:
-    """Owns the caches, the loader thread and the prefetch policy of one offloaded model.
+    """Owns the caches, the loader and the prefetch policy of one offloaded model.
 
     `prefetch(layer, experts)` is the one entry point of every policy. `budget` (serve.budget):
     `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum.
-    Close the runtime (or use it as a context manager) to stop the loader thread and detach the
-    policy."""
+    Close the runtime (or use it as a context manager) to let the copies under way finish and
+    detach the policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
                  store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict], budget: str):
@@ -111,7 +111,7 @@ class OffloadRuntime:
         self.metrics = ServeMetrics(list(layers), policy, capacities, all_bytes, budget)
         self.caches: dict[str, LayerCache] = {}
         self.capacities, self.routing = capacities, routing
-        self.loader = Loader()
+        self.loader = Loader(store.channel)
         try:
             self.policy = install_policy(policy, model, self)
         except BaseException:
@@ -123,7 +123,7 @@ class OffloadRuntime:
             shared = SlotPool(sum(capacities.values()), max(spec.layout.nbytes for spec in specs.values()))
         for name, layer in layers.items():
             cache = LayerCache(name, layer.experts.blueprint(), specs[name].layout, specs[name].num_experts,
-                               capacities[name], store, self.metrics, device, shared)
+                               capacities[name], store, self.metrics, device, shared, self.loader.pump)
             layer.experts = OffloadedExperts(cache, stream)  # the resident experts are dropped here
             self.caches[name] = cache
 

@@ -6,13 +6,15 @@ one after another; the metadata records each layer's ExpertLayout and the size a
 model.safetensors it was cut from. It is written once, streaming one expert at a time, and
 rebuilt when model.safetensors changes or the file is unreadable.
 
-Reads go through `safe_open`, which memory-maps the file: reading an expert is one copy of its
-blob from the mapping into a fast-tier slot. The OS page cache may serve it from RAM rather than
-from the disk (on a box where the file fits in the page cache, after the first read it will);
-`slow_gbps` models a slower tier: one channel of that bandwidth, which every read shares (an
-on-demand load in the compute thread and a prefetch in the loader thread queue for it rather than
+The file is memory-mapped read-only as one uint8 tensor: loading an expert is one copy of its
+blob from the mapping into a fast-tier slot (`copy_into`), done by the calling thread, the
+compute thread (see mtmoe.serve.loader for why no other thread does it). The OS page cache may
+serve a read from RAM rather than from the disk (on a box where the file fits in the page cache,
+after the first read it will); `slow_gbps` models a slower tier: one `Channel` of that
+bandwidth, which every read shares (an on-demand load and a prefetch queue for it rather than
 each getting the full bandwidth, as they would if each read were only stretched to its own
-bytes / bandwidth).
+bytes / bandwidth). An on-demand read (`read_into`) returns once the channel has carried it; a
+prefetch's time on the channel is kept by the loader.
 
 A model on a GPU uses PinnedStore instead: the blobs in page-locked CPU RAM, copied to the GPU
 on a side CUDA stream.
@@ -21,12 +23,15 @@ on a side CUDA stream.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -109,28 +114,61 @@ def _is_current(path: Path, source: Path, layers: dict[str, LayerSpec]) -> bool:
         return False
 
 
+class Channel:
+    """The simulated slow tier (`serve.slow_gbps`): one channel of `gbps` GB/s that carries one read
+    at a time, in the order they reach it. Times are `time.perf_counter()` seconds."""
+
+    def __init__(self, gbps: float):
+        self.gbps = gbps
+        self._lock = threading.Lock()  # reads from several threads may claim it
+        self.free_at = 0.0  # when the channel has carried every read claimed so far
+
+    def claim(self, nbytes: int) -> float:
+        """A read of `nbytes` reaching the channel now: when it will have been carried."""
+        with self._lock:
+            self.free_at = max(time.perf_counter(), self.free_at) + nbytes / (self.gbps * 1e9)
+            return self.free_at
+
+    def start_by(self, nbytes: int, queued_at: float, now: float) -> Optional[float]:
+        """A read that reached the channel at `queued_at`, behind those claimed before it: when it
+        will have been carried, if the channel has started it by `now`; else None (not started:
+        it claims nothing, and a prefetch not started can still be cancelled)."""
+        with self._lock:
+            start = max(queued_at, self.free_at)
+            if start > now:
+                return None
+            self.free_at = start + nbytes / (self.gbps * 1e9)
+            return self.free_at
+
+
 class DiskStore:
     """Expert blobs read from the memory-mapped store file (the slow tier of a CPU model)."""
 
     def __init__(self, path: Path, layers: dict[str, LayerSpec], slow_gbps: float = 0.0):
         self.path, self.layers, self.slow_gbps = Path(path), layers, slow_gbps
-        self._file = safe_open(str(self.path), framework="pt")  # a memory map; tensors read lazily
-        self._channel = threading.Lock()  # slow_gbps: guards _free_at
-        self._free_at = 0.0  # slow_gbps: perf_counter time at which the simulated channel is idle
+        self.channel: Optional[Channel] = Channel(slow_gbps) if slow_gbps else None
+        with open(self.path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid once the file is closed
+        with warnings.catch_warnings():  # read-only memory: torch warns that writing to it is undefined
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(self._map, dtype=torch.uint8)[8 + header_len:]
+        self._blobs = {key: data[entry["data_offsets"][0]:entry["data_offsets"][1]]
+                       for key, entry in header.items() if key != "__metadata__"}  # views, never written
 
     def nbytes(self, layer: str) -> int:
         return self.layers[layer].layout.nbytes
 
+    def copy_into(self, layer: str, expert: int, dst: torch.Tensor) -> None:
+        """Copies expert `expert` of `layer` into dst uint8 [nbytes] (CPU), now, in this thread."""
+        dst.copy_(self._blobs[blob_name(layer, expert)])
+
     def read_into(self, layer: str, expert: int, dst: torch.Tensor) -> None:
-        """Copies expert `expert` of `layer` into dst uint8 [nbytes] (CPU). Returns when done
-        (and, with `slow_gbps`, once the simulated channel has carried the blob: nbytes / bandwidth
-        seconds after the channel became free for it, reads queueing in arrival order)."""
-        done_at = None
-        if self.slow_gbps:
-            with self._channel:
-                done_at = max(time.perf_counter(), self._free_at) + dst.numel() / (self.slow_gbps * 1e9)
-                self._free_at = done_at
-        dst.copy_(self._file.get_tensor(blob_name(layer, expert)))
+        """An on-demand read: `copy_into`, returning (with `slow_gbps`) once the channel has carried
+        the blob, behind the reads it carries already."""
+        done_at = self.channel.claim(dst.numel()) if self.channel is not None else None
+        self.copy_into(layer, expert, dst)
         if done_at is not None:
             remaining = done_at - time.perf_counter()
             if remaining > 0:
@@ -155,11 +193,12 @@ class PinnedStore:
 
     def __init__(self, disk: DiskStore, device: torch.device):
         self.layers = disk.layers
+        self.channel = None  # copies from pinned RAM; slow_gbps simulates a tier of a CPU model
         self._blobs = {}
         for name, spec in disk.layers.items():
             for e in range(spec.num_experts):
                 blob = torch.empty(spec.layout.nbytes, dtype=torch.uint8, pin_memory=True)
-                disk.read_into(name, e, blob)
+                disk.copy_into(name, e, blob)
                 self._blobs[name, e] = blob
         self._copy_stream = torch.cuda.Stream(device)
         self._compute_stream = torch.cuda.current_stream(device)
@@ -167,7 +206,7 @@ class PinnedStore:
     def nbytes(self, layer: str) -> int:
         return self.layers[layer].layout.nbytes
 
-    def read_into(self, layer: str, expert: int, dst: torch.Tensor) -> torch.cuda.Event:
+    def copy_into(self, layer: str, expert: int, dst: torch.Tensor) -> torch.cuda.Event:
         """Queues the copy into dst (GPU) and returns the event the compute stream must wait for.
         The copy first waits for the compute stream: kernels still queued there may read the
         slot's previous expert."""
@@ -177,3 +216,5 @@ class PinnedStore:
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         return done
+
+    read_into = copy_into  # no simulated channel: a read is the copy
