@@ -368,7 +368,7 @@ class ServeConfig:
     `speculative` (the next layer's router applied to this layer's input), `pregate` (the plan of a
     model trained with moe.pregate=true), `language` (each layer's cache seeded and held with the
     experts the request's direction uses most, from the export's routing statistics; the router of
-    each MoE layer applied ahead for every token, at up to three points before the layer; a call's
+    each MoE layer applied ahead for every token, at up to two points before the layer; a call's
     missing experts streamed while its others compute)."""
     budget: str = choice("model", ServeBudget)
     """Whose slots the resident experts take: `model` (default: all MoE layers share

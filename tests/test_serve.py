@@ -527,19 +527,28 @@ def test_shared_budget_outputs_equal_resident(tmp_path, variant, policy):
 
 
 def test_speculative_prediction_is_the_routers_choice():
-    """predicted_counts picks what Router.forward picks (plain and pruned routers)."""
+    """predicted_choices picks what Router.forward picks (plain and pruned routers); Router.choose
+    (from the logits) equals Router.select's choice (from the probabilities)."""
     model = random_model(top_k=2, kept={"enc1": [0, 2, 3]})
     x, keep = torch.randn(50, 32), torch.rand(50) > 0.2
     for name in ("enc0", "enc1"):
         router = model.get_submodule(model.moe_layer_prefix(name)[:-1]).gate
         with torch.no_grad():
             plan = router(x, keep)[0]
-        expected = torch.bincount(plan.expert[keep].reshape(-1), minlength=router.num_experts)
-        assert torch.equal(policies.predicted_counts(router, x, keep), expected)
-        everything = torch.ones(50, dtype=torch.bool)
-        assert torch.equal(policies.predicted_counts(router, x, None), policies.predicted_counts(router, x, everything))
-    assert policies.ranked(torch.tensor([0, 3, 1, 3, 0])) == [1, 3, 2]  # most demanded first, ties by id
-    assert policies.ranked(torch.tensor([0.0, 0.25, 0.75])) == [2, 1]
+            assert torch.equal(router.choose(x), router.select(x)[3])
+            assert torch.equal(policies.predicted_choices(router, x, keep), plan.expert[keep])
+            assert torch.equal(policies.predicted_choices(router, x, None), router.select(x)[3])
+
+
+def test_ranked_choices_most_chosen_first_on_both_paths():
+    """Most chosen first, ties by lower id, out-of-range ids left out; counted on the host for a
+    few ids and with bincount for many, with the same result."""
+    few = torch.tensor([[0], [3], [1], [3], [0], [-1], [4]])
+    assert policies.ranked_choices(few, 4) == [0, 3, 1]
+    many = few.repeat(20, 1)  # 140 ids > HOST_COUNT_MAX
+    assert many.numel() > policies.HOST_COUNT_MAX and policies.ranked_choices(many, 4) == [0, 3, 1]
+    assert policies.ranked_choices(torch.zeros(0, 1, dtype=torch.long), 4) == []
+    assert policies.ranked_counts([0.0, 0.25, 0.75]) == [2, 1]
 
 
 def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch):
@@ -547,8 +556,12 @@ def test_wrong_speculative_prefetch_gives_identical_output(tmp_path, monkeypatch
     are wasted or overruled, outputs stay identical."""
     model = random_model()
     reference = decode_all(model)
-    right = policies.predicted_counts
-    monkeypatch.setattr(policies, "predicted_counts", lambda router, x, keep: (right(router, x, keep) == 0).long())
+    right = policies.predicted_choices
+
+    def wrong(router, x, keep):
+        picked = set(right(router, x, keep).reshape(-1).tolist())
+        return torch.tensor([e for e in range(router.num_experts) if e not in picked], dtype=torch.long)
+    monkeypatch.setattr(policies, "predicted_choices", wrong)
     offloaded, runtime = served(model, tmp_path, experts_per_layer=1, prefetch="speculative")
     with runtime:
         assert decode_all(offloaded) == reference
@@ -751,14 +764,17 @@ def test_language_policy_switching_modes_keeps_outputs(tmp_path):
 
 
 def test_prediction_points():
-    """The language policy's ahead predictions for a layer: the previous layer's FFN input (from
-    the second layer on), the layer's input, and in a decoder layer the state after self-attention."""
+    """The language policy's ahead predictions for a layer: the earliest and the latest of the
+    previous layer's FFN input (from the second layer on), the layer's input, and in a decoder
+    layer the state after self-attention."""
     model = random_model()
     enc, dec = model.encoder, model.decoder
     assert policies.prediction_points(enc, 0, decoder=False) == [(enc[0], enc[0].ffn_norm)]
     assert policies.prediction_points(enc, 1, decoder=False) == [(enc[0].ffn, None), (enc[1], enc[1].ffn_norm)]
+    assert policies.prediction_points(dec, 0, decoder=True) == [
+        (dec[0], dec[0].ffn_norm), (dec[0].cross_attn_norm, dec[0].ffn_norm)]
     assert policies.prediction_points(dec, 1, decoder=True) == [
-        (dec[0].ffn, None), (dec[1], dec[1].ffn_norm), (dec[1].cross_attn_norm, dec[1].ffn_norm)]
+        (dec[0].ffn, None), (dec[1].cross_attn_norm, dec[1].ffn_norm)]
 
 
 def test_language_policy_on_a_model_with_dense_layers_first(tmp_path):

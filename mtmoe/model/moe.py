@@ -207,6 +207,16 @@ class Router(nn.Module):
             top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
         return logits, probs, top_p, top_e
 
+    def choose(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts `select` picks, top_e [N, k] (numbered as the layer's expert modules), from
+        the logits alone: softmax is monotonic, so their top-k is the probabilities' (up to exact
+        float ties), and a prediction (serving's prefetch policies, at every MoE layer of every
+        decoding step) needs neither the softmax nor the weights."""
+        logits = self.wg(x)
+        if self.kept_experts is None:
+            return logits.topk(self.top_k, dim=-1)[1]
+        return self.compact[logits.masked_fill(~self.selectable, float("-inf")).topk(self.top_k, dim=-1)[1]]
+
     def forward(self, x: torch.Tensor, keep: torch.Tensor):
         """x [N, D] (any dtype), keep [N] bool -> (plan, aux_loss, z_loss, stats)."""
         logits, probs, top_p, top_e = self.select(x)

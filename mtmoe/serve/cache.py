@@ -63,6 +63,7 @@ from torch import nn
 
 from mtmoe.serve.layout import ExpertLayout
 from mtmoe.serve.metrics import ServeMetrics
+from mtmoe.serve.store import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,10 @@ class LayerCache:
                     raise
                 self._count_stall(outcome, started)
                 return load
-            remaining = wait.ready_at - time.perf_counter()  # infinite: another thread's load, poll
-            time.sleep(1e-4 if remaining == INF else max(remaining, 0.0))
+            if wait.ready_at == INF:  # another thread's own load: poll
+                time.sleep(1e-4)
+            else:  # a prefetch on the simulated channel
+                wait_until(wait.ready_at)
 
     def _count_stall(self, outcome: str, started: float) -> None:
         stall = time.perf_counter() - started
