@@ -119,9 +119,10 @@ def wait_until(deadline: float) -> None:
 
     A stall on a real tier ends when a DMA completes, and a GPU runtime's synchronize spins by
     default; `time.sleep` would add the OS's wake-up latency to every stall and leave the core
-    to idle and cool between: measured here (8-expert model, 1/4 resident, loads on demand over
-    1.5 GB/s), 0.79x the all-resident speed sleeping, 0.87x spinning, with the same loads. The
-    compute thread's CPU time then includes its stalls."""
+    to idle and cool between: measured here (scripts/bench_serve.py's 8-expert model, 1/4 of the
+    experts resident in a shared pool, 1.5 GB/s, in one process, interleaved, vs all resident),
+    0.80x sleeping and 0.86x spinning with loads on demand, 0.84x and 0.87x with speculative
+    prefetch, the same loads either way. The compute thread's CPU time then includes its stalls."""
     while time.perf_counter() < deadline:
         pass
 
