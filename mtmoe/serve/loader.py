@@ -11,11 +11,12 @@ compute thread (`store.copy_into`; on a GPU it is queued on a side CUDA stream).
 
 No other thread copies, because on a CPU some core must run the memcpy and waking another one
 costs the compute thread more than the copy. `scripts/bench_serve.py`'s 8-expert pre-gated model,
-1/4 of the experts resident in a shared pool, in one process, interleaved, median of 4 rounds on
-this project's 2-core box, vs all resident: loads from the page cache 0.86x with a Python loader
-thread (what this module was before: it takes turns with compute for the GIL between compute's
-many small kernels), 0.90x with each copy forked onto a torch inter-op thread (TorchScript), 0.93x
-with the copies made here; over a simulated 1.5 GB/s tier 0.78x, 0.85x and 0.91x.
+1/4 of the experts resident in a shared pool, `pregate`, speed vs all resident, each pair in one
+process, interleaved, median of 4 rounds, on this project's 2-core box: loads from the page cache,
+a Python loader thread (what this module was before: it takes turns with compute for the GIL
+between compute's many small kernels) 0.86x vs the copies made here 0.92x; each copy forked onto
+a torch inter-op thread (TorchScript, no GIL) 0.90x vs here 0.93x, and over a simulated 1.5 GB/s
+tier 0.85x vs 0.91x (the Python thread there: 0.78x).
 
 `pump()` brings the states up to the present; the caches call it before every decision that reads
 them (their `pump` argument), so the states they see are the ones a loader running alongside
