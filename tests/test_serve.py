@@ -81,6 +81,13 @@ def make_cache(capacity, num_experts=4, channel=None, loader=None):
     return cache, store, metrics, experts
 
 
+def make_channel_cache(capacity, seconds):
+    """make_cache with a loader and a simulated channel carrying one expert in `seconds`."""
+    channel = Channel(ExpertLayout.of(FeedForward(8, 16)).nbytes / seconds / 1e9)
+    loader = Loader(channel)
+    return (*make_cache(capacity, channel=channel, loader=loader), loader)
+
+
 def counts(metrics):
     s = metrics.summary()
     return {k: s[k] for k in ("activations", "hits", "prefetch_hits", "late_prefetches", "misses", "prefetch_loads",
@@ -164,9 +171,7 @@ def test_loader_prefetch_is_ready_once_the_channel_has_carried_it():
     slot taken by a newer prediction) is never copied and takes no channel time: the next starts
     when the first is carried."""
     seconds = 0.06  # per expert on the simulated channel
-    loader = Loader(None)
-    cache, store, metrics, experts = make_cache(capacity=2, loader=loader)
-    loader._channel = store.channel = Channel(store.layout.nbytes / seconds / 1e9)
+    cache, store, metrics, experts, loader = make_channel_cache(capacity=2, seconds=seconds)
     loader.submit(cache, cache.reserve_prefetch([1, 2], fill=True))
     assert (cache._lru[1].state, cache._lru[2].state, store.reads) == (LOADING, QUEUED, [1])
     carried = cache._lru[1].ready_at
@@ -188,9 +193,7 @@ def test_loader_queued_prefetch_taken_over_goes_on_the_channel_at_once():
     """A queued prefetch compute needs now is read by compute at once, on the channel behind the
     read it carries already (ahead of any still queued); the other prefetch is then a hit."""
     seconds = 0.04
-    loader = Loader(None)
-    cache, store, metrics, _ = make_cache(capacity=3, loader=loader)
-    loader._channel = store.channel = Channel(store.layout.nbytes / seconds / 1e9)
+    cache, store, metrics, _, loader = make_channel_cache(capacity=3, seconds=seconds)
     loader.submit(cache, cache.reserve_prefetch([1, 2, 3], fill=True))
     carried = cache._lru[1].ready_at
     with cache.use(3):  # queued behind 2: compute reads it now, after 1
