@@ -102,7 +102,7 @@ class OffloadRuntime:
 
     `prefetch(layer, experts)` is the one entry point of every policy. `budget` (serve.budget):
     `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum.
-    Close the runtime (or use it as a context manager) to let the copies under way finish and
+    Close the runtime (or use it as a context manager) to drop the prefetches still queued and
     detach the policy."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
