@@ -152,8 +152,8 @@ class LayerCache:
             load = wait = None
             with self._lock:
                 slot = self._lru.get(expert)
-                if slot is not None and slot.state == LOADING and slot.ready_at <= time.perf_counter():
-                    slot.state = READY  # a started prefetch the loader has not settled yet
+                if slot is not None:  # a started prefetch the loader has not settled yet may be carried
+                    self._settle(slot, time.perf_counter())
                 if slot is not None and slot.state == READY:
                     slot.pins += 1
                     slot.used = self._pool.tick()
@@ -260,11 +260,8 @@ class LayerCache:
 
     def after_use(self, expert: int) -> list[tuple[Slot, int]]:
         """Streaming: `expert` is done for the current call; its slot may take the next missing one."""
-        if not self._call_stream:
-            with self._lock:
-                self._call_left.discard(expert)
-            return []
-        self._pump()
+        if self._call_stream:
+            self._pump()
         with self._lock:
             self._call_left.discard(expert)
             return self._stream() if self._call_stream else []
@@ -298,7 +295,10 @@ class LayerCache:
     # -- the loader's side (mtmoe.serve.loader) -----------------------------------------------
     def is_queued(self, slot: Slot, expert: int) -> bool:
         """`slot` still waits for the channel with this layer's `expert` (not cancelled, not taken over)."""
-        return slot.owner is self and slot.expert == expert and slot.state == QUEUED
+        return self._is_job(slot, expert, QUEUED)
+
+    def _is_job(self, slot: Slot, expert: int, state: str) -> bool:
+        return slot.owner is self and slot.expert == expert and slot.state == state
 
     def start(self, slot: Slot, expert: int, ready_at: float) -> bool:
         """The channel has started carrying a queued prefetch (`is_queued`), done at `ready_at`:
@@ -319,12 +319,16 @@ class LayerCache:
         """A started prefetch is READY once the channel has carried it (by `now`). True when the
         loader need not watch it any more."""
         with self._lock:
-            if not (slot.owner is self and slot.expert == expert and slot.state == LOADING):
+            if not self._is_job(slot, expert, LOADING):
                 return True  # compute found it carried first
-            if now < slot.ready_at:
-                return False
+            return self._settle(slot, now)
+
+    def _settle(self, slot: Slot, now: float) -> bool:
+        """Lock held: a LOADING slot the channel has carried by `now` becomes READY (a thread's own
+        load, `ready_at` infinite, never does here); True unless it is still loading."""
+        if slot.state == LOADING and now >= slot.ready_at:
             slot.state = READY
-            return True
+        return slot.state != LOADING
 
     # -- shared ------------------------------------------------------------------------------
     def _load(self, slot: Slot, expert: int, by_prefetch: bool) -> None:

@@ -61,6 +61,11 @@ HOST_COUNT_MAX = 64
 loop cost less than bincount and a `tolist` of its result); more, with bincount."""
 
 
+def predicted_ranking(router: Router, x: torch.Tensor, keep: Optional[torch.Tensor]) -> list[int]:
+    """What a prediction hook prefetches: `predicted_choices`, most chosen first (`ranked_choices`)."""
+    return ranked_choices(predicted_choices(router, x, keep), router.num_experts)
+
+
 def ranked_choices(choices: torch.Tensor, num_experts: int) -> list[int]:
     """The experts in `choices` (ids of any shape; ids outside 0..num_experts-1, such as padding
     or dropped choices, left out), the most chosen first (ties: lower id first). On the host: a
@@ -77,8 +82,8 @@ def ranked_choices(choices: torch.Tensor, num_experts: int) -> list[int]:
 
 
 def ranked_counts(counts: Sequence[float]) -> list[int]:
-    """`ranked` of counts (or shares) already on the host: indices with a nonzero value, largest
-    first, ties by lower index (the sort is stable)."""
+    """Indices of `counts` (or shares, on the host) with a nonzero value, largest first, ties by
+    lower index (the sort is stable)."""
     return sorted((e for e, n in enumerate(counts) if n > 0), key=lambda e: -counts[e])
 
 
@@ -114,7 +119,7 @@ class Speculative:
             tokens = x.reshape(-1, x.shape[-1])
             keep = None if keep is None else keep.reshape(-1)
             with torch.no_grad():
-                self._prefetch(next_name, ranked_choices(predicted_choices(router, tokens, keep), router.num_experts))
+                self._prefetch(next_name, predicted_ranking(router, tokens, keep))
         return hook
 
     def close(self) -> None:
@@ -311,8 +316,7 @@ class Language:
             with torch.no_grad():
                 if norm is not None:
                     tokens = norm(tokens)
-                self._runtime.prefetch(name, ranked_choices(predicted_choices(router, tokens, keep),
-                                                            router.num_experts), fill=True)
+                self._runtime.prefetch(name, predicted_ranking(router, tokens, keep), fill=True)
         return hook
 
     def ranking(self, layer: str, src: str, tgt: str) -> list[int]:
