@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -95,3 +96,16 @@ def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int
     env = clean_env()
     cmd = deepspeed_command(module, args, num_ranks)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def nvme_available() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
+def require_nvme() -> None:
+    """NVMe offload needs DeepSpeed's async_io op, which needs libaio (apt libaio-dev)."""
+    if not nvme_available():
+        pytest.skip("NVMe offload unavailable here: DeepSpeed's async_io op needs libaio "
+                    "(apt-get install libaio-dev; scripts/setup.sh does this where it can)")

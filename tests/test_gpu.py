@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_module, tiny_overrides
+from helpers import require_nvme, run_module, tiny_overrides
 
 pytestmark = pytest.mark.gpu
+ON_THE_GPU_RUNS = pytest.mark.xdist_group("gpu_runs")
+"""The tests that read the module's trained runs: one pytest-xdist worker under `--dist loadgroup`
+(scripts/gpu_checks.sh), so the runs are trained once while the layouts train on other workers."""
 
 BF16_TOLERANCE = 0.03
 """Largest relative difference between the bf16 and the fp32 run's logged training losses (same
@@ -47,6 +50,7 @@ def gpu_runs(tmp_path_factory, corpus, cache_dir) -> dict[str, Path]:
     return runs
 
 
+@ON_THE_GPU_RUNS
 def test_trains_on_the_gpu_in_fp32_and_bf16(gpu_runs):
     fp32, bf16 = losses(gpu_runs["fp32"]), losses(gpu_runs["bf16"])
     assert sorted(fp32) == sorted(bf16) == list(range(2, 13, 2))
@@ -78,6 +82,7 @@ def test_gpu_memory_cap_makes_a_bigger_allocation_fail():
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+@ON_THE_GPU_RUNS
 def test_resumes_on_the_gpu(gpu_runs, tmp_path, corpus, cache_dir):
     import shutil
 
@@ -102,6 +107,8 @@ DeepSpeedCPUAdam on pinned host memory, ZeRO-3 with parameters and optimizer on 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_trains_on_the_gpu_in_every_layout(layout, tmp_path, corpus, cache_dir):
+    if layout == "zero3_nvme":
+        require_nvme()  # an H200 lent here had no libaio: async_io cannot build there
     run = tmp_path / layout
     train(corpus, cache_dir, run, 6, **{"moe.ep_size": 1, **LAYOUTS[layout]})
     assert "trains on cuda:0" in (run / "train.log").read_text()
@@ -117,6 +124,7 @@ def gpu_export(gpu_runs, tmp_path_factory) -> Path:
     return out
 
 
+@ON_THE_GPU_RUNS
 def test_export_on_the_gpu_equals_it_on_the_cpu(gpu_export, corpus):
     """The export's model computes the same teacher-forced logits on the GPU and on the CPU (fp32,
     atol 1e-4), and its routing statistics were computed on the GPU."""
@@ -136,6 +144,7 @@ def test_export_on_the_gpu_equals_it_on_the_cpu(gpu_export, corpus):
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
 
 
+@ON_THE_GPU_RUNS
 def test_eval_and_translate_on_the_gpu(gpu_export, corpus, tmp_path):
     """mtmoe-eval device=cuda scores what device=cpu scores (beam 4: the same hypotheses, up to a
     tie broken the other way by float rounding), and mtmoe-translate device=cuda writes the same

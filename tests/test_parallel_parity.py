@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, run_deepspeed, tiny_overrides
+from helpers import nvme_available, require_nvme, run_cli, run_deepspeed, tiny_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -39,19 +39,6 @@ LAYOUTS = {
     "dp2_zero3_nvme": (2, {"parallel": "zero3_nvme"}),
 }
 NVME_LAYOUTS = {"dp2_zero3_nvme"}
-
-
-def nvme_available() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
-
-
-def require_nvme() -> None:
-    """NVMe offload needs DeepSpeed's async_io op, which needs libaio (apt libaio-dev)."""
-    if not nvme_available():
-        pytest.skip("NVMe offload unavailable here: DeepSpeed's async_io op needs libaio "
-                    "(apt-get install libaio-dev; scripts/setup.sh does this where it can)")
 
 
 def parity_args(corpus, cache_dir, run_dir, **extra):

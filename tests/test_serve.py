@@ -925,6 +925,8 @@ def test_offloaded_on_cuda_equals_resident_on_cuda(tmp_path, variant, policy):
             assert next(offloaded.parameters()).device.type == "cuda"
             assert decode_all(offloaded) == reference, f"experts_per_layer={size}"
         s = runtime.metrics.summary()
-        assert s["activations"] > 0 and s["misses"] + s["late_prefetches"] > 0
+        # experts really moved host -> GPU: on demand, or ahead of use (a GPU's copies are quick enough
+        # for the language and pregate policies to leave no miss and no late prefetch at all)
+        assert s["activations"] > 0 and s["bytes_moved"] > 0 and s["misses"] + s["prefetch_loads"] > 0
         if policy != "none":
             assert s["prefetch_loads"] > 0

@@ -227,7 +227,7 @@ class Trainer:
         self.spent = spent
         return spent >= 1
 
-    def _train_step(self, micro_batches) -> dict | None:
+    def train_step(self, micro_batches) -> dict | None:
         """One optimizer step over `train.accumulate` micro-batches; its sums for the log window,
         or None when it was skipped.
 
@@ -299,7 +299,7 @@ class Trainer:
                      if p > self.spent + 1e-9]
         self.engine.train()
         while not self._out_of_budget(started):
-            sums = self._train_step(next(batches) for _ in range(cfg.train.accumulate))
+            sums = self.train_step(next(batches) for _ in range(cfg.train.accumulate))
             if sums is None:
                 continue  # nothing applied: the next batches are tried at the same step
             self.step += 1
