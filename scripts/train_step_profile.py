@@ -79,9 +79,9 @@ def measure(overrides: list[str], steps: int, warmup: int, profile_steps: int, r
     def run(n: int) -> int:
         tokens = 0
         for _ in range(n):
-            batch = next(feed)
-            tokens += batch.num_target_tokens
-            if trainer.train_step([batch]) is not None:
+            micro_batches = [next(feed) for _ in range(cfg.train.accumulate)]
+            tokens += sum(b.num_target_tokens for b in micro_batches)
+            if trainer.train_step(micro_batches) is not None:
                 trainer.step += 1
         return tokens
 
