@@ -48,7 +48,7 @@ one_step() {
                --basetemp="$OUT/layouts_tmp" tests/test_gpu.py -k every_layout ;;
     profile) run_step profile "${PROFILE_LIMIT:-240}" python scripts/train_step_profile.py \
                --variant fp32:train.bf16=false --variant bf16:train.bf16=true --out "$OUT/train_step" ;;
-    main) run_step main_gpu "${MAIN_LIMIT:-$(( ${MAIN_MINUTES:-5} * 60 + 150 ))}" python -m mtmoe.train \
+    main) run_step main_gpu "${MAIN_LIMIT:-$(python -c "print(int(${MAIN_MINUTES:-5} * 60 + 150))")}" python -m mtmoe.train \
             +experiment="${MAIN_PRESET:-main_gpu}" train.device=cuda train.max_minutes="${MAIN_MINUTES:-5}" \
             ${MAIN_TOKENS:+train.max_tokens=$MAIN_TOKENS} train.save_every=0 train.valid_every=0 train.progress=false \
             hydra.run.dir="$OUT/main_gpu"

@@ -33,16 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main_job_config(extra: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from mtmoe.cli.common import compose_train_config
 
-    from mtmoe.cli.common import setup
-    from mtmoe.paths import CONF_DIR
-
-    setup()  # registers the config schema
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=main", "moe.ep_size=1", "parallel=none", *extra])
-    return OmegaConf.to_object(cfg)
+    return compose_train_config(["+experiment=main", "moe.ep_size=1", "parallel=none", *extra])
 
 
 def matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0) -> float:

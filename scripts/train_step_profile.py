@@ -38,18 +38,6 @@ DEFAULT_SET = ["+experiment=main", "parallel=none", "moe.ep_size=1", "train.max_
 leave a GPU idle); `--set` replaces it."""
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mtmoe.cli.common import setup
-    from mtmoe.paths import CONF_DIR
-
-    setup()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("train", overrides=overrides))
-
-
 def top_level_ops(events) -> list:
     """The profiler's op events that no other op called (what the step's Python code issued)."""
     return [e for e in events if e.name.startswith("aten::")
@@ -62,10 +50,11 @@ def measure(overrides: list[str], steps: int, warmup: int, profile_steps: int, r
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from mtmoe.cli.common import compose_train_config
     from mtmoe.data.batching import DeviceFeed
     from mtmoe.train.trainer import Trainer
 
-    cfg = compose([*overrides, "train.max_minutes=0", f"train.max_steps={warmup + steps + profile_steps + 1}",
+    cfg = compose_train_config([*overrides, "train.max_minutes=0", f"train.max_steps={warmup + steps + profile_steps + 1}",
                    "train.save_every=0", "train.valid_every=0", "train.progress=false", "wandb.mode=disabled"])
     trainer = Trainer(cfg, run_dir)
     device, feed = trainer.device, DeviceFeed(trainer.stream, trainer.device)

@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from mtmoe.config import ModelConfig, TrainAppConfig, register_configs
-from mtmoe.paths import CONF_DIR
+from mtmoe.cli.common import compose_train_config
+from mtmoe.config import ModelConfig
 from mtmoe.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,11 +69,8 @@ def run_cli(name: str, args: list[str], stdin: str | None = None, timeout: int =
                           timeout=timeout, env=env, cwd=ROOT)
 
 
-def compose_train(overrides: list[str]) -> TrainAppConfig:
-    """The mtmoe-train config the shipped YAML and `overrides` compose (not validated)."""
-    register_configs()  # the schema the YAML extends (the apps register it at start-up)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose("train", overrides=overrides))
+compose_train = compose_train_config
+"""The mtmoe-train config the shipped YAML and `overrides` compose (not validated)."""
 
 
 def run_module(module: str, args: list[str], stdin: str | None = None, timeout: int = 600, env_extra=None):

@@ -31,7 +31,6 @@ from torch import nn
 from mtmoe.config import TrainAppConfig
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from mtmoe.model.moe import expert_capacity
-from mtmoe.paths import CONF_DIR
 
 # Applied to every mtmoe config of the bench: no dropout anywhere (HF's is set to 0 too), no logging.
 COMMON_OVERRIDES = ["model.dropout=0.0", "model.attention_dropout=0.0", "wandb.mode=disabled",
@@ -55,15 +54,9 @@ models pay for the full vocabulary (the output projection and softmax are a larg
 
 def compose_config(moe_preset: str, overrides: Sequence[str] = ()) -> TrainAppConfig:
     """The mtmoe config for `moe=<moe_preset>` (top2, top1 or dense) with the bench's overrides."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from mtmoe.cli.common import compose_train_config
 
-    from mtmoe.cli.common import setup
-
-    setup()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"moe={moe_preset}", *COMMON_OVERRIDES, *overrides])
-    return OmegaConf.to_object(cfg)
+    return compose_train_config([f"moe={moe_preset}", *COMMON_OVERRIDES, *overrides])
 
 
 def hf_config(cfg: TrainAppConfig, vocab_size: int):

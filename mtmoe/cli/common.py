@@ -7,13 +7,15 @@ import logging
 import os
 import sys
 import time
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mtmoe.config import register_configs
+from mtmoe.config import TrainAppConfig, register_configs
 from mtmoe.errors import CheckpointError, ConfigError, CorpusError, ExportError, TrainingDiverged
+from mtmoe.paths import CONF_DIR
 
 
 def run_stamp() -> str:
@@ -36,6 +38,14 @@ def setup() -> None:
     register_configs()
     if not OmegaConf.has_resolver("mtmoe_run_stamp"):
         OmegaConf.register_new_resolver("mtmoe_run_stamp", run_stamp, use_cache=True)
+
+
+def compose_train_config(overrides: Sequence[str] = ()) -> TrainAppConfig:
+    """The mtmoe-train config the shipped YAML and `overrides` compose, not validated (the trainer
+    validates it): for scripts, benchmarks and tests that build a trainer or model in-process."""
+    setup()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
 
 
 def refusals() -> tuple[type[BaseException], ...]:

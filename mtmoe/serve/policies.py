@@ -174,11 +174,9 @@ def prediction_points(stack, index: int, decoder: bool) -> list[tuple[nn.Module,
     and without: 0.84x / 0.87x from the page cache, 0.81x / 0.83x over 1.5 GB/s, 0.68x / 0.69x
     over 0.5 GB/s, hit rates within 0.01."""
     layer = stack[index]
-    points = [(stack[index - 1].ffn, None)] if index > 0 else []
-    points.append((layer, layer.ffn_norm))
-    if decoder:
-        points.append((layer.cross_attn_norm, layer.ffn_norm))
-    return points if len(points) < 3 else [points[0], points[-1]]
+    earliest = (stack[index - 1].ffn, None) if index > 0 else (layer, layer.ffn_norm)
+    latest = (layer.cross_attn_norm, layer.ffn_norm) if decoder else (layer, layer.ffn_norm)
+    return [earliest] if earliest == latest else [earliest, latest]
 
 
 def held_count(stack: str, capacity: int, hold: bool) -> int:

@@ -88,8 +88,13 @@ def quiet_op_loading():
                 log.log(logging.DEBUG if "built successfully" in line else logging.INFO, "%s", line)
 
 
+def several_ranks() -> bool:
+    """A process group of more than one rank: the collectives below are no-ops otherwise."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.barrier()
 
 
@@ -97,7 +102,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """The ranks' `values` summed element-wise, on every rank. A world of one returns them as they
     are: on a GPU the copy to the device and back would wait twice for the queued work (a host sync
     per training step, for nothing)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
@@ -106,7 +111,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 def all_reduce_max(value: float) -> float:
     """The largest of the ranks' `value`s, on every rank (a clock all ranks must read alike)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -115,7 +120,7 @@ def all_reduce_max(value: float) -> float:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (e.g. the time budget ran out)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return flag
     t = torch.tensor([1 if flag else 0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -128,7 +133,7 @@ def is_first_rank() -> bool:
 
 def broadcast_object(obj):
     """`obj` as rank 0 has it, on every rank (decisions that all ranks must share)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
