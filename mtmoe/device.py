@@ -5,12 +5,14 @@ Every app asks once (`resolve_device` for eval/translate/export, `training_devic
 rank) before it writes anything, and everything after follows the answer: the model is moved
 there, batches are copied there (`mtmoe.data.batching.DeviceFeed`), autocast uses its type.
 `device=` values: `auto` (the GPU when CUDA is there, else the CPU), `cpu`, `cuda`, `cuda:N`.
+Deciding on a GPU also decides its attention kernels (`choose_attention_kernels`).
 Above config (whose `check_device_spec` checks a `device=` value's syntax without importing torch,
 so the tools refuse a bad config before loading torch), below data, so every later layer may use it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -34,7 +36,29 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
     if index >= count:
         raise ConfigError(f"{field}={spec}: there is no such GPU (this machine has {count}: cuda:0"
                           f"{f'..cuda:{count - 1}' if count > 1 else ''})")
-    return torch.device("cuda", index)
+    device = torch.device("cuda", index)
+    choose_attention_kernels(device)
+    return device
+
+
+KEEP_CUDNN_ATTENTION = "MTMOE_CUDNN_ATTENTION"
+"""Environment variable: `1` leaves torch's own choice of attention kernels (cuDNN's first where
+torch prefers it), e.g. to measure what `choose_attention_kernels` saves."""
+
+
+def choose_attention_kernels(device: torch.device) -> None:
+    """On a GPU, takes cuDNN's fused attention out of `scaled_dot_product_attention`'s backends,
+    for the whole process (nothing on a CPU, or with MTMOE_CUDNN_ATTENTION=1).
+
+    Why: recent torch builds (cuDNN >= 9.9) try cuDNN's attention first on sm90/sm100 GPUs (H100,
+    H200, B200) for bf16/fp16 inputs, and cuDNN builds an execution plan for every problem shape it
+    has not seen (batch, heads, query and key lengths): tens to hundreds of milliseconds of host
+    time each, forward and backward apart. mtmoe's shapes rarely repeat: token-budget batches vary
+    in batch size, source length and target length together, and incremental decoding grows the key
+    length every step. The memory-efficient kernel (flash attention where there is no mask) takes
+    the same inputs, padding masks included, with no per-shape set-up; fp32 never reached cuDNN."""
+    if device.type == "cuda" and os.environ.get(KEEP_CUDNN_ATTENTION, "") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def training_device(spec: str, local_rank: int, field: str = "train.device") -> torch.device:

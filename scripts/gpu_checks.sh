@@ -9,8 +9,9 @@
 #                 layer without host syncs. Each test is cut after TEST_TIMEOUT (240) s with its traceback
 #                 (pytest-timeout), so a stuck one still leaves the others' results.  (~3 min on an H200)
 #   layouts       the layouts' tests alone
-#   profile       scripts/train_step_profile.py: the trainer's step in fp32 and in bf16 on the GPU (the
-#                 main job's model, 4k-token batches): ms/step, ops, kernel time, host syncs  (~2 min)
+#   profile       scripts/train_step_profile.py: the trainer's step in fp32, in bf16, and in bf16 with torch's
+#                 own attention kernels (cuDNN's first on an H100/H200) on the GPU (the main job's model,
+#                 4k-token batches): ms/step, ops, kernel time, host syncs  (~3 min)
 #   main          the main job's training on the GPU, +experiment=$MAIN_PRESET (main_gpu) for MAIN_MINUTES
 #                 (5): tokens/s, val loss and greedy val BLEU per direction  (MAIN_MINUTES + ~1.5 min)
 #   bench_default scripts/bench_vs_hf.py --device cuda --size default  (the main job's model)
@@ -46,8 +47,9 @@ one_step() {
               --basetemp="$OUT/pytest_tmp" ;;
     layouts) run_step pytest_layouts "${LAYOUTS_LIMIT:-300}" python -m pytest $(pytest_args) --durations=10 \
                --basetemp="$OUT/layouts_tmp" tests/test_gpu.py -k every_layout ;;
-    profile) run_step profile "${PROFILE_LIMIT:-240}" python scripts/train_step_profile.py \
-               --variant fp32:train.bf16=false --variant bf16:train.bf16=true --out "$OUT/train_step" ;;
+    profile) run_step profile "${PROFILE_LIMIT:-300}" python scripts/train_step_profile.py \
+               --variant fp32:train.bf16=false --variant bf16:train.bf16=true \
+               --variant bf16_cudnn:train.bf16=true --env bf16_cudnn:MTMOE_CUDNN_ATTENTION=1 --out "$OUT/train_step" ;;
     main) run_step main_gpu "${MAIN_LIMIT:-$(python -c "print(int(${MAIN_MINUTES:-5} * 60 + 150))")}" python -m mtmoe.train \
             +experiment="${MAIN_PRESET:-main_gpu}" train.device=cuda train.max_minutes="${MAIN_MINUTES:-5}" \
             ${MAIN_TOKENS:+train.max_tokens=$MAIN_TOKENS} train.save_every=0 train.valid_every=0 train.progress=false \

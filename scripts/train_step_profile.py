@@ -4,9 +4,12 @@ the engine's forward, backward and step, the divergence guard, the feed's copy-a
     python scripts/train_step_profile.py                                  # this machine's device
     python scripts/train_step_profile.py --variant fp32:train.bf16=false --variant bf16:train.bf16=true
     python scripts/train_step_profile.py --set +experiment=main_gpu --steps 50
+    python scripts/train_step_profile.py --variant bf16:train.bf16=true \
+        --variant bf16_cudnn:train.bf16=true --env bf16_cudnn:MTMOE_CUDNN_ATTENTION=1
 
 Each variant (`NAME:OVERRIDE,OVERRIDE...`, Hydra overrides on top of `--set`; default: the device's
-default precision only) runs in a process of its own (DeepSpeed keeps per-process state) and reports:
+default precision only) runs in a process of its own (DeepSpeed keeps per-process state), with the
+environment variables `--env NAME:KEY=VALUE` gives it, and reports:
 - wall time per step (mean over `--steps` steps after `--warmup`, the device synchronised at both
   ends) and target tokens/s;
 - the torch ops per step (on a GPU each is a kernel launch or more) and the host's time in them
@@ -119,6 +122,8 @@ def measure(overrides: list[str], steps: int, warmup: int, profile_steps: int, r
 def markdown(results: list[dict]) -> str:
     lines = ["# The trainer's step, world of one (`python scripts/train_step_profile.py`)", "",
              f"Device: {results[0]['device_name']}; overrides: `{' '.join(results[0]['base'])}`.", "",
+             *[f"- {r['name']}: `{' '.join([*(f'{k}={v}' for k, v in r.get('env', {}).items()), *r['overrides'][len(r['base']):]]) or '(none)'}`"
+               for r in results], "",
              "| variant | ms/step | target tok/s | tokens/step | ops/step | host ms in ops | kernel ms | GPU busy | syncs/step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -138,6 +143,8 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=None, metavar="OVERRIDE",
                     help=f"Hydra overrides for every variant (default: {' '.join(DEFAULT_SET)})")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDE,...")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="an environment variable for variant NAME's process")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=5)
@@ -146,13 +153,21 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     base = args.set if args.set is not None else DEFAULT_SET
     variants = [v.split(":", 1) for v in args.variant] or [["default", ""]]
+    env: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        name, _, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not eq or name not in dict(variants):
+            ap.error(f"--env {item}: expected NAME:KEY=VALUE with NAME one of the variants")
+        env.setdefault(name, {})[key] = value
 
     if args.one:  # in a variant's process
         name, extra = variants[0]
         with tempfile.TemporaryDirectory() as tmp:
             result = measure([*base, *filter(None, extra.split(","))], args.steps, args.warmup, args.profile_steps,
                              Path(tmp) / "run")
-        Path(args.one).write_text(json.dumps({"name": name, "base": base, **result}))
+        seen = {key: os.environ.get(key) for key in env.get(name, {})}  # what this process was given
+        Path(args.one).write_text(json.dumps({"name": name, "base": base, "env": seen, **result}))
         return
 
     results = []
@@ -161,9 +176,10 @@ def main(argv=None) -> None:
             out = Path(tmp) / f"{len(results)}.json"
             cmd = [sys.executable, __file__, "--one", str(out), "--variant", f"{name}:{extra}", "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
-                   *[f"--set={s}" for s in base]]
-            print(f"== {name}: {' '.join(filter(None, extra.split(',')))}", flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   *[f"--set={s}" for s in base], *[f"--env={name}:{k}={v}" for k, v in env.get(name, {}).items()]]
+            settings = [f"{k}={v}" for k, v in env.get(name, {}).items()]
+            print(f"== {name}: {' '.join([*settings, *filter(None, extra.split(','))])}", flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env.get(name, {})})
             if proc.returncode != 0 or not out.is_file():
                 raise SystemExit(f"variant {name} failed (exit code {proc.returncode})")
             results.append(json.loads(out.read_text()))

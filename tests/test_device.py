@@ -39,7 +39,7 @@ def test_cuda_without_cuda_is_refused_naming_the_field(spec):
         devices.resolve_device(spec, "eval.device")
 
 
-def test_gpu_index_that_does_not_exist_is_refused(monkeypatch):
+def test_gpu_index_that_does_not_exist_is_refused(monkeypatch, cudnn_attention_flag):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ConfigError, match=r"^device=cuda:2: there is no such GPU \(this machine has 2: cuda:0\.\.cuda:1\)"):
@@ -52,6 +52,32 @@ def test_gpu_index_that_does_not_exist_is_refused(monkeypatch):
         devices.training_device("cuda", local_rank=2)
     with pytest.raises(ConfigError, match=r"^train\.device=cuda:1: a training rank uses the GPU of its LOCAL_RANK"):
         devices.training_device("cuda:1", local_rank=0)
+
+
+@pytest.fixture
+def cudnn_attention_flag():
+    """Restores torch's process-wide cuDNN-attention switch after the test."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_a_gpu_decision_takes_cudnn_out_of_attention(monkeypatch, cudnn_attention_flag):
+    """cuDNN's attention builds a plan per new shape (see `choose_attention_kernels`): deciding on a
+    GPU turns it off for the process, unless MTMOE_CUDNN_ATTENTION=1; deciding on the CPU leaves it."""
+    monkeypatch.delenv(devices.KEEP_CUDNN_ATTENTION, raising=False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    devices.resolve_device("cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setenv(devices.KEEP_CUDNN_ATTENTION, "1")
+    devices.choose_attention_kernels(torch.device("cuda", 0))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.delenv(devices.KEEP_CUDNN_ATTENTION)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
 def test_bf16_defaults_and_refusal(monkeypatch):

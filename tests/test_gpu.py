@@ -82,6 +82,25 @@ def test_gpu_memory_cap_makes_a_bigger_allocation_fail():
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+def test_masked_bf16_attention_takes_a_kernel_without_per_shape_plans():
+    """After the device decision a masked bf16 attention of the model's kind runs the memory-efficient
+    kernel, not cuDNN's, which would build a plan per new shape (`choose_attention_kernels`), and
+    agrees with the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mtmoe.device import resolve_device
+
+    device = resolve_device("cuda")
+    q, k, v = (torch.randn(3, 4, 9, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.ones(3, 1, 1, 9, dtype=torch.bool, device=device)
+    keep[0, ..., 6:] = False  # a padded row
+    assert torch._fused_sdp_choice(q, k, v, keep) == SDPBackend.EFFICIENT_ATTENTION.value
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)
+
+
 @ON_THE_GPU_RUNS
 def test_resumes_on_the_gpu(gpu_runs, tmp_path, corpus, cache_dir):
     import shutil

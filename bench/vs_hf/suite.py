@@ -45,6 +45,7 @@ import torch
 
 from mtmoe.data.corpus import load_test_set
 from mtmoe.data.prepare import prepare_training_data
+from mtmoe.device import resolve_device
 from mtmoe.model.seq2seq import build_model
 from mtmoe.paths import resolve
 
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     load_before = os.getloadavg()
     threads = [int(t) for t in args.threads.split(",")]
-    device = torch.device(args.device)
+    device = resolve_device(args.device, "--device")  # the apps' decision (attention kernels included), for every system
     overrides = SIZES[args.size] + list(args.set)
     names = [n for n in args.systems.split(",") if n] or list(CPU_SYSTEMS if device.type == "cpu" else PRESETS)
     unknown = sorted(set(names) - set(PRESETS))
