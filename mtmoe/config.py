@@ -37,6 +37,7 @@ WandbMode = Literal["offline", "online", "disabled"]
 ZeroStage = Literal[0, 1, 2, 3]
 Offload = Literal["none", "cpu", "nvme"]
 ValidBleu = Literal["final", "always", "never"]
+ValidModel = Literal["auto", "whole", "partitioned"]
 ScheduleKind = Literal["constant", "linear", "stepwise", "curriculum"]
 PrefetchPolicy = Literal["none", "speculative", "pregate", "language"]
 ServeBudget = Literal["layer", "model"]
@@ -233,6 +234,14 @@ class TrainConfig:
     """Steps between validations (per-direction loss on `data.val_lines` lines); 0 = only at the end."""
     valid_bleu: str = choice("final", ValidBleu)
     """Greedy BLEU/chrF in validation: `final` (the last validation only), `always`, or `never`."""
+    valid_model: str = choice("auto", ValidModel)
+    """Under ZeRO-3 (`train.zero_stage=3`), what validation runs: `whole`, a copy of the whole model on
+    rank 0's device, gathered one parameter at a time and dropped afterwards; `partitioned`, the
+    partitioned model itself on every rank in lock-step, which gathers each layer's parameters at
+    every forward, i.e. at every greedy decoding step (3-5x slower on this CPU:
+    scripts/bench_zero3_validation.py);
+    `auto`, `whole` when the fp32 weights take at most a quarter of the memory free on rank 0's
+    device. Other stages validate the model as it is."""
     save_every: int = 1000
     """Steps between DeepSpeed checkpoints; 0 = only at the end; -1 = never (benchmarks)."""
     resume: bool = True

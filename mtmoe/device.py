@@ -125,6 +125,24 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_reserved(device) / 2**30
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory (`cudaMemGetInfo`, under
+    any `cap_memory` cap), or the host's available memory (MemAvailable: free plus reclaimable
+    caches; free pages where /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        fraction_cap = torch.cuda.get_per_process_memory_fraction(device) if hasattr(
+            torch.cuda, "get_per_process_memory_fraction") else 1.0
+        return int(min(free, fraction_cap * total - torch.cuda.memory_reserved(device)))
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def collective_device(group=None) -> torch.device:
     """Where the tensors of `group`'s collectives must live: the current GPU under NCCL (which takes
     CUDA tensors only), the CPU under gloo (or with no process group)."""

@@ -127,6 +127,9 @@ def assert_matches_reference(run_dir: Path, reference, from_step: int = 1):
     ratios = update_ratios(weights, reference)
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] < TOLERANCE, f"{worst}: differs by {ratios[worst]:.2e} of its update"
+    # the end-of-run validation of the layout's model (ZeRO-3: a gathered whole copy) sees those weights
+    valid = json.loads((run_dir / "results.json").read_text())["valid_loss"]
+    assert valid == pytest.approx(json.loads((reference[0] / "results.json").read_text())["valid_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -186,6 +189,25 @@ def test_nvme_run_resumes_and_exports(reference, layout_run, tmp_path, corpus, c
     exported = load_file(out / "model.safetensors")
     ratios = update_ratios({k: exported[k] for k in reference[2]}, reference)
     assert max(ratios.values()) < TOLERANCE
+
+
+def test_zero3_validates_a_whole_copy_as_the_partitioned_model(tmp_path, corpus, cache_dir):
+    """ZeRO-3 (parameters and Adam on the CPU, world of one): validation of a whole copy gathered one
+    parameter at a time (`train.valid_model=whole`, what `auto` picks where it fits) gives the
+    partitioned model's losses, greedy translations' BLEU/chrF, per direction, exactly."""
+    results = {}
+    for choice in ("partitioned", "auto"):
+        run_dir = tmp_path / choice
+        proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{
+            "parallel": "zero3_nvme", "train.offload_param": "cpu", "train.offload_optimizer": "cpu",
+            "train.valid_model": choice, "train.valid_bleu": "final", "train.max_steps": 2, "train.save_every": -1,
+            "data.max_len": 24}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[choice] = json.loads((run_dir / "results.json").read_text())
+    assert "ZeRO-3 validation runs a whole copy of the model on cpu (train.valid_model=auto" in \
+        (tmp_path / "auto" / "train.log").read_text()
+    assert "valid_bleu" in results["auto"] and len(results["auto"]["directions"]) == 12
+    assert results["auto"]["directions"] == results["partitioned"]["directions"]
 
 
 def test_zero_checkpoint_refuses_another_layout(layout_run, tmp_path, corpus, cache_dir):

@@ -8,7 +8,7 @@ of DeepSpeed's two MoE set-ups it runs.
 - Partitioned (`train.zero_stage=3`): the model is built inside `deepspeed.zero.Init`, every
   parameter (experts included) partitioned over all ranks and possibly offloaded to CPU or NVMe; the
   MoE layers stay plain (DeepSpeed's MoE container refuses ZeRO-3), every forward gathers
-  collectively, so all ranks validate in lock-step.
+  collectively; validation runs on a gathered whole copy where it fits (`validation_model`).
 
 `TrainingLayout.build_model` and `.initialize` are the whole way from config to a DeepSpeed
 engine: the trainer and `bench/vs_hf/training.py` both take it, so what is benchmarked is what trains.
@@ -17,6 +17,7 @@ engine: the trainer and `bench/vs_hf/training.py` both take it, so what is bench
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,11 +27,13 @@ import torch
 import torch.distributed as dist
 
 from mtmoe.config import TrainAppConfig, validate
-from mtmoe.device import cap_memory, resolve_bf16, training_device
+from mtmoe.device import cap_memory, free_memory_bytes, resolve_bf16, training_device
 from mtmoe.model.partitioned import set_gather
 from mtmoe.model.seq2seq import Seq2Seq, build_model
-from mtmoe.train.distributed import init_distributed
+from mtmoe.train.distributed import broadcast_object, init_distributed
 from mtmoe.train.ds_config import build_deepspeed_config
+
+log = logging.getLogger("mtmoe")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
@@ -72,6 +75,7 @@ class TrainingLayout:
         self.rank, self.world = init_distributed(self.device)
         validate(cfg, self.world)
         self.partitioned = cfg.train.zero_stage == 3
+        self._told_validation = False  # whether `_validates_whole` has logged its choice
         self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else swap_dir
         self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir or ""),
                                                 pin_memory=self.device.type == "cuda", bf16=self.bf16)
@@ -138,13 +142,61 @@ class TrainingLayout:
             "DeepSpeed's expert-parallel rank differs from the one the experts were built for"
         return groups._get_expert_parallel_group(name)
 
-    def validation_group(self):
-        """The group whose ranks validate together (decoding runs collectives there), or None when
-        rank 0 validates alone: the expert-parallel group, or every rank when partitioned (each
-        forward gathers parameters collectively)."""
-        if self.partitioned and self.world > 1:
-            return dist.group.WORLD
-        return self.expert_group()
+    @contextlib.contextmanager
+    def validation_model(self, model: Seq2Seq, vocab_size: int):
+        """-> (the model validation runs, the group whose ranks run it together, or None when rank 0
+        validates alone) for one validation; every rank enters (ZeRO-3's gathers are collectives).
+
+        Native expert parallelism: the model itself, decoded by its expert-parallel group (the
+        all-to-all runs there). Partitioned: with `train.valid_model` whole (or auto and room on
+        rank 0's device, `_validates_whole`), a plain copy of the whole model on rank 0's device,
+        gathered one parameter at a time (no rank holds more than one gathered parameter besides
+        its partitions) and dropped afterwards; else the partitioned model on every rank in lock-step.
+        Why the copy: the partitioned model gathers each module's parameters collectively at each of
+        its forwards, and greedy decoding runs the decoder once per output token (on this CPU, world
+        of one, the partitioned validation takes 3-5x as long: scripts/bench_zero3_validation.py)."""
+        if not self.partitioned:
+            yield model, self.expert_group()
+            return
+        if not self._validates_whole(model):
+            yield model, (dist.group.WORLD if self.world > 1 else None)
+            return
+        import deepspeed
+
+        cfg = self.cfg
+        whole = None
+        if self.rank == 0:
+            with torch.device("meta"):  # no initialisation: every tensor is overwritten below
+                whole = Seq2Seq(vocab_size, cfg.model, cfg.moe, ep_rank=0, init_seed=cfg.train.seed)
+            whole = whole.to_empty(device=self.device).eval()
+            targets = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):  # read-only: nothing is scattered back
+                if whole is not None:
+                    targets[name].data.copy_(param.data)
+        if whole is not None:
+            for name, buffer in model.named_buffers():  # not partitioned (e.g. the sinusoidal table)
+                targets[name].data.copy_(buffer)
+        try:
+            yield whole, None
+        finally:
+            del whole
+
+    def _validates_whole(self, model: Seq2Seq) -> bool:
+        """`train.valid_model` resolved, alike on every rank: `auto` is whole when rank 0's device
+        has four times the fp32 weights free (the copy, and room to decode beside it)."""
+        choice = self.cfg.train.valid_model
+        if choice != "auto":
+            return choice == "whole"
+        weight_bytes = 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        free = free_memory_bytes(self.device) if self.rank == 0 else 0
+        whole = broadcast_object(4 * weight_bytes <= free)
+        if self.rank == 0 and not self._told_validation:
+            self._told_validation = True
+            log.info("ZeRO-3 validation runs %s (train.valid_model=auto: %.2f GiB of fp32 weights, %.1f GiB free on %s)",
+                     f"a whole copy of the model on {self.device}" if whole else "the partitioned model on every rank",
+                     weight_bytes / 2**30, free / 2**30, self.device)
+        return whole
 
     def checkpoint_layout(self) -> dict:
         """What a checkpoint records of the layout that wrote it (resume reshards or refuses by it)."""

@@ -195,15 +195,15 @@ class Trainer:
                                                keep=keep, is_writer=self.is_main)
 
     def validate(self, final: bool = False) -> dict | None:
-        """All ranks take part when experts are sharded (decoding runs collectives); otherwise rank 0
-        validates alone and the others wait."""
+        """The ranks of the layout's validation group validate together (decoding runs collectives
+        there); without one rank 0 validates alone and the others wait (`TrainingLayout.validation_model`)."""
         result = None
         mode = self.cfg.train.valid_bleu
         with_bleu = mode == "always" or (mode == "final" and final)
-        sync_group = self.layout.validation_group()
-        if sync_group is not None or self.is_main:
-            result = run_validation(self.model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
-                                    with_bleu, self.bf16, sync_group)
+        with self.layout.validation_model(self.model, len(self.data.vocab)) as (model, sync_group):
+            if sync_group is not None or self.is_main:
+                result = run_validation(model, self.data, self.cfg.train.max_tokens * 2, self.cfg.data.max_len,
+                                        with_bleu, self.bf16, sync_group)
         barrier()
         if result is not None and self.is_main:
             record = {"kind": "valid", "step": self.step, "valid_loss": result["valid_loss"]}

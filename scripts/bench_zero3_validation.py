@@ -1,0 +1,90 @@
+"""ZeRO-3 validation: the partitioned model vs a gathered whole copy (`train.valid_model`), side by side.
+
+    python scripts/bench_zero3_validation.py                       # tiny model, 16 lines per direction
+    python scripts/bench_zero3_validation.py --set model=small --rounds 3
+
+One training process in a world of one under ZeRO-3 with parameters and Adam state on the CPU
+(`parallel=zero3_nvme train.offload_param=cpu train.offload_optimizer=cpu`), the trainer's own
+end-of-run validation (`Trainer.validate(final=True)`: per-direction loss and greedy BLEU/chrF) run
+`--rounds` times per choice, the choices interleaved (partitioned, whole, partitioned, ...) after one
+warm-up call of each, so a busy machine slows both alike. The model is the untrained initial one: it
+rarely emits </s>, so greedy decoding runs to the length limit (`data.max_len`), the most decoder
+steps a validation can take. Both choices must give the same results, or the script fails.
+Writes `<out>/results.json` + `results.md` (default out: bench/zero3_validation/<model name>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUT = ["parallel=zero3_nvme", "train.offload_param=cpu", "train.offload_optimizer=cpu", "train.device=cpu"]
+DEFAULT_SET = ["model=tiny", "data.val_lines=16", "data.max_len=64"]
+CHOICES = ("partitioned", "whole")
+
+
+def measure(overrides: list[str], rounds: int) -> dict:
+    import torch
+
+    from mtmoe.cli.common import compose_train_config
+    from mtmoe.train.trainer import Trainer
+
+    cfg = compose_train_config([*LAYOUT, *overrides, "train.max_steps=1", "train.max_minutes=0", "train.progress=false",
+                                "train.valid_bleu=final", "wandb.mode=disabled"])
+    torch.set_num_threads(1)
+    seconds: dict[str, list[float]] = {c: [] for c in CHOICES}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run")
+        for r in range(rounds + 1):  # round 0 warms up
+            for choice in CHOICES:
+                cfg.train.valid_model = choice  # the layout reads it at each validation
+                started = time.perf_counter()
+                results[choice] = trainer.validate(final=True)
+                if r:
+                    seconds[choice].append(time.perf_counter() - started)
+                print(f"round {r} {choice}: {time.perf_counter() - started:.2f} s", flush=True)
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
+    if results["whole"]["directions"] != results["partitioned"]["directions"]:
+        raise SystemExit("the whole copy's validation differs from the partitioned model's")
+    median = {c: statistics.median(seconds[c]) for c in CHOICES}
+    return {"overrides": [*LAYOUT, *overrides], "parameters": parameters, "rounds": rounds,
+            "directions": len(results["whole"]["directions"]), "lines_per_direction": cfg.data.val_lines,
+            "seconds": seconds, "median_s": median, "speedup": round(median["partitioned"] / median["whole"], 2),
+            "valid_loss": results["whole"]["valid_loss"], "valid_bleu": results["whole"].get("valid_bleu"),
+            "model": cfg.model.name}
+
+
+def markdown(r: dict) -> str:
+    return "\n".join([
+        "# ZeRO-3 validation: partitioned model vs gathered whole copy (`python scripts/bench_zero3_validation.py`)", "",
+        f"World of one on the CPU, `{' '.join(r['overrides'])}`; {r['parameters'] / 1e6:.2f} M parameters; "
+        f"{r['directions']} directions x {r['lines_per_direction']} lines, loss + greedy BLEU; untrained model "
+        f"(decodes to the length limit); median of {r['rounds']} interleaved rounds after a warm-up.", "",
+        "| train.valid_model | seconds per validation (median) | rounds |", "|---|---:|---|",
+        *[f"| {c} | {r['median_s'][c]:.2f} | {', '.join(f'{s:.2f}' for s in r['seconds'][c])} |" for c in CHOICES], "",
+        f"Whole copy: **{r['speedup']}x** faster, identical results (valid loss {r['valid_loss']}).", ""])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", action="append", default=None, metavar="OVERRIDE",
+                    help=f"Hydra overrides on top of the layout (default: {' '.join(DEFAULT_SET)})")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="", help="default: bench/zero3_validation/<model name>")
+    args = ap.parse_args(argv)
+    result = measure(args.set if args.set is not None else DEFAULT_SET, args.rounds)
+    out = Path(args.out) if args.out else ROOT / "bench" / "zero3_validation" / result["model"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
