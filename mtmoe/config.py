@@ -238,10 +238,9 @@ class TrainConfig:
     """Under ZeRO-3 (`train.zero_stage=3`), what validation runs: `whole`, a copy of the whole model on
     rank 0's device, gathered one parameter at a time and dropped afterwards; `partitioned`, the
     partitioned model itself on every rank in lock-step, which gathers each layer's parameters at
-    every forward, i.e. at every greedy decoding step (3-5x slower on this CPU:
-    scripts/bench_zero3_validation.py);
-    `auto`, `whole` when the fp32 weights take at most a quarter of the memory free on rank 0's
-    device. Other stages validate the model as it is."""
+    every forward, i.e. at every greedy decoding step (3-5x slower on a CPU, measured by
+    scripts/bench_zero3_validation.py); `auto`, `whole` when the fp32 weights take at most a quarter
+    of the memory free on rank 0's device. Other stages validate the model as it is."""
     save_every: int = 1000
     """Steps between DeepSpeed checkpoints; 0 = only at the end; -1 = never (benchmarks)."""
     resume: bool = True

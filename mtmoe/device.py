@@ -135,9 +135,10 @@ def free_memory_bytes(device: torch.device) -> int:
             torch.cuda, "get_per_process_memory_fraction") else 1.0
         return int(min(free, fraction_cap * total - torch.cuda.memory_reserved(device)))
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -80,6 +80,14 @@ def test_a_gpu_decision_takes_cudnn_out_of_attention(monkeypatch, cudnn_attentio
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
+def test_free_host_memory_is_in_bytes_and_below_the_total():
+    """What `train.valid_model=auto` weighs a whole copy of the model against, on a CPU rank."""
+    import os
+
+    free = devices.free_memory_bytes(torch.device("cpu"))
+    assert 2**20 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def test_bf16_defaults_and_refusal(monkeypatch):
     cpu = torch.device("cpu")
     assert devices.resolve_bf16(None, cpu) is False and devices.resolve_bf16(True, cpu) is True
