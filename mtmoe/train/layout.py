@@ -177,10 +177,7 @@ class TrainingLayout:
         if whole is not None:
             for name, buffer in model.named_buffers():  # not partitioned (e.g. the sinusoidal table)
                 targets[name].data.copy_(buffer)
-        try:
-            yield whole, None
-        finally:
-            del whole
+        yield whole, None  # dropped with this frame when the validation ends
 
     def _validates_whole(self, model: Seq2Seq) -> bool:
         """`train.valid_model` resolved, alike on every rank: `auto` is whole when rank 0's device
