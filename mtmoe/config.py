@@ -255,7 +255,8 @@ class TrainConfig:
     snapshot_span: float = 0.1
     """The fraction of the budget (steps or training time, as `cooldown`) the snapshots spread over."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive batches with a non-finite loss (each is skipped); 0 = never stop."""
+    """Stop after this many consecutive steps with a non-finite loss (each is withheld: no update;
+    noticed at the next log record, `mtmoe.train.guard`); 0 = never stop."""
     progress: bool = True
     plot: bool = True
     """Write `train_curves.png` (loss and validation curves) at the end of the run: ~1 s of matplotlib,

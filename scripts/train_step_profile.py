@@ -73,8 +73,8 @@ def measure(overrides: list[str], steps: int, warmup: int, profile_steps: int, r
         for _ in range(n):
             micro_batches = [next(feed) for _ in range(cfg.train.accumulate)]
             tokens += sum(b.num_target_tokens for b in micro_batches)
-            if trainer.train_step(micro_batches) is not None:
-                trainer.step += 1
+            trainer.train_step(micro_batches)
+            trainer.step += 1
         return tokens
 
     run(warmup)

@@ -1,10 +1,11 @@
 """What the tests share besides fixtures (those are in conftest.py): the small corpus cut, the
 one tiny model shape of in-process model tests, and runners for the mtmoe console scripts (world
-of one) and the `deepspeed` launcher (2 CPU ranks)."""
+of one), the `deepspeed` launcher (2 CPU ranks) and the step probe (tests/step_probe.py)."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,25 @@ def require_nvme() -> None:
     if not nvme_available():
         pytest.skip("NVMe offload unavailable here: DeepSpeed's async_io op needs libaio "
                     "(apt-get install libaio-dev; scripts/setup.sh does this where it can)")
+
+
+def run_step_probe(tmp_path: Path, corpus: Path, cache_dir: Path, overrides: list[str], bad: list[str],
+                   ranks: int = 1, steps: int = 4, device: str = "cpu", clip_check: bool = False,
+                   forbid_syncs_from: int | None = None) -> list[dict]:
+    """tests/step_probe.py on the tiny config (+ `overrides`) for `steps` steps, with the `bad`
+    micro-batches' losses made NaN (STEP:MICRO[:RANK]), in a process of its own or a launch of
+    `ranks` -> each rank's report."""
+    out = tmp_path / "probe"
+    args = ["--out", str(out), "--steps", str(steps), *[f"--bad={b}" for b in bad],
+            *(["--clip-check"] if clip_check else []),
+            *([f"--forbid-syncs-from={forbid_syncs_from}"] if forbid_syncs_from is not None else []),
+            "--", *[o for o in tiny_overrides(corpus, cache_dir, tmp_path / "run") if not o.startswith("hydra.")],
+            f"train.device={device}", *overrides]
+    script = str(ROOT / "tests" / "step_probe.py")
+    if ranks == 1:
+        cmd = [sys.executable, script, *args]
+    else:  # the launcher runs the script itself: its command without `--module <module>`
+        cmd = [*deepspeed_command("unused", [], ranks)[:-2], script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in range(ranks)]

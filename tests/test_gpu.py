@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import require_nvme, run_module, tiny_overrides
+from helpers import require_nvme, run_module, run_step_probe, tiny_overrides
 
 pytestmark = pytest.mark.gpu
 ON_THE_GPU_RUNS = pytest.mark.xdist_group("gpu_runs")
@@ -99,6 +99,18 @@ def test_masked_bf16_attention_takes_a_kernel_without_per_shape_plans():
     with sdpa_kernel(SDPBackend.MATH):
         reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_training_steps_do_not_wait_for_the_gpu(tmp_path, corpus, cache_dir):
+    """The GPU's default layout (world of one, no ZeRO, bf16): from step 2 on (the first steps
+    allocate the optimizer state) each step runs under `set_sync_debug_mode("error")`, so any
+    host-device sync in it, mtmoe's, DeepSpeed's or torch's, fails the step; step 3's loss is
+    made NaN, and that step is withheld on the device (weights unchanged) without a sync either."""
+    report, = run_step_probe(tmp_path, corpus, cache_dir, [], ["3:0"], steps=5, device="cuda", forbid_syncs_from=2)
+    assert report["device"].startswith("cuda")
+    assert [s["syncs_forbidden"] for s in report["steps"]] == [False, False, True, True, True]
+    assert [s["withheld"] for s in report["steps"]] == [0, 0, 0, 1, 0]
+    assert [s["weights_changed"] for s in report["steps"]] == [True, True, True, False, True]
 
 
 @ON_THE_GPU_RUNS

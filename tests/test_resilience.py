@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
 from mtmoe.errors import TrainingDiverged
@@ -111,28 +112,38 @@ def test_interrupted_save_is_ignored_and_cleaned(trained, tmp_path, corpus, cach
 
 
 # -- divergence guard -------------------------------------------------------------------------------
-def test_divergence_guard_counts_skips_and_stops():
+def test_divergence_guard_tallies_on_the_device_and_stops_when_settled():
+    """The verdicts are tallied on the device; `settle` (where the trainer logs) reads them, counts
+    the withheld steps and stops once a run of them reached the limit, even if it ended since."""
     guard = DivergenceGuard(max_consecutive=3)
-    assert guard.admit(True, 0, None)
-    assert not guard.admit(False, 1, "ck/step1") and not guard.admit(False, 1, "ck/step1")
-    assert guard.admit(True, 1, "ck/step1")  # a good batch resets the run of bad ones
-    assert guard.skipped == 2 and guard.consecutive == 0
-    guard.admit(False, 2, "ck/step1")
-    guard.admit(False, 2, "ck/step1")
-    with pytest.raises(TrainingDiverged, match=r"non-finite for 3 consecutive batches after step 2 .*ck/step1"):
-        guard.admit(False, 2, "ck/step1")
-    assert DivergenceGuard(0).admit(False, 5, None) is False  # 0: skip forever, never stop
+    for bad in (False, True, True, False):
+        guard.record(torch.tensor(bad))
+    assert guard.skipped == 0  # nothing read yet
+    assert guard.settle(4, "ck/step1") == 2 and guard.skipped == 2 and guard.consecutive == 0
+    assert guard.settle(4, "ck/step1") == 0  # nothing new
+    guard.record(torch.tensor(True))
+    guard.record(torch.tensor(True))
+    assert guard.settle(6, "ck/step1") == 2 and guard.consecutive == 2  # a run goes on across records
+    guard.record(torch.tensor(True))
+    guard.record(torch.tensor(False))  # recovered, but the run reached 3 before
+    with pytest.raises(TrainingDiverged, match=r"non-finite for 3 consecutive steps by step 8 .*ck/step1"):
+        guard.settle(8, "ck/step1")
+    never = DivergenceGuard(0)  # 0: withhold forever, never stop
+    for _ in range(10):
+        never.record(torch.tensor(True))
+    assert never.settle(10, None) == 10 and never.skipped == 10
 
 
 def test_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, corpus, cache_dir):
     """An absurd learning rate blows the weights up after the first update: every later loss is
-    NaN, each step is skipped, and after train.max_bad_steps the run stops (exit 3) without saving."""
+    NaN, each step is withheld, and after train.max_bad_steps in a row the run stops (exit 3) at the
+    log record that sees it, without saving there."""
     run_dir = tmp_path / "diverged"
     proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=20, **{
         "train.lr": 1e30, "train.warmup_steps": 1, "train.clip_norm": 0, "train.save_every": 1,
         "train.max_bad_steps": 3, "train.log_every": 1}))
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "training diverged: the loss was non-finite for 3 consecutive batches" in proc.stderr
+    assert "training diverged: the loss was non-finite for 3 consecutive steps by step 4" in proc.stderr
     assert "Traceback" not in proc.stderr
     ckpts = run_dir / "checkpoints"
     last = (ckpts / "latest").read_text()

@@ -4,8 +4,8 @@ Batches come from mtmoe's `BatchStream` (the training stream of the run config) 
 before any timing. A step is forward + backward + gradient clipping + optimizer step + lr schedule:
 
 - mtmoe: the DeepSpeed engine in a world of one, built by the trainer's own
-  `mtmoe.train.layout.TrainingLayout` (on the CPU), loss from `compute_loss`, then `engine.backward`
-  and `engine.step`.
+  `mtmoe.train.layout.TrainingLayout` (on the CPU), loss from `compute_loss`, then the trainer's
+  update (`mtmoe.train.update.EngineUpdate`: backward, clipping, step).
 - HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
   decoder_attention_mask, labels, output_router_logits=True)` (CE + aux loss), backward,
   clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, foreach), the same lr schedule.
@@ -30,6 +30,7 @@ from mtmoe.config import TrainAppConfig
 from mtmoe.data.batching import Batch, BatchStream
 from mtmoe.data.prepare import TrainingData
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.train.update import EngineUpdate
 
 from bench.vs_hf.systems import build_hf, set_hf_capacity
 
@@ -77,14 +78,14 @@ class MtmoeStep:
 
         self.engine, *_ = layout.initialize(self.model, scheduler)
         self.engine.train()
+        self.update = EngineUpdate(self.engine, self.cfg, layout.expert_group())
 
     def __call__(self, batch: Batch) -> float:
         from mtmoe.train.trainer import compute_loss
 
         total, ce_sum, _, _, _ = compute_loss(self.engine, batch, self.cfg, 1.0 / max(1, batch.num_target_tokens),
                                               self.bf16)
-        self.engine.backward(total)
-        self.engine.step()
+        self.update(total, torch.isfinite(total), None, last=True)
         return ce_sum.item()
 
 

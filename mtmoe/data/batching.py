@@ -62,7 +62,8 @@ class Batch:
 
 def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
             max_len: int, source_ids: Sequence[int] | None = None) -> Batch:
-    """src = <2tgt> tokens </s>;  tgt_in = <s> tokens;  tgt_out = tokens </s> (right-padded)."""
+    """src = <2tgt> tokens </s>;  tgt_in = <s> tokens;  tgt_out = tokens </s> (right-padded). The
+    batch's token counts are taken here, on the host, so that no step reads them from a device."""
     n = len(src_seqs)
     s_len = max(min(len(s), max_len - 2) for s in src_seqs) + 2
     t_len = max(min(len(t), max_len - 1) for t in tgt_seqs) + 1
@@ -80,7 +81,8 @@ def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_
         tgt_out[i, :len(t)] = t
         tgt_out[i, len(t)] = EOS_ID
     dirs = torch.tensor(source_ids if source_ids is not None else [0] * n, dtype=torch.long)
-    return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), dirs)
+    counts = (int(np.count_nonzero(tgt_out != PAD_ID)), int(np.count_nonzero(src != PAD_ID)))
+    return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), dirs, counts=counts)
 
 
 def pack_by_tokens(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int) -> list[np.ndarray]:

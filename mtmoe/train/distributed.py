@@ -11,8 +11,6 @@ import socket
 import torch
 import torch.distributed as dist
 
-from mtmoe.device import collective_device
-
 log = logging.getLogger("mtmoe")
 
 
@@ -48,7 +46,28 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             skip_unused_ops()  # before the comm backend would build shm_comm (DeepSpeed probes its ops here)
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False)
+    _start_host_group()
     return dist.get_rank(), dist.get_world_size()
+
+
+_HOST_GROUP = None
+"""The gloo group of all ranks for host values when the default group is NCCL (None otherwise)."""
+
+
+def _start_host_group() -> None:
+    """Every rank joins a gloo group beside an NCCL default group, once, at start-up (creating a
+    group is itself a collective). The values the ranks agree on each step (the clock of a time
+    budget, the token count of the global batch) are host numbers: through NCCL each would be
+    copied to the GPU, reduced behind the step's queued work and read back, a host-device sync per
+    step; gloo reduces them between the hosts while the GPU runs on."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+        _HOST_GROUP = dist.new_group(backend="gloo")
+
+
+def host_group():
+    """The process group for collectives of host values: gloo, the default group on CPU ranks."""
+    return _HOST_GROUP
 
 
 def use_accelerator(device: torch.device) -> None:
@@ -99,32 +118,44 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """The ranks' `values` summed element-wise, on every rank. A world of one returns them as they
-    are: on a GPU the copy to the device and back would wait twice for the queued work (a host sync
-    per training step, for nothing)."""
+    """The ranks' host `values` summed element-wise, on every rank, through the host group: no
+    device is involved (a world of one returns them as they are)."""
     if not several_ranks():
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=host_group())
     return t.tolist()
 
 
 def all_reduce_max(value: float) -> float:
-    """The largest of the ranks' `value`s, on every rank (a clock all ranks must read alike)."""
+    """The largest of the ranks' host `value`s, on every rank (a clock all ranks must read alike),
+    through the host group."""
     if not several_ranks():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return t.item()
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. the time budget ran out)."""
+    """True on every rank when host `flag` is true on at least one (e.g. the time budget ran out),
+    through the host group."""
     if not several_ranks():
         return flag
-    t = torch.tensor([1 if flag else 0], device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return bool(t.item())
+
+
+def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` (a bool tensor on the device of the default group's collectives) OR-ed over the
+    ranks, on the device: the reduction is queued behind the work that computes `flag` and
+    nothing waits for it on the host (a world of one returns `flag`)."""
+    if not several_ranks():
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool()
 
 
 def is_first_rank() -> bool:

@@ -20,6 +20,14 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def deepspeed_clips_gradients(cfg: TrainAppConfig) -> bool:
+    """Whether DeepSpeed clips the gradients (its `gradient_clipping`): under ZeRO its optimizer owns
+    the gradient partitions and clips them (reading the norm on the host, as it does to skip a step
+    with a non-finite one). Without ZeRO mtmoe clips on the device (`mtmoe.train.update`): DeepSpeed's
+    engine would build its clipping scalars from host numbers, a host-device sync twice a step."""
+    return cfg.train.zero_stage > 0
+
+
 def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None,
                            nvme_path: str = "", pin_memory: bool = False, bf16: bool = False) -> dict:
     """Batches are token-budget batches built by mtmoe, so DeepSpeed's micro-batch is 1 "batch";
@@ -48,7 +56,7 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": t.accumulate,
-        "gradient_clipping": t.clip_norm,
+        "gradient_clipping": t.clip_norm if deepspeed_clips_gradients(cfg) else 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": t.zero_stage},

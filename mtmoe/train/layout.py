@@ -37,8 +37,10 @@ log = logging.getLogger("mtmoe")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict):
-    """Optimizer param groups with experts split out (DeepSpeed's MoE helper); a torch Adam unless
-    the DeepSpeed config names its own optimizer (e.g. CPU-Adam for offload)."""
+    """Optimizer param groups with experts split out (DeepSpeed's MoE helper); torch's fused Adam
+    (one kernel per step on a GPU, and it withholds a step on the device given `found_inf`:
+    `mtmoe.train.update`) unless the DeepSpeed config names its own optimizer (e.g. CPU-Adam for
+    offload)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -47,7 +49,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainAppConfig, ds_config: dict
     if "optimizer" in ds_config:
         return None, groups
     optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
-                                 weight_decay=cfg.train.weight_decay, foreach=True)
+                                 weight_decay=cfg.train.weight_decay, fused=True)
     return optimizer, groups
 
 

@@ -3,7 +3,9 @@
 One step: every rank takes its own token-budget batch from the shared seed-determined stream,
 computes label-smoothed cross-entropy plus the MoE balancing (and z-) losses, and DeepSpeed
 does backward, gradient all-reduce (dense params over the data-parallel group, experts over their
-expert-data-parallel group), clipping and the optimizer step. Where that runs (device, precision,
+expert-data-parallel group) and the optimizer step; clipping and the withholding of a step with a
+non-finite loss are queued on the device (`mtmoe.train.update`), so a step does not wait for the
+device unless it logs. Where that runs (device, precision,
 process group, native expert parallelism or ZeRO-3 partitioning) is `mtmoe.train.layout`'s to decide;
 batches reach the device one step ahead (`mtmoe.data.batching.DeviceFeed`).
 """
@@ -34,6 +36,7 @@ from mtmoe.train.distributed import all_reduce_max, all_reduce_sum, any_rank, ba
 from mtmoe.train.guard import DivergenceGuard
 from mtmoe.train.layout import TrainingLayout
 from mtmoe.train.observe import Progress, RunLog, plot_training_curves, summarize_routing
+from mtmoe.train.update import EngineUpdate
 from mtmoe.train.validation import run_validation
 
 log = logging.getLogger("mtmoe")
@@ -83,13 +86,6 @@ def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float, bf16
     return total, ce_sum, aux, z, stats
 
 
-def zero_loss(model: torch.nn.Module) -> torch.Tensor:
-    """A loss of 0 that reaches every trainable parameter: backward of it stands in for a skipped
-    micro-batch, so DeepSpeed's accumulation and gradient hooks run as usual with nothing added."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-
-
 class Trainer:
     """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
 
@@ -130,6 +126,7 @@ class Trainer:
         self.step, self.train_seconds = 0, 0.0
         self.target_tokens: Optional[int] = 0  # trained on by all ranks together; None: unknown (an older checkpoint)
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
+        self.update = EngineUpdate(self.engine, cfg, self.layout.expert_group())
         self.last_checkpoint: str | None = None
         state = self._resume() if cfg.train.resume else None
         self.layer_names = self.model.moe_layer_names()
@@ -227,48 +224,48 @@ class Trainer:
         self.spent = spent
         return spent >= 1
 
-    def train_step(self, micro_batches) -> dict | None:
-        """One optimizer step over `train.accumulate` micro-batches; its sums for the log window,
-        or None when it was skipped.
+    def train_step(self, micro_batches) -> dict:
+        """One optimizer step over `train.accumulate` micro-batches -> its sums for the log window
+        (losses on the device, token counts on the host).
 
-        A micro-batch whose loss is not finite on some rank is skipped on every rank: with one
-        micro-batch per step nothing is applied; with several, it contributes no gradient."""
+        Nothing here waits for the device: the loss sums stay there until a log record reads them,
+        and a step whose loss is not finite on some rank is withheld on the device on every rank
+        (`mtmoe.train.update`) and tallied by the guard, which the log settles. The token count of
+        the global batch is summed from host counts through the host group."""
         cfg, accumulate = self.cfg, self.cfg.train.accumulate
         micro_batches = list(micro_batches)
         global_tokens = all_reduce_sum([sum(b.num_target_tokens for b in micro_batches)])[0]
         ce_scale = self.world * accumulate / max(1.0, global_tokens)
-        # Loss sums stay on the device until a log record reads them: no host sync for them per step.
-        sums = {"loss": 0.0, "tokens": 0, "src_tokens": 0, "aux": 0.0}
+        sums = _new_window()
+        bad = None
         for m, batch in enumerate(micro_batches):
             # Seeded by the global batch index: dropout and RTS draws are the same after a resume
             # and under any layout with the same world size x accumulate.
             global_batch = (self.step * accumulate + m) * self.world + self.rank
             torch.manual_seed(cfg.train.seed * 1_000_003 + global_batch)
             total, ce_sum, aux, z, self._last_stats = compute_loss(self.engine, batch, cfg, ce_scale, self.bf16)
-            finite = not any_rank(not bool(torch.isfinite(total)))
-            if not self.guard.admit(finite, self.step, self._last_checkpoint_path()):
-                if accumulate == 1:
-                    return None
-                total = zero_loss(self.engine)
-            else:
-                sums["loss"] = sums["loss"] + ce_sum.detach()
-                sums["tokens"] += batch.num_target_tokens
-                sums["src_tokens"] += batch.num_source_tokens
-                sums["aux"] = sums["aux"] + aux.detach().float() / accumulate
-            self.engine.backward(total)
-            self.engine.step()
-        return sums  # DeepSpeed stepped (with accumulation, even when every micro-batch was skipped)
+            finite = torch.isfinite(total)
+            sums["loss"] = sums["loss"] + torch.where(finite, ce_sum.detach(), 0.0)
+            sums["loss_tokens"] = sums["loss_tokens"] + finite * batch.num_target_tokens
+            sums["tokens"] += batch.num_target_tokens
+            sums["src_tokens"] += batch.num_source_tokens
+            sums["aux"] = sums["aux"] + torch.where(finite, aux.detach().float(), 0.0) / accumulate
+            bad = self.update(total, finite, bad, last=m == accumulate - 1)
+        self.guard.record(bad)
+        return sums
 
     def _log_window(self, window: dict, window_start: float, started: float, progress: Progress) -> None:
         """Writes one train record: the means over the steps since the previous record (`steps`).
         Called every `train.log_every` steps, and before a checkpoint and at the end of the run when
         steps are pending, so every step of the run is in the log, also after a resume."""
-        loss_sum, tokens, src_tokens = all_reduce_sum([float(window["loss"]), window["tokens"], window["src_tokens"]])
+        self.guard.settle(self.step, self._last_checkpoint_path())  # raises after too many withheld steps in a row
+        loss_sum, loss_tokens, tokens, src_tokens = all_reduce_sum(
+            [float(window["loss"]), float(window["loss_tokens"]), window["tokens"], window["src_tokens"]])
         if self.target_tokens is not None:
             self.target_tokens += int(tokens)
         elapsed = time.monotonic() - window_start
         record = {"kind": "train", "step": self.step, "steps": window["steps"],
-                  "loss": round(loss_sum / max(1, tokens), 6),
+                  "loss": round(loss_sum / max(1, loss_tokens), 6),
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr,
                   "tokens_per_s": round(tokens / elapsed, 1),
                   "src_tokens_per_s": round(src_tokens / elapsed, 1),
@@ -300,8 +297,6 @@ class Trainer:
         self.engine.train()
         while not self._out_of_budget(started):
             sums = self.train_step(next(batches) for _ in range(cfg.train.accumulate))
-            if sums is None:
-                continue  # nothing applied: the next batches are tried at the same step
             self.step += 1
             for key, value in sums.items():
                 window[key] += value
@@ -352,8 +347,10 @@ class Trainer:
 
 
 def _new_window() -> dict:
-    """Sums over the steps since the last log record."""
-    return {"loss": 0.0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
+    """Sums over the steps since the last log record (of a step's micro-batches in `train_step`).
+    `loss`, `aux`, `loss_tokens` (the target tokens of the micro-batches with a finite loss: the
+    logged loss's denominator) are device tensors once a step has added to them."""
+    return {"loss": 0.0, "loss_tokens": 0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
 
 
 def _plain(cfg: TrainAppConfig) -> dict:

@@ -1,0 +1,161 @@
+"""Runs the trainer's real step (`Trainer.train_step`) on a tiny model, with the losses of chosen
+micro-batches made NaN, and writes what each step did to JSON: whether it changed the weights and
+the optimizer state, the guard's verdict, and how often mtmoe's own code read a tensor's value on
+the host during the step (each such read is a host-device sync on a GPU).
+
+    python tests/step_probe.py --out OUT --steps 4 --bad 2:0 -- model=tiny data.corpus_dir=...
+    deepspeed --no_local_rank --num_gpus 2 tests/step_probe.py --out OUT --bad 2:0:1 -- parallel=ed ...
+
+`--bad STEP:MICRO[:RANK]`: micro-batch MICRO of step STEP (0-based) on RANK (default: every rank).
+`--clip-check`: also compares mtmoe's clipping with DeepSpeed's `clip_grad_norm_` on one batch.
+`--forbid-syncs-from N` (on a GPU): steps N and later run under `torch.cuda.set_sync_debug_mode("error")`,
+so any host-device sync in the step (mtmoe's, DeepSpeed's or torch's) raises.
+tests/test_update.py runs it, one process (or launch) per layout: DeepSpeed keeps per-process state.
+Writes OUT.rank<R>.json on each rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+import mtmoe
+from mtmoe.cli.common import compose_train_config
+from mtmoe.data.batching import DeviceFeed
+from mtmoe.train import trainer as trainer_module
+from mtmoe.train.trainer import Trainer
+from mtmoe.train.update import global_grad_norm
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
+MTMOE_DIR = str(Path(mtmoe.__file__).resolve().parent)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values whose nearest caller outside torch is mtmoe's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            frames = traceback.extract_stack()[:-1]
+            caller = next((f for f in reversed(frames) if "/torch/" not in f.filename), None)
+            if caller is not None and str(Path(caller.filename).resolve()).startswith(MTMOE_DIR):
+                self.sites.append(f"{Path(caller.filename).name}:{caller.name}")
+        return func(*args, **(kwargs or {}))
+
+
+def snapshot(trainer: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Copies of (the weights, the optimizer state tensors DeepSpeed's optimizer steps)."""
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    optimizer = trainer.engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the optimizer that holds the state
+    state = [v.detach().clone() for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return weights, state
+
+
+def changed(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return len(before) != len(after) or any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--bad", action="append", default=[])
+    ap.add_argument("--clip-check", action="store_true")
+    ap.add_argument("--forbid-syncs-from", type=int, default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = compose_train_config([*args.overrides, "train.max_minutes=0", "train.max_steps=1000", "train.save_every=0",
+                                "train.valid_every=0", "train.progress=false", "wandb.mode=disabled"])
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp()) / "run")
+    plan = [tuple(int(x) for x in b.split(":")) for b in args.bad]
+    at = {"step": 0, "micro": 0}
+    real_loss = trainer_module.compute_loss
+
+    def compute_loss(*a, **k):
+        total, *rest = real_loss(*a, **k)
+        if any(p[:2] == (at["step"], at["micro"]) and (len(p) == 2 or p[2] == trainer.rank) for p in plan):
+            total = total * float("nan")
+        at["micro"] += 1
+        return (total, *rest)
+
+    trainer_module.compute_loss = compute_loss
+    feed = DeviceFeed(trainer.stream, trainer.device)
+    trainer.engine.train()
+    steps = []
+    for step in range(args.steps):
+        at.update(step=step, micro=0)
+        weights, state = snapshot(trainer)
+        batches = [next(feed) for _ in range(cfg.train.accumulate)]
+        strict = args.forbid_syncs_from is not None and step >= args.forbid_syncs_from
+        with HostReads() as reads:
+            if strict:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                sums = trainer.train_step(batches)
+            finally:
+                if strict:
+                    torch.cuda.set_sync_debug_mode("default")
+        trainer.step += 1
+        with HostReads() as settle_reads:
+            withheld = trainer.guard.settle(trainer.step, None)
+        after_weights, after_state = snapshot(trainer)
+        steps.append({"step": step, "withheld": withheld, "weights_changed": changed(weights, after_weights),
+                      "state_changed": changed(state, after_state), "step_host_reads": reads.sites,
+                      "settle_host_reads": len(settle_reads.sites), "loss_sum": float(sums["loss"]),
+                      "syncs_forbidden": strict})
+    result = {"rank": trainer.rank, "world": trainer.world, "device": str(trainer.device), "steps": steps,
+              "skipped": trainer.guard.skipped,
+              "optimizer": type(trainer.engine.optimizer).__name__}
+    if args.clip_check:
+        result["clip"] = clip_check(trainer, next(feed), max_norm=0.05)
+    Path(f"{args.out}.rank{trainer.rank}.json").write_text(json.dumps(result, indent=1))
+
+
+def clip_check(trainer: Trainer, batch, max_norm: float) -> dict:
+    """One batch's gradients (reduced: a step's last micro-batch) clipped by mtmoe and, on copies of
+    them, by DeepSpeed's reference `clip_grad_norm_` -> the norms (also one summed entry by entry in
+    a plain loop, experts' squares over the expert-parallel group) and the largest difference.
+    Without ZeRO only (under ZeRO DeepSpeed clips its gradient partitions)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    from mtmoe.train.update import is_expert_param
+
+    total, *_ = trainer_module.compute_loss(trainer.engine, batch, trainer.cfg, 1.0 / batch.num_target_tokens,
+                                            trainer.bf16)
+    trainer.engine.backward(total)
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    expert_group = trainer.layout.expert_group()
+    mtmoe_norm = global_grad_norm(params, expert_group)
+    squares = {kind: sum(float(p.grad.double().square().sum()) for p in params if is_expert_param(p) == kind)
+               for kind in (False, True)}
+    experts = torch.tensor(squares[True], dtype=torch.float64)
+    if expert_group is not None:
+        dist.all_reduce(experts, group=expert_group)
+    reference_norm = (squares[False] + float(experts)) ** 0.5
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(reference, params):
+        r.grad = p.grad.detach().clone()
+        if hasattr(p, "allreduce"):
+            r.allreduce = p.allreduce
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, mtmoe_norm)
+    ds_norm = clip_grad_norm_(reference, max_norm)
+    return {"mtmoe_norm": float(mtmoe_norm), "reference_norm": reference_norm, "deepspeed_norm": float(ds_norm),
+            "experts": sum(is_expert_param(p) for p in params),
+            "max_grad_difference": max(float((p.grad - r.grad).abs().max()) for p, r in zip(params, reference)),
+            "max_grad": max(float(p.grad.abs().max()) for p in params)}
+
+
+if __name__ == "__main__":
+    main()

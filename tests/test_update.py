@@ -1,0 +1,73 @@
+"""The step's update without host-device syncs (`mtmoe.train.update`, `mtmoe.train.guard`): a step
+with a non-finite loss is withheld on every rank in every layout (weights and optimizer state
+unchanged; the run goes on), mtmoe's own code reads no tensor value on the host between log
+records, and mtmoe's clipping equals DeepSpeed's in a world of one (and is the whole model's norm
+under expert parallelism). Each case runs `tests/step_probe.py` in a process (or launch) of its
+own; DeepSpeed keeps per-process state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from helpers import run_step_probe
+
+pytestmark = pytest.mark.slow
+
+SYNC_FREE_READS = {"distributed.py:all_reduce_sum", "moe.py:run_expert_parallel"}
+"""The host reads allowed in a step with several ranks: the host group's sum of the batch's token
+counts (a CPU tensor, gloo: no device involved) and expert parallelism's split sizes, which the
+all-to-all needs on the host (the one sync of expert parallelism, `mtmoe.model.moe`)."""
+
+
+def assert_third_step_withheld(report: dict) -> None:
+    """Steps 0, 1 and 3 update weights and optimizer state; step 2 changes neither, and is counted."""
+    steps = report["steps"]
+    assert [s["withheld"] for s in steps] == [0, 0, 1, 0] and report["skipped"] == 1
+    assert [s["weights_changed"] for s in steps] == [True, True, False, True]
+    assert [s["state_changed"] for s in steps] == [True, True, False, True]
+    assert all(math.isfinite(s["loss_sum"]) for s in steps)  # the withheld loss stays out of the log's sums
+    assert all(s["settle_host_reads"] >= 1 for s in steps)  # the log's one read: the counter does see reads
+
+
+@pytest.mark.parametrize("case", ["zero0", "zero0_accumulate2", "zero2", "zero2_cpu_adam"])
+def test_a_withheld_step_changes_nothing_and_the_step_reads_nothing(case, tmp_path, corpus, cache_dir):
+    overrides, bad = {
+        "zero0": ([], ["2:0"]),
+        "zero0_accumulate2": (["train.accumulate=2"], ["2:1"]),  # the second micro-batch voids the step
+        "zero2": (["train.zero_stage=2"], ["2:0"]),
+        "zero2_cpu_adam": (["train.zero_stage=2", "train.offload_optimizer=cpu"], ["2:0"]),
+    }[case]
+    report, = run_step_probe(tmp_path, corpus, cache_dir, overrides, bad, clip_check=case == "zero0")
+    assert report["optimizer"] == ("Adam" if case.startswith("zero0") else "DeepSpeedZeroOptimizer")
+    assert_third_step_withheld(report)
+    assert all(s["step_host_reads"] == [] for s in report["steps"])
+    if case == "zero0_accumulate2":
+        assert report["steps"][2]["loss_sum"] > 0  # the finite micro-batch's loss is still logged
+    else:
+        assert report["steps"][2]["loss_sum"] == 0
+    if case == "zero0":
+        clip = report["clip"]
+        assert clip["experts"] > 0 and clip["mtmoe_norm"] > 0.05  # there are experts, and the clip bites
+        assert clip["mtmoe_norm"] == pytest.approx(clip["deepspeed_norm"], rel=1e-6)
+        assert clip["mtmoe_norm"] == pytest.approx(clip["reference_norm"], rel=1e-6)
+        assert clip["max_grad_difference"] <= 1e-6 * clip["max_grad"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["ed", "ez_offload"])
+def test_two_ranks_withhold_a_step_that_went_bad_on_one(layout, tmp_path, corpus, cache_dir):
+    """Only rank 1's loss is NaN at step 2: both ranks withhold it. Expert parallelism without ZeRO
+    (`ed`): mtmoe's clipping norm is the whole model's (experts' squares summed over the expert-
+    parallel group), the same on both ranks."""
+    reports = run_step_probe(tmp_path, corpus, cache_dir, [f"parallel={layout}"], ["2:0:1"], ranks=2,
+                             clip_check=layout == "ed")
+    for report in reports:
+        assert report["world"] == 2
+        assert_third_step_withheld(report)
+        assert all(set(s["step_host_reads"]) <= SYNC_FREE_READS for s in report["steps"])
+    if layout == "ed":
+        norms = [r["clip"]["mtmoe_norm"] for r in reports]
+        assert norms[0] == norms[1]
+        assert norms[0] == pytest.approx(reports[0]["clip"]["reference_norm"], rel=1e-6)
