@@ -6,7 +6,7 @@ On one thread (what each of the main job's 2 ranks gets), with the main job's mo
 (`+experiment=main`, rank 0's stream), in a world of one with all 4 experts local (no all-to-all,
 no gradient all-reduce: the parts of a step that are the model's own):
 - the step's parts, timed separately over `--steps` steps after warm-up: forward + loss, backward,
-  gradient clipping + Adam (torch's foreach Adam, as the main job);
+  gradient clipping + Adam (torch's fused Adam, as the main job);
 - the FLOPs of forward + backward per target token (torch's FlopCounterMode: matmuls and attention);
 - the matmul rate of one core on the model's own GEMM shapes (tokens x d_model x d_ff, and the
   output projection tokens x d_model x vocab), fp32.
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     batches = list(islice(iter(stream), args.warmup + args.steps))
     model = build_model(len(data.vocab), cfg.model, cfg.moe, 0, cfg.train.seed)
     model.train()
-    optimizer = make_optimizer(model.parameters(), cfg, torch.device("cpu"))  # the main job's foreach Adam
+    optimizer = make_optimizer(model.parameters(), cfg, torch.device("cpu"))  # the main job's fused Adam
     parts = {"forward + loss": [], "backward": [], "clip + Adam": []}
     tokens = []
     for i, batch in enumerate(batches):

@@ -54,8 +54,9 @@ class HostReads(TorchFunctionMode):
 
 
 def snapshot(trainer: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Copies of (the weights, the optimizer state tensors DeepSpeed's optimizer steps)."""
-    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    """Copies of (the weights, the optimizer state tensors DeepSpeed's optimizer steps). Under ZeRO-3
+    a parameter is an empty placeholder: its weights are this rank's partition (`ds_tensor`)."""
+    weights = [getattr(p, "ds_tensor", p).detach().clone() for p in trainer.model.parameters()]
     optimizer = trainer.engine.optimizer
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the optimizer that holds the state
     state = [v.detach().clone() for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]

@@ -150,6 +150,9 @@ def test_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, corpus, cac
     assert f"the last good checkpoint is {ckpts / last}" in proc.stderr
     assert not (run_dir / "results.json").exists()
     assert not any(p.name.startswith(".partial") for p in ckpts.iterdir())
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"] is None, r["skipped_steps"]) for r in records if r["kind"] == "train"]
+    assert train == [(1, False, 0), (2, True, 1), (3, True, 2)]  # withheld steps: no loss to log; step 4 stopped it
 
 
 # -- hostile inputs ---------------------------------------------------------------------------------

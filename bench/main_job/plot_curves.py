@@ -20,7 +20,7 @@ def main() -> None:
     fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for log in sorted((HERE / "logs").glob("*.jsonl")):
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r["loss"] is not None]
         valid = [(r["step"], r["valid_loss"]) for r in records if r.get("kind") == "valid"]
         if train:
             train_ax.plot(*zip(*train), label=log.stem)

@@ -8,7 +8,7 @@ before any timing. A step is forward + backward + gradient clipping + optimizer 
   update (`mtmoe.train.update.EngineUpdate`: backward, clipping, step).
 - HF: a plain PyTorch loop: `model(input_ids, attention_mask, decoder_input_ids,
   decoder_attention_mask, labels, output_router_logits=True)` (CE + aux loss), backward,
-  clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, foreach), the same lr schedule.
+  clip_grad_norm_, torch.optim.Adam (same lr/betas/eps, fused as mtmoe's), the same lr schedule.
 - On a GPU (`--device cuda`) both run in the plain loop (`PlainStep` for mtmoe: its Seq2Seq and
   `compute_loss` without DeepSpeed, whose GPU set-up belongs to the trainer), on the device, under
   bf16 autocast, with fused AdamW (same lr/betas/eps): the set-up of the issue's first GPU figures.
@@ -44,13 +44,14 @@ def training_batches(data: TrainingData, cfg: TrainAppConfig, count: int) -> lis
 
 
 def make_optimizer(params, cfg: TrainAppConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam as mtmoe trains on a CPU (foreach); fused AdamW on a GPU (weight decay as configured)."""
+    """Adam as mtmoe trains on a CPU (fused: `mtmoe.train.layout.build_optimizer`); fused AdamW on a GPU
+    (weight decay as configured)."""
     t = cfg.train
     if device.type == "cuda":
         return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay,
                                  fused=True)
     return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay,
-                            foreach=True)
+                            fused=True)
 
 
 def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:

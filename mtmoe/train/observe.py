@@ -131,7 +131,7 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
         r = json.loads(line)
         if r.get("kind") == "train":
             steps.append(r["step"])
-            losses.append(r["loss"])
+            losses.append(float("nan") if r["loss"] is None else r["loss"])  # None: all withheld
         elif r.get("kind") == "valid":
             vsteps.append(r["step"])
             vloss.append(r["valid_loss"])

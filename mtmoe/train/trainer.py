@@ -265,7 +265,8 @@ class Trainer:
             self.target_tokens += int(tokens)
         elapsed = time.monotonic() - window_start
         record = {"kind": "train", "step": self.step, "steps": window["steps"],
-                  "loss": round(loss_sum / max(1, loss_tokens), 6),
+                  # None (null): every step since the last record was withheld (non-finite loss)
+                  "loss": round(loss_sum / loss_tokens, 6) if loss_tokens else None,
                   "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr,
                   "tokens_per_s": round(tokens / elapsed, 1),
                   "src_tokens_per_s": round(src_tokens / elapsed, 1),
@@ -276,7 +277,8 @@ class Trainer:
             record["routing"] = summarize_routing(self._last_stats, self.layer_names)
         if self.is_main:
             self.runlog.write(record)
-        progress.note(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+        loss = "-" if record["loss"] is None else f"{record['loss']:.3f}"
+        progress.note(self.step, {"loss": loss, "tok/s": f"{record['tokens_per_s']:.0f}"})
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
