@@ -5,9 +5,9 @@ computes label-smoothed cross-entropy plus the MoE balancing (and z-) losses, an
 does backward, gradient all-reduce (dense params over the data-parallel group, experts over their
 expert-data-parallel group) and the optimizer step; clipping and the withholding of a step with a
 non-finite loss are queued on the device (`mtmoe.train.update`), so a step does not wait for the
-device unless it logs. Where that runs (device, precision,
-process group, native expert parallelism or ZeRO-3 partitioning) is `mtmoe.train.layout`'s to decide;
-batches reach the device one step ahead (`mtmoe.data.batching.DeviceFeed`).
+device unless it logs. Where that runs (device, precision, process group, native expert
+parallelism or ZeRO-3 partitioning) is `mtmoe.train.layout`'s to decide; batches reach the device
+one step ahead (`mtmoe.data.batching.DeviceFeed`).
 """
 
 from __future__ import annotations
