@@ -114,7 +114,8 @@ def main() -> None:
         steps.append({"step": step, "withheld": withheld, "weights_changed": changed(weights, after_weights),
                       "state_changed": changed(state, after_state), "step_host_reads": reads.sites,
                       "settle_host_reads": len(settle_reads.sites), "loss_sum": float(sums["loss"]),
-                      "syncs_forbidden": strict})
+                      "syncs_forbidden": strict,
+                      "grad_norm": None if trainer.update.grad_norm is None else float(trainer.update.grad_norm)})
     result = {"rank": trainer.rank, "world": trainer.world, "device": str(trainer.device), "steps": steps,
               "skipped": trainer.guard.skipped,
               "optimizer": type(trainer.engine.optimizer).__name__}

@@ -24,6 +24,7 @@ def test_training_outputs(trained):
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
     for r in records:
         assert {"step", "loss", "lr", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
+        assert r["grad_norm"] > 0 and r["skipped_steps"] == 0  # the mean gradient norm before clipping
         assert set(r["routing"]) == {"enc1", "dec1"}
     assert records[-1]["loss"] < records[0]["loss"]
     results = json.loads((trained / "results.json").read_text())

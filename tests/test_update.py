@@ -34,6 +34,8 @@ def assert_third_step_withheld(report: dict) -> None:
     assert [s["state_changed"] for s in steps] == [True, True, False, True]
     assert all(math.isfinite(s["loss_sum"]) for s in steps)  # the withheld loss stays out of the log's sums
     assert all(s["settle_host_reads"] >= 1 for s in steps)  # the log's one read: the counter does see reads
+    norms = [s["grad_norm"] for s in steps]  # before clipping, for the log
+    assert all(math.isfinite(norms[i]) and norms[i] > 0 for i in (0, 1, 3)) and not math.isfinite(norms[2])
 
 
 @pytest.mark.parametrize("case", ["zero0", "zero0_accumulate2", "zero2", "zero2_cpu_adam", "zero3_cpu_offload"])

@@ -252,6 +252,9 @@ class Trainer:
             sums["aux"] = sums["aux"] + torch.where(finite, aux.detach().float(), 0.0) / accumulate
             bad = self.update(total, finite, bad, last=m == accumulate - 1)
         self.guard.record(bad)
+        if self.update.grad_norm is not None:  # the mean over applied steps is logged
+            sums["grad_norm"] = torch.where(bad, 0.0, self.update.grad_norm)
+            sums["norm_steps"] = (~bad).long()
         return sums
 
     def _log_window(self, window: dict, window_start: float, started: float, progress: Progress) -> None:
@@ -263,6 +266,7 @@ class Trainer:
             [float(window["loss"]), float(window["loss_tokens"]), window["tokens"], window["src_tokens"]])
         if self.target_tokens is not None:
             self.target_tokens += int(tokens)
+        norm_steps = int(window["norm_steps"])
         elapsed = time.monotonic() - window_start
         record = {"kind": "train", "step": self.step, "steps": window["steps"],
                   # None (null): every step since the last record was withheld (non-finite loss)
@@ -271,6 +275,8 @@ class Trainer:
                   "tokens_per_s": round(tokens / elapsed, 1),
                   "src_tokens_per_s": round(src_tokens / elapsed, 1),
                   "aux_loss": round(float(window["aux"]) / max(1, window["steps"]), 4),
+                  # the same on every rank (a global norm); None: no step applied, or no norm computed
+                  "grad_norm": round(float(window["grad_norm"]) / norm_steps, 4) if norm_steps else None,
                   "skipped_steps": self.guard.skipped,
                   "elapsed_s": round(self.train_seconds + time.monotonic() - started, 1)}
         if self._last_stats:
@@ -351,8 +357,10 @@ class Trainer:
 def _new_window() -> dict:
     """Sums over the steps since the last log record (of a step's micro-batches in `train_step`).
     `loss`, `aux`, `loss_tokens` (the target tokens of the micro-batches with a finite loss: the
-    logged loss's denominator) are device tensors once a step has added to them."""
-    return {"loss": 0.0, "loss_tokens": 0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0}
+    logged loss's denominator), `grad_norm` and `norm_steps` (the applied steps it sums over) are
+    device tensors once a step has added to them."""
+    return {"loss": 0.0, "loss_tokens": 0, "tokens": 0, "src_tokens": 0, "steps": 0, "aux": 0.0,
+            "grad_norm": 0.0, "norm_steps": 0}
 
 
 def _plain(cfg: TrainAppConfig) -> dict:

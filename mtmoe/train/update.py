@@ -74,6 +74,9 @@ class EngineUpdate:
         optimizer = engine.optimizer
         self.takes_verdict = isinstance(optimizer, torch.optim.Optimizer) and bool(optimizer.defaults.get("fused"))
         """The optimizer DeepSpeed steps is torch's fused one: it withholds a step given `found_inf`."""
+        self.grad_norm: Optional[torch.Tensor] = None
+        """The last step's gradient norm before clipping: 0-d fp32 on the device, not finite for a
+        withheld step; None where DeepSpeed computes none (ZeRO with `compute_grad_norm` off)."""
         if not self.takes_verdict and not hasattr(optimizer, "overflow"):
             raise ConfigError(
                 f"the optimizer DeepSpeed built ({type(optimizer).__name__}) can neither take a non-finite step's "
@@ -91,13 +94,25 @@ class EngineUpdate:
         if last:
             bad = any_rank_on_device(bad)
             if self.owns_clipping:
-                norm = global_grad_norm(self.params, self.expert_group)
+                norm = self.grad_norm = global_grad_norm(self.params, self.expert_group)
                 bad = bad | ~torch.isfinite(norm)
                 if self.clip_norm > 0:
                     torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
             if self.takes_verdict:
                 self.engine.optimizer.found_inf = bad.float()
         self.engine.step()
+        if last and not self.owns_clipping:
+            self.grad_norm = _as_device_norm(self.engine.get_global_grad_norm(), bad.device)
         if last and not self.engine.was_step_applied():  # DeepSpeed's ZeRO optimizer skipped it itself
             bad = bad | True
         return bad
+
+
+def _as_device_norm(norm, device: torch.device) -> Optional[torch.Tensor]:
+    """DeepSpeed's ZeRO gradient norm (a tensor, a float such as inf after a skipped step, or None)
+    -> 0-d fp32 on `device` (a host number is filled in, not copied)."""
+    if norm is None:
+        return None
+    if torch.is_tensor(norm):
+        return norm.detach().float().reshape(()).to(device)
+    return torch.full((), float(norm), dtype=torch.float32, device=device)
