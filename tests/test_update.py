@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from helpers import run_step_probe
+from mtmoe.train.update import keep_fused
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +84,23 @@ def test_two_ranks_withhold_a_step_that_went_bad_on_one(layout, tmp_path, corpus
         norms = [r["clip"]["mtmoe_norm"] for r in reports]
         assert norms[0] == norms[1]
         assert norms[0] == pytest.approx(reports[0]["clip"]["reference_norm"], rel=1e-6)
+
+
+def test_a_checkpoint_of_a_foreach_optimizer_resumes_fused():
+    """Loading the state of a foreach Adam (a checkpoint of an older mtmoe) restores its groups'
+    flags; `keep_fused` makes the groups fused again, so the step still takes `found_inf`."""
+    old = torch.nn.Parameter(torch.randn(6))
+    written = torch.optim.Adam([old], foreach=True)
+    old.grad = torch.randn(6)
+    written.step()
+    param = torch.nn.Parameter(old.detach().clone())
+    optimizer = torch.optim.Adam([param], fused=True)
+    optimizer.load_state_dict(written.state_dict())
+    assert not optimizer.param_groups[0]["fused"]  # what a resume would leave
+    assert keep_fused(optimizer) and optimizer.param_groups[0]["fused"]
+    before = param.detach().clone()
+    param.grad = torch.full((6,), float("nan"))
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    assert torch.equal(param.detach(), before) and optimizer.state[param]["step"] == 1
+    assert not keep_fused(written) and not keep_fused(None)

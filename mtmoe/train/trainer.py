@@ -126,9 +126,9 @@ class Trainer:
         self.step, self.train_seconds = 0, 0.0
         self.target_tokens: Optional[int] = 0  # trained on by all ranks together; None: unknown (an older checkpoint)
         self.guard = DivergenceGuard(cfg.train.max_bad_steps)
-        self.update = EngineUpdate(self.engine, cfg, self.layout.expert_group())
         self.last_checkpoint: str | None = None
         state = self._resume() if cfg.train.resume else None
+        self.update = EngineUpdate(self.engine, cfg, self.layout.expert_group())  # after the resume: see keep_fused
         self.layer_names = self.model.moe_layer_names()
         self.finished = self._finished_results() if state is not None else None
         if on_start is not None:

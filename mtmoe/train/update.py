@@ -61,19 +61,33 @@ def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> tor
     return (dense + experts).sqrt()
 
 
+def keep_fused(optimizer) -> bool:
+    """Whether `optimizer` is a torch optimizer built fused; if so its parameter groups are set to
+    run fused again. A checkpoint restores the groups' implementation flags with their
+    hyperparameters: one written by a foreach optimizer (mtmoe before it trained with the fused
+    one) would make this optimizer run foreach, which cannot take `found_inf`."""
+    if not (isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused")):
+        return False
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+    return True
+
+
 class EngineUpdate:
     """Backward of each micro-batch and, at the step's last one, the update of a DeepSpeed engine
     built by `mtmoe.train.layout.TrainingLayout` (the trainer and the benchmarks share it)."""
 
     def __init__(self, engine, cfg: TrainAppConfig, expert_group=None):
+        """Built once the engine holds its final state (after a resume: `keep_fused`)."""
         self.engine = engine
         self.expert_group = expert_group
         self.owns_clipping = not deepspeed_clips_gradients(cfg)
         self.clip_norm = cfg.train.clip_norm
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         optimizer = engine.optimizer
-        self.takes_verdict = isinstance(optimizer, torch.optim.Optimizer) and bool(optimizer.defaults.get("fused"))
+        self.takes_verdict = keep_fused(optimizer)
         """The optimizer DeepSpeed steps is torch's fused one: it withholds a step given `found_inf`."""
+        keep_fused(getattr(optimizer, "optimizer", None))  # the one a ZeRO optimizer steps
         self.grad_norm: Optional[torch.Tensor] = None
         """The last step's gradient norm before clipping: 0-d fp32 on the device, not finite for a
         withheld step; None where DeepSpeed computes none (ZeRO with `compute_grad_norm` off)."""
