@@ -294,6 +294,30 @@ def test_training_curves_with_one_point_are_readable(tmp_path, monkeypatch):
         assert ax.yaxis.get_offset_text().get_text() == ""  # no "+5.948" over the ticks
 
 
+def test_training_curves_show_the_gradient_norm(tmp_path, monkeypatch):
+    """The third panel: the logged gradient norm on a log scale; a record whose steps were all
+    withheld (loss and norm null) leaves a gap, and an older log without norms an empty panel."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    from mtmoe.train.observe import plot_training_curves
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"kind": "train", "step": step, "loss": loss, "grad_norm": norm}) + "\n"
+                           for step, loss, norm in ((2, 6.1, 5.3), (4, None, None), (6, 5.2, 0.9))))
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_training_curves(log, tmp_path / "curves.png")
+    norm_axis = saved[0].axes[2]
+    (line,) = norm_axis.lines
+    ys = list(line.get_ydata())
+    assert ys[0] == 5.3 and math.isnan(ys[1]) and ys[2] == 0.9 and norm_axis.get_yscale() == "log"
+    log.write_text(json.dumps({"kind": "train", "step": 2, "loss": 6.1}) + "\n")  # before grad_norm was logged
+    plot_training_curves(log, tmp_path / "curves.png")
+    assert len(saved[1].axes[2].lines) == 0
+
+
 def test_vocabulary_smaller_than_asked_is_said(tmp_path, corpus, caplog):
     from mtmoe.data.corpus import read_lines
     from mtmoe.data.vocab import get_or_train_vocab

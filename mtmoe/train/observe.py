@@ -118,25 +118,28 @@ class Progress:
 
 
 def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
-    """train loss vs step, and validation loss/BLEU vs step, as one PNG."""
+    """train loss vs step, validation loss/BLEU vs step and the gradient norm before clipping vs
+    step (log scale: its early spikes span decades), as one PNG."""
     if not log_path.exists():
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
-    steps, losses, vsteps, vloss, vbleu = [], [], [], [], []
+    steps, losses, norms, vsteps, vloss, vbleu = [], [], [], [], [], []
     for line in log_path.read_text().splitlines():
         r = json.loads(line)
         if r.get("kind") == "train":
             steps.append(r["step"])
             losses.append(float("nan") if r["loss"] is None else r["loss"])  # None: all withheld
+            norms.append(float("nan") if r.get("grad_norm") is None else r["grad_norm"])  # older logs have none
         elif r.get("kind") == "valid":
             vsteps.append(r["step"])
             vloss.append(r["valid_loss"])
             vbleu.append(r.get("valid_bleu"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     # Markers, so that a short run's single point shows; no offset on the axes (a single loss of
     # 5.948 would read "+5.948" over ticks at 0.00).
     axes[0].plot(steps, losses, ".-", label="train loss")
@@ -146,10 +149,17 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     axes[0].legend()
     if vsteps and any(b is not None for b in vbleu):
         axes[1].plot(vsteps, vbleu, "o-", color="tab:green")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.ticklabel_format(useOffset=False)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("valid BLEU (greedy, mean over directions)")
+    if any(n > 0 for n in norms):  # nan compares False
+        axes[2].plot(steps, norms, ".-", color="tab:red")
+        axes[2].set_yscale("log")
+        for axis_format in (axes[2].yaxis.set_major_formatter, axes[2].yaxis.set_minor_formatter):
+            axis_format(FormatStrFormatter("%g"))  # 0.8, 2, 5, not 2x10^0
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("gradient norm before clipping (mean per record)")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
