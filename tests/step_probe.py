@@ -130,9 +130,8 @@ def clip_check(trainer: Trainer, batch, max_norm: float) -> dict:
     a plain loop, experts' squares over the expert-parallel group) and the largest difference.
     Without ZeRO only (under ZeRO DeepSpeed clips its gradient partitions)."""
     import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
     from deepspeed.runtime.utils import clip_grad_norm_
-
-    from mtmoe.train.update import is_expert_param
 
     total, *_ = trainer_module.compute_loss(trainer.engine, batch, trainer.cfg, 1.0 / batch.num_target_tokens,
                                             trainer.bf16)
@@ -140,7 +139,7 @@ def clip_check(trainer: Trainer, batch, max_norm: float) -> dict:
     params = [p for p in trainer.model.parameters() if p.grad is not None]
     expert_group = trainer.layout.expert_group()
     mtmoe_norm = global_grad_norm(params, expert_group)
-    squares = {kind: sum(float(p.grad.double().square().sum()) for p in params if is_expert_param(p) == kind)
+    squares = {kind: sum(float(p.grad.double().square().sum()) for p in params if is_moe_param(p) == kind)
                for kind in (False, True)}
     experts = torch.tensor(squares[True], dtype=torch.float64)
     if expert_group is not None:
@@ -154,7 +153,7 @@ def clip_check(trainer: Trainer, batch, max_norm: float) -> dict:
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, mtmoe_norm)
     ds_norm = clip_grad_norm_(reference, max_norm)
     return {"mtmoe_norm": float(mtmoe_norm), "reference_norm": reference_norm, "deepspeed_norm": float(ds_norm),
-            "experts": sum(is_expert_param(p) for p in params),
+            "experts": sum(is_moe_param(p) for p in params),
             "max_grad_difference": max(float((p.grad - r.grad).abs().max()) for p, r in zip(params, reference)),
             "max_grad": max(float(p.grad.abs().max()) for p in params)}
 

@@ -35,12 +35,6 @@ from mtmoe.train.distributed import any_rank_on_device
 from mtmoe.train.ds_config import deepspeed_clips_gradients
 
 
-def is_expert_param(param: torch.nn.Parameter) -> bool:
-    """DeepSpeed's MoE container marks expert parameters (they are reduced over their expert-data-
-    parallel group, not all ranks): `allreduce` False."""
-    return not getattr(param, "allreduce", True)
-
-
 def _squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of the squared entries of `grads` -> 0-d fp32 on `device` (foreach norms: a few kernels)."""
     if not grads:
@@ -50,12 +44,15 @@ def _squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> torch.Tensor:
     """The 2-norm of the whole model's gradient -> 0-d fp32 on the gradients' device, without a host
-    sync. Dense gradients are the same on every rank (reduced before); each expert lives on one rank
-    of `expert_group` (None: all experts are here), so their squares are summed over it."""
-    grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    dense = _squares([p.grad for p in params if p.grad is not None and not is_expert_param(p)], device)
-    experts = _squares([p.grad for p in params if p.grad is not None and is_expert_param(p)], device)
+    sync. Dense gradients are the same on every rank (reduced before); each expert (a parameter
+    DeepSpeed's MoE container marked: `is_moe_param`) lives on one rank of `expert_group` (None: all
+    experts are here), so their squares are summed over it."""
+    from deepspeed.moe.utils import is_moe_param  # deepspeed is imported once the layout chose its accelerator
+
+    with_grad = [p for p in params if p.grad is not None]
+    device = with_grad[0].device if with_grad else torch.device("cpu")
+    dense = _squares([p.grad for p in with_grad if not is_moe_param(p)], device)
+    experts = _squares([p.grad for p in with_grad if is_moe_param(p)], device)
     if expert_group is not None:
         dist.all_reduce(experts, group=expert_group)
     return (dense + experts).sqrt()
