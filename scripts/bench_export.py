@@ -37,6 +37,7 @@ from mtmoe.formats.export_format import export_bytes, load_export
 from mtmoe.export.pipeline import export_run  # noqa: E402
 from mtmoe.export.subset import load_subset  # noqa: E402
 from mtmoe.paths import resolve  # noqa: E402
+from bench.results import write_results  # noqa: E402
 
 DIRECTIONS = ["en-de", "de-en", "en-fr", "fr-en", "en-cs", "cs-en"]
 
@@ -182,8 +183,7 @@ def main() -> None:
             "beam": args.beam, "threads": args.threads, "workers": args.workers, "speed_lines": args.speed_lines,
             "rounds": args.rounds, "subset_mass": args.subset_mass, "calibration": args.calibration,
             "calibration_lines": args.calibration_lines, "torch": torch.__version__}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, {"meta": meta, "rows": rows}, table)
     plot(rows, args.directions, out / "delta_bleu.png")
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'delta_bleu.png'}")
 

@@ -51,6 +51,10 @@ from typing import Optional
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import write_results  # noqa: E402
+
 
 MODES = {
     "cpu": {
@@ -319,8 +323,7 @@ def main() -> None:
             results["modes"].append(given_sizes(mode, trial, sizes, log, deadline))
         else:
             results["modes"].append(largest_fit(mode, trial, args.start_experts, log, deadline))
-        (out / "results.json").write_text(json.dumps(results, indent=1))  # after each mode: a long run keeps its figures
-        (out / "results.md").write_text(markdown(results))
+        write_results(out, results, markdown(results))  # after each mode: a long run keeps its figures
     print(markdown(results))
 
 

@@ -34,7 +34,6 @@ has carried its bytes, sleeping the remainder); the output says which was used.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -56,6 +55,7 @@ from mtmoe.paths import resolve  # noqa: E402
 from mtmoe.config import ServeBudget, ServeConfig  # noqa: E402
 from mtmoe.serve.runtime import load_for_serving  # noqa: E402
 from mtmoe.serve.validate import POLICIES  # noqa: E402
+from bench.results import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"1/4": 0.25, "1/2": 0.5, "all": None}  # None: every expert of the layer (through the runtime)
@@ -237,10 +237,8 @@ def main() -> None:
         "an idle box would show, for comparing settings on a shared one.",
     ]
     out = resolve(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"setup": setup, "notes": notes, "rows": rows}, indent=1))
     table = markdown(rows, setup, notes)
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, {"setup": setup, "notes": notes, "rows": rows}, table)
     plot(rows, out / "hit_rate.png")
     print(table)
 

@@ -16,13 +16,17 @@ Writes `<out>/results.json` + `results.md` (default out: bench/zero3_validation/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import write_results  # noqa: E402
+
 LAYOUT = ["parallel=zero3_nvme", "train.offload_param=cpu", "train.offload_optimizer=cpu", "train.device=cpu"]
 DEFAULT_SET = ["model=tiny", "data.val_lines=16", "data.max_len=64"]
 CHOICES = ("partitioned", "whole")
@@ -80,9 +84,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     result = measure(args.set if args.set is not None else DEFAULT_SET, args.rounds)
     out = Path(args.out) if args.out else ROOT / "bench" / "zero3_validation" / result["model"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(result))
+    write_results(out, result, markdown(result))
     print(markdown(result))
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import sys
 import time
 from collections import OrderedDict
@@ -50,6 +49,7 @@ from mtmoe.paths import resolve  # noqa: E402
 from mtmoe.serve.layout import ExpertLayout  # noqa: E402
 from mtmoe.serve.policies import direction_ranking  # noqa: E402
 from mtmoe.serve.validate import cache_sizes  # noqa: E402
+from bench.results import write_results  # noqa: E402
 
 SIZES = {"1/4": 0.25, "1/2": 0.5}
 
@@ -313,10 +313,8 @@ def main() -> None:
              "activations_per_sentence": mean("activations"), "enc_distinct_per_sentence": mean("enc_distinct"),
              "dec_distinct_per_sentence": mean("dec_distinct")}
     out = resolve(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     table = markdown(setup, rows)
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, {"setup": setup, "rows": rows}, table)
     print(table)
 
 

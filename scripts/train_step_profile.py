@@ -36,6 +36,10 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import write_results  # noqa: E402
+
 DEFAULT_SET = ["+experiment=main", "parallel=none", "moe.ep_size=1", "train.max_tokens=4096"]
 """The main job's model in a world of one with GPU-sized batches (the CPU recipe's 640-token batches
 leave a GPU idle); `--set` replaces it."""
@@ -187,9 +191,7 @@ def main(argv=None) -> None:
             print(f"   {r['ms_per_step']} ms/step, {r['target_tokens_per_s']:.0f} target tok/s, {r['ops_per_step']} ops, "
                   f"syncs {r['syncs_per_step']}, kernels {r['kernel_ms_per_step']} ms", flush=True)
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "train_step" / results[0]["device"].split(":")[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "results.md").write_text(markdown(results))
+    write_results(out_dir, results, markdown(results))
     print(markdown(results))
 
 

@@ -109,7 +109,7 @@ def require_nvme() -> None:
 
 def run_step_probe(tmp_path: Path, corpus: Path, cache_dir: Path, overrides: list[str], bad: list[str],
                    ranks: int = 1, steps: int = 4, device: str = "cpu", clip_check: bool = False,
-                   forbid_syncs_from: int | None = None) -> list[dict]:
+                   forbid_syncs_from: int | None = None, separate_host_group: bool = False) -> list[dict]:
     """tests/step_probe.py on the tiny config (+ `overrides`) for `steps` steps, with the `bad`
     micro-batches' losses made NaN (STEP:MICRO[:RANK]), in a process of its own or a launch of
     `ranks` -> each rank's report."""
@@ -117,6 +117,7 @@ def run_step_probe(tmp_path: Path, corpus: Path, cache_dir: Path, overrides: lis
     args = ["--out", str(out), "--steps", str(steps), *[f"--bad={b}" for b in bad],
             *(["--clip-check"] if clip_check else []),
             *([f"--forbid-syncs-from={forbid_syncs_from}"] if forbid_syncs_from is not None else []),
+            *(["--separate-host-group"] if separate_host_group else []),
             "--", *[o for o in tiny_overrides(corpus, cache_dir, tmp_path / "run") if not o.startswith("hydra.")],
             f"train.device={device}", *overrides]
     script = str(ROOT / "tests" / "step_probe.py")

@@ -10,6 +10,8 @@ the host during the step (each such read is a host-device sync on a GPU).
 `--clip-check`: also compares mtmoe's clipping with DeepSpeed's `clip_grad_norm_` on one batch.
 `--forbid-syncs-from N` (on a GPU): steps N and later run under `torch.cuda.set_sync_debug_mode("error")`,
 so any host-device sync in the step (mtmoe's, DeepSpeed's or torch's) raises.
+`--separate-host-group` (several ranks): host values go through a gloo group of their own, as beside
+an NCCL default group on GPUs; each step's collectives are then listed with the group they took.
 tests/test_update.py runs it, one process (or launch) per layout: DeepSpeed keeps per-process state.
 Writes OUT.rank<R>.json on each rank.
 """
@@ -23,11 +25,13 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 import mtmoe
 from mtmoe.cli.common import compose_train_config
 from mtmoe.data.batching import DeviceFeed
+from mtmoe.train import distributed
 from mtmoe.train import trainer as trainer_module
 from mtmoe.train.trainer import Trainer
 from mtmoe.train.update import global_grad_norm
@@ -53,6 +57,42 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_to_all_single", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter_tensor", "broadcast")
+
+
+class Collectives:
+    """Lists the collectives called while it is on: (the group, `host` for `distributed.host_group()`
+    or `other`, and the nearest caller in mtmoe or DeepSpeed, `file:function`). torch.distributed's
+    functions are looked up at each call (`dist.all_reduce`, DeepSpeed's comm backend), so they are
+    replaced on the module for the while."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def __enter__(self):
+        self.real = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, real in self.real.items():
+            setattr(dist, name, self._recording(real))
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self.real.items():
+            setattr(dist, name, real)
+
+    def _recording(self, real):
+        def call(*args, **kwargs):
+            group = kwargs.get("group")
+            kind = "host" if group is not None and group is distributed.host_group() else "other"
+            frames = traceback.extract_stack()[:-1]
+            caller = next((f for f in reversed(frames) if "/mtmoe/" in f.filename or "/deepspeed/" in f.filename
+                           and "/deepspeed/comm/" not in f.filename), None)
+            site = "?" if caller is None else f"{Path(caller.filename).name}:{caller.name}"
+            self.calls.append((kind, site))
+            return real(*args, **kwargs)
+        return call
+
+
 def snapshot(trainer: Trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Copies of (the weights, the optimizer state tensors DeepSpeed's optimizer steps). Under ZeRO-3
     a parameter is an empty placeholder: its weights are this rank's partition (`ds_tensor`)."""
@@ -74,11 +114,15 @@ def main() -> None:
     ap.add_argument("--bad", action="append", default=[])
     ap.add_argument("--clip-check", action="store_true")
     ap.add_argument("--forbid-syncs-from", type=int, default=None)
+    ap.add_argument("--separate-host-group", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = compose_train_config([*args.overrides, "train.max_minutes=0", "train.max_steps=1000", "train.save_every=0",
                                 "train.valid_every=0", "train.progress=false", "wandb.mode=disabled"])
     trainer = Trainer(cfg, Path(tempfile.mkdtemp()) / "run")
+    if args.separate_host_group:
+        distributed.start_host_group(separate=True)
+        assert distributed.host_group() is not None
     plan = [tuple(int(x) for x in b.split(":")) for b in args.bad]
     at = {"step": 0, "micro": 0}
     real_loss = trainer_module.compute_loss
@@ -99,7 +143,7 @@ def main() -> None:
         weights, state = snapshot(trainer)
         batches = [next(feed) for _ in range(cfg.train.accumulate)]
         strict = args.forbid_syncs_from is not None and step >= args.forbid_syncs_from
-        with HostReads() as reads:
+        with HostReads() as reads, Collectives() as collectives:
             if strict:
                 torch.cuda.set_sync_debug_mode("error")
             try:
@@ -114,7 +158,7 @@ def main() -> None:
         steps.append({"step": step, "withheld": withheld, "weights_changed": changed(weights, after_weights),
                       "state_changed": changed(state, after_state), "step_host_reads": reads.sites,
                       "settle_host_reads": len(settle_reads.sites), "loss_sum": float(sums["loss"]),
-                      "syncs_forbidden": strict,
+                      "syncs_forbidden": strict, "collectives": sorted(set(collectives.calls)),
                       "grad_norm": None if trainer.update.grad_norm is None else float(trainer.update.grad_norm)})
     result = {"rank": trainer.rank, "world": trainer.world, "device": str(trainer.device), "steps": steps,
               "skipped": trainer.guard.skipped,

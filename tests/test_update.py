@@ -86,6 +86,31 @@ def test_two_ranks_withhold_a_step_that_went_bad_on_one(layout, tmp_path, corpus
         assert norms[0] == pytest.approx(reports[0]["clip"]["reference_norm"], rel=1e-6)
 
 
+HOST_HELPERS = {"all_reduce_sum", "all_reduce_max", "any_rank"}
+"""mtmoe's collectives of host numbers (`mtmoe.train.distributed`), which take the host group."""
+
+
+@pytest.mark.distributed
+def test_host_numbers_take_the_host_group_and_nothing_else_does(tmp_path, corpus, cache_dir):
+    """On GPUs the default group is NCCL, which takes GPU tensors only, and mtmoe adds a gloo group
+    for host numbers. The same arrangement on two CPU ranks (`--separate-host-group`), with expert
+    parallelism: in every step the host group carries exactly the sum of the batch's token counts,
+    every other collective (the verdict, the clipping norm's expert squares, DeepSpeed's gradient
+    reduction, the experts' all-to-all) takes another group, and the bad step is still withheld."""
+    reports = run_step_probe(tmp_path, corpus, cache_dir, ["parallel=ed"], ["2:0:1"], ranks=2,
+                             separate_host_group=True)
+    for report in reports:
+        assert_third_step_withheld(report)
+        for step in report["steps"]:
+            calls = [tuple(c) for c in step["collectives"]]
+            assert {site for kind, site in calls if kind == "host"} == {"distributed.py:all_reduce_sum"}
+            others = {site for kind, site in calls if kind == "other"}
+            assert not {site for site in others if site.split(":")[1] in HOST_HELPERS}
+            assert {"distributed.py:any_rank_on_device", "update.py:global_grad_norm",
+                    "moe.py:run_expert_parallel"} <= others
+            assert any(site.startswith(("engine.py", "utils.py")) for site in others), others  # DeepSpeed's
+
+
 def test_a_checkpoint_of_a_foreach_optimizer_resumes_fused():
     """Loading the state of a foreach Adam (a checkpoint of an older mtmoe) restores its groups'
     flags; `keep_fused` makes the groups fused again, so the step still takes `found_inf`."""

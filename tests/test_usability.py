@@ -292,6 +292,26 @@ def test_training_curves_with_one_point_are_readable(tmp_path, monkeypatch):
     assert list(train_line.get_xdata()) == [5] and train_line.get_marker() not in (None, "", "None")
     for ax in fig.axes:
         assert ax.yaxis.get_offset_text().get_text() == ""  # no "+5.948" over the ticks
+    assert list(fig.axes[1].lines[0].get_ydata()) == [0.02] and not fig.axes[1].texts
+
+
+def test_training_curves_say_why_the_bleu_panel_is_empty(tmp_path, monkeypatch):
+    """A run with `train.valid_bleu=never` (the main job: it scores the export) logs validations
+    without BLEU: the panel says so instead of staying blank."""
+    from matplotlib.figure import Figure
+
+    from mtmoe.train.observe import plot_training_curves
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"kind": "train", "step": 5, "loss": 5.9}) + "\n" +
+                   json.dumps({"kind": "valid", "step": 5, "valid_loss": 5.8}) + "\n")
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_training_curves(log, tmp_path / "curves.png")
+    bleu_axis = saved[0].axes[1]
+    assert not bleu_axis.lines
+    (note,) = bleu_axis.texts
+    assert "no validation BLEU" in note.get_text() and "train.valid_bleu" in note.get_text()
 
 
 def test_training_curves_show_the_gradient_norm(tmp_path, monkeypatch):

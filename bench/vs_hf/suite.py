@@ -32,7 +32,6 @@ results.json, results.md and results.png to `--out` and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -49,6 +48,7 @@ from mtmoe.device import resolve_device
 from mtmoe.model.seq2seq import build_model
 from mtmoe.paths import resolve
 
+from bench.results import write_results
 from bench.vs_hf import report
 from bench.vs_hf.decoding import alternate_decoding, make_decoder, sentence_batches
 from bench.vs_hf.memory import measure
@@ -249,8 +249,7 @@ def main(argv=None) -> dict:
     out = resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = report.markdown(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(table)
+    write_results(out, results, table)
     report.bar_chart(results, out / "results.png")
     print("\n" + table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "

@@ -46,7 +46,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             skip_unused_ops()  # before the comm backend would build shm_comm (DeepSpeed probes its ops here)
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False)
-    _start_host_group()
+    start_host_group()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -54,14 +54,17 @@ _HOST_GROUP = None
 """The gloo group of all ranks for host values when the default group is NCCL (None otherwise)."""
 
 
-def _start_host_group() -> None:
+def start_host_group(separate: bool = False) -> None:
     """Every rank joins a gloo group beside an NCCL default group, once, at start-up (creating a
-    group is itself a collective). The values the ranks agree on each step (the clock of a time
-    budget, the token count of the global batch) are host numbers: through NCCL each would be
-    copied to the GPU, reduced behind the step's queued work and read back, a host-device sync per
-    step; gloo reduces them between the hosts while the GPU runs on."""
+    group is itself a collective: every rank calls this at the same point). The values the ranks
+    agree on each step (the clock of a time budget, the token count of the global batch) are host
+    numbers: through NCCL each would be copied to the GPU, reduced behind the step's queued work and
+    read back, a host-device sync per step; gloo reduces them between the hosts while the GPU runs on.
+
+    `separate`: a group of its own also beside a gloo default group, i.e. the GPU machines'
+    arrangement on CPU ranks (tests/step_probe.py uses it to check which collectives take which group)."""
     global _HOST_GROUP
-    if _HOST_GROUP is None and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+    if _HOST_GROUP is None and dist.get_world_size() > 1 and (separate or dist.get_backend() != "gloo"):
         _HOST_GROUP = dist.new_group(backend="gloo")
 
 

@@ -149,6 +149,10 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     axes[0].legend()
     if vsteps and any(b is not None for b in vbleu):
         axes[1].plot(vsteps, vbleu, "o-", color="tab:green")
+    else:  # an empty panel would read as a broken plot
+        axes[1].text(0.5, 0.5, "no validation BLEU in this log\n(train.valid_bleu=never; `final`: the last\n"
+                     "validation's, `always`: every validation's)", ha="center", va="center",
+                     transform=axes[1].transAxes, color="0.4")
     for ax in axes[:2]:
         ax.ticklabel_format(useOffset=False)
     axes[1].set_xlabel("step")
