@@ -10,6 +10,8 @@ the host during the step (each such read is a host-device sync on a GPU).
 `--clip-check`: also compares mtmoe's clipping with DeepSpeed's `clip_grad_norm_` on one batch.
 `--forbid-syncs-from N` (on a GPU): steps N and later run under `torch.cuda.set_sync_debug_mode("error")`,
 so any host-device sync in the step (mtmoe's, DeepSpeed's or torch's) raises.
+Besides mtmoe's own host reads, each step lists every op in it, mtmoe's, DeepSpeed's or torch's, that
+waits for the device on a GPU (`DeviceWaits`): the CPU's view of what `set_sync_debug_mode` catches there.
 `--separate-host-group` (several ranks): host values go through a gloo group of their own, as beside
 an NCCL default group on GPUs; each step's collectives are then listed with the group they took.
 tests/test_update.py runs it, one process (or launch) per layout: DeepSpeed keeps per-process state.
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtmoe
 from mtmoe.cli.common import compose_train_config
@@ -39,6 +42,7 @@ from mtmoe.train.update import global_grad_norm
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
 MTMOE_DIR = str(Path(mtmoe.__file__).resolve().parent)
+THIS_FILE = __file__
 
 
 class HostReads(TorchFunctionMode):
@@ -55,6 +59,44 @@ class HostReads(TorchFunctionMode):
             if caller is not None and str(Path(caller.filename).resolve()).startswith(MTMOE_DIR):
                 self.sites.append(f"{Path(caller.filename).name}:{caller.name}")
         return func(*args, **(kwargs or {}))
+
+
+aten = torch.ops.aten
+READ_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
+"""Ops whose result is a host value read from a tensor (`item`, `bool`, `torch.equal`)."""
+SHAPE_OPS = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
+             aten.unique_consecutive.default, aten.bincount.default, aten.repeat_interleave.Tensor}
+"""Ops whose output shape depends on tensor values: on a GPU the host waits for the values to
+allocate the output (`repeat_interleave` only without `output_size`)."""
+BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+"""Indexing ops, which wait only when an index is a boolean mask (turned into positions: `nonzero`)."""
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Lists the ops that make the host wait for a GPU, whoever calls them (mtmoe, DeepSpeed, torch),
+    as `op@file:function` of the nearest caller outside torch. On the CPU nothing waits, but the same
+    ops run: this is the CPU's view of what `torch.cuda.set_sync_debug_mode("error")` catches on a
+    GPU, except copies between host and device, which a CPU run has none of. A read of a host
+    tensor (the host group's sums) is listed too: it waits for nothing, and the tests allow it by
+    its site."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in BOOL_INDEX_OPS:
+            waits = any(i is not None and i.dtype == torch.bool for i in args[1])
+        else:
+            waits = func in READ_OPS or (func in SHAPE_OPS and kwargs.get("output_size") is None)
+        if waits:
+            frames = traceback.extract_stack()[:-1]
+            caller = next((f for f in reversed(frames) if "/torch/" not in f.filename and f.filename != THIS_FILE),
+                          None)  # this file: the modes' own frames (HostReads calls through)
+            where = "?" if caller is None else f"{Path(caller.filename).name}:{caller.name}"
+            self.sites.append(f"{func.overloadpacket.__name__}@{where}")
+        return func(*args, **kwargs)
 
 
 COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_to_all_single", "all_gather", "all_gather_into_tensor",
@@ -143,7 +185,7 @@ def main() -> None:
         weights, state = snapshot(trainer)
         batches = [next(feed) for _ in range(cfg.train.accumulate)]
         strict = args.forbid_syncs_from is not None and step >= args.forbid_syncs_from
-        with HostReads() as reads, Collectives() as collectives:
+        with HostReads() as reads, Collectives() as collectives, DeviceWaits() as waits:
             if strict:
                 torch.cuda.set_sync_debug_mode("error")
             try:
@@ -157,6 +199,7 @@ def main() -> None:
         after_weights, after_state = snapshot(trainer)
         steps.append({"step": step, "withheld": withheld, "weights_changed": changed(weights, after_weights),
                       "state_changed": changed(state, after_state), "step_host_reads": reads.sites,
+                      "device_waits": sorted(set(waits.sites)),
                       "settle_host_reads": len(settle_reads.sites), "loss_sum": float(sums["loss"]),
                       "syncs_forbidden": strict, "collectives": sorted(set(collectives.calls)),
                       "grad_norm": None if trainer.update.grad_norm is None else float(trainer.update.grad_norm)})

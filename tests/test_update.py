@@ -1,7 +1,9 @@
 """The step's update without host-device syncs (`mtmoe.train.update`, `mtmoe.train.guard`): a step
 with a non-finite loss is withheld on every rank in every layout (weights and optimizer state
 unchanged; the run goes on), mtmoe's own code reads no tensor value on the host between log
-records, and mtmoe's clipping equals DeepSpeed's in a world of one (and is the whole model's norm
+records, without ZeRO no op of the step (mtmoe's, DeepSpeed's or torch's) is one that waits for a
+GPU (value reads, data-dependent shapes: the CPU's view of `set_sync_debug_mode`, which
+tests/test_gpu.py applies on a GPU), and mtmoe's clipping equals DeepSpeed's in a world of one (and is the whole model's norm
 under expert parallelism). Each case runs `tests/step_probe.py` in a process (or launch) of its
 own; DeepSpeed keeps per-process state."""
 
@@ -22,6 +24,15 @@ SYNC_FREE_READS = {"distributed.py:all_reduce_sum", "moe.py:run_expert_parallel"
 counts (a CPU tensor, gloo: no device involved) and expert parallelism's split sizes, which the
 all-to-all needs on the host (the one sync of expert parallelism, `mtmoe.model.moe`)."""
 
+DEEPSPEED_ZERO_WAITS = {"utils.py:is_invalid_grad_norm",  # ZeRO 1-3: the overflow check of the norm
+                        "stage_1_and_2.py:complete_grad_norm_calculation_for_cpu_offload",  # CPU Adam
+                        "stage_1_and_2.py:update_offload_overflow_tracker",
+                        "stage3.py:complete_grad_norm_calculation_for_cpu_offload",
+                        "utils.py:assert_lst_len_same_as_other_ranks", "utils.py:<listcomp>"}  # ZeRO-3's fetch plan
+"""Where DeepSpeed's ZeRO optimizers read device values on the host in a step (`DeviceWaits` of
+tests/step_probe.py: `item` of the gradient norm and of overflow flags, ZeRO-3's parameter
+trace checks): those layouts wait for the device there, mtmoe cannot move it."""
+
 PER_EXPERT_READS = {"experts.py:forward"}
 """ZeRO-3's experts are one module each (`moe.expert_storage=per_expert`), run one after another on
 their rows, whose counts the host needs (one read per MoE layer); ZeRO-3 gathers every module's
@@ -40,10 +51,11 @@ def assert_third_step_withheld(report: dict) -> None:
     assert all(math.isfinite(norms[i]) and norms[i] > 0 for i in (0, 1, 3)) and not math.isfinite(norms[2])
 
 
-@pytest.mark.parametrize("case", ["zero0", "zero0_accumulate2", "zero2", "zero2_cpu_adam", "zero3_cpu_offload"])
+@pytest.mark.parametrize("case", ["zero0", "zero0_bf16", "zero0_accumulate2", "zero2", "zero2_cpu_adam", "zero3_cpu_offload"])
 def test_a_withheld_step_changes_nothing_and_the_step_reads_nothing(case, tmp_path, corpus, cache_dir):
     overrides, bad = {
         "zero0": ([], ["2:0"]),
+        "zero0_bf16": (["train.bf16=true"], ["2:0"]),  # the GPU's default precision
         "zero0_accumulate2": (["train.accumulate=2"], ["2:1"]),  # the second micro-batch voids the step
         "zero2": (["train.zero_stage=2"], ["2:0"]),
         "zero2_cpu_adam": (["train.zero_stage=2", "train.offload_optimizer=cpu"], ["2:0"]),
@@ -56,6 +68,13 @@ def test_a_withheld_step_changes_nothing_and_the_step_reads_nothing(case, tmp_pa
     assert_third_step_withheld(report)
     allowed = PER_EXPERT_READS if case.startswith("zero3") else set()
     assert all(set(s["step_host_reads"]) <= allowed for s in report["steps"])
+    # The whole step (mtmoe's, DeepSpeed's and torch's code): without ZeRO no op in it waits for the
+    # device, from the first step on; under ZeRO only DeepSpeed's own reads, and at least its norm's.
+    waits = [{w.split("@")[1] for w in s["device_waits"]} for s in report["steps"]]
+    if case.startswith("zero0"):
+        assert waits == [set()] * 4
+    else:
+        assert all("utils.py:is_invalid_grad_norm" in w and w <= DEEPSPEED_ZERO_WAITS for w in waits), waits
     if case == "zero0_accumulate2":
         assert report["steps"][2]["loss_sum"] > 0  # the finite micro-batch's loss is still logged
     else:
@@ -80,6 +99,8 @@ def test_two_ranks_withhold_a_step_that_went_bad_on_one(layout, tmp_path, corpus
         assert report["world"] == 2
         assert_third_step_withheld(report)
         assert all(set(s["step_host_reads"]) <= SYNC_FREE_READS for s in report["steps"])
+        waits = {w.split("@")[1] for s in report["steps"] for w in s["device_waits"]}
+        assert waits <= (set() if layout == "ed" else DEEPSPEED_ZERO_WAITS)
     if layout == "ed":
         norms = [r["clip"]["mtmoe_norm"] for r in reports]
         assert norms[0] == norms[1]
