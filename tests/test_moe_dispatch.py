@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,24 @@ def test_reshard_regroups_expert_adam_state(storage):
                 got = [float(v.flatten()[0]) for v in values[::4]]
             assert got == expected
             assert torch.equal(f["optimizer"]["state"][0]["exp_avg"], torch.ones(5))
+
+
+def test_which_layout_changes_reshard():
+    """`check_resumable`: what is rewritten on the way in, and what is refused with the reason."""
+    from mtmoe.formats.reshard import ReshardError, check_resumable
+
+    def layout(world, ep, zero, storage="stacked"):
+        return {"world_size": world, "ep_size": ep, "zero_stage": zero, "accumulate": 1, "expert_storage": storage}
+
+    here = Path("step00000003")
+    assert check_resumable(layout(2, 2, 0), layout(1, 1, 0), here)        # ZeRO-0: expert moments regrouped
+    assert not check_resumable(layout(1, 1, 0), layout(2, 1, 0), here)    # ZeRO-0, world only: loads as it is
+    assert check_resumable(layout(2, 2, 2), layout(1, 1, 2), here)        # ZeRO-1/2: partitions cut anew
+    assert check_resumable(layout(2, 1, 1), layout(4, 1, 1), here)
+    assert not check_resumable(layout(2, 2, 2), layout(2, 2, 2), here)
+    refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
+               "stage": (layout(2, 2, 2), layout(2, 2, 1), "written with train.zero_stage=2"),
+               "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert")}
+    for saved, current, reason in refused.values():
+        with pytest.raises(ReshardError, match=reason):
+            check_resumable(saved, current, here)

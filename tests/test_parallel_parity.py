@@ -152,10 +152,15 @@ def resume_point(run_dir: Path, tmp_path: Path) -> Path:
     ("ep2", 1, {"parallel": "none", "train.accumulate": 2}),   # ep 2 -> 1, world 2 -> 1
     ("world1", 2, {"parallel": "ed"}),                        # ep 1 -> 2, world 1 -> 2
     ("world1", 2, {"parallel": "none"}),                      # world 1 -> 2 only
+    # ZeRO-1/2: each rank's partitions of the flat fp32 weights and Adam moments are cut anew
+    ("ep2_zero2", 1, {"train.zero_stage": 2, "train.accumulate": 2}),  # ep 2 -> 1, world 2 -> 1
+    ("ep2_zero1", 2, {"train.zero_stage": 1}),                         # ep 2 -> 1, world 2
+    ("ep2_zero2_offload", 1, {"train.zero_stage": 2, "train.offload_optimizer": "cpu", "train.accumulate": 2}),
 ])
 def test_resume_at_another_layout(source, ranks, target, reference, layout_run, tmp_path, corpus, cache_dir):
     """Resharding with optimizer state: resuming the step-3 checkpoint of one layout at another
-    continues the uninterrupted run (losses of steps 4-6 and final weights)."""
+    continues the uninterrupted run (losses of steps 4-6 and final weights). Adam restarted from zero
+    moments would not: the first steps after the resume would move every weight by about lr."""
     source_dir = reference[0] if source == "world1" else layout_run(source)
     run_dir = resume_point(source_dir, tmp_path)
     args = parity_args(corpus, cache_dir, run_dir, **target)
@@ -163,7 +168,7 @@ def test_resume_at_another_layout(source, ranks, target, reference, layout_run, 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert f"resumed from step {STEPS // 2}" in output
-    if target.get("parallel") == "ed" or source == "ep2":
+    if target.get("parallel") == "ed" or source.startswith("ep2"):
         assert "resharded step00000003: ep_size" in output
     assert not any(p.name.startswith(".partial") for p in (run_dir / "checkpoints").iterdir())
     assert_matches_reference(run_dir, reference, from_step=STEPS // 2 + 1)
@@ -210,12 +215,41 @@ def test_zero3_validates_a_whole_copy_as_the_partitioned_model(tmp_path, corpus,
     assert results["auto"]["directions"] == results["partitioned"]["directions"]
 
 
-def test_zero_checkpoint_refuses_another_layout(layout_run, tmp_path, corpus, cache_dir):
+def test_zero_checkpoint_refuses_another_stage(layout_run, tmp_path, corpus, cache_dir):
     run_dir = resume_point(layout_run("ep2_zero2"), tmp_path)
-    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 2,
+    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 1,
                                                                              "train.accumulate": 2}))
     assert proc.returncode == 2
-    assert "cannot resume at this layout" in proc.stderr and "resumes only at that layout" in proc.stderr
+    assert "cannot resume at this layout" in proc.stderr and "written with train.zero_stage=2" in proc.stderr
+
+
+@pytest.mark.parametrize("world,ep", [(1, 1), (4, 2), (4, 4), (2, 1)])
+def test_zero_partitions_reshard_and_back(world, ep, layout_run):
+    """ZeRO-2 partitions of 2 ranks with 2 expert-parallel (ep2_zero2's step-3 checkpoint) cut for
+    another layout and back give the files as DeepSpeed wrote them: fp32 partitions, Adam moments,
+    paddings and fragment addresses."""
+    from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file
+    from mtmoe.formats.reshard import reshard_zero_partitions
+
+    tag = layout_run("ep2_zero2") / "checkpoints" / f"step{STEPS // 2:08d}"
+    files = [load_zero_optimizer_file(tag, rank) for rank in range(2)]
+    shapes = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)["param_shapes"]
+    there, there_shapes = reshard_zero_partitions(files, shapes, world, ep, old_ep=2)
+    assert len(there) == world
+    assert [sd["optimizer_state_dict"]["partition_count"] for sd in there] == [[world, world // ep]] * world
+    back, back_shapes = reshard_zero_partitions(there, there_shapes, 2, 2, old_ep=ep)
+    assert [dict(s) for s in back_shapes] == [{k: tuple(v) for k, v in s.items()} for s in shapes]
+    for got, want in zip(back, files):
+        got, want = got["optimizer_state_dict"], want["optimizer_state_dict"]
+        for key in ("group_paddings", "partition_count", "param_alignment_paddings", "param_slice_mappings"):
+            assert got[key] == want[key], key
+        for a, b in zip(got["single_partition_of_fp32_groups"], want["single_partition_of_fp32_groups"]):
+            assert torch.equal(a, b)
+        got_state, want_state = got["base_optimizer_state"], want["base_optimizer_state"]
+        assert got_state["param_groups"] == want_state["param_groups"]
+        for g, entries in want_state["state"].items():
+            for key, value in entries.items():
+                assert torch.equal(got_state["state"][g][key], value), (g, key)
 
 
 def test_multirun_sweep_of_distributed_jobs(tmp_path, corpus, cache_dir):

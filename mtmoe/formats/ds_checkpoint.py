@@ -91,21 +91,34 @@ def newest_tags(run_dir: Path, last: str, count: int) -> list[str]:
     return tags[-count:]
 
 
-def load_zero3_optimizer_state(tag_dir: Path, rank: int) -> dict:
-    """Rank `rank`'s ZeRO-3 optimizer file (`optimizer_state_dict`: fp32 flat groups, Adam state,
-    param groups), read with `weights_only=True` and only DeepSpeed's loss-scaler and stage enum
-    allowed besides tensors. (DeepSpeed is imported here only: nothing else in formats/ needs it.)"""
+def zero_optimizer_file(tag_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s optimizer file under ZeRO-1..3."""
+    return tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def load_zero_optimizer_file(tag_dir: Path, rank: int) -> dict:
+    """Rank `rank`'s ZeRO-1..3 optimizer file, whole (`optimizer_state_dict`: fp32 partitions, Adam
+    state, param groups, paddings, ...; `ds_config`, `ds_version`), read with `weights_only=True`
+    and only DeepSpeed's loss scalers, stage enum and fragment addresses allowed besides tensors.
+    (DeepSpeed is imported here only: nothing else in formats/ needs it.)"""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    path = zero_optimizer_file(tag_dir, rank)
     if not path.is_file():
-        raise ExportError(f"{path}: missing (a ZeRO-3 checkpoint needs the optimizer file of every rank)")
+        raise ExportError(f"{path}: missing (a ZeRO checkpoint needs the optimizer file of every rank)")
     try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
-            return torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+
+
+def load_zero3_optimizer_state(tag_dir: Path, rank: int) -> dict:
+    """Rank `rank`'s ZeRO-3 optimizer state (`optimizer_state_dict`: fp32 flat groups, Adam state,
+    param groups)."""
+    return load_zero_optimizer_file(tag_dir, rank)["optimizer_state_dict"]
 
 
 def zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:

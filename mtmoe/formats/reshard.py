@@ -1,25 +1,36 @@
 """Resuming a checkpoint at another parallel layout (world size, expert-parallel size).
 
-DeepSpeed's own tools do not convert native-MoE checkpoints, and its loader only reads the files a
-rank of the *same* layout wrote. What depends on the layout in a ZeRO-0 MoE checkpoint:
+DeepSpeed's own tools do not convert native-MoE checkpoints (its universal checkpoint skips native
+MoE, its "elastic" ZeRO loading picks the expert partitions by the new layout's ranks), and its
+loader only reads the files a rank of the *same* layout wrote. So mtmoe rewrites the files that
+depend on the layout into a staging tag that DeepSpeed then loads as if the new layout had written
+it. Expert weights are one file per global expert (`layer_{L}_expert_{g}_...`) and the dense
+weights one file: both layout-free in every stage but ZeRO-3.
 
-    mp_rank_00_model_states.pt              dense weights, lr schedule, step      layout-free
-    layer_{L}_expert_{g}_..._states.pt      one file per global expert g          layout-free
-    expp_rank_{r}_..._optim_states.pt       Adam state of the dense params (the same on every rank)
-                                            + of the E/ep experts rank r holds    depends on ep_size
+**ZeRO-0** (`expp_rank_{r}_mp_rank_00_optim_states.pt`: the Adam state of the dense parameters, the
+same on every rank, and of the E/ep experts ep rank r holds): changing the ep_size rewrites the
+optimizer files, taking each expert's Adam moments out of the rank file that held it (local id l
+on rank r is global expert r * E/ep + l) and regrouping them for the new ep_size: rows of the
+stacked expert tensors (`moe.expert_storage=stacked`, the default) or whole per-expert tensors
+(`per_expert`). Changing only the world size needs no rewrite.
 
-So resharding rewrites the optimizer files: it takes each expert's Adam moments out of the rank
-file that held it (local id l on rank r is global expert r * E/ep + l) and regroups them for the
-new ep_size: rows of the stacked expert tensors (`moe.expert_storage=stacked`, the default) or
-whole per-expert tensors (`per_expert`); everything else is linked unchanged. Changing only the world size needs no rewrite.
-ZeRO-1/2 checkpoints hold flat per-rank partitions of the optimizer state and must be resumed at
-the layout that wrote them.
+**ZeRO-1/2** (`zero_pp_rank_{r}_mp_rank_00_optim_states.pt`: per parameter group, the flat fp32
+weights and Adam moments of rank r's partition): the dense group is one flat tensor (its parameters
+in module order, zero-padded to a multiple of 2 x its ranks) cut into equal partitions over all
+ranks; the experts' group of ep rank e is partitioned the same way over DeepSpeed's expert-data-
+parallel group of e (ranks e, e + ep, e + 2 ep, ...). Changing the world size or the ep_size (stacked
+experts) joins each group's partitions back into per-parameter tensors, regroups the experts' rows
+by the new ep ranks and cuts new partitions for the new ranks (`reshard_zero_partitions`); the
+main file's `dp_world_size` and parameter shapes follow. Rank 0 converts, holding the whole
+optimizer state (fp32 weights and two moments: 12 bytes per parameter, twice while cutting) in host
+memory for the while. ZeRO-3 checkpoints resume at the layout that wrote them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +38,12 @@ from typing import Optional
 
 import torch
 
+from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file, zero_optimizer_file
+
 log = logging.getLogger("mtmoe")
+
+MAIN_FILE = "mp_rank_00_model_states.pt"
+"""The dense weights, the lr schedule and, under ZeRO-1/2, `dp_world_size` and `param_shapes`."""
 
 
 class ReshardError(RuntimeError):
@@ -50,8 +66,9 @@ def saved_layout(tag_dir: Path) -> dict:
 
 
 def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
-    """True when the optimizer files must be rewritten (ep_size changed); ReshardError when the
-    change cannot be made; False when the checkpoint loads as it is."""
+    """True when the optimizer files must be rewritten (ZeRO-0: the ep_size changed; ZeRO-1/2: the
+    world size or the ep_size); ReshardError when the change cannot be made; False when the
+    checkpoint loads as it is."""
     if current.get("expert_storage") not in (None, saved["expert_storage"]):
         raise ReshardError(f"{tag_dir}: its experts' optimizer state is laid out {saved['expert_storage']} "
                            f"(one entry per expert tensor unless 'stacked'; checkpoints from before stacked experts "
@@ -63,16 +80,20 @@ def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
                            f"{current['zero_stage']}: the optimizer state is laid out differently; resume with "
                            f"train.zero_stage={saved['zero_stage']}")
     changed = saved["ep_size"] != current["ep_size"] or saved["world_size"] != current["world_size"]
-    if changed and saved["zero_stage"] > 0:
-        raise ReshardError(f"{tag_dir}: a ZeRO-{saved['zero_stage']} checkpoint (world {saved['world_size']}, "
-                           f"ep_size {saved['ep_size']}) holds per-rank optimizer partitions and resumes only at "
-                           f"that layout (asked: world {current['world_size']}, ep_size {current['ep_size']}); "
-                           f"resharding converts ZeRO-0 checkpoints")
+    if changed and saved["zero_stage"] == 3:
+        raise ReshardError(f"{tag_dir}: a ZeRO-3 checkpoint (world {saved['world_size']}) holds per-rank partitions "
+                           f"of every parameter and resumes only at that layout (asked: world "
+                           f"{current['world_size']}, ep_size {current['ep_size']}); resharding converts ZeRO-0, "
+                           f"ZeRO-1 and ZeRO-2 checkpoints")
+    if changed and saved["zero_stage"] > 0 and saved["expert_storage"] != "stacked":
+        raise ReshardError(f"{tag_dir}: a ZeRO-{saved['zero_stage']} checkpoint of experts stored per expert resumes "
+                           f"only at its layout (world {saved['world_size']}, ep_size {saved['ep_size']}); "
+                           f"resharding ZeRO partitions needs moe.expert_storage=stacked")
     if changed and saved["world_size"] * saved["accumulate"] != current["world_size"] * current["accumulate"]:
         log.warning("%s: the global batch changes from %d to %d micro-batches per step (world x train.accumulate): "
                     "training continues, but not with the batches of the original layout", tag_dir,
                     saved["world_size"] * saved["accumulate"], current["world_size"] * current["accumulate"])
-    return saved["ep_size"] != current["ep_size"]
+    return saved["ep_size"] != current["ep_size"] or (changed and saved["zero_stage"] > 0)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -186,24 +207,157 @@ def reshard_optimizer_states(files: list[dict], num_experts: int, num_moe_layers
     return out
 
 
-def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_ep: int, num_experts: int, num_moe_layers: int) -> None:
-    """Writes `out_dir`: `tag_dir` with optimizer files for `new_ep` ranks (other files linked)."""
+def partition_ranks(world: int, ep: int, experts: bool) -> list[list[int]]:
+    """The ranks a ZeRO-1/2 parameter group is partitioned over, one list per copy of the group, in
+    partition order: the dense group over all ranks; the experts' group of ep rank e over
+    DeepSpeed's expert-data-parallel group of e, ranks e, e + ep, ... (`deepspeed.utils.groups`)."""
+    return [list(range(e, world, ep)) for e in range(ep)] if experts else [list(range(world))]
+
+
+def _join_partitions(files: list[dict], group: int, ranks: list[int], shapes: dict) -> dict[str, dict]:
+    """One copy of ZeRO-1/2 parameter group `group`, from its partitions on `ranks` (optimizer files,
+    `optimizer_state_dict` each) -> {parameter name: {"fp32" | Adam key: tensor of the parameter's
+    shape}}, names in the group's order (`shapes`: name -> shape, DeepSpeed's `param_shapes`)."""
+    pieces: dict[str, list[torch.Tensor]] = {"fp32": []}
+    for rank in ranks:
+        sd = files[rank]
+        padding = sd["group_paddings"][group]
+        if any(sd["param_alignment_paddings"][group]):
+            raise ReshardError("ZeRO parameter alignment padding (zero_optimization.parameter_alignment) is not "
+                               "resharded; resume at the layout that wrote the checkpoint")
+        pieces["fp32"].append(sd["single_partition_of_fp32_groups"][group])  # saved without its padding
+        for key, value in sd["base_optimizer_state"]["state"][group].items():
+            if torch.is_tensor(value) and value.dim():
+                pieces.setdefault(key, []).append(value[:value.numel() - padding])
+    numels = [math.prod(shape) for shape in shapes.values()]
+    params: dict[str, dict] = {name: {} for name in shapes}
+    for key, parts in pieces.items():
+        flat = torch.cat(parts)
+        if flat.numel() != sum(numels):
+            raise ReshardError(f"parameter group {group} over ranks {ranks}: {flat.numel()} {key} values for "
+                               f"{sum(numels)} parameter elements (a checkpoint of another model?)")
+        for (name, shape), chunk in zip(shapes.items(), flat.split(numels)):
+            params[name][key] = chunk.view(shape)
+    return params
+
+
+def _cut_partition(params: dict[str, dict], dp: int, index: int) -> tuple[dict, int, dict]:
+    """Partition `index` of `dp` of one parameter group as DeepSpeed's ZeRO-1/2 lays it out: the
+    parameters flattened in order, zero-padded to a multiple of 2 x dp (`nccl_start_alignment_factor`),
+    cut into dp equal slices -> ({"fp32" | Adam key: slice}, padding in this slice, {name: fragment
+    address of the parameter's part in this slice})."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    keys = next(iter(params.values())).keys()
+    total = sum(p["fp32"].numel() for p in params.values())
+    alignment = 2 * dp
+    size = -(-total // alignment) * alignment // dp
+    lo, hi = index * size, (index + 1) * size
+    out = {}
+    for key in keys:
+        flat = torch.cat([p[key].reshape(-1) for p in params.values()])
+        out[key] = torch.cat([flat, flat.new_zeros(size * dp - total)])[lo:hi].clone()
+    mappings, offset = {}, 0
+    for name, p in params.items():
+        start, stop = max(offset, lo), min(offset + p["fp32"].numel(), hi)
+        if start < stop:
+            mappings[name] = fragment_address(numel=stop - start, start=start - lo)
+        offset += p["fp32"].numel()
+    return out, max(0, min(size, hi - total)), mappings
+
+
+def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_world: int, new_ep: int,
+                            old_ep: int) -> tuple[list[dict], list[dict]]:
+    """ZeRO-1/2 optimizer files of every rank of a layout (`files[r]`: rank r's file, whole) ->
+    (the files of the `new_world` ranks of a layout with `new_ep` expert-parallel ranks, the new
+    per-group parameter shapes). `param_shapes`: per group, name -> shape on one rank (stacked
+    experts: [local experts, ...])."""
+    old_world = len(files)
+    first = files[0]["optimizer_state_dict"]
+    groups = first["base_optimizer_state"]["param_groups"]
+    if len(groups) != len(param_shapes):
+        raise ReshardError(f"{len(groups)} optimizer parameter groups, {len(param_shapes)} in the parameter shapes")
+    optim = [f["optimizer_state_dict"] for f in files]
+    new_files = [{**{k: v for k, v in f.items() if k != "optimizer_state_dict"},
+                  "optimizer_state_dict": {**f["optimizer_state_dict"]}} for f in files[:1] * new_world]
+    new_shapes: list[dict] = []
+    per_rank: list[list[tuple[dict, int, dict]]] = [[] for _ in range(new_world)]
+    for g, group in enumerate(groups):
+        experts = bool(group.get("moe"))
+        copies = [_join_partitions(optim, g, ranks, param_shapes[g])
+                  for ranks in partition_ranks(old_world, old_ep, experts)]
+        if experts:  # the ep ranks' rows of each stacked expert tensor, in global expert order, cut anew
+            full = {name: {key: torch.cat([c[name][key] for c in copies]) for key in copies[0][name]}
+                    for name in param_shapes[g]}
+            num_experts = next(iter(full.values()))["fp32"].shape[0]
+            if num_experts % new_ep:
+                raise ReshardError(f"{num_experts} experts cannot be split over ep_size {new_ep}")
+            local = num_experts // new_ep
+            copies = [{name: {key: v[e * local:(e + 1) * local] for key, v in p.items()} for name, p in full.items()}
+                      for e in range(new_ep)]
+        new_shapes.append({name: tuple(p["fp32"].shape) for name, p in copies[0].items()})
+        for copy, ranks in zip(copies, partition_ranks(new_world, new_ep, experts)):
+            for index, rank in enumerate(ranks):
+                per_rank[rank].append(_cut_partition(copy, len(ranks), index))
+    for rank, parts in enumerate(per_rank):
+        sd = new_files[rank]["optimizer_state_dict"]
+        state = {}
+        for g, (part, _, _) in enumerate(parts):
+            old_state = first["base_optimizer_state"]["state"][g]
+            state[g] = {k: part[k] if torch.is_tensor(v) and v.dim() else v for k, v in old_state.items()}
+        new_groups = [{**group, "name": f"ep_size_{new_ep}"} if group.get("moe") else dict(group) for group in groups]
+        sd.update({
+            "base_optimizer_state": {"state": state, "param_groups": new_groups},
+            "single_partition_of_fp32_groups": [part["fp32"][:part["fp32"].numel() - pad] for part, pad, _ in parts],
+            "group_paddings": [pad for _, pad, _ in parts],
+            "param_alignment_paddings": [[0] * len(shapes) for shapes in new_shapes],
+            "partition_count": [new_world // new_ep if group.get("moe") else new_world for group in groups],
+            "param_slice_mappings": [mapping for _, _, mapping in parts],
+        })
+    return new_files, new_shapes
+
+
+def _reshard_zero(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new_ep: int) -> None:
+    """Rewrites a ZeRO-1/2 tag's optimizer files and main file for `new_world` ranks, `new_ep` of
+    them expert-parallel, into `out_dir` (which holds links to everything else)."""
+    files = [load_zero_optimizer_file(tag_dir, rank) for rank in range(saved["world_size"])]
+    main = torch.load(tag_dir / MAIN_FILE, map_location="cpu", weights_only=True)
+    new_files, new_shapes = reshard_zero_partitions(files, main["param_shapes"], new_world, new_ep,
+                                                    saved["ep_size"])
+    for rank, content in enumerate(new_files):
+        torch.save(content, zero_optimizer_file(out_dir, rank))
+    main["dp_world_size"] = new_world  # DeepSpeed reads this many optimizer files
+    main["param_shapes"] = [{name: torch.Size(shape) for name, shape in shapes.items()} for shapes in new_shapes]
+    (out_dir / MAIN_FILE).unlink()  # a link to the source tag's file: replaced, not written through
+    torch.save(main, out_dir / MAIN_FILE)
+
+
+def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int, num_experts: int,
+                       num_moe_layers: int) -> None:
+    """Writes `out_dir`: `tag_dir` with the optimizer files (and, for ZeRO-1/2, the main file) of a
+    layout of `new_world` ranks, `new_ep` of them expert-parallel; other files linked."""
     saved = saved_layout(tag_dir)
+    zero = saved["zero_stage"] > 0
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
+    rewritten = "zero_pp_rank_" if zero else "expp_rank_"
     for path in tag_dir.iterdir():
-        if path.is_file() and not path.name.startswith("expp_rank_") and path.name != "manifest.json":
+        if path.is_file() and not path.name.startswith(rewritten) and path.name != "manifest.json":
             _link_or_copy(path, out_dir / path.name)
-    files = []
-    for rank in range(saved["ep_size"]):
-        path = optim_file(tag_dir, rank)
-        if not path.is_file():
-            raise ReshardError(f"{path}: missing (needed to reshard ep_size {saved['ep_size']} -> {new_ep})")
-        files.append(torch.load(path, map_location="cpu", weights_only=True))
-    regrouped = reshard_optimizer_states(files, num_experts, num_moe_layers, new_ep, saved["expert_storage"])
-    for rank, content in enumerate(regrouped):
-        torch.save(content, optim_file(out_dir, rank))
+    if zero:
+        _reshard_zero(tag_dir, out_dir, saved, new_world, new_ep)
+    else:
+        files = []
+        for rank in range(saved["ep_size"]):
+            path = optim_file(tag_dir, rank)
+            if not path.is_file():
+                raise ReshardError(f"{path}: missing (needed to reshard ep_size {saved['ep_size']} -> {new_ep})")
+            files.append(torch.load(path, map_location="cpu", weights_only=True))
+        regrouped = reshard_optimizer_states(files, num_experts, num_moe_layers, new_ep, saved["expert_storage"])
+        for rank, content in enumerate(regrouped):
+            torch.save(content, optim_file(out_dir, rank))
     state = json.loads((tag_dir / "mtmoe_state.json").read_text())
     state["resharded_from"] = {"ep_size": saved["ep_size"], "world_size": saved["world_size"]}
     (out_dir / "mtmoe_state.json").write_text(json.dumps(state, indent=1))
-    log.info("resharded %s: ep_size %d -> %d", tag_dir.name, saved["ep_size"], new_ep)
+    log.info("resharded %s: ep_size %d -> %d, world %d -> %d%s", tag_dir.name, saved["ep_size"], new_ep,
+             saved["world_size"], new_world, f" (ZeRO-{saved['zero_stage']} partitions)" if zero else "")

@@ -88,14 +88,15 @@ def _candidates(run_dir: Path) -> list[str]:
 
 
 def _prepare_layout(tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int, int]) -> str:
-    """The tag DeepSpeed should load: `tag_dir` itself, or a resharded copy of it when the
-    expert-parallel size changed (written by rank 0). CheckpointError when the change is impossible."""
+    """The tag DeepSpeed should load: `tag_dir` itself, or a resharded copy of it when the layout
+    changed as `mtmoe.formats.reshard.check_resumable` says (written by rank 0). CheckpointError
+    when the change is impossible."""
     error, load_tag = None, tag_dir.name
     if is_first_rank() and layout is not None and (tag_dir / STATE_JSON).is_file():
         try:
             if check_resumable(saved_layout(tag_dir), layout, tag_dir):
                 staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
-                reshard_checkpoint(tag_dir, staging, layout["ep_size"], *moe_shape)
+                reshard_checkpoint(tag_dir, staging, layout["world_size"], layout["ep_size"], *moe_shape)
                 load_tag = staging.name
         except (ReshardError, OSError, RuntimeError, ValueError) as e:
             error = str(e)
@@ -112,8 +113,8 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
     with a warning; CheckpointError when none is usable. Every rank takes the same decision.
 
     `layout` (world_size, ep_size, zero_stage, accumulate) is the layout resuming; a ZeRO-0
-    checkpoint written with another ep_size is resharded on the way in (`moe_shape` = experts per
-    MoE layer, number of MoE layers)."""
+    checkpoint written with another ep_size, or a ZeRO-1/2 one written with another world size or
+    ep_size, is resharded on the way in (`moe_shape` = experts per MoE layer, number of MoE layers)."""
     first = is_first_rank()
     candidates = broadcast_object(_candidates(run_dir) if first else None)
     if not candidates:
