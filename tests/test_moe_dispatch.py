@@ -374,8 +374,11 @@ def test_which_layout_changes_reshard():
     assert check_resumable(layout(2, 2, 2), layout(1, 1, 2), here)        # ZeRO-1/2: partitions cut anew
     assert check_resumable(layout(2, 1, 1), layout(4, 1, 1), here)
     assert not check_resumable(layout(2, 2, 2), layout(2, 2, 2), here)
+    assert not check_resumable(layout(2, 2, 2), layout(2, 2, 1), here)   # ZeRO-2 -> 1: the same files
+    assert check_resumable(layout(2, 2, 1), layout(1, 1, 2), here)
     refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
-               "stage": (layout(2, 2, 2), layout(2, 2, 1), "written with train.zero_stage=2"),
+               "stage": (layout(2, 2, 2), layout(2, 2, 0), "written with train.zero_stage=2"),
+               "stage3": (layout(1, 1, 1), layout(1, 1, 3), "written with train.zero_stage=1"),
                "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert")}
     for saved, current, reason in refused.values():
         with pytest.raises(ReshardError, match=reason):

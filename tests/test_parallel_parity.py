@@ -154,7 +154,7 @@ def resume_point(run_dir: Path, tmp_path: Path) -> Path:
     ("world1", 2, {"parallel": "none"}),                      # world 1 -> 2 only
     # ZeRO-1/2: each rank's partitions of the flat fp32 weights and Adam moments are cut anew
     ("ep2_zero2", 1, {"train.zero_stage": 2, "train.accumulate": 2}),  # ep 2 -> 1, world 2 -> 1
-    ("ep2_zero1", 2, {"train.zero_stage": 1}),                         # ep 2 -> 1, world 2
+    ("ep2_zero1", 2, {"train.zero_stage": 2}),                         # ep 2 -> 1, world 2, ZeRO-1 -> 2
     ("ep2_zero2_offload", 1, {"train.zero_stage": 2, "train.offload_optimizer": "cpu", "train.accumulate": 2}),
 ])
 def test_resume_at_another_layout(source, ranks, target, reference, layout_run, tmp_path, corpus, cache_dir):
@@ -216,8 +216,9 @@ def test_zero3_validates_a_whole_copy_as_the_partitioned_model(tmp_path, corpus,
 
 
 def test_zero_checkpoint_refuses_another_stage(layout_run, tmp_path, corpus, cache_dir):
+    """ZeRO-2's partitions cannot resume without ZeRO (ZeRO-1 <-> 2 can: test_resume_at_another_layout)."""
     run_dir = resume_point(layout_run("ep2_zero2"), tmp_path)
-    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 1,
+    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 0,
                                                                              "train.accumulate": 2}))
     assert proc.returncode == 2
     assert "cannot resume at this layout" in proc.stderr and "written with train.zero_stage=2" in proc.stderr

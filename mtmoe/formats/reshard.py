@@ -68,17 +68,19 @@ def saved_layout(tag_dir: Path) -> dict:
 def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
     """True when the optimizer files must be rewritten (ZeRO-0: the ep_size changed; ZeRO-1/2: the
     world size or the ep_size); ReshardError when the change cannot be made; False when the
-    checkpoint loads as it is."""
+    checkpoint loads as it is. ZeRO-1 and ZeRO-2 write the same files (DeepSpeed's one optimizer
+    class, with and without partitioned gradients): either resumes the other's."""
     if current.get("expert_storage") not in (None, saved["expert_storage"]):
         raise ReshardError(f"{tag_dir}: its experts' optimizer state is laid out {saved['expert_storage']} "
                            f"(one entry per expert tensor unless 'stacked'; checkpoints from before stacked experts "
                            f"are per_expert), this run's is {current['expert_storage']}: resume with "
                            f"moe.expert_storage={saved['expert_storage']}, or export the run (weights are "
                            f"layout-free) and continue in a new run dir with init.from_moe=<export>")
-    if saved["zero_stage"] != current["zero_stage"]:
+    one_format = {saved["zero_stage"], current["zero_stage"]} <= {1, 2}  # one optimizer class, one file format
+    if saved["zero_stage"] != current["zero_stage"] and not one_format:
         raise ReshardError(f"{tag_dir}: written with train.zero_stage={saved['zero_stage']}, resumed with "
                            f"{current['zero_stage']}: the optimizer state is laid out differently; resume with "
-                           f"train.zero_stage={saved['zero_stage']}")
+                           f"train.zero_stage={saved['zero_stage']} (ZeRO-1 and ZeRO-2 resume as each other)")
     changed = saved["ep_size"] != current["ep_size"] or saved["world_size"] != current["world_size"]
     if changed and saved["zero_stage"] == 3:
         raise ReshardError(f"{tag_dir}: a ZeRO-3 checkpoint (world {saved['world_size']}) holds per-rank partitions "
