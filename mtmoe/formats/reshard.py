@@ -243,29 +243,32 @@ def _join_partitions(files: list[dict], group: int, ranks: list[int], shapes: di
     return params
 
 
-def _cut_partition(params: dict[str, dict], dp: int, index: int) -> tuple[dict, int, dict]:
-    """Partition `index` of `dp` of one parameter group as DeepSpeed's ZeRO-1/2 lays it out: the
+def _cut_partitions(params: dict[str, dict], dp: int) -> list[tuple[dict, int, dict]]:
+    """One parameter group cut into `dp` partitions as DeepSpeed's ZeRO-1/2 lays it out: the
     parameters flattened in order, zero-padded to a multiple of 2 x dp (`nccl_start_alignment_factor`),
-    cut into dp equal slices -> ({"fp32" | Adam key: slice}, padding in this slice, {name: fragment
-    address of the parameter's part in this slice})."""
+    cut into dp equal slices -> per partition ({"fp32" | Adam key: slice}, the padding in it,
+    {name: fragment address of the parameter's part in it})."""
     from deepspeed.utils.tensor_fragment import fragment_address
 
     keys = next(iter(params.values())).keys()
     total = sum(p["fp32"].numel() for p in params.values())
-    alignment = 2 * dp
-    size = -(-total // alignment) * alignment // dp
-    lo, hi = index * size, (index + 1) * size
-    out = {}
+    size = -(-total // (2 * dp)) * 2 * dp // dp
+    flats = {}
     for key in keys:
-        flat = torch.cat([p[key].reshape(-1) for p in params.values()])
-        out[key] = torch.cat([flat, flat.new_zeros(size * dp - total)])[lo:hi].clone()
-    mappings, offset = {}, 0
-    for name, p in params.items():
-        start, stop = max(offset, lo), min(offset + p["fp32"].numel(), hi)
-        if start < stop:
-            mappings[name] = fragment_address(numel=stop - start, start=start - lo)
-        offset += p["fp32"].numel()
-    return out, max(0, min(size, hi - total)), mappings
+        tensors = [p[key].reshape(-1) for p in params.values()]
+        flats[key] = torch.cat([*tensors, tensors[0].new_zeros(size * dp - total)])
+    out = []
+    for index in range(dp):
+        lo, hi = index * size, (index + 1) * size
+        mappings, offset = {}, 0
+        for name, p in params.items():
+            start, stop = max(offset, lo), min(offset + p["fp32"].numel(), hi)
+            if start < stop:
+                mappings[name] = fragment_address(numel=stop - start, start=start - lo)
+            offset += p["fp32"].numel()
+        out.append(({key: flat[lo:hi].clone() for key, flat in flats.items()}, max(0, min(size, hi - total)),
+                    mappings))
+    return out
 
 
 def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_world: int, new_ep: int,
@@ -299,8 +302,8 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
                       for e in range(new_ep)]
         new_shapes.append({name: tuple(p["fp32"].shape) for name, p in copies[0].items()})
         for copy, ranks in zip(copies, partition_ranks(new_world, new_ep, experts)):
-            for index, rank in enumerate(ranks):
-                per_rank[rank].append(_cut_partition(copy, len(ranks), index))
+            for rank, partition in zip(ranks, _cut_partitions(copy, len(ranks))):
+                per_rank[rank].append(partition)
     for rank, parts in enumerate(per_rank):
         sd = new_files[rank]["optimizer_state_dict"]
         state = {}

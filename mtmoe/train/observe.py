@@ -153,6 +153,7 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
         axes[1].text(0.5, 0.5, "no validation BLEU in this log\n(train.valid_bleu=never; `final`: the last\n"
                      "validation's, `always`: every validation's)", ha="center", va="center",
                      transform=axes[1].transAxes, color="0.4")
+        axes[1].set_xticks([]), axes[1].set_yticks([])
     for ax in axes[:2]:
         ax.ticklabel_format(useOffset=False)
     axes[1].set_xlabel("step")
