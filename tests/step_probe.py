@@ -76,9 +76,9 @@ class DeviceWaits(TorchDispatchMode):
     """Lists the ops that make the host wait for a GPU, whoever calls them (mtmoe, DeepSpeed, torch),
     as `op@file:function` of the nearest caller outside torch. On the CPU nothing waits, but the same
     ops run: this is the CPU's view of what `torch.cuda.set_sync_debug_mode("error")` catches on a
-    GPU, except copies between host and device, which a CPU run has none of. A read of a host
-    tensor (the host group's sums) is listed too: it waits for nothing, and the tests allow it by
-    its site."""
+    GPU, except copies between host and device, which a CPU run has none of: `tolist`, `numpy` and
+    `cpu` of a CPU tensor pass no op, so those reads are not listed here (`HostReads` counts them in
+    mtmoe's code: expert parallelism's split sizes, the host group's sums)."""
 
     def __init__(self):
         super().__init__()
@@ -107,7 +107,9 @@ class Collectives:
     """Lists the collectives called while it is on: (the group, `host` for `distributed.host_group()`
     or `other`, and the nearest caller in mtmoe or DeepSpeed, `file:function`). torch.distributed's
     functions are looked up at each call (`dist.all_reduce`, DeepSpeed's comm backend), so they are
-    replaced on the module for the while."""
+    replaced on the module for the while. The group is read from the `group=` keyword (how mtmoe and
+    DeepSpeed's comm backend pass it); ZeRO's `all_gather_into_tensor`/`reduce_scatter_tensor`, which
+    DeepSpeed binds once at start-up, are not seen (the test that uses this runs without ZeRO)."""
 
     def __init__(self):
         self.calls: list[tuple[str, str]] = []

@@ -379,7 +379,8 @@ def test_which_layout_changes_reshard():
     refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
                "stage": (layout(2, 2, 2), layout(2, 2, 0), "written with train.zero_stage=2"),
                "stage3": (layout(1, 1, 1), layout(1, 1, 3), "written with train.zero_stage=1"),
-               "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert")}
+               "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
+               "round_robin": (layout(2, 2, 2), {**layout(1, 1, 2), "zero_round_robin": True}, "round_robin")}
     for saved, current, reason in refused.values():
         with pytest.raises(ReshardError, match=reason):
             check_resumable(saved, current, here)

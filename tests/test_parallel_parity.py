@@ -34,6 +34,7 @@ LAYOUTS = {
     "ep2_zero1": (2, {"parallel": "ez", "train.zero_stage": 1}),
     "ep2_zero2": (2, {"parallel": "ez"}),
     "ep2_zero2_offload": (2, {"parallel": "ez_offload"}),
+    "world1_zero2": (1, {"train.zero_stage": 2, "train.accumulate": 2}),  # the source of a ZeRO world 1 -> 2 resume
     # ZeRO-3: experts partitioned over all ranks like every other parameter (no expert parallelism)
     "dp2_zero3": (2, {"train.zero_stage": 3}),
     "dp2_zero3_nvme": (2, {"parallel": "zero3_nvme"}),
@@ -156,6 +157,7 @@ def resume_point(run_dir: Path, tmp_path: Path) -> Path:
     ("ep2_zero2", 1, {"train.zero_stage": 2, "train.accumulate": 2}),  # ep 2 -> 1, world 2 -> 1
     ("ep2_zero1", 2, {"train.zero_stage": 2}),                         # ep 2 -> 1, world 2, ZeRO-1 -> 2
     ("ep2_zero2_offload", 1, {"train.zero_stage": 2, "train.offload_optimizer": "cpu", "train.accumulate": 2}),
+    ("world1_zero2", 2, {"parallel": "ez"}),                           # world 1 -> 2, ep 1 -> 2
 ])
 def test_resume_at_another_layout(source, ranks, target, reference, layout_run, tmp_path, corpus, cache_dir):
     """Resharding with optimizer state: resuming the step-3 checkpoint of one layout at another
@@ -168,7 +170,7 @@ def test_resume_at_another_layout(source, ranks, target, reference, layout_run, 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert f"resumed from step {STEPS // 2}" in output
-    if target.get("parallel") == "ed" or source.startswith("ep2"):
+    if source != "world1" or target.get("parallel") == "ed":
         assert "resharded step00000003: ep_size" in output
     assert not any(p.name.startswith(".partial") for p in (run_dir / "checkpoints").iterdir())
     assert_matches_reference(run_dir, reference, from_step=STEPS // 2 + 1)
@@ -224,20 +226,27 @@ def test_zero_checkpoint_refuses_another_stage(layout_run, tmp_path, corpus, cac
     assert "cannot resume at this layout" in proc.stderr and "written with train.zero_stage=2" in proc.stderr
 
 
-@pytest.mark.parametrize("world,ep", [(1, 1), (4, 2), (4, 4), (2, 1)])
-def test_zero_partitions_reshard_and_back(world, ep, layout_run):
+@pytest.mark.parametrize("world,ep,max_group", [(1, 1, None), (4, 2, None), (4, 4, None), (2, 1, None),
+                                                (1, 1, 10_000)])
+def test_zero_partitions_reshard_and_back(world, ep, max_group, layout_run):
     """ZeRO-2 partitions of 2 ranks with 2 expert-parallel (ep2_zero2's step-3 checkpoint) cut for
     another layout and back give the files as DeepSpeed wrote them: fp32 partitions, Adam moments,
-    paddings and fragment addresses."""
+    paddings and fragment addresses. With a small cap on an expert group's size (DeepSpeed cuts a
+    rank's experts into groups of at most 178,956,971 elements, so big models have more expert
+    groups at a smaller ep_size) the experts land in several groups there and in one again back."""
     from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file
     from mtmoe.formats.reshard import reshard_zero_partitions
 
     tag = layout_run("ep2_zero2") / "checkpoints" / f"step{STEPS // 2:08d}"
     files = [load_zero_optimizer_file(tag, rank) for rank in range(2)]
     shapes = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)["param_shapes"]
-    there, there_shapes = reshard_zero_partitions(files, shapes, world, ep, old_ep=2)
+    there, there_shapes = reshard_zero_partitions(files, shapes, world, ep, old_ep=2,
+                                                  **({"max_expert_group_numel": max_group} if max_group else {}))
     assert len(there) == world
-    assert [sd["optimizer_state_dict"]["partition_count"] for sd in there] == [[world, world // ep]] * world
+    expert_groups = 1 if max_group is None else 4  # 33,536 expert elements per rank at ep 1, cut by 10,000
+    assert [sd["optimizer_state_dict"]["partition_count"] for sd in there] == \
+        [[world] + [world // ep] * expert_groups] * world
+    assert len(there_shapes) == 1 + expert_groups
     back, back_shapes = reshard_zero_partitions(there, there_shapes, 2, 2, old_ep=ep)
     assert [dict(s) for s in back_shapes] == [{k: tuple(v) for k, v in s.items()} for s in shapes]
     for got, want in zip(back, files):
@@ -280,3 +289,19 @@ def test_multirun_sweep_of_distributed_jobs(tmp_path, corpus, cache_dir):
     assert len(rows) == 2 and (sweep / "valid_loss.png").stat().st_size > 0
     summary = json.loads((sweep / "summary.json").read_text())
     assert [j["steps"] for j in summary] == [2, 2] and all(j["valid_loss"] > 0 for j in summary)
+
+
+@pytest.mark.parametrize("source", ["ep2", "ep2_zero2"])
+def test_resharding_leaves_the_source_checkpoint_intact(source, layout_run, tmp_path):
+    """The staging copy links the source tag's files; what it rewrites (optimizer files, the main
+    file under ZeRO, mtmoe_state.json) must replace the links, not write through them: the source
+    still verifies against its manifest, so it stays a good resume point if the resumed run dies."""
+    from mtmoe.formats.integrity import verify
+    from mtmoe.formats.reshard import reshard_checkpoint
+
+    tag = shutil.copytree(layout_run(source) / "checkpoints" / f"step{STEPS // 2:08d}", tmp_path / "step")
+    before = {p.name: p.read_bytes() for p in tag.iterdir()}
+    reshard_checkpoint(tag, tmp_path / "staging", new_world=1, new_ep=1, num_experts=4, num_moe_layers=2)
+    assert verify(tag) is None
+    assert {p.name: p.read_bytes() for p in tag.iterdir()} == before
+    assert "resharded_from" in json.loads((tmp_path / "staging" / "mtmoe_state.json").read_text())

@@ -22,8 +22,8 @@ parallel group of e (ranks e, e + ep, e + 2 ep, ...). Changing the world size or
 experts) joins each group's partitions back into per-parameter tensors, regroups the experts' rows
 by the new ep ranks and cuts new partitions for the new ranks (`reshard_zero_partitions`); the
 main file's `dp_world_size` and parameter shapes follow. Rank 0 converts, holding the whole
-optimizer state (fp32 weights and two moments: 12 bytes per parameter, twice while cutting) in host
-memory for the while. ZeRO-3 checkpoints resume at the layout that wrote them.
+optimizer state (fp32 weights and two moments: 12 bytes per parameter) about four times over in host
+memory for the while (the old files, the joined parameters, the flat copy, the new partitions). ZeRO-3 checkpoints resume at the layout that wrote them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file, zero_optimizer_file
+from mtmoe.formats.integrity import STATE_JSON, write_atomic
 
 log = logging.getLogger("mtmoe")
 
@@ -87,6 +88,10 @@ def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
                            f"of every parameter and resumes only at that layout (asked: world "
                            f"{current['world_size']}, ep_size {current['ep_size']}); resharding converts ZeRO-0, "
                            f"ZeRO-1 and ZeRO-2 checkpoints")
+    if changed and saved["zero_stage"] > 0 and current.get("zero_round_robin"):
+        raise ReshardError(f"{tag_dir}: DeepSpeed's round_robin_gradients (zero_optimization) orders each ZeRO "
+                           f"parameter group by the number of ranks, which resharding does not; resume at the "
+                           f"layout that wrote the checkpoint, or without round_robin_gradients")
     if changed and saved["zero_stage"] > 0 and saved["expert_storage"] != "stacked":
         raise ReshardError(f"{tag_dir}: a ZeRO-{saved['zero_stage']} checkpoint of experts stored per expert resumes "
                            f"only at its layout (world {saved['world_size']}, ep_size {saved['ep_size']}); "
@@ -271,54 +276,94 @@ def _cut_partitions(params: dict[str, dict], dp: int) -> list[tuple[dict, int, d
     return out
 
 
-def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_world: int, new_ep: int,
-                            old_ep: int) -> tuple[list[dict], list[dict]]:
+MAX_EXPERT_GROUP_NUMEL = 178956971
+"""DeepSpeed's `split_params_into_different_moe_groups_for_optimizer` default: a rank's expert
+parameters are cut into optimizer groups of at most this many elements, so how many expert groups
+a layout has depends on its ep_size (experts per rank)."""
+
+
+def _expert_groups(params: dict[str, dict], max_numel: int = MAX_EXPERT_GROUP_NUMEL) -> list[dict[str, dict]]:
+    """One rank's expert parameters (in order) -> its optimizer groups, cut by DeepSpeed's rule."""
+    groups: list[dict[str, dict]] = []
+    current: dict[str, dict] = {}
+    size = 0
+    for name, p in params.items():
+        numel = p["fp32"].numel()
+        if size + numel <= max_numel:
+            current[name], size = p, size + numel
+        else:
+            groups.append(current)
+            current, size = {name: p}, numel
+    if current:
+        groups.append(current)
+    return groups
+
+
+def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_world: int, new_ep: int, old_ep: int,
+                            max_expert_group_numel: int = MAX_EXPERT_GROUP_NUMEL) -> tuple[list[dict], list[dict]]:
     """ZeRO-1/2 optimizer files of every rank of a layout (`files[r]`: rank r's file, whole) ->
     (the files of the `new_world` ranks of a layout with `new_ep` expert-parallel ranks, the new
     per-group parameter shapes). `param_shapes`: per group, name -> shape on one rank (stacked
-    experts: [local experts, ...])."""
+    experts: [local experts, ...]). The dense groups keep their partitioning over all ranks; the
+    expert groups (after the dense ones, as DeepSpeed's MoE helper orders them) are joined per ep
+    rank, their rows regrouped for the new ep ranks, and cut into groups again by DeepSpeed's rule."""
     old_world = len(files)
-    first = files[0]["optimizer_state_dict"]
+    optim = [f["optimizer_state_dict"] for f in files]
+    first = optim[0]
+    if not isinstance(first["base_optimizer_state"], dict) or "param_groups" not in first["base_optimizer_state"]:
+        raise ReshardError("the ZeRO optimizer state was saved elastic (zero_optimization.elastic_checkpoint); "
+                           "resume at the layout that wrote it")
     groups = first["base_optimizer_state"]["param_groups"]
     if len(groups) != len(param_shapes):
         raise ReshardError(f"{len(groups)} optimizer parameter groups, {len(param_shapes)} in the parameter shapes")
-    optim = [f["optimizer_state_dict"] for f in files]
-    new_files = [{**{k: v for k, v in f.items() if k != "optimizer_state_dict"},
-                  "optimizer_state_dict": {**f["optimizer_state_dict"]}} for f in files[:1] * new_world]
-    new_shapes: list[dict] = []
+    moe = [bool(g.get("moe")) for g in groups]
+    if any(moe) and moe != sorted(moe):
+        raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
+    # [(group settings, Adam state template, copies: one {name: tensors} per new ep rank or one for all)]
+    new_groups: list[tuple[dict, dict, list[dict[str, dict]]]] = []
+    for g in (g for g in range(len(groups)) if not moe[g]):
+        new_groups.append((dict(groups[g]), first["base_optimizer_state"]["state"][g],
+                           [_join_partitions(optim, g, list(range(old_world)), param_shapes[g])]))
+    expert_ids = [g for g in range(len(groups)) if moe[g]]
+    if expert_ids:
+        per_ep = [{} for _ in range(old_ep)]  # each old ep rank's expert parameters, in group order
+        for g in expert_ids:
+            for e, ranks in enumerate(partition_ranks(old_world, old_ep, True)):
+                per_ep[e].update(_join_partitions(optim, g, ranks, param_shapes[g]))
+        full = {name: {key: torch.cat([copy[name][key] for copy in per_ep]) for key in per_ep[0][name]}
+                for name in per_ep[0]}  # rows in global expert order
+        num_experts = next(iter(full.values()))["fp32"].shape[0]
+        if num_experts % new_ep:
+            raise ReshardError(f"{num_experts} experts cannot be split over ep_size {new_ep}")
+        local = num_experts // new_ep
+        ranks_params = [{name: {key: v[e * local:(e + 1) * local] for key, v in p.items()} for name, p in full.items()}
+                        for e in range(new_ep)]
+        cut = [_expert_groups(params, max_expert_group_numel) for params in ranks_params]  # [ep rank][group]
+        settings = {**groups[expert_ids[0]], "name": f"ep_size_{new_ep}"}
+        template = first["base_optimizer_state"]["state"][expert_ids[0]]
+        for i in range(len(cut[0])):
+            new_groups.append((dict(settings), template, [cut[e][i] for e in range(new_ep)]))
+    new_shapes = [{name: tuple(p["fp32"].shape) for name, p in copies[0].items()} for _, _, copies in new_groups]
     per_rank: list[list[tuple[dict, int, dict]]] = [[] for _ in range(new_world)]
-    for g, group in enumerate(groups):
-        experts = bool(group.get("moe"))
-        copies = [_join_partitions(optim, g, ranks, param_shapes[g])
-                  for ranks in partition_ranks(old_world, old_ep, experts)]
-        if experts:  # the ep ranks' rows of each stacked expert tensor, in global expert order, cut anew
-            full = {name: {key: torch.cat([c[name][key] for c in copies]) for key in copies[0][name]}
-                    for name in param_shapes[g]}
-            num_experts = next(iter(full.values()))["fp32"].shape[0]
-            if num_experts % new_ep:
-                raise ReshardError(f"{num_experts} experts cannot be split over ep_size {new_ep}")
-            local = num_experts // new_ep
-            copies = [{name: {key: v[e * local:(e + 1) * local] for key, v in p.items()} for name, p in full.items()}
-                      for e in range(new_ep)]
-        new_shapes.append({name: tuple(p["fp32"].shape) for name, p in copies[0].items()})
-        for copy, ranks in zip(copies, partition_ranks(new_world, new_ep, experts)):
+    for settings, _, copies in new_groups:
+        for copy, ranks in zip(copies, partition_ranks(new_world, new_ep, bool(settings.get("moe")))):
             for rank, partition in zip(ranks, _cut_partitions(copy, len(ranks))):
                 per_rank[rank].append(partition)
-    for rank, parts in enumerate(per_rank):
-        sd = new_files[rank]["optimizer_state_dict"]
-        state = {}
-        for g, (part, _, _) in enumerate(parts):
-            old_state = first["base_optimizer_state"]["state"][g]
-            state[g] = {k: part[k] if torch.is_tensor(v) and v.dim() else v for k, v in old_state.items()}
-        new_groups = [{**group, "name": f"ep_size_{new_ep}"} if group.get("moe") else dict(group) for group in groups]
-        sd.update({
-            "base_optimizer_state": {"state": state, "param_groups": new_groups},
+    new_files = []
+    for parts in per_rank:
+        state = {g: {k: part[k] if torch.is_tensor(v) and v.dim() else v for k, v in template.items()}
+                 for g, ((part, _, _), (_, template, _)) in enumerate(zip(parts, new_groups))}
+        settings = [{**s, "params": [g]} for g, (s, _, _) in enumerate(new_groups)]
+        new_files.append({**{k: v for k, v in files[0].items() if k != "optimizer_state_dict"},
+                          "optimizer_state_dict": {
+            **first,
+            "base_optimizer_state": {"state": state, "param_groups": settings},
             "single_partition_of_fp32_groups": [part["fp32"][:part["fp32"].numel() - pad] for part, pad, _ in parts],
             "group_paddings": [pad for _, pad, _ in parts],
             "param_alignment_paddings": [[0] * len(shapes) for shapes in new_shapes],
-            "partition_count": [new_world // new_ep if group.get("moe") else new_world for group in groups],
+            "partition_count": [new_world // new_ep if s.get("moe") else new_world for s, _, _ in new_groups],
             "param_slice_mappings": [mapping for _, _, mapping in parts],
-        })
+        }})
     return new_files, new_shapes
 
 
@@ -326,6 +371,9 @@ def _reshard_zero(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new
     """Rewrites a ZeRO-1/2 tag's optimizer files and main file for `new_world` ranks, `new_ep` of
     them expert-parallel, into `out_dir` (which holds links to everything else)."""
     files = [load_zero_optimizer_file(tag_dir, rank) for rank in range(saved["world_size"])]
+    if files[0].get("ds_config", {}).get("zero_optimization", {}).get("round_robin_gradients"):
+        raise ReshardError(f"{tag_dir}: written with DeepSpeed's round_robin_gradients, which orders each ZeRO "
+                           f"parameter group by the number of ranks; resume at the layout that wrote it")
     main = torch.load(tag_dir / MAIN_FILE, map_location="cpu", weights_only=True)
     new_files, new_shapes = reshard_zero_partitions(files, main["param_shapes"], new_world, new_ep,
                                                     saved["ep_size"])
@@ -361,8 +409,9 @@ def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int
         regrouped = reshard_optimizer_states(files, num_experts, num_moe_layers, new_ep, saved["expert_storage"])
         for rank, content in enumerate(regrouped):
             torch.save(content, optim_file(out_dir, rank))
-    state = json.loads((tag_dir / "mtmoe_state.json").read_text())
+    state = json.loads((tag_dir / STATE_JSON).read_text())
     state["resharded_from"] = {"ep_size": saved["ep_size"], "world_size": saved["world_size"]}
-    (out_dir / "mtmoe_state.json").write_text(json.dumps(state, indent=1))
+    write_atomic(out_dir / STATE_JSON, json.dumps(state, indent=1))  # replaces the link: the source tag's file
+    # stays as its manifest sealed it (writing through the link would make the source fail verification)
     log.info("resharded %s: ep_size %d -> %d, world %d -> %d%s", tag_dir.name, saved["ep_size"], new_ep,
              saved["world_size"], new_world, f" (ZeRO-{saved['zero_stage']} partitions)" if zero else "")

@@ -98,8 +98,10 @@ def _prepare_layout(tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int,
                 staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
                 reshard_checkpoint(tag_dir, staging, layout["world_size"], layout["ep_size"], *moe_shape)
                 load_tag = staging.name
-        except (ReshardError, OSError, RuntimeError, ValueError) as e:
+        except ReshardError as e:
             error = str(e)
+        except Exception as e:  # whatever stops rank 0 here must reach the other ranks, which wait for it
+            error = f"{tag_dir}: could not reshard ({type(e).__name__}: {e})"
     error, load_tag = broadcast_object((error, load_tag))
     if error:
         raise CheckpointError(f"cannot resume at this layout: {error}")

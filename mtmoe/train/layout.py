@@ -202,7 +202,8 @@ class TrainingLayout:
         cfg = self.cfg
         return {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
                 "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
-                "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None}
+                "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None,
+                "zero_round_robin": bool(self.ds_config.get("zero_optimization", {}).get("round_robin_gradients"))}
 
     def close(self, is_writer: bool) -> None:
         """Removes DeepSpeed's swap files (scratch, not state) unless `train.nvme_path` names them."""

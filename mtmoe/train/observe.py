@@ -150,8 +150,8 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
     if vsteps and any(b is not None for b in vbleu):
         axes[1].plot(vsteps, vbleu, "o-", color="tab:green")
     else:  # an empty panel would read as a broken plot
-        axes[1].text(0.5, 0.5, "no validation BLEU in this log\n(train.valid_bleu=never; `final`: the last\n"
-                     "validation's, `always`: every validation's)", ha="center", va="center",
+        axes[1].text(0.5, 0.5, "no validation BLEU in this log\n(train.valid_bleu: `never` logs none, `final`\n"
+                     "the last validation's, `always` every validation's)", ha="center", va="center",
                      transform=axes[1].transAxes, color="0.4")
         axes[1].set_xticks([]), axes[1].set_yticks([])
     for ax in axes[:2]:
