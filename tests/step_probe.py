@@ -25,6 +25,7 @@ import json
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,17 @@ MTMOE_DIR = str(Path(mtmoe.__file__).resolve().parent)
 THIS_FILE = __file__
 
 
+def nearest_caller(accept) -> Optional[traceback.FrameSummary]:
+    """The innermost frame of the calling code whose file name `accept`s, leaving out this file's
+    own frames (the probe's modes and wrappers, which call through one another)."""
+    return next((f for f in reversed(traceback.extract_stack()) if f.filename != THIS_FILE and accept(f.filename)),
+                None)
+
+
+def site(frame: Optional[traceback.FrameSummary]) -> str:
+    return "?" if frame is None else f"{Path(frame.filename).name}:{frame.name}"
+
+
 class HostReads(TorchFunctionMode):
     """Counts the reads of tensor values whose nearest caller outside torch is mtmoe's code."""
 
@@ -54,10 +66,9 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
-            frames = traceback.extract_stack()[:-1]
-            caller = next((f for f in reversed(frames) if "/torch/" not in f.filename), None)
+            caller = nearest_caller(lambda name: "/torch/" not in name)
             if caller is not None and str(Path(caller.filename).resolve()).startswith(MTMOE_DIR):
-                self.sites.append(f"{Path(caller.filename).name}:{caller.name}")
+                self.sites.append(site(caller))
         return func(*args, **(kwargs or {}))
 
 
@@ -91,11 +102,8 @@ class DeviceWaits(TorchDispatchMode):
         else:
             waits = func in READ_OPS or (func in SHAPE_OPS and kwargs.get("output_size") is None)
         if waits:
-            frames = traceback.extract_stack()[:-1]
-            caller = next((f for f in reversed(frames) if "/torch/" not in f.filename and f.filename != THIS_FILE),
-                          None)  # this file: the modes' own frames (HostReads calls through)
-            where = "?" if caller is None else f"{Path(caller.filename).name}:{caller.name}"
-            self.sites.append(f"{func.overloadpacket.__name__}@{where}")
+            caller = nearest_caller(lambda name: "/torch/" not in name)
+            self.sites.append(f"{func.overloadpacket.__name__}@{site(caller)}")
         return func(*args, **kwargs)
 
 
@@ -128,11 +136,9 @@ class Collectives:
         def call(*args, **kwargs):
             group = kwargs.get("group")
             kind = "host" if group is not None and group is distributed.host_group() else "other"
-            frames = traceback.extract_stack()[:-1]
-            caller = next((f for f in reversed(frames) if "/mtmoe/" in f.filename or "/deepspeed/" in f.filename
-                           and "/deepspeed/comm/" not in f.filename), None)
-            site = "?" if caller is None else f"{Path(caller.filename).name}:{caller.name}"
-            self.calls.append((kind, site))
+            caller = nearest_caller(lambda name: "/mtmoe/" in name or "/deepspeed/" in name
+                                    and "/deepspeed/comm/" not in name)
+            self.calls.append((kind, site(caller)))
             return real(*args, **kwargs)
         return call
 

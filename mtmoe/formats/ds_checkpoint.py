@@ -30,6 +30,9 @@ from mtmoe.model.experts import per_expert_state
 PARTIAL_PREFIX = ".partial-"
 DS_GATE = "deepspeed_moe.gate."
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
+MAIN_FILE = "mp_rank_00_model_states.pt"
+"""A tag's main file (not under ZeRO-3): the dense weights, the lr schedule, `dp_world_size` and,
+under ZeRO-1/2, the optimizer's `param_shapes`."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -74,7 +77,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     if (path / "checkpoints" / "latest").is_file():
         tag = (path / "checkpoints" / "latest").read_text().strip()
         return path, path / "checkpoints" / tag
-    if (path / "mp_rank_00_model_states.pt").is_file():
+    if (path / MAIN_FILE).is_file():
         return path.parent.parent, path
     raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
 
@@ -152,7 +155,7 @@ def zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, plain names, all experts, from one DeepSpeed checkpoint tag
     (native-MoE layouts with ZeRO 0-2, or ZeRO-3)."""
-    main = tag_dir / "mp_rank_00_model_states.pt"
+    main = tag_dir / MAIN_FILE
     if not main.is_file() and (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
         state = per_expert_state(zero3_state_dict(tag_dir))
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}

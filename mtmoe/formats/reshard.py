@@ -23,7 +23,8 @@ experts) joins each group's partitions back into per-parameter tensors, regroups
 by the new ep ranks and cuts new partitions for the new ranks (`reshard_zero_partitions`); the
 main file's `dp_world_size` and parameter shapes follow. Rank 0 converts, holding the whole
 optimizer state (fp32 weights and two moments: 12 bytes per parameter) about four times over in host
-memory for the while (the old files, the joined parameters, the flat copy, the new partitions). ZeRO-3 checkpoints resume at the layout that wrote them.
+memory for the while (the old files, the joined parameters, the flat copy, the new partitions).
+ZeRO-3 checkpoints resume at the layout that wrote them.
 """
 
 from __future__ import annotations
@@ -38,13 +39,10 @@ from typing import Optional
 
 import torch
 
-from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file, zero_optimizer_file
-from mtmoe.formats.integrity import STATE_JSON, write_atomic
+from mtmoe.formats.ds_checkpoint import MAIN_FILE, load_tensors, load_zero_optimizer_file, zero_optimizer_file
+from mtmoe.formats.integrity import MANIFEST, STATE_JSON
 
 log = logging.getLogger("mtmoe")
-
-MAIN_FILE = "mp_rank_00_model_states.pt"
-"""The dense weights, the lr schedule and, under ZeRO-1/2, `dp_world_size` and `param_shapes`."""
 
 
 class ReshardError(RuntimeError):
@@ -57,7 +55,7 @@ def optim_file(tag_dir: Path, ep_rank: int) -> Path:
 
 def saved_layout(tag_dir: Path) -> dict:
     """world_size, ep_size, zero_stage and accumulate the checkpoint was written with."""
-    state = json.loads((tag_dir / "mtmoe_state.json").read_text())
+    state = json.loads((tag_dir / STATE_JSON).read_text())
     zero = state.get("zero_stage")
     if zero is None:  # checkpoints written before the stage was recorded
         zero = 1 if any(tag_dir.glob("zero_pp_rank_*")) else 0
@@ -319,7 +317,7 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
     moe = [bool(g.get("moe")) for g in groups]
     if any(moe) and moe != sorted(moe):
         raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
-    # [(group settings, Adam state template, copies: one {name: tensors} per new ep rank or one for all)]
+    # [(group settings, an Adam state entry to fill, copies: one {name: tensors} per new ep rank or one for all)]
     new_groups: list[tuple[dict, dict, list[dict[str, dict]]]] = []
     for g in (g for g in range(len(groups)) if not moe[g]):
         new_groups.append((dict(groups[g]), first["base_optimizer_state"]["state"][g],
@@ -339,10 +337,10 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
         ranks_params = [{name: {key: v[e * local:(e + 1) * local] for key, v in p.items()} for name, p in full.items()}
                         for e in range(new_ep)]
         cut = [_expert_groups(params, max_expert_group_numel) for params in ranks_params]  # [ep rank][group]
-        settings = {**groups[expert_ids[0]], "name": f"ep_size_{new_ep}"}
-        template = first["base_optimizer_state"]["state"][expert_ids[0]]
+        expert_settings = {**groups[expert_ids[0]], "name": f"ep_size_{new_ep}"}
+        expert_adam = first["base_optimizer_state"]["state"][expert_ids[0]]
         for i in range(len(cut[0])):
-            new_groups.append((dict(settings), template, [cut[e][i] for e in range(new_ep)]))
+            new_groups.append((dict(expert_settings), expert_adam, [cut[e][i] for e in range(new_ep)]))
     new_shapes = [{name: tuple(p["fp32"].shape) for name, p in copies[0].items()} for _, _, copies in new_groups]
     per_rank: list[list[tuple[dict, int, dict]]] = [[] for _ in range(new_world)]
     for settings, _, copies in new_groups:
@@ -351,13 +349,13 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
                 per_rank[rank].append(partition)
     new_files = []
     for parts in per_rank:
-        state = {g: {k: part[k] if torch.is_tensor(v) and v.dim() else v for k, v in template.items()}
-                 for g, ((part, _, _), (_, template, _)) in enumerate(zip(parts, new_groups))}
-        settings = [{**s, "params": [g]} for g, (s, _, _) in enumerate(new_groups)]
+        state = {g: {k: part[k] if torch.is_tensor(v) and v.dim() else v for k, v in adam.items()}
+                 for g, ((part, _, _), (_, adam, _)) in enumerate(zip(parts, new_groups))}
+        param_groups = [{**s, "params": [g]} for g, (s, _, _) in enumerate(new_groups)]
         new_files.append({**{k: v for k, v in files[0].items() if k != "optimizer_state_dict"},
                           "optimizer_state_dict": {
             **first,
-            "base_optimizer_state": {"state": state, "param_groups": settings},
+            "base_optimizer_state": {"state": state, "param_groups": param_groups},
             "single_partition_of_fp32_groups": [part["fp32"][:part["fp32"].numel() - pad] for part, pad, _ in parts],
             "group_paddings": [pad for _, pad, _ in parts],
             "param_alignment_paddings": [[0] * len(shapes) for shapes in new_shapes],
@@ -368,34 +366,36 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
 
 
 def _reshard_zero(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new_ep: int) -> None:
-    """Rewrites a ZeRO-1/2 tag's optimizer files and main file for `new_world` ranks, `new_ep` of
+    """Writes a ZeRO-1/2 tag's optimizer files and main file for `new_world` ranks, `new_ep` of
     them expert-parallel, into `out_dir` (which holds links to everything else)."""
     files = [load_zero_optimizer_file(tag_dir, rank) for rank in range(saved["world_size"])]
     if files[0].get("ds_config", {}).get("zero_optimization", {}).get("round_robin_gradients"):
         raise ReshardError(f"{tag_dir}: written with DeepSpeed's round_robin_gradients, which orders each ZeRO "
                            f"parameter group by the number of ranks; resume at the layout that wrote it")
-    main = torch.load(tag_dir / MAIN_FILE, map_location="cpu", weights_only=True)
+    main = load_tensors(tag_dir / MAIN_FILE)
     new_files, new_shapes = reshard_zero_partitions(files, main["param_shapes"], new_world, new_ep,
                                                     saved["ep_size"])
     for rank, content in enumerate(new_files):
         torch.save(content, zero_optimizer_file(out_dir, rank))
     main["dp_world_size"] = new_world  # DeepSpeed reads this many optimizer files
     main["param_shapes"] = [{name: torch.Size(shape) for name, shape in shapes.items()} for shapes in new_shapes]
-    (out_dir / MAIN_FILE).unlink()  # a link to the source tag's file: replaced, not written through
     torch.save(main, out_dir / MAIN_FILE)
 
 
 def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int, num_experts: int,
                        num_moe_layers: int) -> None:
     """Writes `out_dir`: `tag_dir` with the optimizer files (and, for ZeRO-1/2, the main file) of a
-    layout of `new_world` ranks, `new_ep` of them expert-parallel; other files linked."""
+    layout of `new_world` ranks, `new_ep` of them expert-parallel, and its mtmoe_state.json; the
+    other files are hard links to the source's. A file written here is never one of those links:
+    writing through a link would change the source tag, which would then fail its manifest."""
     saved = saved_layout(tag_dir)
     zero = saved["zero_stage"] > 0
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    rewritten = "zero_pp_rank_" if zero else "expp_rank_"
+    rewritten_prefix = "zero_pp_rank_" if zero else "expp_rank_"
+    rewritten = {MANIFEST, STATE_JSON, *([MAIN_FILE] if zero else [])}
     for path in tag_dir.iterdir():
-        if path.is_file() and not path.name.startswith(rewritten) and path.name != "manifest.json":
+        if path.is_file() and not path.name.startswith(rewritten_prefix) and path.name not in rewritten:
             _link_or_copy(path, out_dir / path.name)
     if zero:
         _reshard_zero(tag_dir, out_dir, saved, new_world, new_ep)
@@ -411,7 +411,6 @@ def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int
             torch.save(content, optim_file(out_dir, rank))
     state = json.loads((tag_dir / STATE_JSON).read_text())
     state["resharded_from"] = {"ep_size": saved["ep_size"], "world_size": saved["world_size"]}
-    write_atomic(out_dir / STATE_JSON, json.dumps(state, indent=1))  # replaces the link: the source tag's file
-    # stays as its manifest sealed it (writing through the link would make the source fail verification)
+    (out_dir / STATE_JSON).write_text(json.dumps(state, indent=1))
     log.info("resharded %s: ep_size %d -> %d, world %d -> %d%s", tag_dir.name, saved["ep_size"], new_ep,
              saved["world_size"], new_world, f" (ZeRO-{saved['zero_stage']} partitions)" if zero else "")
