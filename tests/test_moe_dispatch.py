@@ -376,11 +376,23 @@ def test_which_layout_changes_reshard():
     assert not check_resumable(layout(2, 2, 2), layout(2, 2, 2), here)
     assert not check_resumable(layout(2, 2, 2), layout(2, 2, 1), here)   # ZeRO-2 -> 1: the same files
     assert check_resumable(layout(2, 2, 1), layout(1, 1, 2), here)
+    assert check_resumable(layout(2, 2, 2), layout(2, 2, 0), here)      # ZeRO-2 -> 0: converted
+    assert check_resumable(layout(1, 1, 0), layout(1, 1, 1), here)      # ZeRO-0 -> 1, same ranks: converted
+    assert check_resumable(layout(1, 1, 0, None), layout(2, 1, 2, None), here)  # no MoE layers
+    assert check_resumable(layout(2, 1, 2, None), layout(4, 1, 2, None), here)
+    assert check_resumable(layout(2, 2, 0, "per_expert"), layout(1, 1, 0, "per_expert"), here)
+    offload = {"offload_optimizer": "cpu"}
+    assert check_resumable({**layout(2, 2, 2), "offload_optimizer": "none"}, {**layout(2, 2, 2), **offload}, here)
+    assert check_resumable({**layout(2, 2, 1), **offload}, {**layout(2, 2, 2), "offload_optimizer": "none"}, here)
+    assert not check_resumable({**layout(2, 2, 2), **offload}, {**layout(2, 2, 1), **offload}, here)
+    assert not check_resumable(layout(2, 2, 2), {**layout(2, 2, 2), **offload}, here)  # not recorded: as it is
     refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
-               "stage": (layout(2, 2, 2), layout(2, 2, 0), "written with train.zero_stage=2"),
-               "stage3": (layout(1, 1, 1), layout(1, 1, 3), "written with train.zero_stage=1"),
+               "to_zero3": (layout(2, 2, 2), layout(2, 1, 3), "written with train.zero_stage=2"),
+               "from_zero3": (layout(1, 1, 3), layout(1, 1, 0), "written with train.zero_stage=3"),
                "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
-               "round_robin": (layout(2, 2, 2), {**layout(1, 1, 2), "zero_round_robin": True}, "round_robin")}
+               "per_expert_stage": (layout(1, 1, 0, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
+               "round_robin": (layout(2, 2, 2), {**layout(1, 1, 2), "zero_round_robin": True}, "round_robin"),
+               "round_robin_stage": (layout(2, 2, 0), {**layout(2, 2, 2), "zero_round_robin": True}, "round_robin")}
     for saved, current, reason in refused.values():
         with pytest.raises(ReshardError, match=reason):
             check_resumable(saved, current, here)

@@ -158,6 +158,12 @@ def resume_point(run_dir: Path, tmp_path: Path) -> Path:
     ("ep2_zero1", 2, {"train.zero_stage": 2}),                         # ep 2 -> 1, world 2, ZeRO-1 -> 2
     ("ep2_zero2_offload", 1, {"train.zero_stage": 2, "train.offload_optimizer": "cpu", "train.accumulate": 2}),
     ("world1_zero2", 2, {"parallel": "ez"}),                           # world 1 -> 2, ep 1 -> 2
+    # ZeRO-0 <-> ZeRO-1/2: the per-parameter Adam state named by the resuming optimizer
+    ("ep2", 2, {"parallel": "ez"}),                                    # ZeRO-0 -> 2, world 2, ep 2
+    ("ep2_zero2", 1, {"parallel": "none", "train.accumulate": 2}),     # ZeRO-2 -> 0, world 2 -> 1, ep 2 -> 1
+    ("world1", 2, {"parallel": "ez_offload"}),                         # ZeRO-0 -> 2 with CPU Adam, world 1 -> 2
+    # the same layout with the optimizer offloaded: CPU Adam keeps other group settings than torch's
+    ("ep2_zero2", 2, {"parallel": "ez_offload"}),
 ])
 def test_resume_at_another_layout(source, ranks, target, reference, layout_run, tmp_path, corpus, cache_dir):
     """Resharding with optimizer state: resuming the step-3 checkpoint of one layout at another
@@ -170,8 +176,10 @@ def test_resume_at_another_layout(source, ranks, target, reference, layout_run, 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert f"resumed from step {STEPS // 2}" in output
-    if source != "world1" or target.get("parallel") == "ed":
+    if not (source == "world1" and target.get("parallel") == "none"):
         assert "resharded step00000003: ep_size" in output
+    if source == "ep2_zero2" and target.get("parallel") == "ez_offload":
+        assert "(ZeRO-2, optimizer offload none -> cpu)" in output
     assert not any(p.name.startswith(".partial") for p in (run_dir / "checkpoints").iterdir())
     assert_matches_reference(run_dir, reference, from_step=STEPS // 2 + 1)
 
@@ -218,12 +226,88 @@ def test_zero3_validates_a_whole_copy_as_the_partitioned_model(tmp_path, corpus,
 
 
 def test_zero_checkpoint_refuses_another_stage(layout_run, tmp_path, corpus, cache_dir):
-    """ZeRO-2's partitions cannot resume without ZeRO (ZeRO-1 <-> 2 can: test_resume_at_another_layout)."""
+    """ZeRO-2's partitions do not resume under ZeRO-3, which partitions every parameter its own way
+    (ZeRO-0 <-> 1 <-> 2 convert: test_resume_at_another_layout)."""
     run_dir = resume_point(layout_run("ep2_zero2"), tmp_path)
-    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 0,
+    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **{"train.zero_stage": 3,
                                                                              "train.accumulate": 2}))
     assert proc.returncode == 2
     assert "cannot resume at this layout" in proc.stderr and "written with train.zero_stage=2" in proc.stderr
+
+
+def test_a_model_without_moe_layers_moves_to_zero2(tmp_path, corpus, cache_dir):
+    """A dense model keeps its ZeRO-0 optimizer state in the main file (no expert files): its step-3
+    checkpoint of a world of one resumes on 2 ranks with ZeRO-2 and continues the uninterrupted run."""
+    dense = {"moe": "dense", "train.accumulate": 2}
+    run_dir = tmp_path / "dense"
+    proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **dense))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = resume_point(run_dir, tmp_path)
+    proc = run_deepspeed("mtmoe.train", parity_args(corpus, cache_dir, resumed, moe="dense", **{"train.zero_stage": 2}))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "(ZeRO-0 -> ZeRO-2)" in output and f"resumed from step {STEPS // 2}" in output
+    assert losses(resumed)[STEPS // 2:] == pytest.approx(losses(run_dir)[STEPS // 2:], rel=LOSS_RTOL)
+
+
+def _optimizer_layout_of(zero_tag: Path):
+    """The optimizer of a ZeRO-1/2 checkpoint's layout, as the live engine would describe it."""
+    from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file
+    from mtmoe.formats.optimizer_state import OptimizerLayout
+
+    groups = load_zero_optimizer_file(zero_tag, 0)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    shapes = torch.load(zero_tag / "mp_rank_00_model_states.pt", weights_only=True)["param_shapes"]
+    return OptimizerLayout(shapes=[{k: tuple(v) for k, v in g.items()} for g in shapes],
+                           experts=[bool(g.get("moe")) for g in groups],
+                           settings=[{k: v for k, v in g.items() if k != "params"} for g in groups])
+
+
+def test_zero0_and_zero2_checkpoints_convert_into_each_other(layout_run, tmp_path):
+    """ep2 (ZeRO-0) and ep2_zero2 (ZeRO-2) train the same run (2 ranks, 2 expert-parallel): each
+    one's step-3 checkpoint converted to the other's stage gives the other's optimizer files (fp32
+    partitions from the model files, Adam moments, steps, paddings, fragment addresses, groups), and
+    ZeRO-0 -> 2 -> 0 gives the ZeRO-0 files back bit for bit."""
+    from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file
+    from mtmoe.formats.reshard import reshard_checkpoint
+
+    tag = f"step{STEPS // 2:08d}"
+    zero0, zero2 = layout_run("ep2") / "checkpoints" / tag, layout_run("ep2_zero2") / "checkpoints" / tag
+    target = _optimizer_layout_of(zero2)
+    close = dict(rtol=1e-5, atol=1e-8)  # the two runs' states agree to fp32 rounding (identical here)
+
+    reshard_checkpoint(zero0, tmp_path / "as_zero2" / tag, 2, 2, 4, 2, new_zero=2, target=target)
+    for rank in range(2):
+        got = load_zero_optimizer_file(tmp_path / "as_zero2" / tag, rank)["optimizer_state_dict"]
+        want = load_zero_optimizer_file(zero2, rank)["optimizer_state_dict"]
+        for key in ("group_paddings", "partition_count", "param_alignment_paddings", "param_slice_mappings"):
+            assert got[key] == want[key], key
+        for a, b in zip(got["single_partition_of_fp32_groups"], want["single_partition_of_fp32_groups"], strict=True):
+            torch.testing.assert_close(a, b, **close)
+        assert got["base_optimizer_state"]["param_groups"] == want["base_optimizer_state"]["param_groups"]
+        for g, entries in want["base_optimizer_state"]["state"].items():
+            for key, value in entries.items():
+                torch.testing.assert_close(got["base_optimizer_state"]["state"][g][key], value, **close)
+    main = torch.load(tmp_path / "as_zero2" / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    assert main["param_shapes"] == torch.load(zero2 / "mp_rank_00_model_states.pt", weights_only=True)["param_shapes"]
+    assert main["optimizer"] is None
+
+    for source, out in ((zero2, tmp_path / "as_zero0"), (tmp_path / "as_zero2" / tag, tmp_path / "back")):
+        if source != zero2:  # the converted tag says what it now is, as a checkpoint of that layout would
+            state = json.loads((source / "mtmoe_state.json").read_text())
+            (source / "mtmoe_state.json").write_text(json.dumps({**state, "zero_stage": 2}))
+        reshard_checkpoint(source, out, 2, 2, 4, 2, new_zero=0, target=target)
+        for rank in range(2):
+            got = torch.load(out / f"expp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=True)["optimizer"]
+            want = torch.load(zero0 / f"expp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=True)["optimizer"]
+            assert got["param_groups"] == want["param_groups"]
+            assert got["state"].keys() == want["state"].keys()
+            for pid, entries in want["state"].items():
+                for key, value in entries.items():
+                    if out.name == "back":
+                        assert torch.equal(got["state"][pid][key], value), (pid, key)
+                    else:
+                        torch.testing.assert_close(got["state"][pid][key], value, **close)
+        assert not list(out.glob("zero_pp_rank_*"))
 
 
 @pytest.mark.parametrize("world,ep,max_group", [(1, 1, None), (4, 2, None), (4, 4, None), (2, 1, None),
@@ -235,7 +319,7 @@ def test_zero_partitions_reshard_and_back(world, ep, max_group, layout_run):
     rank's experts into groups of at most 178,956,971 elements, so big models have more expert
     groups at a smaller ep_size) the experts land in several groups there and in one again back."""
     from mtmoe.formats.ds_checkpoint import load_zero_optimizer_file
-    from mtmoe.formats.reshard import reshard_zero_partitions
+    from mtmoe.formats.optimizer_state import reshard_zero_partitions
 
     tag = layout_run("ep2_zero2") / "checkpoints" / f"step{STEPS // 2:08d}"
     files = [load_zero_optimizer_file(tag, rank) for rank in range(2)]

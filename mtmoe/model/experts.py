@@ -332,3 +332,13 @@ def per_expert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[key] = value
     return out
+
+
+def stacked_from_per_expert(state: dict[str, torch.Tensor], name: str, num_experts: int) -> torch.Tensor:
+    """One stacked parameter, `<prefix>.w1` [E, F, D], from a state dict in the per-expert grammar
+    (`<prefix>.<e>.fc1.weight` [F, D] for e < num_experts): the inverse of `per_expert_state`, for
+    any prefix (DeepSpeed's `...deepspeed_experts.w1` too). KeyError naming the missing key."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in STACKED_NAMES:
+        raise KeyError(f"{name}: not a stacked expert parameter ({', '.join(STACKED_NAMES)})")
+    return torch.stack([state[f"{prefix}.{e}.{STACKED_NAMES[leaf]}"] for e in range(num_experts)])

@@ -25,6 +25,7 @@ from mtmoe.errors import CheckpointError
 from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, checkpoint_dir, complete_tags, latest_tag,
                                          summarize_load_error, tag_for_step)
 from mtmoe.formats.integrity import STATE_JSON, fsync_dir, fsync_file, verify, write_atomic, write_manifest
+from mtmoe.formats.optimizer_state import OptimizerLayout
 from mtmoe.formats.reshard import ReshardError, check_resumable, reshard_checkpoint, saved_layout
 from mtmoe.train.distributed import any_rank, barrier, broadcast_object, is_first_rank
 from mtmoe.train.zero3_swap import needs_swapped_restore, restore_swapped_partitions
@@ -87,7 +88,22 @@ def _candidates(run_dir: Path) -> list[str]:
     return tags
 
 
-def _prepare_layout(tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int, int]) -> str:
+def optimizer_layout(engine) -> OptimizerLayout:
+    """The live engine's optimizer as resharding needs it: per parameter group its parameters' names
+    and shapes in order, whether it holds experts, its settings. DeepSpeed's ZeRO-1/2 optimizer
+    keeps the model's parameters of each group in `bit16_groups` and steps flat copies in its
+    wrapped optimizer; without ZeRO the engine holds the torch optimizer itself."""
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    optimizer = engine.optimizer
+    base = getattr(optimizer, "optimizer", optimizer)
+    params = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in base.param_groups]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    return OptimizerLayout(shapes=[{names[id(p)]: tuple(p.shape) for p in group} for group in params],
+                           experts=[bool(s.get("moe")) for s in settings], settings=settings,
+                           ds_config=dict(engine.config))
+
+
+def _prepare_layout(engine, tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int, int]) -> str:
     """The tag DeepSpeed should load: `tag_dir` itself, or a resharded copy of it when the layout
     changed as `mtmoe.formats.reshard.check_resumable` says (written by rank 0). CheckpointError
     when the change is impossible."""
@@ -96,7 +112,9 @@ def _prepare_layout(tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int,
         try:
             if check_resumable(saved_layout(tag_dir), layout, tag_dir):
                 staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
-                reshard_checkpoint(tag_dir, staging, layout["world_size"], layout["ep_size"], *moe_shape)
+                reshard_checkpoint(tag_dir, staging, layout["world_size"], layout["ep_size"], *moe_shape,
+                                   new_zero=layout["zero_stage"], target=optimizer_layout(engine),
+                                   new_offload=layout.get("offload_optimizer"))
                 load_tag = staging.name
         except ReshardError as e:
             error = str(e)
@@ -115,8 +133,9 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
     with a warning; CheckpointError when none is usable. Every rank takes the same decision.
 
     `layout` (world_size, ep_size, zero_stage, accumulate) is the layout resuming; a ZeRO-0
-    checkpoint written with another ep_size, or a ZeRO-1/2 one written with another world size or
-    ep_size, is resharded on the way in (`moe_shape` = experts per MoE layer, number of MoE layers)."""
+    checkpoint written with another ep_size, a ZeRO-1/2 one written with another world size or
+    ep_size or optimizer offload, and one written at ZeRO-0 resumed at ZeRO-1/2 or back, is resharded
+    on the way in (`moe_shape` = experts per MoE layer, number of MoE layers)."""
     first = is_first_rank()
     candidates = broadcast_object(_candidates(run_dir) if first else None)
     if not candidates:
@@ -127,7 +146,7 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
         problem = broadcast_object(verify(tag_dir, check_hashes) if first else None)
         state, error, misfit = None, None, None
         if problem is None:
-            load_tag = _prepare_layout(tag_dir, layout, moe_shape)
+            load_tag = _prepare_layout(engine, tag_dir, layout, moe_shape)
             try:
                 path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=load_tag,
                                                             load_optimizer_states=True, load_lr_scheduler_states=True)

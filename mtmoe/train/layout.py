@@ -198,11 +198,13 @@ class TrainingLayout:
         return whole
 
     def checkpoint_layout(self) -> dict:
-        """What a checkpoint records of the layout that wrote it (resume reshards or refuses by it)."""
+        """What a checkpoint records of the layout that wrote it (resume reshards or refuses by it,
+        `mtmoe.formats.reshard.check_resumable`)."""
         cfg = self.cfg
         return {"world_size": self.world, "ep_size": cfg.moe.ep_size if cfg.moe.enabled else 1,
                 "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
                 "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None,
+                "offload_optimizer": cfg.train.offload_optimizer,
                 "zero_round_robin": bool(self.ds_config.get("zero_optimization", {}).get("round_robin_gradients"))}
 
     def close(self, is_writer: bool) -> None:

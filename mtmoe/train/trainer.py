@@ -179,9 +179,8 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "target_tokens": self.target_tokens,
                 "stream": (self.feed or self.stream).state_dict(),
-                "wandb_id": self.runlog.wandb_id, "world_size": self.world, "ep_size": self.cfg.moe.ep_size,
-                "accumulate": self.cfg.train.accumulate, "zero_stage": self.cfg.train.zero_stage,
-                "skipped_steps": self.guard.skipped, "expert_storage": self.cfg.moe.expert_storage}
+                "wandb_id": self.runlog.wandb_id, "skipped_steps": self.guard.skipped,
+                **self.layout.checkpoint_layout()}
 
     def _last_checkpoint_path(self) -> str | None:
         return str(ds_checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
