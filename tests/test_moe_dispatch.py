@@ -386,13 +386,29 @@ def test_which_layout_changes_reshard():
     assert check_resumable({**layout(2, 2, 1), **offload}, {**layout(2, 2, 2), "offload_optimizer": "none"}, here)
     assert not check_resumable({**layout(2, 2, 2), **offload}, {**layout(2, 2, 1), **offload}, here)
     assert not check_resumable(layout(2, 2, 2), {**layout(2, 2, 2), **offload}, here)  # not recorded: as it is
+    assert check_resumable(layout(2, 2, 2), {**layout(1, 1, 0), "zero_round_robin": True}, here)  # unused at ZeRO-0
     refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
                "to_zero3": (layout(2, 2, 2), layout(2, 1, 3), "written with train.zero_stage=2"),
                "from_zero3": (layout(1, 1, 3), layout(1, 1, 0), "written with train.zero_stage=3"),
                "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
                "per_expert_stage": (layout(1, 1, 0, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
                "round_robin": (layout(2, 2, 2), {**layout(1, 1, 2), "zero_round_robin": True}, "round_robin"),
-               "round_robin_stage": (layout(2, 2, 0), {**layout(2, 2, 2), "zero_round_robin": True}, "round_robin")}
+               "round_robin_stage": (layout(2, 2, 0), {**layout(2, 2, 2), "zero_round_robin": True}, "round_robin"),
+               "alignment": (layout(2, 2, 2), {**layout(1, 1, 2), "zero_parameter_alignment": True},
+                             "parameter_alignment")}
     for saved, current, reason in refused.values():
         with pytest.raises(ReshardError, match=reason):
             check_resumable(saved, current, here)
+
+
+def test_lr_schedule_follows_the_optimizer_groups():
+    """A big model's experts fill as many optimizer groups as its ep_size needs (DeepSpeed caps one at
+    179 M elements per rank): a conversion that changes their number gives torch's lr scheduler
+    per-group lists of the new length (it zips them with the groups), dense first, experts after."""
+    from mtmoe.formats.optimizer_state import ReshardError, follow_groups
+
+    assert follow_groups([0.1, 0.2], [False, True], [False, True, True, True]) == [0.1, 0.2, 0.2, 0.2]
+    assert follow_groups([0.1, 0.2, 0.2, 0.2], [False, True, True, True], [False, True]) == [0.1, 0.2]
+    assert follow_groups([0.1, 0.3], [False, False], [False, False]) == [0.1, 0.3]
+    with pytest.raises(ReshardError):
+        follow_groups([0.1], [False], [False, True])

@@ -235,6 +235,39 @@ def test_zero_checkpoint_refuses_another_stage(layout_run, tmp_path, corpus, cac
     assert "cannot resume at this layout" in proc.stderr and "written with train.zero_stage=2" in proc.stderr
 
 
+def test_checkpoints_before_the_offload_was_recorded_say_it_through_their_zero_config(layout_run, tmp_path):
+    """Resuming a ZeRO-2 checkpoint with the optimizer offloaded (or no longer) rewrites its group
+    settings for the other Adam; a checkpoint whose mtmoe_state.json predates the record tells it by
+    its optimizer file's DeepSpeed config."""
+    from mtmoe.formats.reshard import saved_layout
+
+    for source, offload in (("ep2_zero2", "none"), ("ep2_zero2_offload", "cpu")):
+        tag = shutil.copytree(layout_run(source) / "checkpoints" / f"step{STEPS // 2:08d}", tmp_path / source)
+        assert saved_layout(tag)["offload_optimizer"] == offload
+        state = json.loads((tag / "mtmoe_state.json").read_text())
+        del state["offload_optimizer"]
+        (tag / "mtmoe_state.json").write_text(json.dumps(state))
+        assert saved_layout(tag)["offload_optimizer"] == offload
+
+
+def test_a_conversion_that_fails_leaves_nothing_behind(layout_run, tmp_path):
+    """A ZeRO-0 checkpoint resumed by an optimizer of another model is refused with the reason, and
+    the staging copy made for the conversion is gone."""
+    from mtmoe.errors import CheckpointError
+    from mtmoe.train.checkpoint import _prepare_layout
+
+    class Engine:  # what _prepare_layout reads of a DeepSpeed engine: the module, the optimizer, the config
+        module = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam([{"params": list(module.parameters()), "name": "parameters"}])
+        config = {}
+
+    tag = shutil.copytree(layout_run("ep2") / "checkpoints" / f"step{STEPS // 2:08d}", tmp_path / "step")
+    layout = {"world_size": 2, "ep_size": 2, "zero_stage": 2, "accumulate": 1, "expert_storage": "stacked"}
+    with pytest.raises(CheckpointError, match="dense parameters in the checkpoint's optimizer"):
+        _prepare_layout(Engine(), tag, layout, (4, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step"]
+
+
 def test_a_model_without_moe_layers_moves_to_zero2(tmp_path, corpus, cache_dir):
     """A dense model keeps its ZeRO-0 optimizer state in the main file (no expert files): its step-3
     checkpoint of a world of one resumes on 2 ranks with ZeRO-2 and continues the uninterrupted run."""

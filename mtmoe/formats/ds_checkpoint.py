@@ -99,11 +99,11 @@ def zero_optimizer_file(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
-def load_zero_optimizer_file(tag_dir: Path, rank: int) -> dict:
+def load_zero_optimizer_file(tag_dir: Path, rank: int, mmap: bool = False) -> dict:
     """Rank `rank`'s ZeRO-1..3 optimizer file, whole (`optimizer_state_dict`: fp32 partitions, Adam
     state, param groups, paddings, ...; `ds_config`, `ds_version`), read with `weights_only=True`
-    and only DeepSpeed's loss scalers, stage enum and fragment addresses allowed besides tensors.
-    (DeepSpeed is imported here only: nothing else in formats/ needs it.)"""
+    and only DeepSpeed's loss scalers, stage enum and fragment addresses allowed besides tensors;
+    `mmap`: the tensors are mapped, not read (for a look at the file's other entries)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -113,7 +113,7 @@ def load_zero_optimizer_file(tag_dir: Path, rank: int) -> dict:
         raise ExportError(f"{path}: missing (a ZeRO checkpoint needs the optimizer file of every rank)")
     try:
         with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
 

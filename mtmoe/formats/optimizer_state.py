@@ -185,6 +185,24 @@ def _per_rank_groups(joined: list[JoinedGroup], new_ep: int,
     return out
 
 
+def group_kinds(param_groups: list[dict]) -> list[bool]:
+    """Per optimizer parameter group (saved settings): whether it holds expert parameters."""
+    return [bool(g.get("moe")) for g in param_groups]
+
+
+def follow_groups(values: list, old: list[bool], new: list[bool]) -> list:
+    """A per-group list (an lr scheduler's `base_lrs`, `_last_lr`, ...) of an optimizer whose groups
+    were `old` (True: an expert group) for one whose groups are `new`: the dense groups keep theirs
+    in order, every expert group takes the first old expert group's (the expert groups differ only in
+    which experts they hold, and their number with the ep_size)."""
+    dense = [v for v, e in zip(values, old, strict=True) if not e]
+    expert = next((v for v, e in zip(values, old) if e), None)
+    if sum(not e for e in new) != len(dense) or (any(new) and expert is None):
+        raise ReshardError(f"optimizer groups {old} (True: experts) cannot become {new}")
+    dense_iter = iter(dense)
+    return [expert if e else next(dense_iter) for e in new]
+
+
 # -- ZeRO-1/2 ---------------------------------------------------------------------------------------
 def join_zero(files: list[dict], param_shapes: list[dict], old_ep: int) -> list[JoinedGroup]:
     """ZeRO-1/2 optimizer files of every rank of a layout (`files[r]`: rank r's file, whole) with
@@ -199,7 +217,7 @@ def join_zero(files: list[dict], param_shapes: list[dict], old_ep: int) -> list[
     groups = first["base_optimizer_state"]["param_groups"]
     if len(groups) != len(param_shapes):
         raise ReshardError(f"{len(groups)} optimizer parameter groups, {len(param_shapes)} in the parameter shapes")
-    moe = [bool(g.get("moe")) for g in groups]
+    moe = group_kinds(groups)
     if any(moe) and moe != sorted(moe):
         raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
     state = first["base_optimizer_state"]["state"]
@@ -282,7 +300,7 @@ def join_zero0(files: list[dict], target: OptimizerLayout, weights: dict[str, to
     `weights` (the checkpoint's model files, experts in the per-expert grammar)."""
     ref = files[0]["optimizer"]
     groups = ref["param_groups"]
-    moe = [bool(g.get("moe")) for g in groups]
+    moe = group_kinds(groups)
     if any(moe) and moe != sorted(moe):
         raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
     dense_names = [n for shapes, e in zip(target.shapes, target.experts) if not e for n in shapes]

@@ -49,8 +49,8 @@ import torch
 
 from mtmoe.formats.ds_checkpoint import MAIN_FILE, load_tensors, load_zero_optimizer_file, zero_optimizer_file
 from mtmoe.formats.integrity import MANIFEST, STATE_JSON
-from mtmoe.formats.optimizer_state import (OptimizerLayout, ReshardError, adopt_settings, join_zero, join_zero0,
-                                           write_zero, write_zero0, zero_file_entries)
+from mtmoe.formats.optimizer_state import (OptimizerLayout, ReshardError, adopt_settings, follow_groups, group_kinds,
+                                           join_zero, join_zero0, write_zero, write_zero0, zero_file_entries)
 
 log = logging.getLogger("mtmoe")
 
@@ -66,9 +66,12 @@ def saved_layout(tag_dir: Path) -> dict:
     zero = state.get("zero_stage")
     if zero is None:  # checkpoints written before the stage was recorded
         zero = 1 if any(tag_dir.glob("zero_pp_rank_*")) else 0
+    offload = state.get("offload_optimizer")
+    if offload is None and zero in (1, 2):  # checkpoints written before it was recorded: their ZeRO config says
+        config = load_zero_optimizer_file(tag_dir, 0, mmap=True).get("ds_config", {})
+        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return {"world_size": state.get("world_size", 1), "ep_size": state.get("ep_size", 1), "zero_stage": zero,
-            "accumulate": state.get("accumulate", 1),
-            "offload_optimizer": state.get("offload_optimizer"),  # None: not recorded (before it was)
+            "accumulate": state.get("accumulate", 1), "offload_optimizer": offload,
             "expert_storage": state.get("expert_storage", "per_expert")}  # before stacked experts: per expert
 
 
@@ -99,14 +102,17 @@ def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
                   and saved.get("offload_optimizer") is not None
                   and saved["offload_optimizer"] != current.get("offload_optimizer", saved["offload_optimizer"]))
     rewrites_zero = converts or other_adam or (changed and saved["zero_stage"] > 0)
-    if rewrites_zero and current.get("zero_round_robin"):
-        raise ReshardError(f"{tag_dir}: DeepSpeed's round_robin_gradients (zero_optimization) orders each ZeRO "
-                           f"parameter group by the number of ranks, which resharding does not; resume at the "
-                           f"layout that wrote the checkpoint, or without round_robin_gradients")
+    for key, setting, why in (("zero_round_robin", "round_robin_gradients", "orders each ZeRO parameter group by "
+                               "the number of ranks"),
+                              ("zero_parameter_alignment", "parameter_alignment", "pads each parameter")):
+        if rewrites_zero and current["zero_stage"] > 0 and current.get(key):
+            raise ReshardError(f"{tag_dir}: DeepSpeed's {setting} (zero_optimization) {why}, which resharding "
+                               f"does not; resume at the layout that wrote the checkpoint, or without {setting}")
     if rewrites_zero and saved["expert_storage"] == "per_expert":
         raise ReshardError(f"{tag_dir}: a ZeRO-{saved['zero_stage']} checkpoint of experts stored per expert resumes "
                            f"only at its layout (world {saved['world_size']}, ep_size {saved['ep_size']}, ZeRO stage "
-                           f"{'0' if saved['zero_stage'] == 0 else '1 or 2'}); converting ZeRO partitions needs "
+                           f"{'0' if saved['zero_stage'] == 0 else '1 or 2'}, optimizer offload "
+                           f"{saved.get('offload_optimizer') or 'none'}); converting ZeRO partitions needs "
                            f"moe.expert_storage=stacked")
     if changed and saved["world_size"] * saved["accumulate"] != current["world_size"] * current["accumulate"]:
         log.warning("%s: the global batch changes from %d to %d micro-batches per step (world x train.accumulate): "
@@ -269,10 +275,16 @@ def _check_groups(shapes: list[dict], target: Optional[OptimizerLayout]) -> None
 
 
 def _write_main(main: dict, out_dir: Path, new_world: int, new_zero: int, shapes: list[dict],
-                zero0_optimizer: Optional[dict]) -> None:
+                zero0_optimizer: Optional[dict], kinds: tuple[list[bool], list[bool]]) -> None:
     """The main file as DeepSpeed writes it at the new layout: `dp_world_size` (it reads that many
     ZeRO files), under ZeRO-1/2 the optimizer's parameter shapes, without ZeRO the optimizer state
-    of ep rank 0 (what it loads for a model without MoE layers)."""
+    of ep rank 0 (what it loads for a model without MoE layers), and the lr scheduler's per-group
+    lists for the new groups (`kinds`: old and new groups, True for experts; a big model has as many
+    expert groups as its ep_size needs, and torch's schedulers zip them with the optimizer's groups)."""
+    scheduler = main.get("lr_scheduler")
+    if isinstance(scheduler, dict) and kinds[0] != kinds[1]:
+        main["lr_scheduler"] = {k: follow_groups(v, *kinds) if isinstance(v, list) and len(v) == len(kinds[0]) else v
+                                for k, v in scheduler.items()}
     main["dp_world_size"] = new_world
     main["param_shapes"] = ([OrderedDict((name, torch.Size(shape)) for name, shape in group.items()) for group in shapes]
                             if new_zero else None)
@@ -287,31 +299,41 @@ def _convert(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new_ep: 
              num_experts: int, target: Optional[OptimizerLayout]) -> None:
     """Writes the optimizer files and the main file of the new layout into `out_dir`: between
     ZeRO-1/2 layouts, and between ZeRO-0 and ZeRO-1/2 (`target` needed: a ZeRO-0 file has no names)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
     if saved["zero_stage"]:
         files, main = _zero_files(tag_dir, saved)
         joined = join_zero(files, main["param_shapes"], saved["ep_size"])
+        old_kinds = group_kinds(files[0]["optimizer_state_dict"]["base_optimizer_state"]["param_groups"])
         extras, top = zero_file_entries(files[0])
     else:
         if target is None:
             raise ValueError("converting a ZeRO-0 checkpoint needs the resuming optimizer's layout")
         main = load_tensors(tag_dir / MAIN_FILE)
-        joined = join_zero0(_zero0_files(tag_dir, saved, main), target, _model_weights(tag_dir, main), num_experts)
-        extras = {"ds_version": main["ds_version"]}  # the rest (loss scaler, clip_grad) stays the engine's
+        files = _zero0_files(tag_dir, saved, main)
+        joined = join_zero0(files, target, _model_weights(tag_dir, main), num_experts)
+        old_kinds = group_kinds(files[0]["optimizer"]["param_groups"])
+        # loss scaler, overflow and clip_grad: DeepSpeed keeps the engine's own where a file has none
+        extras = {"ds_version": main["ds_version"]}
         top = {"ds_config": target.ds_config, "ds_version": main["ds_version"]}
     if target is not None:
         joined = adopt_settings(joined, target)  # e.g. torch's Adam <-> DeepSpeed's CPU Adam
     if new_zero:
+        extras["zero_stage"] = ZeroStageEnum(new_zero)
         new_files, shapes = write_zero(joined, new_world, new_ep, extras, top)
         for rank, content in enumerate(new_files):
             torch.save(content, zero_optimizer_file(out_dir, rank))
+        new_kinds = group_kinds(new_files[0]["optimizer_state_dict"]["base_optimizer_state"]["param_groups"])
         zero0_optimizer = None
     else:
         new_files, shapes = write_zero0(joined, new_ep)
-        for rank, content in enumerate(new_files):
-            torch.save(content, optim_file(out_dir, rank))
+        if any(group.experts for group in joined):  # else DeepSpeed reads the main file's only
+            for rank, content in enumerate(new_files):
+                torch.save(content, optim_file(out_dir, rank))
+        new_kinds = group_kinds(new_files[0]["optimizer"]["param_groups"])
         zero0_optimizer = new_files[0]["optimizer"]
     _check_groups(shapes, target)
-    _write_main(main, out_dir, new_world, new_zero, shapes, zero0_optimizer)
+    _write_main(main, out_dir, new_world, new_zero, shapes, zero0_optimizer, (old_kinds, new_kinds))
 
 
 def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int, num_experts: int,

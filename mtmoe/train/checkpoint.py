@@ -108,10 +108,10 @@ def _prepare_layout(engine, tag_dir: Path, layout: Optional[dict], moe_shape: tu
     changed as `mtmoe.formats.reshard.check_resumable` says (written by rank 0). CheckpointError
     when the change is impossible."""
     error, load_tag = None, tag_dir.name
+    staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
     if is_first_rank() and layout is not None and (tag_dir / STATE_JSON).is_file():
         try:
             if check_resumable(saved_layout(tag_dir), layout, tag_dir):
-                staging = tag_dir.parent / f"{PARTIAL_PREFIX}reshard-{tag_dir.name}"
                 reshard_checkpoint(tag_dir, staging, layout["world_size"], layout["ep_size"], *moe_shape,
                                    new_zero=layout["zero_stage"], target=optimizer_layout(engine),
                                    new_offload=layout.get("offload_optimizer"))
@@ -120,6 +120,8 @@ def _prepare_layout(engine, tag_dir: Path, layout: Optional[dict], moe_shape: tu
             error = str(e)
         except Exception as e:  # whatever stops rank 0 here must reach the other ranks, which wait for it
             error = f"{tag_dir}: could not reshard ({type(e).__name__}: {e})"
+        if error:  # a conversion that stopped halfway leaves nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
     error, load_tag = broadcast_object((error, load_tag))
     if error:
         raise CheckpointError(f"cannot resume at this layout: {error}")

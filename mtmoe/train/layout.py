@@ -205,7 +205,8 @@ class TrainingLayout:
                 "zero_stage": cfg.train.zero_stage, "accumulate": cfg.train.accumulate,
                 "expert_storage": cfg.moe.expert_storage if cfg.moe.enabled else None,
                 "offload_optimizer": cfg.train.offload_optimizer,
-                "zero_round_robin": bool(self.ds_config.get("zero_optimization", {}).get("round_robin_gradients"))}
+                "zero_round_robin": bool(self.ds_config.get("zero_optimization", {}).get("round_robin_gradients")),
+                "zero_parameter_alignment": bool(self.ds_config.get("zero_optimization", {}).get("parameter_alignment"))}
 
     def close(self, is_writer: bool) -> None:
         """Removes DeepSpeed's swap files (scratch, not state) unless `train.nvme_path` names them."""
