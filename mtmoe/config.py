@@ -249,9 +249,10 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest N); at least 2 so a corrupt newest one has a fallback."""
     snapshots: int = 0
     """Checkpoints saved at evenly spaced points of the budget's last `snapshot_span` fraction, from
-    its start to the end of the run (besides the `save_every` ones); the run keeps `keep_checkpoints`
-    + `snapshots` checkpoints, so all of them stay: `mtmoe-export average=N` averages the weights of
-    the newest N. 0 = none."""
+    its start to the end of the run (besides the `save_every` ones), marked as snapshots: the run
+    keeps its newest `keep_checkpoints` checkpoints and its newest `snapshots` snapshots, so all of
+    them stay, and `mtmoe-export average=N` of the run averages the weights of its newest N
+    snapshots. 0 = none."""
     snapshot_span: float = 0.1
     """The fraction of the budget (steps or training time, as `cooldown`) the snapshots spread over."""
     max_bad_steps: int = 5
@@ -469,11 +470,11 @@ class PruneConfig:
     """Calibration lines per direction (0 = all): ~4k tokens per direction and layer is plenty for
     routing shares, and telemetry over all 12 x 1014 val pairs costs minutes on a CPU."""
     loss_lines: int = 100
+    """Calibration lines per direction for `rule=loss` (each candidate set is one teacher-forced pass
+    over them)."""
     per_layer: bool = False
     """`rule=loss`: keep the same number of experts in every MoE layer, instead of `keep` of the
     model's experts spent where the measured loss says (mtmoe.export.calibrate)."""
-    """Calibration lines per direction for `rule=loss` (each candidate set is one teacher-forced pass
-    over them)."""
 
 
 @dataclass
@@ -625,6 +626,15 @@ def validate_export(cfg: ExportAppConfig) -> None:
     check_device_spec("device", cfg.device)
     if cfg.prune.keep is not None and cfg.prune.direction:
         raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
+    keep = cfg.prune.keep
+    if keep is not None and (keep <= 0 or (keep >= 1 and keep != int(keep))):
+        raise ConfigError(f"prune.keep={keep}: give a number of experts per layer (a whole number >= 1) or a "
+                          f"fraction of them (0 < keep < 1)")
+    if not 0 < cfg.prune.mass <= 1:
+        raise ConfigError(f"prune.mass={cfg.prune.mass} must be in (0, 1] (the share of a direction's routing kept)")
+    for name in ("lines", "loss_lines"):
+        if getattr(cfg.prune, name) < 0:
+            raise ConfigError(f"prune.{name}={getattr(cfg.prune, name)} must be >= 0 (0 = all lines)")
     if cfg.average < 1:
         raise ConfigError(f"average={cfg.average} must be >= 1 (the number of newest checkpoints averaged)")
 
@@ -715,6 +725,11 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.langs={list(cfg.data.langs)} must list at least two distinct languages")
     if cfg.data.max_len < 4:
         raise ConfigError(f"data.max_len={cfg.data.max_len} is too small (tag + token + </s> need 3)")
+    if cfg.data.max_len > cfg.model.max_positions:
+        raise ConfigError(f"data.max_len={cfg.data.max_len} exceeds model.max_positions={cfg.model.max_positions}: "
+                          f"the model has no position for the longest batches")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every={t.log_every} must be >= 1 (steps between log records)")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     if t.snapshots < 0:

@@ -124,6 +124,9 @@ def test_snapshots_spread_over_the_end_of_the_budget():
         (["train.snapshots=-1"], "train.snapshots=-1 must be >= 0"),
         (["train.snapshots=3", "train.snapshot_span=1"], r"train.snapshot_span=1.0 must be in \(0, 1\)"),
         (["train.snapshots=3", "train.save_every=-1"], "train.snapshots=3 with train.save_every=-1"),
+        # checked here, not by a crash at the first log step or the first long batch
+        (["train.log_every=0"], "train.log_every=0 must be >= 1"),
+        (["data.max_len=1000"], "data.max_len=1000 exceeds model.max_positions=512"),
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(compose_train(overrides))
@@ -132,8 +135,20 @@ def test_snapshots_spread_over_the_end_of_the_budget():
 def test_export_average_and_eval_tuning_are_checked_before_any_work():
     from mtmoe.config import EvalAppConfig, ExportAppConfig, TuneConfig, validate_eval, validate_export
 
+    from mtmoe.config import PruneConfig
+
     with pytest.raises(ConfigError, match=r"average=0 must be >= 1"):
         validate_export(ExportAppConfig(checkpoint="runs/x", out="e", average=0))
+    for prune, message in [(PruneConfig(keep=-1), "prune.keep=-1"), (PruneConfig(keep=0), "prune.keep=0"),
+                           (PruneConfig(keep=1.5), r"prune.keep=1.5: give a number"),
+                           (PruneConfig(direction="en-de", mass=0), r"prune.mass=0 must be in \(0, 1\]"),
+                           (PruneConfig(direction="en-de", mass=1.5), "prune.mass=1.5"),
+                           (PruneConfig(keep=0.5, lines=-1), "prune.lines=-1 must be >= 0"),
+                           (PruneConfig(keep=0.5, loss_lines=-2), "prune.loss_lines=-2")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=prune))
+    for keep in (0.5, 2, 2.0):
+        validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=PruneConfig(keep=keep)))
     for tune, message in [
         (TuneConfig(on="val", beams=[]), r"tune.beams=\[\]"),
         (TuneConfig(on="val", beams=[0]), "beam=0 must be >= 1"),

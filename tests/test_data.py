@@ -9,11 +9,10 @@ import pytest
 
 from mtmoe.data.batching import BatchStream, collate, pack_by_tokens
 from mtmoe.data.corpus import load_corpus, read_lines
-from mtmoe.errors import CorpusError
+from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.data.sampling import parse_directions, temperature_probs
 from mtmoe.data.tokenized import tokenize
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, get_or_train_vocab, lang_tag
-from mtmoe.errors import ConfigError
 
 
 def write(path, text: bytes):
@@ -169,6 +168,42 @@ def test_stream_is_deterministic_resumable_and_sharded(vocab_and_corpus):
     # Two ranks: disjoint halves of the global order.
     r0, r1 = iter(stream(0, 2)), iter(stream(1, 2))
     assert next(r0).src.equal(first[0].src) and next(r1).src.equal(first[1].src)
+
+
+def test_a_stream_resumed_by_another_layout_continues_on_every_rank(vocab_and_corpus, caplog):
+    """A position saved at world 1 after 5 batches, resumed by 2 ranks: both go on to the next step
+    boundary (batch 6) and read through the chunk's end into the next chunk (before, rank 1 read past
+    the end of the chunk and raised IndexError); a chunk that cannot hold one step is one clear error
+    (before, the stream searched for a usable chunk forever)."""
+    vocab, tok, _ = vocab_and_corpus
+    dirs = parse_directions("all", tok.langs)
+    tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
+    probs = temperature_probs([len(tok)] * len(dirs), 5.0)
+
+    def stream(rank=0, world=1, **extra):
+        return BatchStream.translation(tok, dirs, probs, tags, **{"max_tokens": 200, "max_len": 64, "seed": 3,
+                                                                   "rank": rank, "world_size": world,
+                                                                   "chunk_sentences": 300, **extra})
+
+    one = stream()
+    it = iter(one)
+    for _ in range(5):
+        next(it)
+    state = one.state_dict()
+    assert state["batch"] == 5
+    ranks = []
+    for rank in range(2):
+        resumed = stream(rank, 2)
+        resumed.load_state_dict(state)
+        ranks.append(resumed)
+    assert ranks[0].state_dict()["batch"] == 6 and "next step boundary" in caplog.text
+    streams = [iter(r) for r in ranks]
+    for _ in range(200):  # a few chunks of ~60 batches: into the next chunks on both ranks
+        for s in streams:
+            next(s)
+    assert ranks[0].state_dict()["chunk"] == ranks[1].state_dict()["chunk"] > state["chunk"]
+    with pytest.raises(ConfigError, match="fewer batches of train.max_tokens=200 than one optimizer step"):
+        next(iter(stream(chunk_sentences=20, accumulate=64)))
 
 
 def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):

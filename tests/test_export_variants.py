@@ -83,6 +83,19 @@ def test_quant_linear_close_to_float(bits, tol):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_stay_on_the_models_device(bits):
+    """Quantizing a model that is on another device (export with device=cuda) builds its quantized
+    experts there: checked on the meta device, where a copy to or from the CPU fails as it would on
+    a GPU (before, the codes were made on the CPU and the routing pass after it failed)."""
+    from mtmoe.model.quantized import QuantizedExperts, quantize_experts
+
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1)).to("meta")
+    assert quantize_experts(model, bits) == 2 * 4 * len(model.moe_layer_names())
+    layers = [m.experts for m in model.modules() if isinstance(getattr(m, "experts", None), QuantizedExperts)]
+    assert layers and all(t.device.type == "meta" for layer in layers for t in layer.state_dict().values())
+
+
 def test_pruned_quantized_export_loads_without_deepspeed(tmp_path, corpus, cache_dir):
     """A checkpoint -> pruned + int4 export -> loads with torch + safetensors only, the record of
     what was kept is in config.json, and expert bytes shrink accordingly."""
@@ -273,6 +286,31 @@ def test_loss_rule_keeps_the_set_whose_pruned_model_loses_least():
         assert score(report["increase"][name]) == pytest.approx(min(scores.values()), abs=1e-3)
 
 
+def test_restriction_computes_as_the_pruned_copy_in_every_layer_and_pregated():
+    """Pre-gating routes MoE layer j from layer j-1 with layer j's router, held by the relay: the loss
+    rule's restriction replaces it there too (before, the relayed plan chose among all experts while
+    only the kept ones ran, and calibrating a pre-gated model raised). Every MoE layer of a model with
+    more tokens per expert than the minimum capacity: the restricting router routes in eval mode, as
+    the model does (before, it dropped tokens over the training capacity)."""
+    src = torch.tensor([[5, 9, 12, 30, 3], [5, 14, 3, 0, 0]])
+    tgt = torch.tensor([[2, 20, 21, 22], [2, 9, 0, 0]])
+    for pregate in (False, True):
+        check_restrictions(build_model(60, TINY, MoEConfig(num_experts=4, top_k=1, every=1, pregate=pregate),
+                                       seed=0).eval(), src, tgt)
+
+
+def check_restrictions(model, src, tgt):
+    from mtmoe.export.calibrate import restricted
+
+    for name in model.moe_layer_names():
+        layer = model.get_submodule(model.moe_layer_prefix(name)[:-1])
+        with torch.no_grad(), restricted(layer, [1, 3]):
+            logits = model(src, tgt)[0]
+        assert torch.allclose(logits, pruned_copy(model, {name: [1, 3]})(src, tgt)[0], atol=1e-5), name
+        assert layer.gate.kept_experts is None and (layer.relay is None or layer.relay.routers[layer.relay_index]
+                                                    is layer.gate)
+
+
 def test_loss_rule_spends_the_model_budget_where_it_costs_least():
     """budget_keep (the loss rule's default): the kept total is the budget, every layer keeps at
     least min_experts, each step drops the (layer, expert) whose really pruned model (with the
@@ -311,3 +349,35 @@ def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):
                                   progress=tried.append)
     assert len(kept["enc1"]) == 1 and kept["dec1"] == [0, 1, 2, 3]
     assert len(tried) == 4 + 3 + 2  # sets of 3, then 2, then 1 (dec1 keeps everything: nothing tried)
+
+
+def test_overwriting_an_export_keeps_one_complete_copy_at_any_point(tmp_path, monkeypatch):
+    """write_export over an existing export: the old one is renamed aside and removed only after the
+    new one is in place; a crash between the two renames leaves the old export whole at <out>.old
+    (before, it was deleted first), and a finished overwrite leaves nothing beside `out`."""
+    from pathlib import Path
+
+    from mtmoe.formats.export_format import write_export
+
+    spm = tmp_path / "spm.model"
+    spm.write_bytes(b"spm")
+    out = tmp_path / "exp"
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1))
+    write_export(model, spm, {"version": 1}, out)
+    write_export(model, spm, {"version": 2}, out)
+    assert json.loads((out / "config.json").read_text()) == {"version": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "spm.model"]
+
+    rename = Path.rename
+
+    def crash_on_the_new_one(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError("killed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_new_one)
+    with pytest.raises(OSError, match="killed"):
+        write_export(model, spm, {"version": 3}, out)
+    old = tmp_path / "exp.old"
+    assert json.loads((old / "config.json").read_text()) == {"version": 2}
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "spm.model"]

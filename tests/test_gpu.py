@@ -176,6 +176,18 @@ def test_export_on_the_gpu_equals_it_on_the_cpu(gpu_export, corpus):
 
 
 @ON_THE_GPU_RUNS
+def test_pruned_int8_export_on_the_gpu(gpu_runs, tmp_path):
+    """The main job's export (half the experts by the loss rule, int8 experts) made on the GPU: the
+    calibration passes, the quantized experts and the routing statistics all run there."""
+    out = tmp_path / "pruned_int8"
+    proc = run_module("mtmoe.export", [f"checkpoint={gpu_runs['fp32']}", f"out={out}", "device=cuda",
+                                       "prune.keep=0.5", "quant=int8"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8 and (out / "routing.json").is_file()
+
+
+@ON_THE_GPU_RUNS
 def test_eval_and_translate_on_the_gpu(gpu_export, corpus, tmp_path):
     """mtmoe-eval device=cuda scores what device=cpu scores (beam 4: the same hypotheses, up to a
     tie broken the other way by float rounding), and mtmoe-translate device=cuda writes the same

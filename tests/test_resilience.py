@@ -206,7 +206,7 @@ def test_bad_training_input(case, tmp_path, corpus, cache_dir):
         lines = (data / "train.de").read_text().splitlines()
         lines[41] = " ".join(["Hund"] * 300)
         (data / "train.de").write_text("\n".join(lines) + "\n")
-        extra = {"data.max_len": 200, "data.too_long": "fail"}
+        extra = {"data.max_len": 200, "model.max_positions": 256, "data.too_long": "fail"}
         message = "train.de:42:"
     elif case == "missing_valid_lang":
         (data / "val.cs").unlink()
@@ -228,7 +228,8 @@ def test_windows_text_is_accepted_with_a_warning_and_long_lines_are_skipped(tmp_
     lines[7] = " ".join(["chien"] * 300)
     (data / "train.fr").write_text("\n".join(lines) + "\n")
     run_dir = tmp_path / "run"
-    proc = run_cli("mtmoe-train", tiny_overrides(data, cache_dir, run_dir, steps=2, **{"data.max_len": 200, "train.valid_bleu": "never"}))
+    proc = run_cli("mtmoe-train", tiny_overrides(data, cache_dir, run_dir, steps=2, **{"data.max_len": 200, "model.max_positions": 256,
+                                                                                   "train.valid_bleu": "never"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "train.de: starts with a UTF-8 byte-order mark (ignored)" in output
@@ -259,3 +260,24 @@ def test_bad_eval_input(trained, tmp_path, corpus):
                                       f"out={out}"])
         assert_clean_failure(proc, message)
         assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_save_every_checkpoints_inside_the_snapshot_span_keep_the_snapshots(tmp_path):
+    """20 steps saved every 2 with 3 snapshots over the last half (steps 10, 15, 20), 2 checkpoints
+    kept: the pruning keeps the newest 2 and every snapshot, and `average=3` takes the snapshots
+    (before, the newest 2 + 3 tags stayed, snapshot 10 went, and averaging took 16, 18 and 20)."""
+    from mtmoe.formats.ds_checkpoint import newest_tags, tag_for_step
+    from mtmoe.train.checkpoint import prune_old_tags
+    from mtmoe.train.trainer import snapshot_points
+
+    root = tmp_path / "checkpoints"
+    points = [round(p * 20) for p in snapshot_points(3, 0.5)]
+    assert points == [10, 15, 20]
+    for step in sorted(set(range(2, 21, 2)) | set(points)):  # what the trainer saves, oldest first
+        tag = root / tag_for_step(step)
+        tag.mkdir(parents=True)
+        (tag / "mtmoe_state.json").write_text(json.dumps({"step": step, "snapshot": step in points}))
+        prune_old_tags(tmp_path, keep=2, keep_snapshots=3)
+    assert sorted(p.name for p in root.iterdir()) == [tag_for_step(s) for s in (10, 15, 18, 20)]
+    assert newest_tags(tmp_path, tag_for_step(20), 3) == [tag_for_step(s) for s in (10, 15, 20)]
+    assert newest_tags(tmp_path, tag_for_step(18), 2) == [tag_for_step(s) for s in (15, 18)]  # not a snapshot

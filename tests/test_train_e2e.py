@@ -35,6 +35,8 @@ def test_training_outputs(trained):
     assert (trained / "checkpoints" / "latest").read_text().strip() == "step00000012"
     # train.save_every=0 saves only at the end: step 6 is the snapshot at half the budget (snapshots=2, span 0.5)
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["latest", "step00000006", "step00000012"]
+    assert all(json.loads((trained / "checkpoints" / tag / "mtmoe_state.json").read_text())["snapshot"]
+               for tag in ("step00000006", "step00000012"))
     assert len(list((trained / "checkpoints" / "step00000012").glob("layer_*_expert_*"))) == 8
 
 
@@ -76,7 +78,7 @@ def test_export_averages_the_newest_checkpoints(trained, tmp_path):
     for name, value in exported.items():
         assert torch.equal(value, ((first[name].double() + last[name].double()) / 2).float()), name
     assert sum(not torch.equal(first[k], last[k]) for k in first) > 10  # the mean is neither checkpoint
-    with pytest.raises(ExportError, match=r"average=3: .* has 2 complete checkpoint\(s\) up to step00000012 .*"
+    with pytest.raises(ExportError, match=r"average=3: .* has 2 snapshot\(s\) up to step00000012 .*"
                                           r"train.snapshots=3"):
         export_run(trained, tmp_path / "avg3", routing=None, average=3)
     assert not (tmp_path / "avg3").exists()

@@ -15,6 +15,7 @@ batches in the same steps.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -27,6 +28,9 @@ from mtmoe.data.tasks.base import Source
 from mtmoe.data.tasks.translation import TranslationTask
 from mtmoe.data.tokenized import TokenizedCorpus
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from mtmoe.errors import ConfigError
+
+log = logging.getLogger("mtmoe")
 
 
 @dataclass
@@ -184,6 +188,11 @@ class BatchStream:
         while True:
             pos = self.position
             groups = self._chunk(pos.chunk, pos.batches_before)
+            if not groups:  # every chunk would be empty alike: the stream would search forever
+                raise ConfigError(f"a data chunk of {self.chunk_sentences} sentences packs into fewer batches of "
+                                  f"train.max_tokens={self.max_tokens} than one optimizer step takes (world size x "
+                                  f"train.accumulate = {self.batches_per_step}): lower train.accumulate or "
+                                  f"train.max_tokens")
             while self.position.batch < len(groups):
                 src_idx, line_idx, example_idx = groups[self.position.batch + self.rank]
                 self.position.batch += self.world_size
@@ -194,7 +203,16 @@ class BatchStream:
         return self.position.as_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = StreamPosition(int(state["chunk"]), int(state["batch"]), int(state.get("batches_before", 0)))
+        """Resumes at `state`. A position saved by a layout with another world size x accumulate
+        is moved on to the next step boundary of this one (each rank reads batch + rank of a chunk
+        cut into whole steps: from any other position the last ranks would read past its end)."""
+        batch = int(state["batch"])
+        aligned = -(-batch // self.batches_per_step) * self.batches_per_step
+        if aligned != batch:
+            log.warning("data stream: resuming at batch %d of chunk %s, the next step boundary of %d batches per "
+                        "step (saved at batch %d by another layout)", aligned, state["chunk"],
+                        self.batches_per_step, batch)
+        self.position = StreamPosition(int(state["chunk"]), aligned, int(state.get("batches_before", 0)))
 
 
 class DeviceFeed:

@@ -46,16 +46,20 @@ EXHAUSTIVE_SETS = 20
 @contextmanager
 def restricted(layer: MoEFFN, kept: Sequence[int]):
     """Within the block, `layer` (unpruned) computes as if pruned to `kept`: a router that picks only
-    among them (sharing the gate's weights) and a view of the kept experts (not copied)."""
+    among them (sharing the gate's weights; pre-gated models route with it too, one layer early) and
+    a view of the kept experts (not copied)."""
     gate, experts = layer.gate, layer.experts
     router = Router(gate.wg.in_features, gate.wg.out_features, gate.top_k, gate.capacity_factor,
                     gate.eval_capacity_factor, gate.min_capacity, gate.use_rts, kept).to(gate.wg.weight.device)
     router.wg = gate.wg
-    layer.gate, layer.experts = router, SelectedExperts(experts, kept)
+    router.train(gate.training)  # a new module trains: its capacity and random token priority would apply
+    layer.replace_router(router)
+    layer.experts = SelectedExperts(experts, kept)
     try:
         yield
     finally:
-        layer.gate, layer.experts = gate, experts
+        layer.replace_router(gate)
+        layer.experts = experts
 
 
 @torch.no_grad()

@@ -163,6 +163,8 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
         raise ExportError("this export is already pruned; prune from the full model")
     if not config["moe"]["enabled"]:
         raise ConfigError("prune: the model has no MoE layers")
+    if prune.get("keep") is not None:
+        keep_count(float(prune["keep"]), config["moe"]["num_experts"])  # more than the model has: before calibrating
     calibration = prune.get("calibration") or DEFAULT_CALIBRATION["calibration"]
     direction = prune.get("direction")
     directions = parse_directions(direction or "all", config["langs"])
@@ -174,8 +176,9 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
     telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
     top_k = config["moe"]["top_k"]
     if direction:
-        kept = direction_keep(telemetry, direction, float(prune.get("mass") or 0.9), min_experts=top_k)
-        rule = {"rule": "direction", "direction": direction, "mass": float(prune.get("mass") or 0.9)}
+        mass = 0.9 if prune.get("mass") is None else float(prune["mass"])  # (validated in (0, 1])
+        kept = direction_keep(telemetry, direction, mass, min_experts=top_k)
+        rule = {"rule": "direction", "direction": direction, "mass": mass}
     elif check_prune_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
         lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])
         texts = {lang: t[:lines] for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}

@@ -17,6 +17,7 @@ into a live engine is `mtmoe.train.checkpoint`'s; resharding is `mtmoe.formats.r
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 
 from mtmoe.errors import ExportError
+from mtmoe.formats.integrity import STATE_JSON
 from mtmoe.model.experts import per_expert_state
 
 PARTIAL_PREFIX = ".partial-"
@@ -82,12 +84,28 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
 
 
+def is_snapshot(tag_dir: Path) -> bool:
+    """Whether the checkpoint is one of the run's `train.snapshots` (its mtmoe_state.json says so;
+    checkpoints from before snapshots were marked are not)."""
+    try:
+        return bool(json.loads((tag_dir / STATE_JSON).read_text()).get("snapshot"))
+    except (OSError, ValueError):
+        return False
+
+
 def newest_tags(run_dir: Path, last: str, count: int) -> list[str]:
-    """The `count` newest complete tags of the run up to and including `last`, oldest first
-    (the checkpoints `mtmoe-export average=N` averages)."""
+    """The checkpoints `mtmoe-export average=N` averages, oldest first: when `last` is a snapshot,
+    the `count` newest snapshots up to and including it (the run's `save_every` checkpoints between
+    them are not averaged); else the `count` newest complete tags up to and including `last`."""
     tags = [t for t in complete_tags(run_dir) if t <= last]
     if last not in tags:
         raise ExportError(f"{checkpoint_dir(run_dir) / last}: not a complete checkpoint of {run_dir}")
+    if is_snapshot(checkpoint_dir(run_dir) / last):
+        snapshots = [t for t in tags if is_snapshot(checkpoint_dir(run_dir) / t)]
+        if len(snapshots) < count:
+            raise ExportError(f"average={count}: {run_dir} has {len(snapshots)} snapshot(s) up to {last} "
+                              f"({', '.join(snapshots)}); train with train.snapshots={count} (or more)")
+        return snapshots[-count:]
     if len(tags) < count:
         raise ExportError(f"average={count}: {checkpoint_dir(run_dir)} has {len(tags)} complete checkpoint(s) up to "
                           f"{last} ({', '.join(tags)}); train with train.snapshots={count} (or more) to keep them")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from mtmoe.config import MoEConfig, ModelConfig
 from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ExportError
+from mtmoe.formats.integrity import fsync_dir, fsync_file
 from mtmoe.model.keys import pruned_name
 from mtmoe.model.quantized import quantize_experts
 from mtmoe.model.seq2seq import Seq2Seq
@@ -87,7 +88,10 @@ def _umask() -> int:
 
 def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
     """Writes config.json + model.safetensors + spm.model (+ routing.json); the directory appears
-    complete or not at all."""
+    complete or not at all: the files are written and made durable in `<out>.partial`, which then
+    takes the place of `out`. An export already at `out` (overwrite) is renamed aside to
+    `<out>.old` first and removed only once the new one is in place, so a crash at any point
+    leaves one complete export, at `out` or at `<out>.old`."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,9 +104,16 @@ def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, ro
     if routing is not None:
         (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    for path in tmp.iterdir():
+        fsync_file(path)
+    fsync_dir(tmp)
+    old = out.with_name(out.name + ".old")
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
     tmp.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

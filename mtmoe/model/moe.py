@@ -460,6 +460,14 @@ class MoEFFN(nn.Module):
         self.relay: Optional[RoutingRelay] = None  # set by Seq2Seq when moe.pregate is on
         self.relay_index = 0
 
+    def replace_router(self, router: Router) -> Router:
+        """Puts `router` in the place of this layer's gate, also in the pre-gating relay (which runs a
+        layer's router one layer early, from its own list) -> the router it replaced."""
+        old, self.gate = self.gate, router
+        if self.relay is not None:
+            self.relay.routers[self.relay_index] = router
+        return old
+
     @property
     def global_expert_ids(self) -> range:
         local = len(self.experts)

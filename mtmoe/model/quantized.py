@@ -105,7 +105,9 @@ class QuantizedExperts(FeedForwardGroup):
 
     @classmethod
     def from_float(cls, experts: GroupedExperts, bits: int) -> "QuantizedExperts":
-        layer = cls(experts.num_local, experts.d_model, experts.d_ff, bits, experts.dropout.p, experts.activation)
+        """`experts` quantized, on their device."""
+        layer = cls(experts.num_local, experts.d_model, experts.d_ff, bits, experts.dropout.p,
+                    experts.activation).to(experts.w1.device)
         with torch.no_grad():
             for name, weight, bias in (("1", experts.w1, experts.b1), ("2", experts.w2, experts.b2)):
                 for i in range(experts.num_local):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from mtmoe.errors import CheckpointError
-from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, checkpoint_dir, complete_tags, latest_tag,
+from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, checkpoint_dir, complete_tags, is_snapshot, latest_tag,
                                          summarize_load_error, tag_for_step)
 from mtmoe.formats.integrity import STATE_JSON, fsync_dir, fsync_file, verify, write_atomic, write_manifest
 from mtmoe.formats.optimizer_state import OptimizerLayout
@@ -43,9 +43,25 @@ def remove_stale_partials(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bool) -> str:
+def prune_old_tags(run_dir: Path, keep: int, keep_snapshots: int = 0) -> None:
+    """Deletes the run's checkpoints but the newest `keep` (all when keep <= 0) and the newest
+    `keep_snapshots` snapshots (`ds_checkpoint.is_snapshot`): `save_every` checkpoints inside the
+    snapshots' span never push a snapshot out."""
+    root = checkpoint_dir(run_dir)
+    tags = complete_tags(run_dir)
+    if keep <= 0:
+        return
+    snapshots = [t for t in tags if is_snapshot(root / t)]
+    kept = set(tags[-keep:]) | set(snapshots[-keep_snapshots:] if keep_snapshots > 0 else [])
+    for old in tags:
+        if old not in kept:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bool, keep_snapshots: int = 0) -> str:
     """Saves on every rank (DeepSpeed writes each rank's experts and optimizer shards) into a
-    staging directory, then rank 0 seals it (manifest, rename, `latest`) and prunes old tags."""
+    staging directory, then rank 0 seals it (manifest, rename, `latest`) and prunes old tags
+    (`prune_old_tags`)."""
     tag = tag_for_step(step)
     root = checkpoint_dir(run_dir)
     staging = root / f"{PARTIAL_PREFIX}{tag}"
@@ -67,9 +83,7 @@ def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bo
         os.replace(staging, final)
         fsync_dir(root)
         write_atomic(root / "latest", tag)
-        tags = complete_tags(run_dir)
-        for old in tags[:-keep] if keep > 0 else []:
-            shutil.rmtree(root / old, ignore_errors=True)
+        prune_old_tags(run_dir, keep, keep_snapshots)
     barrier()
     return tag
 

@@ -176,8 +176,9 @@ class Trainer:
         return results if not any_rank(not done) else None
 
     # -- pieces of the loop ----------------------------------------------------------------------
-    def _state(self) -> dict:
+    def _state(self, snapshot: bool = False) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "target_tokens": self.target_tokens,
+                "snapshot": snapshot,
                 "stream": (self.feed or self.stream).state_dict(),
                 "wandb_id": self.runlog.wandb_id, "skipped_steps": self.guard.skipped,
                 **self.layout.checkpoint_layout()}
@@ -185,10 +186,12 @@ class Trainer:
     def _last_checkpoint_path(self) -> str | None:
         return str(ds_checkpoint.checkpoint_dir(self.run_dir) / self.last_checkpoint) if self.last_checkpoint else None
 
-    def save(self) -> None:
-        keep = self.cfg.train.keep_checkpoints + self.cfg.train.snapshots  # the snapshots stay for averaging
-        self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(),
-                                               keep=keep, is_writer=self.is_main)
+    def save(self, snapshot: bool = False) -> None:
+        """A checkpoint of this step; `snapshot`: one of `train.snapshots` (kept for averaging besides
+        the newest `train.keep_checkpoints`)."""
+        self.last_checkpoint = checkpoint.save(self.engine, self.run_dir, self.step, self._state(snapshot),
+                                               keep=self.cfg.train.keep_checkpoints, is_writer=self.is_main,
+                                               keep_snapshots=self.cfg.train.snapshots)
 
     def validate(self, final: bool = False) -> dict | None:
         """The ranks of the layout's validation group validate together (decoding runs collectives
@@ -297,7 +300,7 @@ class Trainer:
         self.feed = batches = DeviceFeed(self.stream, self.device)
         window = _new_window()
         window_start = started = time.monotonic()
-        saved_step = self.step
+        saved_step, saved_snapshot = self.step, True  # no step taken: nothing new to save at the end
         self._out_of_budget(started)  # the fraction spent before this start (a resumed run's), on every rank
         snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span)[:-1]
                      if p > self.spent + 1e-9]
@@ -314,7 +317,8 @@ class Trainer:
             # The budget spent after this step (exact under a step budget; under a time budget, the
             # clock all ranks agreed on before it).
             spent = max(self.spent, self.step / cfg.train.max_steps if cfg.train.max_steps > 0 else 0.0)
-            if snapshots and spent >= snapshots[0] - 1e-9:  # the last point is the end-of-run save below
+            snapshot = bool(snapshots) and spent >= snapshots[0] - 1e-9  # the last point: the end-of-run save
+            if snapshot:
                 saving = True
                 snapshots = [p for p in snapshots if p > spent + 1e-9]
             if self.step % cfg.train.log_every == 0 or saving:
@@ -324,16 +328,17 @@ class Trainer:
             if saving:
                 self.train_seconds += time.monotonic() - started
                 started = time.monotonic()
-                self.save()
-                saved_step = self.step
+                self.save(snapshot)
+                saved_step, saved_snapshot = self.step, snapshot
             if cfg.train.valid_every > 0 and self.step % cfg.train.valid_every == 0:
                 self.validate()
         if window["steps"]:
             self._log_window(window, window_start, started, progress)
         self.train_seconds += time.monotonic() - started
         progress.close()
-        if saved_step != self.step and cfg.train.save_every >= 0:
-            self.save()
+        # the end of the run is the last snapshot (saved again when a `save_every` save just wrote it)
+        if cfg.train.save_every >= 0 and (saved_step != self.step or (cfg.train.snapshots and not saved_snapshot)):
+            self.save(snapshot=cfg.train.snapshots > 0)
         final = self.validate(final=True)
         peak_gpu = peak_memory_gib(self.layout.device)
         if peak_gpu is not None:
