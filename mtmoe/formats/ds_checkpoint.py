@@ -179,11 +179,17 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     if not main.is_file():
         raise ExportError(f"{main}: missing (incomplete checkpoint?)")
-    state = {to_plain_name(k): v for k, v in load_tensors(main)["module"].items()}
-    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for k, v in load_tensors(expert_file).items():
-            state[to_plain_name(k)] = v
+    state = {to_plain_name(k): v for k, v in native_state_dict(tag_dir).items()}
     return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+
+
+def native_state_dict(tag_dir: Path, main: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """A native-MoE tag's weights under DeepSpeed's names: the main file's dense ones (`main`: that
+    file already loaded) and every expert file's (per-expert grammar, global expert ids)."""
+    state = dict((load_tensors(tag_dir / MAIN_FILE) if main is None else main)["module"])
+    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(load_tensors(expert_file))
+    return state
 
 
 def summarize_load_error(message: str) -> Optional[str]:

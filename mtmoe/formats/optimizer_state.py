@@ -190,6 +190,15 @@ def group_kinds(param_groups: list[dict]) -> list[bool]:
     return [bool(g.get("moe")) for g in param_groups]
 
 
+def _dense_then_experts(param_groups: list[dict]) -> list[bool]:
+    """`group_kinds`, ReshardError unless the dense groups come first (as DeepSpeed's MoE helper,
+    which builds mtmoe's optimizer groups, orders them)."""
+    moe = group_kinds(param_groups)
+    if any(moe) and moe != sorted(moe):
+        raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
+    return moe
+
+
 def follow_groups(values: list, old: list[bool], new: list[bool]) -> list:
     """A per-group list (an lr scheduler's `base_lrs`, `_last_lr`, ...) of an optimizer whose groups
     were `old` (True: an expert group) for one whose groups are `new`: the dense groups keep theirs
@@ -217,9 +226,7 @@ def join_zero(files: list[dict], param_shapes: list[dict], old_ep: int) -> list[
     groups = first["base_optimizer_state"]["param_groups"]
     if len(groups) != len(param_shapes):
         raise ReshardError(f"{len(groups)} optimizer parameter groups, {len(param_shapes)} in the parameter shapes")
-    moe = group_kinds(groups)
-    if any(moe) and moe != sorted(moe):
-        raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
+    moe = _dense_then_experts(groups)
     state = first["base_optimizer_state"]["state"]
     joined = [JoinedGroup({k: v for k, v in groups[g].items() if k != "params"}, _scalars(state[g]),
                           _join_partitions(optim, g, list(range(old_world)), param_shapes[g]))
@@ -300,9 +307,7 @@ def join_zero0(files: list[dict], target: OptimizerLayout, weights: dict[str, to
     `weights` (the checkpoint's model files, experts in the per-expert grammar)."""
     ref = files[0]["optimizer"]
     groups = ref["param_groups"]
-    moe = group_kinds(groups)
-    if any(moe) and moe != sorted(moe):
-        raise ReshardError("expert parameter groups before dense ones: not an optimizer mtmoe builds")
+    moe = _dense_then_experts(groups)
     dense_names = [n for shapes, e in zip(target.shapes, target.experts) if not e for n in shapes]
     expert_names = [n for shapes, e in zip(target.shapes, target.experts) if e for n in shapes]
     dense_ids = [pid for g, group in enumerate(groups) if not moe[g] for pid in group["params"]]

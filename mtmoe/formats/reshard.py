@@ -47,7 +47,8 @@ from typing import Optional
 
 import torch
 
-from mtmoe.formats.ds_checkpoint import MAIN_FILE, load_tensors, load_zero_optimizer_file, zero_optimizer_file
+from mtmoe.formats.ds_checkpoint import (MAIN_FILE, load_tensors, load_zero_optimizer_file, native_state_dict,
+                                         zero_optimizer_file)
 from mtmoe.formats.integrity import MANIFEST, STATE_JSON
 from mtmoe.formats.optimizer_state import (OptimizerLayout, ReshardError, adopt_settings, follow_groups, group_kinds,
                                            join_zero, join_zero0, write_zero, write_zero0, zero_file_entries)
@@ -241,25 +242,16 @@ def _zero_files(tag_dir: Path, saved: dict) -> tuple[list[dict], dict]:
     return files, load_tensors(tag_dir / MAIN_FILE)
 
 
-def _zero0_files(tag_dir: Path, saved: dict, main: dict) -> list[dict]:
+def _zero0_files(tag_dir: Path, saved: dict, main: Optional[dict] = None) -> list[dict]:
     """A ZeRO-0 tag's optimizer files, one per ep rank ({"optimizer": torch state dict}); a model
-    without MoE layers has its optimizer state in the main file."""
+    without MoE layers has its optimizer state in the main file (`main`, when given)."""
     paths = [optim_file(tag_dir, rank) for rank in range(saved["ep_size"])]
-    if not paths[0].is_file() and main.get("optimizer") is not None and saved["ep_size"] == 1:
+    if not paths[0].is_file() and main is not None and main.get("optimizer") is not None and saved["ep_size"] == 1:
         return [{"optimizer": main["optimizer"]}]
     for path in paths:
         if not path.is_file():
             raise ReshardError(f"{path}: missing (needed to reshard the ZeRO-0 optimizer state)")
     return [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
-
-
-def _model_weights(tag_dir: Path, main: dict) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights by DeepSpeed's names: the main file's dense ones and every expert
-    file's (per-expert grammar, global expert ids)."""
-    weights = dict(main["module"])
-    for path in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        weights.update(load_tensors(path))
-    return weights
 
 
 def _check_groups(shapes: list[dict], target: Optional[OptimizerLayout]) -> None:
@@ -311,7 +303,7 @@ def _convert(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new_ep: 
             raise ValueError("converting a ZeRO-0 checkpoint needs the resuming optimizer's layout")
         main = load_tensors(tag_dir / MAIN_FILE)
         files = _zero0_files(tag_dir, saved, main)
-        joined = join_zero0(files, target, _model_weights(tag_dir, main), num_experts)
+        joined = join_zero0(files, target, native_state_dict(tag_dir, main), num_experts)
         old_kinds = group_kinds(files[0]["optimizer"]["param_groups"])
         # loss scaler, overflow and clip_grad: DeepSpeed keeps the engine's own where a file has none
         extras = {"ds_version": main["ds_version"]}
@@ -357,13 +349,8 @@ def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int
     if saved["zero_stage"] or new_zero:
         _convert(tag_dir, out_dir, saved, new_world, new_ep, new_zero, num_experts, target)
     else:
-        files = []
-        for rank in range(saved["ep_size"]):
-            path = optim_file(tag_dir, rank)
-            if not path.is_file():
-                raise ReshardError(f"{path}: missing (needed to reshard ep_size {saved['ep_size']} -> {new_ep})")
-            files.append(torch.load(path, map_location="cpu", weights_only=True))
-        regrouped = reshard_optimizer_states(files, num_experts, num_moe_layers, new_ep, saved["expert_storage"])
+        regrouped = reshard_optimizer_states(_zero0_files(tag_dir, saved), num_experts, num_moe_layers, new_ep,
+                                             saved["expert_storage"])
         for rank, content in enumerate(regrouped):
             torch.save(content, optim_file(out_dir, rank))
     state = json.loads((tag_dir / STATE_JSON).read_text())

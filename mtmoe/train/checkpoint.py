@@ -25,7 +25,7 @@ from mtmoe.errors import CheckpointError
 from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, checkpoint_dir, complete_tags, is_snapshot, latest_tag,
                                          summarize_load_error, tag_for_step)
 from mtmoe.formats.integrity import STATE_JSON, fsync_dir, fsync_file, verify, write_atomic, write_manifest
-from mtmoe.formats.optimizer_state import OptimizerLayout
+from mtmoe.formats.optimizer_state import OptimizerLayout, group_kinds
 from mtmoe.formats.reshard import ReshardError, check_resumable, reshard_checkpoint, saved_layout
 from mtmoe.train.distributed import any_rank, barrier, broadcast_object, is_first_rank
 from mtmoe.train.zero3_swap import needs_swapped_restore, restore_swapped_partitions
@@ -47,12 +47,13 @@ def prune_old_tags(run_dir: Path, keep: int, keep_snapshots: int = 0) -> None:
     """Deletes the run's checkpoints but the newest `keep` (all when keep <= 0) and the newest
     `keep_snapshots` snapshots (`ds_checkpoint.is_snapshot`): `save_every` checkpoints inside the
     snapshots' span never push a snapshot out."""
-    root = checkpoint_dir(run_dir)
-    tags = complete_tags(run_dir)
     if keep <= 0:
         return
-    snapshots = [t for t in tags if is_snapshot(root / t)]
-    kept = set(tags[-keep:]) | set(snapshots[-keep_snapshots:] if keep_snapshots > 0 else [])
+    root = checkpoint_dir(run_dir)
+    tags = complete_tags(run_dir)
+    kept = set(tags[-keep:])
+    if keep_snapshots > 0:
+        kept |= set([t for t in tags if is_snapshot(root / t)][-keep_snapshots:])
     for old in tags:
         if old not in kept:
             shutil.rmtree(root / old, ignore_errors=True)
@@ -113,7 +114,7 @@ def optimizer_layout(engine) -> OptimizerLayout:
     params = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in base.param_groups]
     settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     return OptimizerLayout(shapes=[{names[id(p)]: tuple(p.shape) for p in group} for group in params],
-                           experts=[bool(s.get("moe")) for s in settings], settings=settings,
+                           experts=group_kinds(base.param_groups), settings=settings,
                            ds_config=dict(engine.config))
 
 

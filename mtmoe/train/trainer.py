@@ -302,8 +302,7 @@ class Trainer:
         window_start = started = time.monotonic()
         saved_step, saved_snapshot = self.step, True  # no step taken: nothing new to save at the end
         self._out_of_budget(started)  # the fraction spent before this start (a resumed run's), on every rank
-        snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span)[:-1]
-                     if p > self.spent + 1e-9]
+        snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span) if p > self.spent + 1e-9]
         self.engine.train()
         while not self._out_of_budget(started):
             sums = self.train_step(next(batches) for _ in range(cfg.train.accumulate))
@@ -317,7 +316,7 @@ class Trainer:
             # The budget spent after this step (exact under a step budget; under a time budget, the
             # clock all ranks agreed on before it).
             spent = max(self.spent, self.step / cfg.train.max_steps if cfg.train.max_steps > 0 else 0.0)
-            snapshot = bool(snapshots) and spent >= snapshots[0] - 1e-9  # the last point: the end-of-run save
+            snapshot = bool(snapshots) and spent >= snapshots[0] - 1e-9  # 1.0: the last step of a step budget
             if snapshot:
                 saving = True
                 snapshots = [p for p in snapshots if p > spent + 1e-9]
@@ -336,7 +335,8 @@ class Trainer:
             self._log_window(window, window_start, started, progress)
         self.train_seconds += time.monotonic() - started
         progress.close()
-        # the end of the run is the last snapshot (saved again when a `save_every` save just wrote it)
+        # The end of the run is the last snapshot: under a step budget the loop saved it as one; under a
+        # time budget it is saved here (again, when a `save_every` save just wrote that step).
         if cfg.train.save_every >= 0 and (saved_step != self.step or (cfg.train.snapshots and not saved_snapshot)):
             self.save(snapshot=cfg.train.snapshots > 0)
         final = self.validate(final=True)
