@@ -387,8 +387,12 @@ def test_which_layout_changes_reshard():
     assert not check_resumable({**layout(2, 2, 2), **offload}, {**layout(2, 2, 1), **offload}, here)
     assert not check_resumable(layout(2, 2, 2), {**layout(2, 2, 2), **offload}, here)  # not recorded: as it is
     assert check_resumable(layout(2, 2, 2), {**layout(1, 1, 0), "zero_round_robin": True}, here)  # unused at ZeRO-0
-    refused = {"zero3": (layout(2, 1, 3), layout(1, 1, 3), "ZeRO-3 checkpoint"),
-               "to_zero3": (layout(2, 2, 2), layout(2, 1, 3), "written with train.zero_stage=2"),
+    # ZeRO-3: the world size, or the Adam (offloaded to the CPU or NVMe: DeepSpeed's CPU Adam)
+    assert check_resumable(layout(2, 1, 3), layout(1, 1, 3), here)
+    assert not check_resumable(layout(2, 1, 3), layout(2, 1, 3), here)
+    assert check_resumable({**layout(2, 1, 3), "offload_optimizer": "nvme"}, {**layout(2, 1, 3), "offload_optimizer": "none"}, here)
+    assert not check_resumable({**layout(2, 1, 3), "offload_optimizer": "nvme"}, {**layout(2, 1, 3), **offload}, here)
+    refused = {"to_zero3": (layout(2, 2, 2), layout(2, 1, 3), "written with train.zero_stage=2"),
                "from_zero3": (layout(1, 1, 3), layout(1, 1, 0), "written with train.zero_stage=3"),
                "per_expert": (layout(2, 2, 2, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
                "per_expert_stage": (layout(1, 1, 0, "per_expert"), layout(1, 1, 2, "per_expert"), "stored per expert"),
@@ -399,6 +403,42 @@ def test_which_layout_changes_reshard():
     for saved, current, reason in refused.values():
         with pytest.raises(ReshardError, match=reason):
             check_resumable(saved, current, here)
+
+
+def test_zero3_slices_are_cut_anew_for_another_world_and_sub_groups(tmp_path):
+    """ZeRO-3 optimizer state written for 3 ranks in 2 sub-groups, joined, and written for 2 ranks in
+    3 sub-groups (what another world size or sub_group_size gives) holds the same weights and Adam
+    moments per parameter: read back by the join, and, for the weights, by the export's own ZeRO-3
+    reader (`zero3_state_dict`, DeepSpeed's zero_to_fp32 rule), from files on disk."""
+    from mtmoe.formats.ds_checkpoint import zero3_model_file, zero3_state_dict, zero_optimizer_file
+    from mtmoe.formats.optimizer_state import JoinedGroup, OptimizerLayout, join_zero3, write_zero3
+
+    torch.manual_seed(0)
+    shapes = {"a.weight": (5, 7), "a.bias": (5,), "b.weight": (3, 1), "c.weight": (11,), "d.bias": (1,)}
+    params = {n: {"fp32": torch.randn(sh), "exp_avg": torch.randn(sh), "exp_avg_sq": torch.rand(sh)}
+              for n, sh in shapes.items()}
+    joined = [JoinedGroup({"lr": 0.1, "name": "parameters"}, {"step": torch.tensor(4.0)}, params)]
+
+    def target(cuts: list[list[str]]) -> OptimizerLayout:
+        return OptimizerLayout(shapes=[], experts=[False], settings=[{"lr": 0.5, "name": "parameters"}],
+                               sub_groups=[(0, {n: shapes[n] for n in cut}) for cut in cuts])
+
+    names = list(shapes)
+    three, three_shapes = write_zero3(joined, 3, target([names[:2], names[2:]]), {"overflow": False}, {})
+    assert [len(f["optimizer_state_dict"]["fp32_flat_groups"]) for f in three] == [2, 2, 2]
+    assert three[2]["optimizer_state_dict"]["fp32_flat_groups"][0].numel() == 12 + 2  # ceil(35/3) + ceil(5/3)
+    again = join_zero3([f["optimizer_state_dict"] for f in three], three_shapes)
+    two, two_shapes = write_zero3(again, 2, target([names[:1], names[1:4], names[4:]]), {"overflow": False}, {})
+    back = join_zero3([f["optimizer_state_dict"] for f in two], two_shapes)
+    assert float(back[0].scalars["step"]) == 4.0 and back[0].settings["lr"] == 0.1
+    for name, p in params.items():
+        for key, value in p.items():
+            assert torch.equal(back[0].params[name][key], value), (name, key)
+    for rank, f in enumerate(two):
+        torch.save(f, zero_optimizer_file(tmp_path, rank))
+        torch.save({"param_shapes": two_shapes, "module": {}, "buffer_names": []}, zero3_model_file(tmp_path, rank))
+    on_disk = zero3_state_dict(tmp_path)
+    assert all(torch.equal(on_disk[n], p["fp32"]) for n, p in params.items())
 
 
 def test_lr_schedule_follows_the_optimizer_groups():

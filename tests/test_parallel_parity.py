@@ -164,6 +164,11 @@ def resume_point(run_dir: Path, tmp_path: Path) -> Path:
     ("world1", 2, {"parallel": "ez_offload"}),                         # ZeRO-0 -> 2 with CPU Adam, world 1 -> 2
     # the same layout with the optimizer offloaded: CPU Adam keeps other group settings than torch's
     ("ep2_zero2", 2, {"parallel": "ez_offload"}),
+    # ZeRO-3: every parameter's slices cut anew for another world size (and, here, other sub-groups)
+    # or for the other Adam (NVMe offload -> none)
+    ("dp2_zero3_nvme", 1, {"parallel": "zero3_nvme", "train.accumulate": 2,
+                           "+deepspeed.zero_optimization.sub_group_size": 4000}),
+    ("dp2_zero3_nvme", 2, {"parallel": "zero3_nvme", "train.offload_param": "none", "train.offload_optimizer": "none"}),
 ])
 def test_resume_at_another_layout(source, ranks, target, reference, layout_run, tmp_path, corpus, cache_dir):
     """Resharding with optimizer state: resuming the step-3 checkpoint of one layout at another
@@ -180,6 +185,8 @@ def test_resume_at_another_layout(source, ranks, target, reference, layout_run, 
         assert "resharded step00000003: ep_size" in output
     if source == "ep2_zero2" and target.get("parallel") == "ez_offload":
         assert "(ZeRO-2, optimizer offload none -> cpu)" in output
+    if source == "dp2_zero3_nvme" and ranks == 2:
+        assert "world 2 -> 2 (ZeRO-3, optimizer offload nvme -> none)" in output
     assert not any(p.name.startswith(".partial") for p in (run_dir / "checkpoints").iterdir())
     assert_matches_reference(run_dir, reference, from_step=STEPS // 2 + 1)
 
@@ -260,6 +267,9 @@ def test_a_conversion_that_fails_leaves_nothing_behind(layout_run, tmp_path):
         module = torch.nn.Linear(3, 2)
         optimizer = torch.optim.Adam([{"params": list(module.parameters()), "name": "parameters"}])
         config = {}
+
+        def zero_optimization_stage(self):
+            return 0
 
     tag = shutil.copytree(layout_run("ep2") / "checkpoints" / f"step{STEPS // 2:08d}", tmp_path / "step")
     layout = {"world_size": 2, "ep_size": 2, "zero_stage": 2, "accumulate": 1, "expert_storage": "stacked"}

@@ -112,6 +112,12 @@ def newest_tags(run_dir: Path, last: str, count: int) -> list[str]:
     return tags[-count:]
 
 
+def zero3_model_file(tag_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s model file under ZeRO-3 (parameter placeholders, shapes, training state; there
+    is no main file)."""
+    return tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
 def zero_optimizer_file(tag_dir: Path, rank: int) -> Path:
     """Rank `rank`'s optimizer file under ZeRO-1..3."""
     return tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -174,7 +180,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, plain names, all experts, from one DeepSpeed checkpoint tag
     (native-MoE layouts with ZeRO 0-2, or ZeRO-3)."""
     main = tag_dir / MAIN_FILE
-    if not main.is_file() and (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+    if not main.is_file() and zero3_model_file(tag_dir, 0).is_file():
         state = per_expert_state(zero3_state_dict(tag_dir))
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     if not main.is_file():

@@ -1,4 +1,4 @@
-"""A native-MoE run's optimizer state in DeepSpeed's two file layouts, read into one layout-free
+"""A run's optimizer state in DeepSpeed's file layouts (ZeRO-0, ZeRO-1/2, ZeRO-3), read into one layout-free
 form and written back for any layout (`mtmoe.formats.reshard` decides when, and handles the files).
 
 The layout-free form is a list of `JoinedGroup`s: each dense optimizer parameter group as it is,
@@ -21,7 +21,13 @@ order, its step and moments. It holds no names and no weights: the names are the
 optimizer's (`OptimizerLayout`: the same groups in the same order; only the experts' rows per rank
 differ), the weights come from the model files.
 
-Both stages cut a rank's expert parameters into optimizer groups of at most
+**ZeRO-3** (`zero_pp_rank_{r}_mp_rank_00_optim_states.pt`, no expert parallelism: every parameter,
+each expert included, is partitioned over all ranks): per sub-group (a run of a parameter group's
+parameters), rank r's flat fp32 weights and Adam moments hold, for each parameter in order, its
+r-th slice of ceil(numel / world) elements (the last slices zero-padded). Names and shapes: the
+model files' `param_shapes`, one dict per sub-group.
+
+ZeRO-0/1/2 cut a rank's expert parameters into optimizer groups of at most
 MAX_EXPERT_GROUP_NUMEL elements (DeepSpeed's MoE helper), so how many expert groups there are
 depends on the ep_size.
 """
@@ -29,6 +35,7 @@ depends on the ep_size.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,6 +77,11 @@ class OptimizerLayout:
     settings: list[dict] = field(default_factory=list)
     """Per group: the settings the optimizer keeps (their keys are what its step reads)."""
     ds_config: dict = field(default_factory=dict)
+    sub_groups: list[tuple[int, dict[str, tuple[int, ...]]]] = field(default_factory=list)
+    """ZeRO-3 only: per sub-group, in the optimizer's order, its parameter group and its parameters'
+    names and whole shapes (ZeRO-3 cuts each group into sub-groups of about `sub_group_size`
+    partition elements, stepped one at a time; `shapes` is empty there: the groups' parameters are
+    held by the sub-groups)."""
 
 
 def _scalars(entry: dict) -> dict:
@@ -295,6 +307,95 @@ def reshard_zero_partitions(files: list[dict], param_shapes: list[dict], new_wor
     then `write_zero`, DeepSpeed's other entries of the files kept."""
     extras, top = zero_file_entries(files[0])
     return write_zero(join_zero(files, param_shapes, old_ep), new_world, new_ep, extras, top, max_expert_group_numel)
+
+
+# -- ZeRO-3 -----------------------------------------------------------------------------------------
+ZERO3_PARTITION_KEYS = ("optimizer_state_dict", "fp32_flat_groups", "partition_count")
+"""The entries of a ZeRO-3 file's `optimizer_state_dict` that depend on the layout."""
+
+
+def _zero3_slice(numel: int, world: int) -> int:
+    """A parameter's slice on each ZeRO-3 rank: ceil(numel / world) elements."""
+    return -(-numel // world)
+
+
+def join_zero3(files: list[dict], param_shapes: list[dict]) -> list[JoinedGroup]:
+    """ZeRO-3 optimizer state of every rank of a layout (`files[r]`: rank r's file's
+    `optimizer_state_dict`) -> the layout-free groups (`experts` False: the experts are ordinary
+    parameters there). `param_shapes`: per sub-group, name -> whole shape (the model files')."""
+    world = len(files)
+    inner = files[0]["optimizer_state_dict"]
+    if len(param_shapes) != len(files[0]["fp32_flat_groups"]):
+        raise ReshardError(f"{len(files[0]['fp32_flat_groups'])} ZeRO-3 sub-groups saved, {len(param_shapes)} in the "
+                           f"parameter shapes")
+    joined = []
+    for g, group in enumerate(inner["param_groups"]):
+        params: dict[str, dict] = {}
+        for sub in group["params"]:
+            flats = {"fp32": [f["fp32_flat_groups"][sub] for f in files]}
+            for key, value in inner["state"].get(sub, {}).items():
+                if torch.is_tensor(value) and value.dim():
+                    flats[key] = [f["optimizer_state_dict"]["state"][sub][key] for f in files]
+            slices = [_zero3_slice(math.prod(shape), world) for shape in param_shapes[sub].values()]
+            sizes = {t.numel() for ranks in flats.values() for t in ranks}
+            if sizes != {sum(slices)}:
+                raise ReshardError(f"ZeRO-3 sub-group {sub}: {sorted(sizes)} elements per rank, its parameters' "
+                                   f"slices over {world} ranks make {sum(slices)} (a checkpoint of another model?)")
+            pieces = {key: [t.split(slices) for t in ranks] for key, ranks in flats.items()}
+            for i, (name, shape) in enumerate(param_shapes[sub].items()):
+                numel = math.prod(shape)
+                params[name] = {key: torch.cat([rank_pieces[i] for rank_pieces in by_rank])[:numel].view(shape).clone()
+                                for key, by_rank in pieces.items()}
+        first = group["params"][0] if group["params"] else None
+        joined.append(JoinedGroup({k: v for k, v in group.items() if k != "params"},
+                                  _scalars(inner["state"].get(first, {})), params))
+    return joined
+
+
+def write_zero3(joined: list[JoinedGroup], new_world: int, target: OptimizerLayout, extras: dict,
+                top: dict) -> tuple[list[dict], list[dict]]:
+    """The layout-free groups -> (the ZeRO-3 optimizer files of the `new_world` ranks, whole, the
+    model files' `param_shapes`: per sub-group name -> shape). The sub-groups are the resuming
+    optimizer's (`target.sub_groups`: how ZeRO-3 cuts a group depends on the world size and
+    `sub_group_size`); `extras`: the entries of a file's `optimizer_state_dict` that do not depend on
+    the layout (loss scaler, ...); `top`: the file's others (ds_config, ds_version)."""
+    if not target.sub_groups:
+        raise ValueError("writing ZeRO-3 files needs the resuming optimizer's sub-groups")
+    if len(joined) != len(target.settings) or any(g >= len(joined) for g, _ in target.sub_groups):
+        raise ReshardError(f"{len(joined)} optimizer parameter groups in the checkpoint, {len(target.settings)} in "
+                           f"this run's")
+    wanted = {name for _, shapes in target.sub_groups for name in shapes}
+    saved = {name for group in joined for name in group.params}
+    if wanted != saved:
+        diff = sorted(wanted ^ saved)
+        raise ReshardError(f"{len(diff)} parameters not in both the checkpoint and this run, e.g. {diff[0]} (a "
+                           f"checkpoint of another model?)")
+    files = []
+    for rank in range(new_world):
+        flats, state = [], {}
+        for sub, (g, shapes) in enumerate(target.sub_groups):
+            group = joined[g]
+            pieces: dict[str, list[torch.Tensor]] = {}
+            for name, shape in shapes.items():
+                p = group.params[name]
+                if tuple(p["fp32"].shape) != tuple(shape):
+                    raise ReshardError(f"{name}: shape {tuple(p['fp32'].shape)} in the checkpoint, {tuple(shape)} in "
+                                       f"this run (a checkpoint of another model?)")
+                size = _zero3_slice(p["fp32"].numel(), new_world)
+                for key, value in p.items():
+                    piece = value.reshape(-1)[rank * size:(rank + 1) * size]
+                    pieces.setdefault(key, []).extend([piece, piece.new_zeros(size - piece.numel())])
+            flat = {key: torch.cat(parts) for key, parts in pieces.items()}
+            flats.append(flat.pop("fp32"))
+            state[sub] = {**_scalars(group.scalars), **flat}
+        param_groups = [{**group.settings, "params": [sub for sub, (g, _) in enumerate(target.sub_groups) if g == gi]}
+                        for gi, group in enumerate(joined)]
+        files.append({**top, "optimizer_state_dict": {
+            **extras, "partition_count": new_world, "fp32_flat_groups": flats,
+            "optimizer_state_dict": {"state": state, "param_groups": param_groups}}})
+    shapes = [OrderedDict((name, torch.Size(shape)) for name, shape in sub_shapes.items())
+              for _, sub_shapes in target.sub_groups]
+    return files, shapes
 
 
 # -- ZeRO-0 -----------------------------------------------------------------------------------------

@@ -31,8 +31,14 @@ keeps (torch's Adam and DeepSpeed's CPU Adam differ).
 
 Rank 0 converts, holding the whole optimizer state (fp32 weights and two moments: 12 bytes per
 parameter) about four times over in host memory for the while (the old files, the joined
-parameters, the flat copy, the new partitions). ZeRO-3 checkpoints resume at the layout and stage
-that wrote them.
+parameters, the flat copy, the new partitions).
+
+**ZeRO-3** (no expert parallelism; every rank's `zero_pp_rank_{r}_..._optim_states.pt` holds its
+slice of every parameter, per sub-group, and its `..._model_states.pt` the sub-groups' names and
+shapes): a change of world size, or of the Adam (optimizer offloaded or no longer; parameter offload
+changes no file), joins the slices and cuts them for the resuming optimizer's sub-groups. ZeRO-3
+does not convert to or from the other stages (their parameter names and groups are DeepSpeed's
+native MoE's, ZeRO-3's mtmoe's own MoE layers').
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ from typing import Optional
 import torch
 
 from mtmoe.formats.ds_checkpoint import (MAIN_FILE, load_tensors, load_zero_optimizer_file, native_state_dict,
-                                         zero_optimizer_file)
+                                         zero3_model_file, zero_optimizer_file)
 from mtmoe.formats.integrity import MANIFEST, STATE_JSON
-from mtmoe.formats.optimizer_state import (OptimizerLayout, ReshardError, adopt_settings, follow_groups, group_kinds,
-                                           join_zero, join_zero0, write_zero, write_zero0, zero_file_entries)
+from mtmoe.formats.optimizer_state import (ZERO3_PARTITION_KEYS, OptimizerLayout, ReshardError, adopt_settings,
+                                           follow_groups, group_kinds, join_zero, join_zero0, join_zero3, write_zero,
+                                           write_zero0, write_zero3, zero_file_entries)
 
 log = logging.getLogger("mtmoe")
 
@@ -66,9 +73,10 @@ def saved_layout(tag_dir: Path) -> dict:
     state = json.loads((tag_dir / STATE_JSON).read_text())
     zero = state.get("zero_stage")
     if zero is None:  # checkpoints written before the stage was recorded
-        zero = 1 if any(tag_dir.glob("zero_pp_rank_*")) else 0
+        zero = (3 if zero3_model_file(tag_dir, 0).is_file() and not (tag_dir / MAIN_FILE).is_file()
+                else 1 if any(tag_dir.glob("zero_pp_rank_*")) else 0)
     offload = state.get("offload_optimizer")
-    if offload is None and zero in (1, 2):  # checkpoints written before it was recorded: their ZeRO config says
+    if offload is None and zero:  # checkpoints written before it was recorded: their ZeRO config says
         config = load_zero_optimizer_file(tag_dir, 0, mmap=True).get("ds_config", {})
         offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return {"world_size": state.get("world_size", 1), "ep_size": state.get("ep_size", 1), "zero_stage": zero,
@@ -78,8 +86,9 @@ def saved_layout(tag_dir: Path) -> dict:
 
 def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
     """True when the optimizer files must be rewritten (ZeRO-0: the ep_size changed; ZeRO-1/2: the
-    world size, the ep_size or the optimizer's offload; ZeRO-0 <-> ZeRO-1/2); ReshardError when the change cannot be made;
-    False when the checkpoint loads as it is. ZeRO-1 and ZeRO-2 write the same files (DeepSpeed's
+    world size, the ep_size or the optimizer's offload; ZeRO-0 <-> ZeRO-1/2; ZeRO-3: the world size,
+    or the optimizer offloaded or no longer); ReshardError when the change cannot be made (ZeRO-3 <->
+    another stage, among others); False when the checkpoint loads as it is. ZeRO-1 and ZeRO-2 write the same files (DeepSpeed's
     one optimizer class, with and without partitioned gradients): either resumes the other's."""
     if current.get("expert_storage") not in (None, saved["expert_storage"]):
         raise ReshardError(f"{tag_dir}: its experts' optimizer state is laid out {saved['expert_storage']} "
@@ -89,19 +98,21 @@ def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
                            f"layout-free) and continue in a new run dir with init.from_moe=<export>")
     if saved["zero_stage"] != current["zero_stage"] and 3 in (saved["zero_stage"], current["zero_stage"]):
         raise ReshardError(f"{tag_dir}: written with train.zero_stage={saved['zero_stage']}, resumed with "
-                           f"{current['zero_stage']}: ZeRO-3 partitions every parameter and resumes only at its own "
-                           f"stage; resume with train.zero_stage={saved['zero_stage']} (stages 0, 1 and 2 convert)")
+                           f"{current['zero_stage']}: ZeRO-3 partitions every parameter its own way and converts only "
+                           f"to ZeRO-3 at another world size or offload; resume with "
+                           f"train.zero_stage={saved['zero_stage']} (stages 0, 1 and 2 convert into each other)"
+                           + (", or export the run and continue in a new run dir with init.from_moe=<export> (Adam "
+                              "restarts)" if saved["zero_stage"] == 3 else ""))
     changed = saved["ep_size"] != current["ep_size"] or saved["world_size"] != current["world_size"]
     converts = (saved["zero_stage"] == 0) != (current["zero_stage"] == 0)  # ZeRO-0 <-> ZeRO-1/2
-    if changed and saved["zero_stage"] == 3:
-        raise ReshardError(f"{tag_dir}: a ZeRO-3 checkpoint (world {saved['world_size']}) holds per-rank partitions "
-                           f"of every parameter and resumes only at that layout (asked: world "
-                           f"{current['world_size']}, ep_size {current['ep_size']}); resharding converts ZeRO-0, "
-                           f"ZeRO-1 and ZeRO-2 checkpoints")
+    if changed and saved["world_size"] * saved["accumulate"] != current["world_size"] * current["accumulate"]:
+        log.warning("%s: the global batch changes from %d to %d micro-batches per step (world x train.accumulate): "
+                    "training continues, but not with the batches of the original layout", tag_dir,
+                    saved["world_size"] * saved["accumulate"], current["world_size"] * current["accumulate"])
+    if saved["zero_stage"] == 3:  # no expert parallelism there: the world size and the Adam
+        return changed or _other_adam(saved, current, offloaded=lambda device: device not in (None, "none"))
     # DeepSpeed's CPU Adam and torch's Adam keep different group settings, which loading replaces whole
-    other_adam = (saved["zero_stage"] in (1, 2) and current["zero_stage"] in (1, 2)
-                  and saved.get("offload_optimizer") is not None
-                  and saved["offload_optimizer"] != current.get("offload_optimizer", saved["offload_optimizer"]))
+    other_adam = saved["zero_stage"] in (1, 2) and current["zero_stage"] in (1, 2) and _other_adam(saved, current)
     rewrites_zero = converts or other_adam or (changed and saved["zero_stage"] > 0)
     for key, setting, why in (("zero_round_robin", "round_robin_gradients", "orders each ZeRO parameter group by "
                                "the number of ranks"),
@@ -115,11 +126,18 @@ def check_resumable(saved: dict, current: dict, tag_dir: Path) -> bool:
                            f"{'0' if saved['zero_stage'] == 0 else '1 or 2'}, optimizer offload "
                            f"{saved.get('offload_optimizer') or 'none'}); converting ZeRO partitions needs "
                            f"moe.expert_storage=stacked")
-    if changed and saved["world_size"] * saved["accumulate"] != current["world_size"] * current["accumulate"]:
-        log.warning("%s: the global batch changes from %d to %d micro-batches per step (world x train.accumulate): "
-                    "training continues, but not with the batches of the original layout", tag_dir,
-                    saved["world_size"] * saved["accumulate"], current["world_size"] * current["accumulate"])
     return saved["ep_size"] != current["ep_size"] or rewrites_zero
+
+
+def _other_adam(saved: dict, current: dict, offloaded=lambda device: device) -> bool:
+    """Whether the resuming optimizer is another Adam than the saved one (torch's Adam without
+    offload, DeepSpeed's CPU Adam with: their group settings differ, and loading replaces a group's
+    settings whole). `offloaded`: the offload device -> what decides the Adam (ZeRO-3 offloads to the
+    CPU or NVMe with the same CPU Adam). Unknown for checkpoints that do not say."""
+    if saved.get("offload_optimizer") is None:
+        return False
+    return offloaded(saved["offload_optimizer"]) != offloaded(current.get("offload_optimizer",
+                                                                          saved["offload_optimizer"]))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -328,6 +346,25 @@ def _convert(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, new_ep: 
     _write_main(main, out_dir, new_world, new_zero, shapes, zero0_optimizer, (old_kinds, new_kinds))
 
 
+def _convert_zero3(tag_dir: Path, out_dir: Path, saved: dict, new_world: int, target: OptimizerLayout) -> None:
+    """Writes every rank's ZeRO-3 optimizer and model files of a world of `new_world` into `out_dir`
+    (the model files hold no weights under ZeRO-3, only placeholders, the lr schedule and the training
+    state: rank 0's, with the new world and sub-groups)."""
+    files = [load_zero_optimizer_file(tag_dir, rank) for rank in range(saved["world_size"])]
+    model = load_tensors(zero3_model_file(tag_dir, 0))
+    joined = adopt_settings(join_zero3([f["optimizer_state_dict"] for f in files], model["param_shapes"]), target)
+    extras = {k: v for k, v in files[0]["optimizer_state_dict"].items() if k not in ZERO3_PARTITION_KEYS}
+    top = {**{k: v for k, v in files[0].items() if k != "optimizer_state_dict"}, "ds_config": target.ds_config}
+    new_files, shapes = write_zero3(joined, new_world, target, extras, top)
+    model.update(dp_world_size=new_world, param_shapes=shapes, ds_config=target.ds_config)
+    for rank, content in enumerate(new_files):
+        torch.save(content, zero_optimizer_file(out_dir, rank))
+        torch.save(model, zero3_model_file(out_dir, rank))
+        # DeepSpeed's NVMe-offloaded optimizer copies this folder into its swap folder on loading; the
+        # swapped state is then rewritten from the files (mtmoe.train.zero3_swap)
+        (out_dir / "offloaded_tensors" / f"rank{rank:02d}").mkdir(parents=True, exist_ok=True)
+
+
 def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int, num_experts: int,
                        num_moe_layers: int, new_zero: Optional[int] = None,
                        target: Optional[OptimizerLayout] = None, new_offload: Optional[str] = None) -> None:
@@ -335,7 +372,7 @@ def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int
     main file) of a layout of `new_world` ranks, `new_ep` of them expert-parallel, at ZeRO stage
     `new_zero` (default: the checkpoint's), and its mtmoe_state.json; the other files are hard links
     to the source's. `target`: the resuming optimizer (`OptimizerLayout`), needed to convert from
-    ZeRO-0, and then checked against; `new_offload`: its `train.offload_optimizer` (for the log). A
+    ZeRO-0 or ZeRO-3, and then checked against; `new_offload`: its `train.offload_optimizer` (for the log). A
     file written here is never one of those links: writing through a link would change the source
     tag, which would then fail its manifest."""
     saved = saved_layout(tag_dir)
@@ -346,7 +383,11 @@ def reshard_checkpoint(tag_dir: Path, out_dir: Path, new_world: int, new_ep: int
     for path in tag_dir.iterdir():  # the optimizer files of either kind are rewritten
         if path.is_file() and not path.name.startswith(("zero_pp_rank_", "expp_rank_")) and path.name not in rewritten:
             _link_or_copy(path, out_dir / path.name)
-    if saved["zero_stage"] or new_zero:
+    if saved["zero_stage"] == 3:
+        if target is None:
+            raise ValueError("converting a ZeRO-3 checkpoint needs the resuming optimizer's layout")
+        _convert_zero3(tag_dir, out_dir, saved, new_world, target)
+    elif saved["zero_stage"] or new_zero:
         _convert(tag_dir, out_dir, saved, new_world, new_ep, new_zero, num_experts, target)
     else:
         regrouped = reshard_optimizer_states(_zero0_files(tag_dir, saved), num_experts, num_moe_layers, new_ep,

@@ -107,15 +107,22 @@ def optimizer_layout(engine) -> OptimizerLayout:
     """The live engine's optimizer as resharding needs it: per parameter group its parameters' names
     and shapes in order, whether it holds experts, its settings. DeepSpeed's ZeRO-1/2 optimizer
     keeps the model's parameters of each group in `bit16_groups` and steps flat copies in its
-    wrapped optimizer; without ZeRO the engine holds the torch optimizer itself."""
+    wrapped optimizer; ZeRO-3's keeps them per sub-group in `fp16_groups` (whole shapes: `ds_shape`),
+    with each sub-group's group in `sub_group_to_group_id`; without ZeRO the engine holds the torch
+    optimizer itself."""
     names = {id(p): name for name, p in engine.module.named_parameters()}
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)
-    params = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in base.param_groups]
     settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    return OptimizerLayout(shapes=[{names[id(p)]: tuple(p.shape) for p in group} for group in params],
-                           experts=group_kinds(base.param_groups), settings=settings,
-                           ds_config=dict(engine.config))
+    layout = OptimizerLayout(shapes=[], experts=group_kinds(base.param_groups), settings=settings,
+                             ds_config=dict(engine.config))
+    if engine.zero_optimization_stage() == 3:
+        layout.sub_groups = [(optimizer.sub_group_to_group_id[i], {names[id(p)]: tuple(p.ds_shape) for p in group})
+                             for i, group in enumerate(optimizer.fp16_groups)]
+        return layout
+    params = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in base.param_groups]
+    layout.shapes = [{names[id(p)]: tuple(p.shape) for p in group} for group in params]
+    return layout
 
 
 def _prepare_layout(engine, tag_dir: Path, layout: Optional[dict], moe_shape: tuple[int, int]) -> str:
@@ -151,7 +158,8 @@ def load(engine, run_dir: Path, check_hashes: bool = True, layout: Optional[dict
 
     `layout` (world_size, ep_size, zero_stage, accumulate) is the layout resuming; a ZeRO-0
     checkpoint written with another ep_size, a ZeRO-1/2 one written with another world size or
-    ep_size or optimizer offload, and one written at ZeRO-0 resumed at ZeRO-1/2 or back, is resharded
+    ep_size or optimizer offload, one written at ZeRO-0 resumed at ZeRO-1/2 or back, and a ZeRO-3 one
+    written with another world size or optimizer offload, is resharded
     on the way in (`moe_shape` = experts per MoE layer, number of MoE layers)."""
     first = is_first_rank()
     candidates = broadcast_object(_candidates(run_dir) if first else None)
