@@ -173,8 +173,7 @@ def test_stream_is_deterministic_resumable_and_sharded(vocab_and_corpus):
 def test_a_stream_resumed_by_another_layout_continues_on_every_rank(vocab_and_corpus, caplog):
     """A position saved at world 1 after 5 batches, resumed by 2 ranks: both go on to the next step
     boundary (batch 6) and read through the chunk's end into the next chunk (before, rank 1 read past
-    the end of the chunk and raised IndexError); a chunk that cannot hold one step is one clear error
-    (before, the stream searched for a usable chunk forever)."""
+    the end of the chunk and raised IndexError)."""
     vocab, tok, _ = vocab_and_corpus
     dirs = parse_directions("all", tok.langs)
     tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
@@ -202,8 +201,41 @@ def test_a_stream_resumed_by_another_layout_continues_on_every_rank(vocab_and_co
         for s in streams:
             next(s)
     assert ranks[0].state_dict()["chunk"] == ranks[1].state_dict()["chunk"] > state["chunk"]
-    with pytest.raises(ConfigError, match="fewer batches of train.max_tokens=200 than one optimizer step"):
-        next(iter(stream(chunk_sentences=20, accumulate=64)))
+
+
+def test_every_layout_reads_the_same_global_batches_without_dropping_any(vocab_and_corpus):
+    """3 ranks x 2 micro-batches per step over chunks of ~4 batches: a step spans chunks, and the
+    ranks' batches, put in global order ((step x accumulate + micro) x world + rank), are exactly a
+    world of one's, every chunk's every batch (before, each chunk dropped its last batches that did
+    not fill a whole step, here up to 5 of ~4, and a chunk with fewer batches than a step was an
+    error); resuming one rank mid-run at a step boundary continues its own sequence."""
+    vocab, tok, _ = vocab_and_corpus
+    dirs = parse_directions("all", tok.langs)
+    tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
+    probs = temperature_probs([len(tok)] * len(dirs), 5.0)
+
+    def stream(rank=0, world=1, accumulate=1):
+        return BatchStream.translation(tok, dirs, probs, tags, max_tokens=200, max_len=64, seed=3, rank=rank,
+                                       world_size=world, chunk_sentences=20, accumulate=accumulate)
+
+    world, accumulate, steps = 3, 2, 7
+    single = iter(stream())
+    expected = [next(single).src for _ in range(world * accumulate * steps)]
+    ranks = [stream(rank, world, accumulate) for rank in range(world)]
+    got = [[next(it).src for _ in range(accumulate * steps)] for it in map(iter, ranks)]
+    for g, want in enumerate(expected):
+        micro, rank = divmod(g, world)
+        assert got[rank][micro].equal(want), g
+    one_chunk = stream()._chunk(0, 0)
+    assert len(one_chunk) < world * accumulate  # the steps did span chunks
+    assert len({r.state_dict()["chunk"] for r in ranks}) == 1 and ranks[0].state_dict()["chunk"] > 2
+    middle = stream(1, world, accumulate)
+    it = iter(middle)
+    for _ in range(accumulate * 3):
+        next(it)
+    resumed = stream(1, world, accumulate)
+    resumed.load_state_dict(middle.state_dict())
+    assert [b.src.equal(w) for b, w in zip(iter(resumed), got[1][accumulate * 3:])] == [True] * accumulate * 4
 
 
 def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):

@@ -10,7 +10,10 @@ Data parallelism: every rank builds the same global stream and takes batches
 `rank, rank + world, ...`, so ranks see disjoint batches and the global order is fixed by the seed.
 With gradient accumulation, micro-batch m of step s on rank r is global batch
 `(s * accumulate + m) * world + r`: world 1 x accumulate 2 and world 2 x accumulate 1 see the same
-batches in the same steps.
+batches in the same steps. The global order does not depend on the layout at all: a step's batches
+may span the end of a chunk (no batch is dropped to make chunks hold whole steps, which, before,
+threw away up to world x accumulate - 1 batches per chunk and stopped runs of more ranks than a
+chunk has batches).
 """
 
 from __future__ import annotations
@@ -127,8 +130,9 @@ class BatchStream:
                  tag_ids: dict[str, int], max_tokens: int, max_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, chunk_sentences: int = 4000, accumulate: int = 1):
         """`sources` (mtmoe.data.tasks) sampled by `probs_at(step)` (a multitask `Mixture.probs`).
-        `accumulate`: micro-batches per optimizer step; chunks hold whole steps, so global batch g
-        lands in the same step under every layout with the same world_size x accumulate."""
+        `accumulate`: micro-batches per optimizer step: step s takes global batches
+        s * world_size * accumulate onwards, so global batch g lands in the same step under every
+        layout with the same world_size x accumulate."""
         self.sources = list(sources)
         self.probs_at = probs_at
         self.tag_ids = tag_ids
@@ -140,6 +144,7 @@ class BatchStream:
         self.chunk_sentences = chunk_sentences
         self.batches_per_step = world_size * accumulate
         self.position = StreamPosition()
+        self._cache: dict[int, list] = {}
 
     @classmethod
     def translation(cls, corpus: TokenizedCorpus, directions: Sequence[Direction], probs: np.ndarray,
@@ -169,9 +174,7 @@ class BatchStream:
         order = np.lexsort((src_len, tgt_len))
         groups = pack_by_tokens(src_len[order], tgt_len[order], self.max_tokens)
         rng.shuffle(groups)
-        # Drop the tail so that a chunk holds whole optimizer steps (every rank, every micro-batch).
-        usable = len(groups) - len(groups) % self.batches_per_step
-        return [(src_idx[order[g]], lines[order[g]], order[g]) for g in groups[:usable]]
+        return [(src_idx[order[g]], lines[order[g]], order[g]) for g in groups]
 
     def make_batch(self, chunk: int, src_idx: np.ndarray, line_idx: np.ndarray, example_idx: np.ndarray) -> Batch:
         src, tgt, tags = [], [], []
@@ -184,35 +187,43 @@ class BatchStream:
             tags.append(self.tag_ids[source.tgt_lang])
         return collate(src, tgt, tags, self.max_len, src_idx.tolist())
 
+    def _groups(self, chunk: int, batches_before: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`_chunk`, kept for the chunk in use and the next (a step's batches may span both)."""
+        if chunk not in self._cache:
+            self._cache = {c: g for c, g in self._cache.items() if c >= chunk - 1}
+            self._cache[chunk] = self._chunk(chunk, batches_before)
+            if not self._cache[chunk]:  # every chunk would be empty alike: the stream would search forever
+                raise ConfigError(f"a data chunk of {self.chunk_sentences} sentences packs into no batch")
+        return self._cache[chunk]
+
     def __iter__(self) -> Iterator[Batch]:
         while True:
             pos = self.position
-            groups = self._chunk(pos.chunk, pos.batches_before)
-            if not groups:  # every chunk would be empty alike: the stream would search forever
-                raise ConfigError(f"a data chunk of {self.chunk_sentences} sentences packs into fewer batches of "
-                                  f"train.max_tokens={self.max_tokens} than one optimizer step takes (world size x "
-                                  f"train.accumulate = {self.batches_per_step}): lower train.accumulate or "
-                                  f"train.max_tokens")
-            while self.position.batch < len(groups):
-                src_idx, line_idx, example_idx = groups[self.position.batch + self.rank]
-                self.position.batch += self.world_size
-                yield self.make_batch(pos.chunk, src_idx, line_idx, example_idx)
-            self.position = StreamPosition(pos.chunk + 1, 0, pos.batches_before + len(groups))
+            groups = self._groups(pos.chunk, pos.batches_before)
+            if pos.batch >= len(groups):  # used up (or a resumed position past its end): the next chunk
+                self.position = StreamPosition(pos.chunk + 1, pos.batch - len(groups), pos.batches_before + len(groups))
+                continue
+            chunk, before, index = pos.chunk, pos.batches_before, pos.batch + self.rank
+            while index >= len(groups):  # this rank's batch of the step lies in a later chunk
+                chunk, before, index = chunk + 1, before + len(groups), index - len(groups)
+                groups = self._groups(chunk, before)
+            self.position.batch += self.world_size
+            yield self.make_batch(chunk, *groups[index])
 
     def state_dict(self) -> dict:
         return self.position.as_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Resumes at `state`. A position saved by a layout with another world size x accumulate
-        is moved on to the next step boundary of this one (each rank reads batch + rank of a chunk
-        cut into whole steps: from any other position the last ranks would read past its end)."""
-        batch = int(state["batch"])
-        aligned = -(-batch // self.batches_per_step) * self.batches_per_step
+        is moved on to the next step boundary of this one (in the global batch order: a step is
+        world x accumulate consecutive global batches, and ranks read them in lockstep)."""
+        batch, before = int(state["batch"]), int(state.get("batches_before", 0))
+        aligned = -(-(before + batch) // self.batches_per_step) * self.batches_per_step - before
         if aligned != batch:
             log.warning("data stream: resuming at batch %d of chunk %s, the next step boundary of %d batches per "
                         "step (saved at batch %d by another layout)", aligned, state["chunk"],
                         self.batches_per_step, batch)
-        self.position = StreamPosition(int(state["chunk"]), aligned, int(state.get("batches_before", 0)))
+        self.position = StreamPosition(int(state["chunk"]), aligned, before)
 
 
 class DeviceFeed:
