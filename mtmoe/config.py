@@ -643,6 +643,15 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
     """Checks the model/MoE fields that do not depend on the parallel layout."""
     check_choices(model, "model.")
     check_choices(moe, "moe.")
+    for name in ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
+        if getattr(model, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(model, name)} must be >= 1")
+    for name in ("dropout", "attention_dropout"):
+        if not 0 <= getattr(model, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(model, name)} must be in [0, 1) (a probability)")
+    for name in ("min_capacity", "aux_loss_weight", "z_loss_weight"):
+        if getattr(moe, name) < 0:
+            raise ConfigError(f"moe.{name}={getattr(moe, name)} must be >= 0")
     if model.d_model % model.n_heads:
         raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}")
     if moe.enabled:
@@ -694,8 +703,14 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
             f"(expert-parallel groups must tile the ranks)")
     t = cfg.train
     check_device_spec("train.device", t.device)
+    for name in ("max_steps", "max_minutes"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0: no such budget)")
     if t.max_steps <= 0 and t.max_minutes <= 0:
         raise ConfigError("set train.max_steps or train.max_minutes: the run has no budget")
+    for name in ("max_train_lines", "val_lines"):
+        if getattr(cfg.data, name) < 0:
+            raise ConfigError(f"data.{name}={getattr(cfg.data, name)} must be >= 0")
     if t.gpu_memory_gib < 0:
         raise ConfigError(f"train.gpu_memory_gib={t.gpu_memory_gib} must be >= 0 (0 = no cap)")
     if t.max_tokens < 16:

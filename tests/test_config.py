@@ -92,6 +92,13 @@ def test_budget_is_rejected_early():
     ("train.adam_eps=0", "train.adam_eps=0.0 must be > 0"), ("train.weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
     ("train.label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"), ("train.clip_norm=-1", "clip_norm=-1.0"),
     ("train.cooldown=1", r"train.cooldown=1.0 must be in \[0, 1\) \(a fraction of the budget\)"),
+    # each of these crashed later with a traceback (or in validate itself: a division by n_heads)
+    ("model.n_heads=0", "model.n_heads=0 must be >= 1"), ("model.d_ff=0", "model.d_ff=0 must be >= 1"),
+    ("model.dropout=1.5", r"model.dropout=1.5 must be in \[0, 1\)"),
+    ("model.attention_dropout=-0.1", "model.attention_dropout=-0.1"), ("moe.min_capacity=-1", "moe.min_capacity=-1"),
+    ("moe.aux_loss_weight=-1", "moe.aux_loss_weight=-1.0 must be >= 0"),
+    ("train.max_minutes=-1", "train.max_minutes=-1.0 must be >= 0"),
+    ("data.val_lines=-1", "data.val_lines=-1 must be >= 0"), ("data.max_train_lines=-5", "data.max_train_lines=-5"),
 ])
 def test_optimizer_numbers_are_rejected_before_any_data(override, message):
     """torch's Adam would refuse lr=-1 only after the vocabulary and the model are built, with a traceback."""

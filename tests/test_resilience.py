@@ -154,6 +154,19 @@ def test_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, corpus, cac
     train = [(r["step"], r["loss"] is None, r["skipped_steps"]) for r in records if r["kind"] == "train"]
     assert train == [(1, False, 0), (2, True, 1), (3, True, 2)]  # withheld steps: no loss to log; step 4 stopped it
 
+    # The message's advice: a lower train.lr, the same command. The resumed run trains at that lr (before,
+    # the checkpoint's lr schedule and optimizer groups won) and goes on counting the withheld steps in a
+    # row where the checkpoint left them (2 at step 3): with 5 allowed it stops at step 6, not step 8.
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=20, **{
+        "train.lr": 1e-3, "train.warmup_steps": 1, "train.clip_norm": 0, "train.save_every": 1,
+        "train.max_bad_steps": 5, "train.log_every": 1}))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "optimizer settings from the config, not the checkpoint: lr 1e+30 -> 0.001" in (run_dir / "train.log").read_text()
+    assert "non-finite for 5 consecutive steps by step 6" in proc.stderr
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    resumed = {r["step"]: r["lr"] for r in records if r["kind"] == "train" and r["step"] > 3}
+    assert sorted(resumed) == [4, 5] and all(0 < lr <= 1e-3 for lr in resumed.values()), resumed
+
 
 # -- hostile inputs ---------------------------------------------------------------------------------
 def copy_corpus(src: Path, dst: Path) -> Path:
@@ -235,6 +248,16 @@ def test_windows_text_is_accepted_with_a_warning_and_long_lines_are_skipped(tmp_
     assert "train.de: starts with a UTF-8 byte-order mark (ignored)" in output
     assert "train.de: 400 of 400 lines end in CRLF" in output
     assert "skipping 1 of 400 training lines longer than data.max_len=200" in output
+
+
+def test_a_fresh_start_in_a_run_dir_with_checkpoints_is_refused(trained, tmp_path, corpus, cache_dir):
+    """train.resume=false where checkpoints of an earlier run are: one error, nothing touched (before,
+    the new run's checkpoints were pruned as older than the earlier run's, right after each save)."""
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4, **{"train.resume": "false"}))
+    assert_clean_failure(proc, "train.resume=false, but")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
 def test_missing_checkpoint_for_export(tmp_path):

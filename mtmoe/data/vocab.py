@@ -110,12 +110,16 @@ def train_vocab(columns: dict[str, Sequence[str]], out_dir: Path, vocab_size: in
         sentences.extend(rng.sample(lines, per_lang) if len(lines) > per_lang else lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=1.0, num_threads=2,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=[MASK] + [lang_tag(lang) for lang in sorted(columns)],
-        hard_vocab_limit=False, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=1.0, num_threads=2,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=[MASK] + [lang_tag(lang) for lang in sorted(columns)],
+            hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces than the text has characters
+        raise ConfigError(f"data.vocab_size={vocab_size}: SentencePiece cannot build this vocabulary on the "
+                          f"training text ({str(e).strip()})") from None
     tmp = out_dir / "spm.model.tmp"
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out_dir / "spm.model")

@@ -180,8 +180,9 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[S
         kept = direction_keep(telemetry, direction, mass, min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": mass}
     elif check_prune_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
-        lines = int(prune.get("loss_lines") or DEFAULT_CALIBRATION["loss_lines"])
-        texts = {lang: t[:lines] for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
+        lines = int(DEFAULT_CALIBRATION["loss_lines"] if prune.get("loss_lines") is None else prune["loss_lines"])
+        texts = {lang: t[:lines] if lines else t  # 0: all lines
+                 for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
         counts = {layer: max(keep_count(float(prune["keep"]), len(telemetry["overall"][layer]["share"])), top_k)
                   for layer in telemetry["layers"]}
         if prune.get("per_layer"):

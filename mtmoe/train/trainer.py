@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mtmoe.config import TrainAppConfig
+from mtmoe.errors import ConfigError
 from mtmoe.data.batching import Batch, BatchStream, DeviceFeed
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
@@ -99,6 +100,10 @@ class Trainer:
         self.rank, self.world = self.layout.rank, self.layout.world
         torch.set_num_threads(max(1, cfg.train.threads))
         self.is_main = self.rank == 0
+        if not cfg.train.resume and ds_checkpoint.complete_tags(run_dir):
+            raise ConfigError(f"train.resume=false, but {ds_checkpoint.checkpoint_dir(run_dir)} holds checkpoints of an "
+                              f"earlier run: a new run there would mix its checkpoints with them (and prune its own as "
+                              f"older); choose another hydra.run.dir, or delete that folder to start over")
         run_dir.mkdir(parents=True, exist_ok=True)
 
         self.data: TrainingData = prepare_training_data(cfg.data, self.is_main, barrier)
@@ -160,9 +165,35 @@ class Trainer:
             self.target_tokens = state.get("target_tokens")
             self.stream.load_state_dict(state["stream"])
             self.guard.skipped = state.get("skipped_steps", 0)
+            self.guard.consecutive = state.get("bad_streak", 0)
             self.last_checkpoint = ds_checkpoint.tag_for_step(self.step)
             log.info("resumed from step %d (%s)", self.step, self.last_checkpoint)
+            self._adopt_optimizer_settings()
         return state
+
+    def _adopt_optimizer_settings(self) -> None:
+        """The config's lr, betas, eps and weight decay over the checkpoint's (DeepSpeed restores the
+        saved optimizer groups and lr schedule whole): a run resumed with another `train.lr` (e.g.
+        after divergence) trains at it. The schedule's factor at this step (warmup, cooldown) is
+        kept: each group's lr is scaled by new / saved base lr."""
+        t = self.cfg.train
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        wanted = {"betas": tuple(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
+        changes = set()
+        for i, group in enumerate(optimizer.param_groups):
+            saved_base = self.scheduler.base_lrs[i] if self.scheduler is not None else group.get("initial_lr", t.lr)
+            if saved_base != t.lr:
+                changes.add(f"lr {saved_base:g} -> {t.lr:g}")
+                group["lr"] = group["lr"] * t.lr / saved_base if saved_base else t.lr
+                group["initial_lr"] = t.lr
+                if self.scheduler is not None:
+                    self.scheduler.base_lrs[i] = t.lr
+            for key, value in wanted.items():
+                if key in group and _as_tuple(group[key]) != _as_tuple(value):
+                    changes.add(f"{key} {group[key]} -> {value}")
+                    group[key] = value
+        if changes:
+            log.info("optimizer settings from the config, not the checkpoint: %s", ", ".join(sorted(changes)))
 
     def _finished_results(self) -> Optional[dict]:
         """The run's results.json when the resumed run already trained to its budget and wrote its
@@ -181,6 +212,7 @@ class Trainer:
                 "snapshot": snapshot,
                 "stream": (self.feed or self.stream).state_dict(),
                 "wandb_id": self.runlog.wandb_id, "skipped_steps": self.guard.skipped,
+                "bad_streak": self.guard.consecutive,
                 **self.layout.checkpoint_layout()}
 
     def _last_checkpoint_path(self) -> str | None:
@@ -356,6 +388,11 @@ class Trainer:
         barrier()
         self.layout.close(self.is_main)
         return results or {}
+
+
+def _as_tuple(value) -> tuple:
+    """An optimizer setting as a tuple (betas are saved as a list or a tuple; eps as a number)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _new_window() -> dict:
