@@ -308,6 +308,11 @@ class TranslationParams:
     """Per-direction line limits, e.g. `{cs-en: 3000, en-cs: 3000}` (low-resource simulations):
     the direction draws only the first N usable lines."""
 
+    def __post_init__(self):
+        for direction, n in self.lines.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"lines.{direction}={n!r} must be a whole number >= 1 (the direction's first N lines)")
+
 
 @dataclass
 class DenoisingParams:
@@ -321,8 +326,9 @@ class DenoisingParams:
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
-        if self.poisson_lambda < 0:
-            raise ValueError(f"poisson_lambda={self.poisson_lambda} must be >= 0")
+        if not self.poisson_lambda > 0:
+            raise ValueError(f"poisson_lambda={self.poisson_lambda} must be > 0 (the mean span length; at 0 every "
+                             f"span would be an inserted <mask> and nothing would be masked)")
 
 
 TASK_PARAMS: dict[str, type] = {"translation": TranslationParams, "denoising": DenoisingParams}

@@ -203,6 +203,36 @@ def test_a_stream_resumed_by_another_layout_continues_on_every_rank(vocab_and_co
     assert ranks[0].state_dict()["chunk"] == ranks[1].state_dict()["chunk"] > state["chunk"]
 
 
+def test_the_schedule_clock_counts_steps_across_layouts(vocab_and_corpus):
+    """The multitask schedule's clock is the optimizer steps made, whatever the layout that made
+    them: a position saved at 2 batches per step and resumed at 4 goes on from the steps it had
+    (before, the global batches so far were divided by the new layout's batches per step: a run of
+    1,000 steps on 8 ranks resumed on 4 sampled by the schedule at step ~2,000)."""
+    vocab, tok, _ = vocab_and_corpus
+    dirs = parse_directions("all", tok.langs)
+    tags = {lang: vocab.tag_id(lang) for lang in tok.langs}
+    probs = temperature_probs([len(tok)] * len(dirs), 5.0)
+
+    def stream(world):
+        return BatchStream.translation(tok, dirs, probs, tags, max_tokens=200, max_len=64, seed=3, rank=0,
+                                       world_size=world, chunk_sentences=40)
+
+    two = stream(2)
+    it = iter(two)
+    for _ in range(40):
+        next(it)
+    saved = two.state_dict()
+    assert saved["chunk"] > 1 and saved["steps_before"] == saved["batches_before"] / 2
+    four = stream(4)
+    four.load_state_dict(saved)
+    it = iter(four)
+    while four.state_dict()["chunk"] == saved["chunk"]:
+        next(it)
+    now = four.state_dict()
+    assert now["steps_before"] == pytest.approx(saved["steps_before"]
+                                                + (now["batches_before"] - saved["batches_before"]) / 4)
+
+
 def test_every_layout_reads_the_same_global_batches_without_dropping_any(vocab_and_corpus):
     """3 ranks x 2 micro-batches per step over chunks of ~4 batches: a step spans chunks, and the
     ranks' batches, put in global order ((step x accumulate + micro) x world + rank), are exactly a
@@ -261,3 +291,14 @@ def test_too_long_lines_are_skipped_truncated_or_fatal(vocab_and_corpus):
                          {lang: 4 for lang in tok.langs}, 400, max_len, 3, chunk_sentences=2000, rows=rows)
     drawn = np.concatenate([lines for _, lines, _ in stream._chunk(0, 0)])
     assert len(drawn) > 1000 and not set(over.tolist()) & set(drawn.tolist())
+
+
+def test_a_damaged_gzip_corpus_file_is_named(tmp_path):
+    """A .gz whose compressed data is damaged (not only truncated) is one CorpusError naming the
+    file (before, a bare zlib.error without the path)."""
+    path = tmp_path / "train.de.gz"
+    data = bytearray(gzip.compress(("".join(f"Zeile {i} mit etwas Text\n" for i in range(2000))).encode()))
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorpusError, match=f"{path}: cannot read"):
+        read_lines(path)

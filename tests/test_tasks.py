@@ -41,6 +41,29 @@ def test_text_infilling_masks_about_the_ratio_in_spans():
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("lam", [0.2, 1.0, 3.5])
+def test_infilled_lines_are_at_most_one_longer_and_short_lines_get_masked(lam):
+    """L' <= L + 1 (the length batches are packed by) at any span length: one zero-length span
+    inserts a mask, anywhere including the end, and further zero draws mask a token (before, each
+    inserted one: at lambda 1, 27% of lines came out longer, by up to 10). At a small ratio, short
+    lines are masked as often as the ratio says (before, a line under 10 tokens at ratio 0.05 was
+    never masked: round(n x ratio) = 0)."""
+    rng = np.random.default_rng(1)
+    ends = 0
+    for n in (1, 2, 3, 5, 12, 40):
+        for _ in range(300):
+            ids = np.arange(100, 100 + n)
+            out = infill_spans(ids, MASK, rng, mask_ratio=0.35, poisson_lambda=lam)
+            assert len(out) <= n + 1
+            kept = out[out != MASK]
+            assert np.all(np.diff(kept) > 0) and set(kept.tolist()) <= set(ids.tolist())
+            ends += int(out[-1] == MASK and kept.size and kept[-1] == ids[-1])
+    assert ends > 0  # a mask inserted after the last token
+    short = [infill_spans(np.arange(100, 105), MASK, rng, mask_ratio=0.05) for _ in range(2000)]
+    changed = np.mean([not np.array_equal(o, np.arange(100, 105)) for o in short])
+    assert 0.15 < changed < 0.35  # 5 x 0.05 = 0.25 tokens per line: about a quarter of the lines
+
+
 def test_sentence_permutation_keeps_every_sentence():
     is_end = np.zeros(50, dtype=bool)
     is_end[9] = True  # token 9 ends a sentence
@@ -113,11 +136,11 @@ def test_mixed_stream_has_both_tasks_respects_line_limits_and_resumes(data):
     for expected in batches[25:40]:
         got = next(cont)
         assert got.src.equal(expected.src) and got.tgt_out.equal(expected.tgt_out)
-    # The schedule's clock is the global batches before a chunk: at step 0 denoising has 60% of
+    # The schedule's clock is the optimizer steps before a chunk: at step 0 denoising has 60% of
     # the examples, at step 40 (the end of the linear schedule) none.
     s = stream()
-    start = np.concatenate([k for k, _, _ in s._chunk(0, batches_before=0)])
-    end = np.concatenate([k for k, _, _ in s._chunk(5, batches_before=40)])
+    start = np.concatenate([k for k, _, _ in s._chunk(0, steps_before=0)])
+    end = np.concatenate([k for k, _, _ in s._chunk(5, steps_before=40)])
     assert 0.5 < (start == 6).mean() < 0.7 and (end == 6).sum() == 0
 
 
@@ -132,6 +155,13 @@ def test_task_config_errors_name_the_field(data):
         build_sources({"translation": {"lines": {"de-fr": 5}}}, tok, np.arange(len(tok)), dirs, vocab)
     with pytest.raises(ConfigError, match=r"tasks.denoising.langs: \['xx'\]"):
         build_sources({"denoising": {"langs": ["xx"]}}, tok, np.arange(len(tok)), dirs, vocab)
+    # before: lambda 0 masked nothing (only inserted masks); lines -1000 trained on all but the last
+    # 1000 lines; 0 failed after the engine was built, naming no field
+    with pytest.raises(ConfigError, match="tasks.denoising: poisson_lambda=0.0 must be > 0"):
+        build_sources({"denoising": {"poisson_lambda": 0.0}}, tok, np.arange(len(tok)), dirs, vocab)
+    for bad in (-1000, 0, "3k"):
+        with pytest.raises(ConfigError, match=f"tasks.translation: lines.en-de={bad!r} must be a whole number >= 1"):
+            build_sources({"translation": {"lines": {"en-de": bad}}}, tok, np.arange(len(tok)), dirs, vocab)
 
 
 @pytest.mark.slow

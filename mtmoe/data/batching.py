@@ -112,10 +112,15 @@ class StreamPosition:
     chunk: int = 0
     batch: int = 0
     batches_before: int = 0
-    """Global batches in the chunks before `chunk`: the multitask schedule's clock."""
+    """Global batches in the chunks before `chunk`."""
+    steps_before: Optional[float] = None
+    """Optimizer steps those batches made (each chunk's batches / the batches per step of the layout
+    that read it): the multitask schedule's clock at `chunk`. None: batches_before / this layout's
+    batches per step (a position saved before it was recorded)."""
 
     def as_dict(self) -> dict:
-        return {"chunk": self.chunk, "batch": self.batch, "batches_before": self.batches_before}
+        return {"chunk": self.chunk, "batch": self.batch, "batches_before": self.batches_before,
+                "steps_before": self.steps_before}
 
 
 def translation_sources(corpus: TokenizedCorpus, directions: Sequence[Direction], rows: np.ndarray) -> list[Source]:
@@ -157,10 +162,11 @@ class BatchStream:
         return cls(translation_sources(corpus, directions, rows), lambda step: fixed, tag_ids, max_tokens,
                    max_len, seed, **kwargs)
 
-    def _chunk(self, chunk: int, batches_before: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """[(source index[B], line index[B], example index in chunk[B]), ...] per global batch."""
+    def _chunk(self, chunk: int, steps_before: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[(source index[B], line index[B], example index in chunk[B]), ...] per global batch;
+        the sources sampled by the schedule at step `steps_before`."""
         rng = np.random.default_rng([self.seed, chunk])
-        probs = self.probs_at(batches_before / self.batches_per_step)
+        probs = self.probs_at(steps_before)
         src_idx = rng.choice(len(self.sources), size=self.chunk_sentences, p=probs)
         draws = rng.random(self.chunk_sentences)
         lines = np.empty(self.chunk_sentences, dtype=np.int64)
@@ -187,28 +193,35 @@ class BatchStream:
             tags.append(self.tag_ids[source.tgt_lang])
         return collate(src, tgt, tags, self.max_len, src_idx.tolist())
 
-    def _groups(self, chunk: int, batches_before: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """`_chunk`, kept for the chunk in use and the next (a step's batches may span both)."""
+    def _groups(self, chunk: int, steps_before: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`_chunk`, kept from the position's chunk on (a step's batches may span several)."""
         if chunk not in self._cache:
-            self._cache = {c: g for c, g in self._cache.items() if c >= chunk - 1}
-            self._cache[chunk] = self._chunk(chunk, batches_before)
+            self._cache = {c: g for c, g in self._cache.items() if c >= self.position.chunk}
+            self._cache[chunk] = self._chunk(chunk, steps_before)
             if not self._cache[chunk]:  # every chunk would be empty alike: the stream would search forever
                 raise ConfigError(f"a data chunk of {self.chunk_sentences} sentences packs into no batch")
         return self._cache[chunk]
 
+    def _next_chunk(self, pos: StreamPosition, batches: int) -> StreamPosition:
+        """The position at the start of the chunk after `pos`'s, which holds `batches` batches."""
+        return StreamPosition(pos.chunk + 1, pos.batch - batches, pos.batches_before + batches,
+                              pos.steps_before + batches / self.batches_per_step)
+
     def __iter__(self) -> Iterator[Batch]:
+        if self.position.steps_before is None:
+            self.position.steps_before = self.position.batches_before / self.batches_per_step
         while True:
             pos = self.position
-            groups = self._groups(pos.chunk, pos.batches_before)
+            groups = self._groups(pos.chunk, pos.steps_before)
             if pos.batch >= len(groups):  # used up (or a resumed position past its end): the next chunk
-                self.position = StreamPosition(pos.chunk + 1, pos.batch - len(groups), pos.batches_before + len(groups))
+                self.position = self._next_chunk(pos, len(groups))
                 continue
-            chunk, before, index = pos.chunk, pos.batches_before, pos.batch + self.rank
-            while index >= len(groups):  # this rank's batch of the step lies in a later chunk
-                chunk, before, index = chunk + 1, before + len(groups), index - len(groups)
-                groups = self._groups(chunk, before)
+            ahead = StreamPosition(pos.chunk, pos.batch + self.rank, pos.batches_before, pos.steps_before)
+            while ahead.batch >= len(groups):  # this rank's batch of the step lies in a later chunk
+                ahead = self._next_chunk(ahead, len(groups))
+                groups = self._groups(ahead.chunk, ahead.steps_before)
             self.position.batch += self.world_size
-            yield self.make_batch(chunk, *groups[index])
+            yield self.make_batch(ahead.chunk, *groups[ahead.batch])
 
     def state_dict(self) -> dict:
         return self.position.as_dict()
@@ -223,7 +236,8 @@ class BatchStream:
             log.warning("data stream: resuming at batch %d of chunk %s, the next step boundary of %d batches per "
                         "step (saved at batch %d by another layout)", aligned, state["chunk"],
                         self.batches_per_step, batch)
-        self.position = StreamPosition(int(state["chunk"]), aligned, before)
+        steps = state.get("steps_before")
+        self.position = StreamPosition(int(state["chunk"]), aligned, before, None if steps is None else float(steps))
 
 
 class DeviceFeed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -59,7 +60,7 @@ def read_lines(path: Path, warn: bool = True) -> list[str]:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib: a damaged .gz
         raise CorpusError(f"{path}: cannot read ({e})") from e
     if raw.startswith(b"\xef\xbb\xbf"):
         if warn:

@@ -21,37 +21,53 @@ def permute_sentences(ids: np.ndarray, is_sentence_end: np.ndarray, rng: np.rand
     return np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
 
 
+MAX_PLACEMENT_TRIES = 8
+"""Draws of a span's start before a span that overlaps the masked ones gives up a token of budget
+(the loop always ends; a nearly full line masks a little under the ratio)."""
+
+
 def infill_spans(ids: np.ndarray, mask_id: int, rng: np.random.Generator, mask_ratio: float = 0.35,
                  poisson_lambda: float = 3.5) -> np.ndarray:
-    """`ids` [L] -> noised [L'] (L' <= L + 1): spans replaced by one `mask_id` each."""
+    """`ids` [L] -> noised [L'] (L' <= L + 1): spans replaced by one `mask_id` each.
+
+    About `mask_ratio` x L tokens are masked (rounded stochastically, so short lines are masked
+    as often as the ratio says, not never). A span of length 0 inserts a `mask_id` (anywhere,
+    the end included), at most once per line: each further zero draw masks one token instead,
+    which keeps L' <= L + 1, the length the batches are packed by."""
     n = len(ids)
-    budget = int(round(n * mask_ratio))
-    if n == 0 or budget == 0:
+    budget = int(np.floor(n * mask_ratio + rng.random())) if n else 0
+    if budget == 0:
         return ids.copy()
     masked = np.zeros(n, dtype=bool)
-    span_starts: list[int] = []
-    insertions: list[int] = []
+    span_starts: set[int] = set()
+    inserted = -1  # where the one zero-length span inserts its mask (n: at the end); -1: none
+    tries = 0
     while budget > 0:
         length = min(int(rng.poisson(poisson_lambda)), budget)
+        if length == 0 and inserted >= 0:
+            length = 1
         start = int(rng.integers(0, n - length + 1))
         if length == 0:
-            insertions.append(start)
-            budget -= 1  # an inserted mask counts against the budget, or a lambda ~0 would loop
+            inserted = start
+            budget -= 1  # an inserted mask counts against the budget
             continue
         if masked[start:start + length].any():
-            budget -= 1  # overlapping draw: give up a token of budget so the loop always ends
+            tries += 1
+            if tries >= MAX_PLACEMENT_TRIES:
+                budget, tries = budget - 1, 0
             continue
         masked[start:start + length] = True
-        span_starts.append(start)
+        span_starts.add(start)
         budget -= length
+        tries = 0
     out: list[int] = []
-    starts = set(span_starts)
-    inserts = set(insertions)
-    for i in range(n):
-        if i in inserts:
+    for i in range(n + 1):
+        if i == inserted:
             out.append(mask_id)
+        if i == n:
+            break
         if masked[i]:
-            if i in starts:
+            if i in span_starts:
                 out.append(mask_id)
             continue
         out.append(int(ids[i]))
