@@ -104,3 +104,9 @@ def test_train_from_dense_end_to_end(tmp_path, corpus, cache_dir):
     proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, tmp_path / "bad", steps=2, **{
         "model.d_ff": 128, "init.from_dense": str(dense)}))
     assert proc.returncode == 2 and "its architecture differs from this run's" in proc.stderr and "d_ff" in proc.stderr
+    # a vocabulary of the same size trained on other text (fewer lines): every row would land on another
+    # token; refused naming a differing id (before, the run started silently)
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, tmp_path / "other_vocab", steps=2, **{
+        "data.max_train_lines": 150, "moe.top_k": 2, "moe.every": 1, "init.from_dense": str(dense)}))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "its vocabulary" in proc.stderr and "is not this run's" in proc.stderr and "token ids" in proc.stderr

@@ -260,10 +260,35 @@ def test_a_fresh_start_in_a_run_dir_with_checkpoints_is_refused(trained, tmp_pat
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_a_clean_log(tmp_path, corpus, cache_dir):
+    """The log of a run that died before it saved anything (here: two records and a line cut by the
+    kill) is not continued: the same command starts over and its log reads as one run (before, the
+    old records stayed, steps 1-4 twice, and the cut line stopped the end-of-run plot with a
+    JSONDecodeError after results.json was written)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train_log.jsonl").write_text('{"kind": "train", "step": 2, "loss": 9.0}\n'
+                                             '{"kind": "train", "step": 4, "loss": 8.0}\n{"kind": "tra')
+    proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, run_dir, steps=4, **{
+        "train.valid_bleu": "never", "train.plot": "true"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
+    assert all(r["loss"] not in (9.0, 8.0) for r in records if r["kind"] == "train")
+    assert (run_dir / "train_curves.png").is_file()
+
+
 def test_missing_checkpoint_for_export(tmp_path):
     proc = run_cli("mtmoe-export", [f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'e'}"])
     assert_clean_failure(proc, "no DeepSpeed checkpoint here")
     assert not (tmp_path / "e").exists()
+    # a tag dir names its checkpoint, ZeRO-3's too (it has per-rank model files, no main file)
+    from mtmoe.formats.ds_checkpoint import resolve_checkpoint
+
+    tag = tmp_path / "run" / "checkpoints" / "step00000006"
+    tag.mkdir(parents=True)
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert resolve_checkpoint(tag) == (tmp_path / "run", tag)
 
 
 def test_bad_eval_input(trained, tmp_path, corpus):

@@ -79,9 +79,10 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     if (path / "checkpoints" / "latest").is_file():
         tag = (path / "checkpoints" / "latest").read_text().strip()
         return path, path / "checkpoints" / tag
-    if (path / MAIN_FILE).is_file():
+    if (path / MAIN_FILE).is_file() or zero3_model_file(path, 0).is_file():  # a tag dir (ZeRO-3: no main file)
         return path.parent.parent, path
-    raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or mp_rank_00_model_states.pt)")
+    raise ExportError(f"{path}: no DeepSpeed checkpoint here (expected checkpoints/latest or a checkpoint tag's "
+                      f"mp_rank_00_model_states.pt / zero_pp_rank_0_mp_rank_00_model_states.pt)")
 
 
 def is_snapshot(tag_dir: Path) -> bool:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ConfigError
 from mtmoe.formats.ds_checkpoint import consolidated_state_dict, resolve_checkpoint
 from mtmoe.formats.export_format import read_export_config
@@ -37,9 +39,9 @@ from mtmoe.paths import resolve
 GATE_SUFFIX = "gate.wg.weight"
 
 
-def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full plain fp32 state dict, {"model": ..., "moe": ..., "vocab_size": ...}) of a training
-    run dir, a checkpoint tag dir, or an unpruned, unquantized export."""
+def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """(full plain fp32 state dict, {"model": ..., "moe": ..., "vocab_size": ...}, its spm.model) of
+    a training run dir, a checkpoint tag dir, or an unpruned, unquantized export."""
     source = resolve(path)
     if (source / "config.json").is_file():
         config = read_export_config(source)
@@ -47,16 +49,19 @@ def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             raise ConfigError(f"{source}: a pruned or quantized export cannot initialise training; use the run dir")
         from safetensors.torch import load_file
 
-        return load_file(str(source / "model.safetensors")), config
+        return load_file(str(source / "model.safetensors")), config, source / "spm.model"
     run_dir, tag_dir = resolve_checkpoint(source)
     desc_path = run_dir / "model.json"
     if not desc_path.is_file():
         raise ConfigError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
-    return consolidated_state_dict(tag_dir), json.loads(desc_path.read_text())
+    return consolidated_state_dict(tag_dir), json.loads(desc_path.read_text()), run_dir / "spm.model"
 
 
-def check_same_shape(source_desc: dict, model: Seq2Seq, vocab_size: int, source: str) -> None:
-    """The architecture fields that decide weight shapes must agree (dropout etc. may differ)."""
+def check_same_shape(source_desc: dict, model: Seq2Seq, vocab: Vocab, source: str, spm_path: Path) -> None:
+    """The architecture fields that decide weight shapes must agree (dropout etc. may differ), and
+    the vocabularies piece for piece: the embeddings and the output layer are copied by token id, so
+    a vocabulary of the same size trained on other text would put every row on another token."""
+    vocab_size = len(vocab)
     fields = ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "positions", "max_positions",
               "activation")
     theirs = {k: source_desc["model"][k] for k in fields}
@@ -66,6 +71,16 @@ def check_same_shape(source_desc: dict, model: Seq2Seq, vocab_size: int, source:
         if source_desc["vocab_size"] != vocab_size:
             diff["vocab_size"] = (source_desc["vocab_size"], vocab_size)
         raise ConfigError(f"{source}: its architecture differs from this run's (theirs, ours): {diff}")
+    if not spm_path.is_file():
+        raise ConfigError(f"{spm_path}: missing (the source's vocabulary, needed to check it is this run's)")
+    theirs_pieces, ours_pieces = Vocab(spm_path).pieces(), vocab.pieces()
+    if theirs_pieces != ours_pieces:
+        differ = sum(a != b for a, b in zip(theirs_pieces, ours_pieces))
+        first = next(i for i, (a, b) in enumerate(zip(theirs_pieces, ours_pieces)) if a != b)
+        raise ConfigError(f"{source}: its vocabulary ({spm_path}) is not this run's: {differ} of {vocab_size} token ids "
+                          f"are other pieces (e.g. id {first}: {theirs_pieces[first]!r} there, {ours_pieces[first]!r} "
+                          f"here); train with the source's data settings (data.*: corpus, vocab_size, "
+                          f"max_train_lines, ...) so that its vocabulary is rebuilt")
 
 
 def experts_from_dense(dense: dict[str, torch.Tensor], moe_prefixes: Sequence[str], num_experts: int,
@@ -132,13 +147,13 @@ def load_into(model: Seq2Seq, full: dict[str, torch.Tensor], allow_missing_gates
         raise ConfigError(f"initial weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
-def initialise(model: Seq2Seq, vocab_size: int, init_cfg, seed: int) -> str | None:
+def initialise(model: Seq2Seq, vocab: Vocab, init_cfg, seed: int) -> str | None:
     """Applies `init.from_dense`, `init.aggregate` or `init.from_moe` to a freshly built model;
     a one-line summary."""
     prefixes = [Seq2Seq.moe_layer_prefix(name) for name in model.moe_layer_names()]
     if init_cfg.from_moe:
-        state, desc = load_source(init_cfg.from_moe)
-        check_same_shape(desc, model, vocab_size, init_cfg.from_moe)
+        state, desc, spm_path = load_source(init_cfg.from_moe)
+        check_same_shape(desc, model, vocab, init_cfg.from_moe, spm_path)
         theirs = {k: desc["moe"].get(k) for k in ("enabled", "num_experts", "every")}
         ours = {k: getattr(model.moe_cfg, k) for k in theirs}
         if theirs != ours:
@@ -146,17 +161,17 @@ def initialise(model: Seq2Seq, vocab_size: int, init_cfg, seed: int) -> str | No
         load_into(model, state)
         return f"all weights from the MoE model {init_cfg.from_moe}" + (" (now pre-gated)" if model.moe_cfg.pregate else "")
     if init_cfg.from_dense:
-        state, desc = load_source(init_cfg.from_dense)
-        check_same_shape(desc, model, vocab_size, init_cfg.from_dense)
+        state, desc, spm_path = load_source(init_cfg.from_dense)
+        check_same_shape(desc, model, vocab, init_cfg.from_dense, spm_path)
         if desc["moe"].get("enabled", True):
             raise ConfigError(f"init.from_dense={init_cfg.from_dense}: that model is an MoE model, not a dense one")
         load_into(model, experts_from_dense(state, prefixes, model.moe_cfg.num_experts, init_cfg.noise, seed),
                   allow_missing_gates=True)
         return f"experts from dense: {init_cfg.from_dense} (noise {init_cfg.noise})"
     if init_cfg.aggregate:
-        (state_a, desc_a), (state_b, desc_b) = (load_source(p) for p in init_cfg.aggregate)
-        for path, desc in zip(init_cfg.aggregate, (desc_a, desc_b)):
-            check_same_shape(desc, model, vocab_size, path)
+        (state_a, desc_a, spm_a), (state_b, desc_b, spm_b) = (load_source(p) for p in init_cfg.aggregate)
+        for path, desc, spm_path in zip(init_cfg.aggregate, (desc_a, desc_b), (spm_a, spm_b)):
+            check_same_shape(desc, model, vocab, path, spm_path)
         e_a, e_b = desc_a["moe"]["num_experts"], desc_b["moe"]["num_experts"]
         if e_a + e_b != model.moe_cfg.num_experts:
             raise ConfigError(f"init.aggregate: {e_a} + {e_b} experts, but moe.num_experts={model.moe_cfg.num_experts}")

@@ -39,8 +39,9 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, config: Optional[dict] = None,
                  wandb_id: Optional[str] = None, resume_step: Optional[int] = None):
-        """`resume_step`: the run resumed from this step; records after it (written by the run that
-        died after its last checkpoint) are dropped, so the log reads as one uninterrupted run."""
+        """`resume_step`: the run resumed from this step (0: a fresh start); records after it (written
+        by a run that died after its last checkpoint, or before its first) are dropped, so the log reads
+        as one uninterrupted run."""
         self.enabled = enabled
         self.path = run_dir / "train_log.jsonl"
         if enabled and resume_step is not None and self.path.is_file():
@@ -130,7 +131,10 @@ def plot_training_curves(log_path: Path, out_path: Path) -> Optional[Path]:
 
     steps, losses, norms, vsteps, vloss, vbleu = [], [], [], [], [], []
     for line in log_path.read_text().splitlines():
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
         if r.get("kind") == "train":
             steps.append(r["step"])
             losses.append(float("nan") if r["loss"] is None else r["loss"])  # None: all withheld

@@ -112,7 +112,7 @@ class Trainer:
         if (cfg.init.from_dense or cfg.init.aggregate or cfg.init.from_moe) and not (cfg.train.resume and ds_checkpoint.complete_tags(run_dir)):
             from mtmoe.train.init_from import initialise
 
-            log.info("initial weights: %s", initialise(self.model, len(self.data.vocab), cfg.init, cfg.train.seed))
+            log.info("initial weights: %s", initialise(self.model, self.data.vocab, cfg.init, cfg.train.seed))
 
         warmup = inverse_sqrt_schedule(cfg.train.warmup_steps)
         self.spent = 0.0  # the fraction of the budget spent, as of the last budget check (all ranks alike)
@@ -148,7 +148,7 @@ class Trainer:
                     (run_description.read_description(run_dir) or {}).get("training"), desc["training"])
             run_description.write_model_description(run_dir, self.data.vocab.path, desc)
         self.runlog = RunLog(run_dir, self.is_main, cfg.wandb, _plain(cfg), state and state.get("wandb_id"),
-                             resume_step=self.step if state is not None else None)
+                             resume_step=self.step)  # a fresh start: 0 (a run killed before its first checkpoint logged)
 
     def _resume(self) -> dict | None:
         """Loads the run dir's newest good checkpoint (resharded when the layout changed) and
