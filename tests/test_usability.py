@@ -275,6 +275,24 @@ def test_resumed_run_progress_log_and_finished_rerun(trained, tmp_path, corpus, 
     assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
 
 
+def test_a_finished_time_budget_run_stays_finished(tmp_path, corpus, cache_dir):
+    """A run whose time budget ran out in the save and validation after its last step (each step is
+    saved and validated here, so that is where most of its time goes) is finished too: the same
+    command again changes nothing (before, the checkpoint's clock, read before the save, said the
+    budget was not spent, and the run trained another step and rewrote its results)."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(corpus, cache_dir, run_dir, steps=0, **{
+        "train.max_minutes": 0.08, "train.save_every": 1, "train.valid_every": 1, "train.valid_bleu": "never"})
+    proc = run_cli("mtmoe-train", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = files_of(run_dir)
+    proc = run_cli("mtmoe-train", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{run_dir} is finished" in proc.stdout + proc.stderr
+    after = files_of(run_dir)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+
 def test_training_curves_with_one_point_are_readable(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

@@ -203,7 +203,11 @@ class Trainer:
         except (OSError, ValueError):
             results = None
         spent = self._out_of_budget(time.monotonic())  # a collective under a time budget: every rank calls it
-        done = results is not None and results.get("step") == self.step and spent
+        # The checkpoint's clock may stop short of a time budget the run did reach: the budget can run
+        # out in the save or validation after the last step, which is then not saved again. The results
+        # name the budget they were written under: the same budget is the same finished run.
+        done = (results is not None and results.get("step") == self.step
+                and (spent or results.get("budget") == self._budget()))
         return results if not any_rank(not done) else None
 
     # -- pieces of the loop ----------------------------------------------------------------------
@@ -245,6 +249,9 @@ class Trainer:
             log.info("step %d valid loss %.3f%s", self.step, result["valid_loss"],
                      f" BLEU {result['valid_bleu']:.2f}" if "valid_bleu" in result else "")
         return result
+
+    def _budget(self) -> dict:
+        return {"max_steps": self.cfg.train.max_steps, "max_minutes": self.cfg.train.max_minutes}
 
     def _out_of_budget(self, started: float) -> bool:
         """Updates `self.spent`, the fraction of the budget spent (steps or training time, whichever
@@ -380,7 +387,8 @@ class Trainer:
             results = {"step": self.step, "train_minutes": round(self.train_seconds / 60, 2),
                        **({"target_tokens": self.target_tokens} if self.target_tokens is not None else {}),
                        **({"peak_gpu_memory_gib": peak_gpu} if peak_gpu is not None else {}),
-                       "world_size": self.world, "skipped_steps": self.guard.skipped, **(final or {})}
+                       "world_size": self.world, "skipped_steps": self.guard.skipped, "budget": self._budget(),
+                       **(final or {})}
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=1))
             if cfg.train.plot:
                 plot_training_curves(self.run_dir / "train_log.jsonl", self.run_dir / "train_curves.png")
