@@ -88,6 +88,8 @@ def test_directions_and_temperature():
     assert parse_directions(["en-de", "de-en"], ["en", "de"]) == [("en", "de"), ("de", "en")]
     with pytest.raises(ConfigError, match="unknown language 'xx'"):
         parse_directions("en-xx", ["en", "de"])
+    with pytest.raises(ConfigError, match="'en-de' is listed twice"):  # it would take twice the samples
+        parse_directions("en-de,de-en,en-de", ["en", "de"])
     p = temperature_probs([100, 1], 1.0)
     assert np.allclose(p, [100 / 101, 1 / 101])
     p5 = temperature_probs([100, 1], 5.0)

@@ -155,6 +155,8 @@ def test_task_config_errors_name_the_field(data):
         build_sources({"translation": {"lines": {"de-fr": 5}}}, tok, np.arange(len(tok)), dirs, vocab)
     with pytest.raises(ConfigError, match=r"tasks.denoising.langs: \['xx'\]"):
         build_sources({"denoising": {"langs": ["xx"]}}, tok, np.arange(len(tok)), dirs, vocab)
+    with pytest.raises(ConfigError, match="lists a language twice"):
+        build_sources({"denoising": {"langs": ["de", "de"]}}, tok, np.arange(len(tok)), dirs, vocab)
     # before: lambda 0 masked nothing (only inserted masks); lines -1000 trained on all but the last
     # 1000 lines; 0 failed after the engine was built, naming no field
     with pytest.raises(ConfigError, match="tasks.denoising: poisson_lambda=0.0 must be > 0"):

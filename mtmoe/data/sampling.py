@@ -35,6 +35,8 @@ def parse_directions(spec: str | Sequence[str], langs: Sequence[str], pivot: str
         for lang in parts:
             if lang not in langs:
                 raise ConfigError(f"directions: unknown language {lang!r} in {item!r} (known: {langs})")
+        if (parts[0], parts[1]) in out:
+            raise ConfigError(f"directions: {item.strip()!r} is listed twice (it would be sampled, and scored, twice)")
         out.append((parts[0], parts[1]))
     if not out:
         raise ConfigError("directions: empty")

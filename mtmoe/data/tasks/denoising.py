@@ -21,6 +21,8 @@ class DenoisingTask:
         unknown = [lang for lang in langs if lang not in corpus.langs]
         if unknown:
             raise ConfigError(f"tasks.denoising.langs: {unknown} not among data.langs={list(corpus.langs)}")
+        if len(set(langs)) != len(langs):
+            raise ConfigError(f"tasks.denoising.langs: {langs} lists a language twice (it would be sampled twice)")
         mask_id = vocab.mask_id
         sentence_end = vocab.sentence_end_mask() if self.params.permute_sentences else None
         p = self.params
