@@ -39,6 +39,25 @@ def test_unknown_key_and_wrong_type_are_rejected():
         compose_train(["moe.num_experts=four"])
 
 
+def test_deepspeed_throughput_timer_never_waits_for_the_device(monkeypatch):
+    """DeepSpeed's default throughput timer synchronizes the device at each forward and step from the
+    third step on (a whole-device wait, which torch's sync debug mode does not report): mtmoe's
+    config turns it off."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils.config import get_timers_config
+    from deepspeed.utils.timer import ThroughputTimer
+
+    waits = []
+    monkeypatch.setattr(type(get_accelerator()), "synchronize", lambda self, *a: waits.append(1))
+    for ds, expected in ((build_deepspeed_config(compose_train([])), 0), ({}, 1)):  # {}: DeepSpeed's default
+        waits.clear()
+        timer = ThroughputTimer(get_timers_config(ds), batch_size=1)
+        for _ in range(4):
+            timer.start()
+            timer.stop(global_step=True, report_speed=False)
+        assert (len(waits) > 0) == bool(expected)
+
+
 def test_deepspeed_config_from_hydra_with_raw_override():
     cfg = compose_train(["train.zero_stage=2", "train.clip_norm=0.5", "train.accumulate=2",
                          "+deepspeed.zero_optimization.reduce_bucket_size=1000"])

@@ -21,6 +21,8 @@ def seeded_uniform_(tensor: torch.Tensor, fan_in: int, generator: Optional[torch
     """tensor ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) in place, drawn from `generator` (None: torch's
     RNG). The draw is made on the generator's device and copied, so a tensor on a GPU (ZeRO-3's
     `zero.Init` creates parameters there) gets the values a CPU run gets from the same seed."""
+    if tensor.is_meta:  # shapes only (parameter counts, a meta-built copy): nothing to draw
+        return
     bound = 1.0 / math.sqrt(fan_in)
     if generator is None or generator.device == tensor.device:
         tensor.uniform_(-bound, bound, generator=generator)

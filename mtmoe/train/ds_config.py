@@ -62,6 +62,9 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": False},
+        # DeepSpeed's throughput timer synchronizes the whole device at every forward and step (its
+        # default): the host could never queue a step ahead of the GPU. mtmoe times steps itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     if bf16:
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
