@@ -248,6 +248,16 @@ def test_speculative_prefetch_without_a_next_layer_says_so_plainly(export, tmp_p
 
 
 # -- 6. what a user watches ------------------------------------------------------------------------
+def assert_rerun_changes_nothing(run_dir, args, says: str) -> None:
+    """The same command again on a finished run: it says `says` and changes no file but train.log."""
+    before = files_of(run_dir)
+    proc = run_cli("mtmoe-train", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert says in proc.stdout + proc.stderr
+    after = files_of(run_dir)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+
 def test_resumed_run_progress_log_and_finished_rerun(trained, tmp_path, corpus, cache_dir):
     """Resuming the finished 12-step run to 15 steps: the bar starts at 12/15 and ends at 15/15, the
     log holds steps 13-15 (the last one although 15 is not a multiple of train.log_every), DeepSpeed's
@@ -267,12 +277,7 @@ def test_resumed_run_progress_log_and_finished_rerun(trained, tmp_path, corpus, 
     for noise in ("gcc ", "built successfully", "compilers.C"):
         assert noise not in proc.stdout + proc.stderr and noise not in new_log
 
-    before = files_of(run_dir)
-    proc = run_cli("mtmoe-train", args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{run_dir} is finished: it trained to its budget (step 15)" in proc.stdout + proc.stderr
-    after = files_of(run_dir)
-    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert_rerun_changes_nothing(run_dir, args, f"{run_dir} is finished: it trained to its budget (step 15)")
 
 
 def test_a_finished_time_budget_run_stays_finished(tmp_path, corpus, cache_dir):
@@ -285,12 +290,7 @@ def test_a_finished_time_budget_run_stays_finished(tmp_path, corpus, cache_dir):
         "train.max_minutes": 0.08, "train.save_every": 1, "train.valid_every": 1, "train.valid_bleu": "never"})
     proc = run_cli("mtmoe-train", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before = files_of(run_dir)
-    proc = run_cli("mtmoe-train", args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{run_dir} is finished" in proc.stdout + proc.stderr
-    after = files_of(run_dir)
-    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert_rerun_changes_nothing(run_dir, args, f"{run_dir} is finished")
 
 
 def test_training_curves_with_one_point_are_readable(tmp_path, monkeypatch):

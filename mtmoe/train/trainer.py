@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from mtmoe.config import TrainAppConfig
-from mtmoe.errors import ConfigError
 from mtmoe.data.batching import Batch, BatchStream, DeviceFeed
 from mtmoe.data.prepare import TrainingData, prepare_training_data, training_mixture
 from mtmoe.data.vocab import PAD_ID
 from mtmoe.device import peak_memory_gib
+from mtmoe.errors import ConfigError
 from mtmoe.formats import ds_checkpoint, run_description
 from mtmoe.formats.integrity import write_atomic
 from mtmoe.model.seq2seq import Seq2Seq
