@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args
@@ -660,6 +661,9 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
             raise ConfigError(f"moe.{name}={getattr(moe, name)} must be >= 0")
     if model.d_model % model.n_heads:
         raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        if not math.isfinite(getattr(moe, name)):
+            raise ConfigError(f"moe.{name}={getattr(moe, name)} must be a finite number (<= 0: no capacity limit)")
     if moe.enabled:
         if moe.num_experts < 1:
             raise ConfigError(f"moe.num_experts={moe.num_experts} must be >= 1")
@@ -667,6 +671,19 @@ def validate_model(model: ModelConfig, moe: MoEConfig) -> None:
             raise ConfigError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
         if moe.every < 1:
             raise ConfigError(f"moe.every={moe.every} must be >= 1")
+        if max(model.encoder_layers, model.decoder_layers) < moe.every:
+            raise ConfigError(
+                f"moe.every={moe.every} with {model.encoder_layers}+{model.decoder_layers} layers makes no layer an "
+                f"MoE layer (every moe.every-th layer of a stack is one): set moe.every <= "
+                f"{max(model.encoder_layers, model.decoder_layers)}, or moe.enabled=false for a dense model")
+        for layer, ids in moe.kept_experts.items():
+            ids = list(ids)
+            if len(set(ids)) != len(ids) or not all(0 <= int(e) < moe.num_experts for e in ids):
+                raise ConfigError(f"moe.kept_experts.{layer}={ids}: expert ids must be distinct and in "
+                                  f"[0, moe.num_experts={moe.num_experts})")
+            if len(ids) < moe.top_k:
+                raise ConfigError(f"moe.kept_experts.{layer}={ids} keeps fewer experts than moe.top_k={moe.top_k} "
+                                  "chooses per token")
         if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
             raise ConfigError(
                 f"moe.num_experts={moe.num_experts} is not divisible by moe.ep_size={moe.ep_size}")

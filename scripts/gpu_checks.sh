@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, as prepared runs for a machine with one CUDA GPU (see DEVELOPERS.md / the device
-# tool). Here, once: `bash ../shared/device/prepare.sh py-cpuinfo` (wheels into .device/); there:
+# tool). Here, once: `bash ../shared/device/prepare.sh py-cpuinfo typing-extensions` (wheels into .device/;
+# pydantic, which DeepSpeed imports, needs typing_extensions >= 4.16); there:
 # `source .device/env.sh && bash scripts/gpu_checks.sh [STEP...]` with $OUT set by the device tool.
 #
+#   prebuild      DeepSpeed's ops the layouts load (cpu_adam, async_io): built once, before steps that run beside
+#                 each other would wait on one build lock (a scale trial cut by its timeout reads as "does not fit")
 #   pytest        every `gpu` test, on PYTEST_WORKERS (6) pytest-xdist workers: train (fp32, bf16), resume,
 #                 export, eval, translate (one worker: they share the trained runs), every one-GPU layout
 #                 (ZeRO-1/2, CPU Adam, ZeRO-3 CPU/NVMe; builds ops), offloaded serving on CUDA, the MoE
@@ -28,7 +31,7 @@
 #
 # Issue 13's acceptance on a lent machine (15 device minutes in all, a start costs 1-2, each call at most 10,
 # and the machine goes back after 30 s idle: make the second call at once):
-#   call 1: SCALE_MODE_MINUTES=1 bash scripts/gpu_checks.sh scale+ pytest wait    (~4-5 min)
+#   call 1: SCALE_MODE_MINUTES=1 bash scripts/gpu_checks.sh prebuild scale+ pytest wait    (~5-6 min)
 #   call 2: bash scripts/gpu_checks.sh main                                        (~6.5 min: 5 of training)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +52,7 @@ pytest_args() {  # the gpu tests' common options; pytest-timeout where installed
 }
 one_step() {
   case $1 in
+    prebuild) run_step prebuild "${PREBUILD_LIMIT:-420}" python -m mtmoe.train.ds_ops ;;
     pytest) run_step pytest_gpu "${PYTEST_LIMIT:-330}" python -m pytest $(pytest_args) --durations=25 \
               --basetemp="$OUT/pytest_tmp" ;;
     layouts) run_step pytest_layouts "${LAYOUTS_LIMIT:-300}" python -m pytest $(pytest_args) --durations=10 \

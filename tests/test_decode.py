@@ -9,7 +9,7 @@ import torch
 from helpers import TINY
 from mtmoe.config import MoEConfig
 from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from mtmoe.model.generation import beam_search, best_hypothesis, translate_ids, translate_ids_per_penalty
+from mtmoe.model.generation import beam_search, beam_search_finished, best_hypothesis, translate_ids, translate_ids_per_penalty
 from mtmoe.model.seq2seq import build_model
 from mtmoe.scoring import score_direction
 
@@ -50,6 +50,50 @@ def test_greedy_matches_uncached_reference():
             fast = beam_search(model, src, beam=1)[0]
             slow = greedy_reference(model, src, max_len)
         assert fast == slow
+
+
+def beam_reference(model, src: torch.Tensor, beam: int, max_len: int) -> list[tuple[float, list[int]]]:
+    """One sentence, no cache, plain lists: each step re-decodes every live prefix from scratch and
+    ranks all (beam, token) candidates by sum log p; of the best 2*beam, those ending in EOS among
+    the best `beam` are finalized (once `beam` are, the search ends), the best `beam` others continue."""
+    memory, keep, _, _ = model.encode(src)
+    beams, finished = [(0.0, [BOS_ID])], []
+    for step in range(max_len):
+        candidates = []
+        for score, tokens in beams:
+            logits, _, _ = model.decode(torch.tensor([tokens]), memory, keep)
+            logp = logits[0, -1].float().log_softmax(-1)
+            logp[[PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
+            if step == max_len - 1:  # the length limit: only EOS
+                logp[torch.arange(len(logp)) != EOS_ID] = float("-inf")
+            candidates += [(score + float(lp), tokens, v) for v, lp in enumerate(logp.tolist()) if lp > float("-inf")]
+        candidates.sort(key=lambda c: -c[0])
+        best = candidates[:2 * beam]
+        for score, tokens, v in best[:beam]:
+            if v == EOS_ID and len(finished) < beam:
+                finished.append((score, tokens[1:]))
+        if len(finished) >= beam:
+            return finished
+        beams = [(score, tokens + [v]) for score, tokens, v in best if v != EOS_ID][:beam]
+    return finished
+
+
+def test_beam_search_matches_uncached_reference():
+    """Beams 2-5 on a batch of sentences: every sentence's finalized hypotheses (in the order they
+    finished) equal the one-sentence uncached search's, the scores to float rounding."""
+    model = random_model(seed=2)
+    g = torch.Generator().manual_seed(2)
+    lengths = (2, 5, 8, 3)
+    srcs = [torch.cat([torch.randint(4, 60, (length,), generator=g), torch.tensor([EOS_ID])]) for length in lengths]
+    batch = torch.nn.utils.rnn.pad_sequence(srcs, batch_first=True, padding_value=PAD_ID)
+    for beam in (2, 3, 5):
+        with torch.no_grad():
+            fast = beam_search_finished(model, batch, beam=beam, max_len_a=1.0, max_len_b=4)
+            for src, got in zip(srcs, fast):
+                slow = beam_reference(model, src[None], beam, max_len=len(src) + 4)
+                assert [tokens for _, tokens in got] == [tokens for _, tokens in slow]
+                np.testing.assert_allclose([s for s, _ in got], [s for s, _ in slow], rtol=1e-5)
+    assert any(len(set(map(len, (t for _, t in f)))) > 1 for f in fast)  # hypotheses of varied lengths
 
 
 def test_batched_beam_equals_one_at_a_time():

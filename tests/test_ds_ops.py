@@ -4,6 +4,7 @@ the CPU probed once."""
 from __future__ import annotations
 
 import cpuinfo
+import pytest
 import torch.utils.cpp_extension
 from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.op_builder.builder import OpBuilder
@@ -84,3 +85,26 @@ def test_the_shm_comm_op_is_neither_built_nor_loaded(monkeypatch):
     monkeypatch.setattr(OpBuilder, "_loaded_ops", {})
     skip_unused_ops()
     assert ds_comm_torch.build_shm_op() is None and builds == []
+
+
+def test_the_table_of_ops_is_not_probed_where_no_unused_op_exists(monkeypatch):
+    """On CUDA, DeepSpeed's accelerator has no shm_comm builder; reading `__compatible_ops__` there
+    would probe every CUDA op builder (compiler runs) at each start for nothing."""
+    import deepspeed.ops
+
+    from mtmoe.train import ds_ops
+
+    class NoSuchOps:
+        def create_op_builder(self, name):
+            return None
+
+    def probe():
+        raise AssertionError("the table of ops was probed")
+
+    monkeypatch.delattr(deepspeed.ops, "__compatible_ops__", raising=False)  # not read yet in this process
+    monkeypatch.setattr(deepspeed.ops, "_probe_compatible_ops", probe)
+    monkeypatch.setattr(ds_ops, "get_accelerator", NoSuchOps)
+    skip_unused_ops()
+    monkeypatch.setattr(ds_ops, "get_accelerator", get_accelerator)
+    with pytest.raises(AssertionError, match="probed"):
+        skip_unused_ops()  # the CPU accelerator has shm_comm: its table is read

@@ -8,7 +8,7 @@ import torch
 from helpers import TINY
 from mtmoe.config import MoEConfig, ModelConfig, TrainAppConfig, validate
 from mtmoe.errors import ConfigError
-from mtmoe.model.moe import MoEFFN, Router, assign_slots, expert_capacity
+from mtmoe.model.moe import MoEFFN, Router, assign_slots, capacity_tensor, expert_capacity
 from mtmoe.model.seq2seq import build_model
 
 
@@ -130,6 +130,37 @@ def test_config_validation_names_the_field():
     cfg.model.encoder_layers = cfg.model.decoder_layers = 3
     with pytest.raises(ConfigError, match=r"moe.pregate=true needs two MoE layers in a stack"):
         validate(cfg, world_size=2)
+    cfg.moe.pregate, cfg.moe.every = False, 4  # 3+3 layers: no 4th layer, so no MoE layer at all
+    with pytest.raises(ConfigError, match=r"moe.every=4 with 3\+3 layers makes no layer an MoE layer"):
+        validate(cfg, world_size=2)
+    cfg.moe.every, cfg.moe.top_k = 2, 2
+    for kept, message in (({"enc1": [2]}, r"moe.kept_experts.enc1=\[2\] keeps fewer experts than moe.top_k=2"),
+                          ({"dec1": [0, 4]}, r"moe.kept_experts.dec1=\[0, 4\]: expert ids must be distinct and in"),
+                          ({"dec1": [1, 1]}, r"moe.kept_experts.dec1=\[1, 1\]: expert ids must be distinct")):
+        cfg.moe.kept_experts = kept
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg, world_size=2)
+    cfg.moe.kept_experts = {}
+    for value in (float("inf"), float("nan")):
+        cfg.moe.capacity_factor = value
+        with pytest.raises(ConfigError, match=r"moe.capacity_factor=(inf|nan) must be a finite number"):
+            validate(cfg, world_size=2)
+
+
+def test_capacity_never_exceeds_the_assignments_and_zero_capacity_dispatches():
+    """A huge capacity factor means no limit (it overflowed int64 into min_capacity before); with
+    min_capacity=0 and no real token the capacity is 0, which the reference dispatch handles too."""
+    assert expert_capacity(150, 4, 2, 1e30, 1) == 300
+    assert int(capacity_tensor(torch.tensor(150), 4, 2, 1e30, 1)) == 300
+    assert expert_capacity(150, 4, 2, 0.5, 1) == int(capacity_tensor(torch.tensor(150), 4, 2, 0.5, 1)) == 38
+    torch.manual_seed(0)
+    layer = MoEFFN(16, 32, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=0).train()
+    x, keep = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    outputs = []
+    for dispatch in ("grouped", "reference"):
+        layer.dispatch = dispatch
+        outputs.append(layer(x, keep)[0])
+    assert torch.equal(outputs[0], outputs[1]) and not outputs[0].any()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -209,3 +240,18 @@ def test_pregate_routes_each_moe_layer_from_the_previous_layers_input():
         assert not torch.equal(routed[2], own)  # really routed from an earlier hidden state
         # Same weights, different routing source: outputs differ from the normal model's.
         assert not torch.allclose(model(src, tgt_in)[0], normal(src, tgt_in)[0])
+
+
+def test_router_logits_are_fp32_under_bf16_autocast():
+    """The router's matmul runs in fp32 whatever the autocast (bf16 logits flip near-tied choices)."""
+    torch.manual_seed(0)
+    router = Router(64, 8, top_k=2)
+    x = torch.randn(256, 64)
+    fp32 = router.wg(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router.wg(x).dtype == torch.bfloat16  # what autocast does to the linear layer itself
+        logits, probs, top_p, top_e = router.select(x)
+        chosen = router.choose(x)
+    assert logits.dtype == probs.dtype == top_p.dtype == torch.float32
+    torch.testing.assert_close(logits, fp32, rtol=1e-6, atol=1e-6)
+    assert torch.equal(top_e, fp32.topk(2, dim=-1)[1]) and torch.equal(chosen, top_e)

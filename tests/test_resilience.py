@@ -329,3 +329,43 @@ def test_save_every_checkpoints_inside_the_snapshot_span_keep_the_snapshots(tmp_
     assert sorted(p.name for p in root.iterdir()) == [tag_for_step(s) for s in (10, 15, 18, 20)]
     assert newest_tags(tmp_path, tag_for_step(20), 3) == [tag_for_step(s) for s in (10, 15, 20)]
     assert newest_tags(tmp_path, tag_for_step(18), 2) == [tag_for_step(s) for s in (15, 18)]  # not a snapshot
+
+
+def test_a_killed_re_save_of_a_step_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
+    """Re-saving an existing step (a resumed run that ends where it began) moves the old checkpoint
+    aside until the new one has its name: killed between the two renames, the next start puts the
+    old one back; not killed, nothing is left aside."""
+    from mtmoe.train import checkpoint
+
+    class Engine:  # writes what DeepSpeed's save_checkpoint would, one file
+        def __init__(self, text):
+            self.text = text
+
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir()
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_text(self.text)
+
+    ckpts = tmp_path / "checkpoints"
+    checkpoint.save(Engine("old"), tmp_path, 12, {"step": 12}, keep=2, is_writer=True)
+    renames = []
+
+    def killed_at_second_rename(src, dst):  # of a directory (files are written by rename too)
+        if Path(src).is_dir():
+            renames.append((Path(src).name, Path(dst).name))
+            if len(renames) == 2:
+                raise KeyboardInterrupt  # the kill
+        os.rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(Engine("new"), tmp_path, 12, {"step": 12}, keep=2, is_writer=True)
+    monkeypatch.undo()
+    assert renames == [("step00000012", ".retired-step00000012"), (".partial-step00000012", "step00000012")]
+    checkpoint.remove_stale_partials(tmp_path)  # what the next start does first
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000012"]
+    assert (ckpts / "step00000012" / "mp_rank_00_model_states.pt").read_text() == "old"
+    assert (ckpts / "step00000012" / "manifest.json").is_file()
+
+    checkpoint.save(Engine("new"), tmp_path, 12, {"step": 12}, keep=2, is_writer=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000012"]
+    assert (ckpts / "step00000012" / "mp_rank_00_model_states.pt").read_text() == "new"

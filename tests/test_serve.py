@@ -25,9 +25,10 @@ from mtmoe.errors import ConfigError, ExportError
 from mtmoe.formats.export_format import load_export
 from mtmoe.model.generation import translate, translate_ids
 from mtmoe.model.quantized import QuantizedExperts, quantize_experts
-from mtmoe.model.seq2seq import build_model
+from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.model.transformer import FeedForward
 from mtmoe.serve import policies
+from mtmoe.serve import store as store_module
 from mtmoe.serve.cache import LOADING, QUEUED, LayerCache, SlotPool
 from mtmoe.serve.loader import Loader
 from mtmoe.serve.layout import ExpertLayout
@@ -854,6 +855,9 @@ def test_cache_sizes():
     sizes = cache_sizes(ServeConfig(experts_per_layer=0.25), {"enc1": 8, "dec1": 3}, top_k=1)
     assert sizes == {"enc1": 2, "dec1": 1}  # fractions of each layer's own experts, rounded up
     assert cache_sizes(ServeConfig(experts_per_layer=6), {"enc1": 8, "dec1": 3}, top_k=2) == {"enc1": 6, "dec1": 3}
+    # a fraction's float product is not rounded up past the count it names
+    assert cache_sizes(ServeConfig(experts_per_layer=0.55), {"enc1": 100, "dec1": 50}, top_k=1) == {"enc1": 55, "dec1": 28}
+    assert cache_sizes(ServeConfig(experts_per_layer=0.14), {"enc1": 50}, top_k=1) == {"enc1": 7}
     with pytest.raises(ConfigError, match=r"serve.experts_per_layer=0.25 keeps 1 of the 4 experts of MoE layer "
                                           r"enc1 resident, fewer than moe.top_k=2"):
         cache_sizes(ServeConfig(experts_per_layer=0.25), {"enc1": 4}, top_k=2)
@@ -879,6 +883,69 @@ def test_served_exports_equal_resident(exports, kind, tmp_path):
     assert not (exports[kind] / "experts.safetensors").exists()  # serve.store_dir was used
 
 
+def test_closing_the_runtime_frees_the_store_and_slots(tmp_path):
+    """Caches and slots refer to each other: closing the runtime breaks that, so the store (on a GPU:
+    every expert in pinned RAM) and the slot buffers go with the model, not when Python's cycle
+    collector happens to run (mtmoe-eval's tuning loads a served model once per beam size). The
+    model cannot decode after it."""
+    import gc
+    import weakref
+
+    model, runtime = served(random_model(), tmp_path, experts_per_layer=2, budget="model")
+    with runtime:
+        decode_all(model)
+    with pytest.raises(RuntimeError, match="the serving runtime was closed"):
+        decode_all(model)
+    gc.disable()
+    try:
+        model, runtime = served(random_model(), tmp_path, experts_per_layer=1)
+        decode_all(model)
+        store = weakref.ref(runtime.caches["dec1"]._store)
+        buffer = weakref.ref(next(slot.flat for cache in runtime.caches.values() for slot in cache._pool.slots
+                                  if slot.flat is not None))
+        runtime.close()
+        del model, runtime
+        assert store() is None and buffer() is None
+    finally:
+        gc.enable()
+
+
+def test_bad_export_files_are_named_before_decoding(exports, tmp_path, corpus):
+    """A damaged model.safetensors served offloaded is named (it raised safetensors' own error), and
+    telemetry of a dense export is refused before the test set is decoded (it failed after)."""
+    from mtmoe.eval.run import evaluate_export
+
+    broken = shutil.copytree(exports["full"], tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"broken/model.safetensors: unreadable"):
+        load_for_serving(broken, ServeConfig(experts_per_layer=1, store_dir=str(tmp_path)))
+    dense = shutil.copytree(exports["full"], tmp_path / "dense")
+    config = json.loads((dense / "config.json").read_text())
+    config["moe"]["enabled"] = False
+    (dense / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"telemetry=true: .*dense is a dense model"):
+        evaluate_export(dense, f"{corpus}/test_2016_flickr", langs=["en", "de"], telemetry=True)
+
+
+def test_offloaded_loading_moves_no_expert_to_the_device(exports, tmp_path, monkeypatch):
+    """load_for_serving builds the model in CPU RAM and moves it to the device only once the runtime
+    has taken the experts' place: a model offloaded because its experts do not fit on the GPU never
+    has them all there."""
+    moved = []
+    real_to = Seq2Seq.to
+
+    def to(self, *args, **kwargs):
+        moved.append({type(layer.experts).__name__ for layer in self.moe_layer_map().values()})
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(Seq2Seq, "to", to)
+    served_model, _, _, runtime = load_for_serving(exports["full"], ServeConfig(experts_per_layer=1,
+                                                                                store_dir=str(tmp_path)))
+    runtime.close()
+    assert moved == [{"OffloadedExperts"}]
+
+
 @pytest.mark.slow
 def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
     model, vocab, _ = load_export(exports["full"])
@@ -901,6 +968,45 @@ def test_translate_and_eval_cli_serve(exports, tmp_path, corpus):
     assert serving["sentences"] == 8 and serving["experts_per_layer"] == {"enc1": 2, "dec1": 2}
     assert 0 <= serving["hit_rate"] <= 1 and serving["bytes_moved"] > 0 and serving["stall_s"] >= 0
     assert "serving: prefetch=none" in proc.stdout and "serving: prefetch=none" in out.with_suffix(".txt").read_text()
+
+
+def test_pinned_store_packs_blobs_into_segments_that_pinned_rounding_keeps(tmp_path):
+    """The GPU store's page-locked RAM (store.copy_blobs / pack_segments): blobs are views into a
+    few segments, never overlapping, each equal to its blob on disk; every segment but the last is a
+    power of two (torch's pinned allocator rounds each allocation up to one), so the pinned bytes stay
+    near the store's instead of ~2x with one allocation per expert."""
+    def rounded(n):
+        return 1 << (n - 1).bit_length()
+
+    expert = 2 * 512 * 2048 * 4 + (2048 + 512) * 4  # a 512x2048 fp32 expert: 8.0 MB
+    sizes = [expert] * 64
+    segments, placed = store_module.pack_segments(sizes)
+    assert all(n == store_module.PINNED_SEGMENT_BYTES for n in segments[:-1])
+    spans = sorted((seg, off, off + n) for (seg, off), n in zip(placed, sizes))
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))  # no overlap
+    assert all(end <= segments[seg] and off % store_module.BLOB_ALIGN == 0 for seg, off, end in spans)
+    per_expert, packed = sum(map(rounded, sizes)), sum(map(rounded, segments))
+    assert per_expert > 1.9 * sum(sizes) and packed < 1.1 * sum(sizes)  # 1.91x vs 1.06x here
+    big = 3 * store_module.PINNED_SEGMENT_BYTES // 2  # a blob larger than a segment: segments of 2x
+    segments, placed = store_module.pack_segments([big, 10, big])
+    assert segments == [2 * store_module.PINNED_SEGMENT_BYTES, big] and placed == [(0, 0), (0, big), (1, 0)]
+    assert store_module.pack_segments([]) == ([], [])
+
+    model = random_model(bits=8)
+    _, runtime = served(model, tmp_path, experts_per_layer=2)
+    runtime.close()
+    specs = {name: store_module.LayerSpec(model.moe_layer_prefix(name), len(layer.experts),
+                                          ExpertLayout.of(layer.experts.blueprint()))
+             for name, layer in model.moe_layer_map().items()}
+    disk = store_module.DiskStore(tmp_path / "experts.safetensors", specs)
+    made = []
+    segments, blobs = store_module.copy_blobs(disk, lambda n: made.append(n) or torch.empty(n, dtype=torch.uint8))
+    assert made == [t.numel() for t in segments] and len(segments) == 1 and len(blobs) == 16
+    for (name, e), blob in blobs.items():
+        assert blob.untyped_storage().data_ptr() == segments[0].untyped_storage().data_ptr()
+        expected = torch.empty(disk.nbytes(name), dtype=torch.uint8)
+        disk.copy_into(name, e, expected)
+        assert torch.equal(blob, expected)
 
 
 # -- on a GPU -----------------------------------------------------------------------------------

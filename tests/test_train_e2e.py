@@ -182,6 +182,11 @@ def test_eval_and_translate_cli(trained, tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out_lines = proc.stdout.split("\n")
     assert len(out_lines) == 4 and out_lines[-1] == "" and out_lines[1] == ""  # one line out per line in
+    proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "beam=1", "batch_lines=1"],
+                   stdin=lines)  # the blank line is a batch of its own
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_by_one = proc.stdout.split("\n")
+    assert len(one_by_one) == 4 and one_by_one[1] == "" and one_by_one[0] and one_by_one[2]
 
     proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=xx"], stdin="hi\n")
     assert proc.returncode == 2 and "tgt='xx': unknown language" in proc.stderr and proc.stdout == ""

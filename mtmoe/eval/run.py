@@ -119,6 +119,8 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     `device`: a `device=` value (auto, cpu, cuda, cuda:N) or a torch.device; decoding runs there."""
     device = resolve_device(device) if isinstance(device, str) else device
     model_dir = str(resolve(model_dir))
+    if telemetry and not read_export_config(model_dir)["moe"]["enabled"]:
+        raise ConfigError(f"telemetry=true: {model_dir} is a dense model (no MoE layer routes anything)")
     scored = _decode_and_score(model_dir, test, langs, directions, beam, [length_penalty], max_tokens, limit,
                                workers, threads, serve, subset, tuned, device)
     report, hyps = scored.reports[0], scored.hyps[0]

@@ -30,6 +30,10 @@ from mtmoe.formats.integrity import STATE_JSON
 from mtmoe.model.experts import per_expert_state
 
 PARTIAL_PREFIX = ".partial-"
+"""`<PARTIAL_PREFIX><tag>`: a save under way (or killed) that is not sealed yet; never read."""
+RETIRED_PREFIX = ".retired-"
+"""`<RETIRED_PREFIX><tag>`: a sealed checkpoint moved aside while a re-save of its step takes its
+name; put back when that re-save was killed before the new one was in place."""
 DS_GATE = "deepspeed_moe.gate."
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 MAIN_FILE = "mp_rank_00_model_states.pt"

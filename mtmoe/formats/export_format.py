@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -172,17 +172,24 @@ def load_export(export_dir: str | Path, model_cls=Seq2Seq, experts: Optional[dic
     if experts is not None:
         config = subset_config(config, experts)
     model = build_model(config, model_cls)
-    try:
-        if experts is None:
-            state = load_file(str(d / "model.safetensors"))
-        else:
-            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-                names = ((key, pruned_name(key, experts)) for key in f.keys())
-                state = {name: f.get_tensor(key) for key, name in names if name is not None}
-    except Exception as e:
-        raise ExportError(f"{d / 'model.safetensors'}: unreadable ({e})") from e
+    state = read_weights(d, None if experts is None else lambda key: pruned_name(key, experts))
     load_weights(model, state, d)
     return model.to(device).eval(), Vocab(d / "spm.model"), config
+
+
+def read_weights(export_dir: Path, rename: Optional[Callable[[str], Optional[str]]] = None) -> dict:
+    """The tensors of an export's model.safetensors: all, or with `rename(key)` -> the name to load a
+    tensor under, or None to leave it unread (safe_open reads each tensor on demand). ExportError
+    naming the file when it cannot be read."""
+    path = Path(export_dir) / "model.safetensors"
+    try:
+        if rename is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            names = ((key, rename(key)) for key in f.keys())
+            return {name: f.get_tensor(key) for key, name in names if name is not None}
+    except Exception as e:
+        raise ExportError(f"{path}: unreadable ({e})") from e
 
 
 def build_model(config: dict, model_cls=Seq2Seq) -> Seq2Seq:

@@ -28,7 +28,7 @@ log = logging.getLogger("mtmoe")
 def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[torch.Tensor]) -> None:
     """Self-attention caches follow the surviving beams (`order` [rows]); cross-attention keys and
     values are the same for every beam of a sentence, so they only lose finished sentences (`live`
-    [sentences] bool, None when none finished)."""
+    [sentences still decoding] indices, None when none finished)."""
     for layer in cache:
         for name, part in layer.items():
             for key in ("k", "v"):
@@ -36,10 +36,14 @@ def _reorder_cache(cache: list, order: torch.Tensor, beam: int, live: Optional[t
                     continue
                 if name == "cross":
                     if live is not None:
-                        t = part[key]
-                        part[key] = t.view(-1, beam, *t.shape[1:])[live].flatten(0, 1)
+                        part[key] = _rows_of_sentences(part[key], beam, live)
                 else:
                     part[key] = part[key].index_select(0, order)
+
+
+def _rows_of_sentences(t: torch.Tensor, beam: int, sentences: torch.Tensor) -> torch.Tensor:
+    """t [n*beam, ...] (beam rows per sentence) -> the rows of `sentences` (indices [m]) [m*beam, ...]."""
+    return t.view(-1, beam, *t.shape[1:]).index_select(0, sentences).flatten(0, 1)
 
 
 def _all_agree(flag: bool, group) -> bool:
@@ -79,69 +83,81 @@ def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: flo
     finalized, the best `beam` others continue. A sentence is done once it has `beam` finalized
     hypotheses. The length penalty plays no part in the search (it only ranks the finalized
     hypotheses, `best_hypothesis`), so one search serves every penalty: tuning it on a held-out set
-    decodes once (mtmoe.eval.tune)."""
+    decodes once (mtmoe.eval.tune).
+
+    Host and device: each step reads the device once (the 2*beam candidates' scores, beams and
+    tokens, and the continuing picks, in one copy): the finished hypotheses are collected on the
+    host from its copy of every beam's tokens, while the decoder's input, the masks and the
+    caches' reordering stay on the device. A sentence that finishes costs one index copy to the
+    device."""
     bsz, k = src.shape[0], beam
     device = src.device
     memory, memory_keep, _, _ = model.encode(src)
     memory = memory.repeat_interleave(k, 0)
     memory_keep = memory_keep.repeat_interleave(k, 0)
     # Each sentence's own length limit (not the batch's), so batching never changes a result.
-    limits = ((src != PAD_ID).sum(1).float() * max_len_a + max_len_b).long()
-    limits = limits.clamp(2, model.model_cfg.max_positions - 1)  # [B]
-    max_len = int(limits.max())
+    limits_host = ((src != PAD_ID).sum(1).cpu().float() * max_len_a + max_len_b).long()
+    limits_host = limits_host.clamp(2, model.model_cfg.max_positions - 1)  # [B]
+    limits = limits_host.to(device)
     cache: list = [dict() for _ in model.decoder]
-    tokens = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long, device=device)
+    last = torch.full((bsz * k, 1), BOS_ID, dtype=torch.long, device=device)  # decoder input: each beam's last token
+    history = np.zeros((bsz * k, 0), dtype=np.int64)  # host: each beam's tokens after BOS
     scores = torch.zeros(bsz, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished: list[Finished] = [[] for _ in range(bsz)]
     done = np.zeros(bsz, dtype=bool)
-    active = torch.arange(bsz)  # original index of each sentence still in the batch (host)
+    active = np.arange(bsz)  # original index of each sentence still in the batch (host)
+    banned = not_eos = None
 
-    for step in range(max_len):
+    for step in range(int(limits_host.max())):
         n = len(active)
-        logits, _, _ = model.decode(tokens[:, -1:], memory, memory_keep, cache=cache, offset=step)
+        logits, _, _ = model.decode(last, memory, memory_keep, cache=cache, offset=step)
         logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # [n*k, V]
-        logp[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
-        at_limit = (limits - 1 == step).repeat_interleave(k)  # [n*k]: must end now
-        if at_limit.any():
-            eos_col = logp[at_limit, EOS_ID]
-            logp[at_limit] = float("-inf")
-            logp[at_limit, EOS_ID] = eos_col
         vocab = logp.shape[1]
+        if banned is None:  # masks on the device, made once
+            ids = torch.arange(vocab, device=device)
+            banned, not_eos = (ids == PAD_ID) | (ids == BOS_ID) | (ids == UNK_ID), ids != EOS_ID
+        at_limit = (limits - 1 == step).repeat_interleave(k)  # [n*k]: must end now
+        logp = logp.masked_fill(banned | (at_limit[:, None] & not_eos), float("-inf"))
         cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
         top_scores, top_index = cand.topk(2 * k, dim=1)  # [n, 2k]
         top_beam, top_token = top_index // vocab, top_index % vocab
-        is_eos = top_token == EOS_ID
+        scores, pick = top_scores.masked_fill(top_token == EOS_ID, float("-inf")).topk(k, dim=1)  # [n, k] among the 2k
 
-        for b, j in zip(*torch.nonzero(is_eos[:, :k], as_tuple=True)):
-            b, j = int(b), int(j)
-            sentence = int(active[b])
-            if done[sentence] or not torch.isfinite(top_scores[b, j]):
+        # The step's one read of the device: the candidates and the picks (float64 holds both exactly).
+        host = torch.cat([top_scores.double(), top_index.double(), pick.double()], 1).cpu().numpy()
+        host_scores = host[:, :2 * k]
+        host_beam, host_token = np.divmod(host[:, 2 * k:4 * k].astype(np.int64), vocab)
+        host_pick = host[:, 4 * k:].astype(np.int64)
+        for b, j in zip(*np.nonzero(host_token[:, :k] == EOS_ID)):
+            sentence = active[b]
+            if done[sentence] or not np.isfinite(host_scores[b, j]):
                 continue
-            hyp = tokens[b * k + int(top_beam[b, j]), 1:].tolist()
-            finished[sentence].append((float(top_scores[b, j]), hyp))
+            finished[sentence].append((float(host_scores[b, j]), history[b * k + host_beam[b, j]].tolist()))
             if len(finished[sentence]) >= k:
                 done[sentence] = True
         if _all_agree(bool(done.all()), sync_group):
             break
 
-        cont_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        scores, pick = cont_scores.topk(k, dim=1)  # [n, k] positions among the 2k
-        order = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick))  # [n, k] rows to continue
+        rows = np.arange(n)[:, None]
+        order = torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)  # [n, k] rows to continue
         new_tokens = top_token.gather(1, pick)
-        live_host = torch.from_numpy(~done[active.numpy()])
-        live = live_host.to(device)
+        host_order = rows * k + np.take_along_axis(host_beam, host_pick, 1)
+        host_new = np.take_along_axis(host_token, host_pick, 1)
+        live_host = ~done[active]
         kept_sentences = None
         if sync_group is None and not live_host.all():
             # Drop finished sentences from the batch (not under expert parallelism, where every
             # rank must keep the same shapes in lock-step).
-            order, new_tokens, scores = order[live], new_tokens[live], scores[live]
-            active, limits = active[live_host], limits[live]
-            memory = memory.view(n, k, *memory.shape[1:])[live].flatten(0, 1)
-            memory_keep = memory_keep.view(n, k, -1)[live].flatten(0, 1)
-            kept_sentences = live
+            kept_sentences = torch.from_numpy(np.flatnonzero(live_host)).to(device)
+            order, new_tokens, scores, limits = (t.index_select(0, kept_sentences)
+                                                 for t in (order, new_tokens, scores, limits))
+            host_order, host_new, active = host_order[live_host], host_new[live_host], active[live_host]
+            memory = _rows_of_sentences(memory, k, kept_sentences)
+            memory_keep = _rows_of_sentences(memory_keep, k, kept_sentences)
         order = order.reshape(-1)
-        tokens = torch.cat([tokens.index_select(0, order), new_tokens.reshape(-1, 1)], dim=1)
+        history = np.concatenate([history[host_order.reshape(-1)], host_new.reshape(-1, 1)], axis=1)
+        last = new_tokens.reshape(-1, 1)
         _reorder_cache(cache, order, k, kept_sentences)
 
     return finished
@@ -159,6 +175,8 @@ def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int,
                               length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
                               progress: Optional[object] = None) -> list[list[list[int]]]:
     """`translate_ids` for each of `length_penalties` from one beam search: [penalty][sentence] -> ids."""
+    if not len(src_ids):  # (a batch of blank lines in mtmoe-translate)
+        return [[] for _ in length_penalties]
     max_len = model.model_cfg.max_positions - 2
     lengths = np.array([min(len(s), max_len) + 2 for s in src_ids])
     order = np.argsort(lengths, kind="stable")

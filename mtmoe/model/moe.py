@@ -60,16 +60,17 @@ class RoutingPlan:
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
                     min_capacity: int) -> int:
-    """Slots per expert: ceil(k * tokens / E * factor), at least `min_capacity`."""
-    return max(min_capacity, math.ceil(top_k * num_tokens / num_experts * capacity_factor))
+    """Slots per expert: ceil(k * tokens / E * factor), at least `min_capacity`; never more than the
+    k * tokens assignments there are (a huge factor means no limit, not an overflow)."""
+    return max(min_capacity, min(top_k * num_tokens, math.ceil(top_k * num_tokens / num_experts * capacity_factor)))
 
 
 def capacity_tensor(num_tokens: torch.Tensor, num_experts: int, top_k: int, capacity_factor: float,
                     min_capacity: int) -> torch.Tensor:
     """`expert_capacity` computed on the device from a 0-dim token count (float64, the same
     rounding as the host formula)."""
-    slots = torch.ceil(num_tokens.double() * top_k / num_experts * capacity_factor).long()
-    return slots.clamp_min(min_capacity)
+    slots = torch.ceil(num_tokens.double() * top_k / num_experts * capacity_factor)
+    return torch.minimum(slots, num_tokens.double() * top_k).long().clamp_min(min_capacity)
 
 
 def count_per_expert(ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -154,7 +155,11 @@ class Router(nn.Module):
     Returns the routing plan, the load-balancing loss (Switch/GShard: E * sum_e f_e * P_e over
     real tokens, f_e the share of first choices, P_e the mean gate probability), the router z-loss
     (mean logsumexp(logits)^2, ST-MoE) and detached telemetry (device tensors: reading them is the
-    caller's host sync, at log time). The linear layer is named `wg` as in DeepSpeed's TopKGate."""
+    caller's host sync, at log time). The linear layer is named `wg` as in DeepSpeed's TopKGate.
+
+    Top-2 combine weights are renormalised over the two choices before capacity drops (GShard's
+    order): a token whose second choice is dropped keeps p1 / (p1 + p2) on its first, where
+    DeepSpeed's top2gating renormalises after the drop (weight 1). Both paths here agree on it."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, capacity_factor: float = 1.25,
                  eval_capacity_factor: float = 0.0, min_capacity: int = 4, use_rts: bool = True,
@@ -173,6 +178,8 @@ class Router(nn.Module):
             compact[self.kept_experts] = torch.arange(len(self.kept_experts))
             self.register_buffer("selectable", selectable, persistent=False)
             self.register_buffer("compact", compact, persistent=False)
+            # on the layer's device: a list index would be copied there at every call
+            self.register_buffer("kept_index", torch.tensor(self.kept_experts, dtype=torch.long), persistent=False)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -191,18 +198,28 @@ class Router(nn.Module):
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.ep_group)
         return value
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> router logits [N, E_all] computed in fp32, also under bf16 autocast (routing in
+        fp32, as in Switch / ST-MoE / DeepSpeed's TopKGate): a bf16 matmul keeps 8 bits of mantissa,
+        which flips near-tied top-k choices between a bf16 and an fp32 pass over the same weights,
+        and feeds the z-loss's logsumexp and the softmax rounded inputs. The layer is called (not
+        its weight read), so ZeRO-3's hooks gather the weight; mtmoe keeps weights in fp32 (bf16 is
+        autocast), and a layer cast to another dtype computes in that dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.wg(x.to(self.wg.weight.dtype)).float()
+
     def select(self, x: torch.Tensor):
         """The routing decision alone. x [N, D] -> (logits [N, E_all] fp32, probs [N, E] fp32 over the
         selectable experts, top_p [N, k] combine weights, top_e [N, k] expert ids numbered as the
         layer's expert modules). Also what serving's speculative prefetch predicts with."""
-        logits = self.wg(x).float()  # routing in fp32, as in every MoE recipe
+        logits = self.logits(x)
         probs = logits.softmax(dim=-1)
         if self.kept_experts is None:
             top_p, top_e = probs.topk(self.top_k, dim=-1)  # [N, k]
         else:
             top_p, top_e = probs.masked_fill(~self.selectable, -1.0).topk(self.top_k, dim=-1)
             top_e = self.compact[top_e]
-            probs = probs[:, self.kept_experts]
+            probs = probs.index_select(1, self.kept_index)
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-9)
         return logits, probs, top_p, top_e
@@ -212,7 +229,7 @@ class Router(nn.Module):
         the logits alone: softmax is monotonic, so their top-k is the probabilities' (up to exact
         float ties), and a prediction (serving's prefetch policies, at every MoE layer of every
         decoding step) needs neither the softmax nor the weights."""
-        logits = self.wg(x)
+        logits = self.logits(x)
         if self.kept_experts is None:
             return logits.topk(self.top_k, dim=-1)[1]
         return self.compact[logits.masked_fill(~self.selectable, float("-inf")).topk(self.top_k, dim=-1)[1]]
@@ -344,7 +361,7 @@ def reference_dispatch(router: Router, experts: ExpertGroup, tokens: torch.Tenso
     n, d = tokens.shape
     k, num_experts = router.top_k, router.num_experts
     if plan.capacity is not None:
-        capacity = int(plan.capacity)
+        capacity = max(1, int(plan.capacity))  # 0 (min_capacity=0, no real token): one unused row
     else:  # no dropping: the fullest queue in the group
         capacity = max(1, int(router.group_max(plan.counts.max())))
     flat_slot = (plan.expert * capacity + plan.slot.clamp(0, capacity - 1)).reshape(-1)  # [N*k]

@@ -89,6 +89,16 @@ class Slot:
         self.modules: dict[str, nn.Module] = {}  # layer name -> its expert module bound to `flat`
 
 
+class ClosedStore:
+    """The store of a released cache (`LayerCache.release`): any load is an error."""
+
+    def _closed(self, *args, **kwargs):
+        raise RuntimeError("the serving runtime was closed: this offloaded model cannot load experts any more "
+                           "(load it again to decode)")
+
+    copy_into = read_into = _closed
+
+
 class SlotPool:
     """Slots shared by the LayerCaches drawing on it (one layer's, or every layer's), the lock that
     guards them and the clock that orders their uses. `nbytes`: a slot's buffer, the largest
@@ -129,6 +139,21 @@ class LayerCache:
         self._held: list[int] = []  # never evicted (hold)
         self._call_left: set[int] = set()  # streaming: experts of the current call not computed yet
         self._call_stream: list[int] = []  # streaming: its missing experts without a slot yet, in order
+
+    def release(self) -> None:
+        """Empties every slot of the pool, frees their buffers and lets go of the store (the runtime's
+        close). Caches and slots refer to each other, so without this the slot buffers (on a GPU:
+        device memory) and the store (on a GPU: every expert in pinned RAM) would live on until
+        Python's cycle collector ran. The layer's experts cannot run afterwards."""
+        with self._lock:
+            for slot in self._pool.slots:
+                slot.__init__(slot.index)
+            self._pool.caches.clear()
+            self._lru.clear()
+            self._held.clear()
+            self._call_left.clear()
+            self._call_stream.clear()
+            self._store = ClosedStore()
 
     # -- compute side ------------------------------------------------------------------------
     @contextmanager

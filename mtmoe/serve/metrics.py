@@ -3,7 +3,8 @@
 An *activation* is one call of one expert on > 0 rows (an expert with no rows is never loaded).
 It is a *hit* when the expert was resident and complete, a *prefetch hit* when it got there by a
 prefetch not yet used, a *late prefetch* when compute had to wait for a prefetch still loading,
-and a *miss* otherwise (an on-demand load; a prefetch queued but not started is taken over).
+and a *miss* otherwise (an on-demand load). A prefetch still queued (not started) when compute
+needs its expert is taken over by compute and counts as a late prefetch.
 *Stall time* is the time compute waited for experts (misses and late prefetches). *Bytes moved*
 count every slow -> fast copy, prefetches included, wasted or not. *Resident expert bytes* are
 the fast-tier slot buffers allocated so far (slots are allocated on first use and kept).

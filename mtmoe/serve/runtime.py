@@ -16,17 +16,18 @@ and dropped, and only the non-expert tensors of model.safetensors are loaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from mtmoe.config import ServeConfig
 from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ConfigError
-from mtmoe.formats.export_format import build_model, load_export, load_weights, read_export_config, read_routing_stats
+from mtmoe.formats.export_format import (build_model, load_export, load_weights, read_export_config, read_routing_stats,
+                                         read_weights)
 from mtmoe.model.experts import ExpertGroup
 from mtmoe.model.keys import experts_prefix
 from mtmoe.model.moe import MoEFFN
@@ -39,6 +40,7 @@ from mtmoe.serve.policies import install_policy
 from mtmoe.serve.store import DiskStore, LayerSpec, PinnedStore, open_store
 from mtmoe.serve.validate import cache_sizes, check_serve, offloading
 
+log = logging.getLogger("mtmoe")
 
 Submit = Callable[[LayerCache, list], None]
 """Starts (slot, expert) loads of a cache (Loader.submit)."""
@@ -102,8 +104,8 @@ class OffloadRuntime:
 
     `prefetch(layer, experts)` is the one entry point of every policy. `budget` (serve.budget):
     `layer` gives each cache its own `capacities[name]` slots, `model` one pool of their sum.
-    Close the runtime (or use it as a context manager) to drop the prefetches still queued and
-    detach the policy."""
+    Close the runtime (or use it as a context manager) when done decoding: it drops the prefetches
+    still queued, detaches the policy and frees the slots and the store."""
 
     def __init__(self, layers: dict[str, MoEFFN], specs: dict[str, LayerSpec], capacities: dict[str, int],
                  store, device: torch.device, model: Seq2Seq, policy: str, routing: Optional[dict], budget: str):
@@ -149,10 +151,14 @@ class OffloadRuntime:
         self.loader.wait_idle()
 
     def close(self) -> None:
+        """Drops the prefetches still queued, detaches the policy and releases the caches' slots and
+        the store (`LayerCache.release`): the model's offloaded experts cannot run after this."""
         if self.policy is not None:
             self.policy.close()
             self.policy = None
         self.loader.close()
+        for cache in self.caches.values():
+            cache.release()
 
     def __enter__(self) -> "OffloadRuntime":
         return self
@@ -162,14 +168,15 @@ class OffloadRuntime:
 
 
 def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optional[Path] = None,
-            routing: Optional[dict] = None) -> OffloadRuntime:
+            routing: Optional[dict] = None, device: Optional[torch.device] = None) -> OffloadRuntime:
     """Serves `model`'s experts from a store cut from `weights` (a safetensors file holding them
     under the model's state-dict names, e.g. an export's model.safetensors), in place.
 
     The store is `store_path` (default: experts.safetensors beside `weights`), written on first
-    use. The fast tier is the device of the model's routers: on a GPU the store is held in pinned
-    CPU RAM, on a CPU it is the memory-mapped file. `routing`: the model's routing statistics
-    (routing.json), which `serve.prefetch=language` needs."""
+    use. The fast tier is `device` (default: the device of the model's routers; a model still on
+    the CPU, moved to `device` after this, never holds its experts there): on a GPU the store is
+    held in pinned CPU RAM, on a CPU it is the memory-mapped file. `routing`: the model's routing
+    statistics (routing.json), which `serve.prefetch=language` needs."""
     check_serve(serve)
     layers = model.moe_layer_map()
     if not layers:
@@ -183,8 +190,11 @@ def offload(model: Seq2Seq, weights: Path, serve: ServeConfig, store_path: Optio
     weights = Path(weights)
     store: DiskStore | PinnedStore = open_store(weights, Path(store_path or weights.with_name("experts.safetensors")),
                                                 specs, serve.slow_gbps)
-    device = next(iter(layers.values())).gate.wg.weight.device
+    device = torch.device(device) if device is not None else next(iter(layers.values())).gate.wg.weight.device
     if device.type == "cuda" and torch.cuda.is_available():
+        if serve.slow_gbps:
+            log.warning("serve.slow_gbps=%s is ignored on a GPU: experts are copied from pinned RAM at the "
+                        "link's own speed (the simulated tier is for a model on the CPU)", serve.slow_gbps)
         store = PinnedStore(store, device)
     return OffloadRuntime(layers, specs, capacities, store, device, model, serve.prefetch, routing, serve.budget)
 
@@ -202,8 +212,9 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig], devic
     """(model in eval mode on `device`, vocabulary, config, runtime) of an export. Without offloading
     (`serve` None or serve.experts_per_layer None) this is `load_export` and the runtime is None.
     Offloaded on a GPU, the experts' fast tier is GPU memory and the store is held in pinned CPU RAM
-    (`offload`); the model is built on the GPU first, its freshly initialised experts dropped when
-    the runtime takes their place."""
+    (`offload`). The model is built in CPU RAM, its freshly initialised experts dropped when the
+    runtime takes their place, and only then moved to `device`: the experts of a model offloaded
+    because they do not fit on the GPU never go there all at once."""
     d = Path(export_dir)
     if serve is not None:
         check_serve(serve)
@@ -211,14 +222,13 @@ def load_for_serving(export_dir: str | Path, serve: Optional[ServeConfig], devic
         return (*load_export(d, device=device), None)
     config = read_export_config(d)
     routing = read_routing_stats(d) if serve.prefetch == "language" else None
-    model = build_model(config).to(device)  # quantized expert modules when quantized: the type the store must fill
+    model = build_model(config)  # quantized expert modules when quantized: the type the store must fill
     weights = d / "model.safetensors"
-    runtime = offload(model, weights, serve, store_path_for(d, serve), routing)
+    runtime = offload(model, weights, serve, store_path_for(d, serve), routing, device=torch.device(device))
     try:
         prefixes = tuple(experts_prefix(model.moe_layer_prefix(name)) for name in runtime.caches)
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefixes)}
-        load_weights(model, state, d)
+        load_weights(model, read_weights(d, lambda key: None if key.startswith(prefixes) else key), d)
+        model.to(device)  # everything but the experts, which the runtime's caches hold there
     except BaseException:
         runtime.close()
         raise

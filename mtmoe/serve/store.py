@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -83,7 +83,11 @@ def build_store(source: Path, out: Path, layers: dict[str, LayerSpec]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     try:
-        with safe_open(str(source), framework="pt") as src, open(tmp, "wb") as f:
+        try:
+            src = safe_open(str(source), framework="pt")
+        except Exception as e:
+            raise ExportError(f"{source}: unreadable ({e})") from e
+        with src, open(tmp, "wb") as f:
             _check_source_experts(source, set(src.keys()), layers)
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
@@ -198,31 +202,79 @@ def open_store(source: Path, path: Path, layers: dict[str, LayerSpec], slow_gbps
     return DiskStore(path, layers, slow_gbps)
 
 
+PINNED_SEGMENT_BYTES = 1 << 28
+"""Size of the page-locked segments the GPU store packs expert blobs into (256 MiB, a power of two)."""
+BLOB_ALIGN = 256
+"""Byte alignment of each blob in a segment (the copy engine's reads start aligned)."""
+
+
+def pack_segments(sizes: Sequence[int], segment_bytes: int = PINNED_SEGMENT_BYTES,
+                  align: int = BLOB_ALIGN) -> tuple[list[int], list[tuple[int, int]]]:
+    """Blobs of `sizes` bytes, in order, packed into segments -> (bytes of each segment, (segment,
+    offset) of each blob).
+
+    Why segments: torch's pinned host allocator rounds every allocation up to a power of two, so
+    one allocation per expert blob (8.0 MB for a 512x2048 fp32 expert -> 16 MiB) costs up to ~2x
+    the store in page-locked RAM, and one allocation for the whole store up to 2x as well. Every
+    segment but the last is exactly `segment_bytes` (a power of two, raised to the largest blob's),
+    which rounding leaves as it is; the last is as large as its blobs need. Pinned RAM is then the
+    store's bytes plus less than one segment plus each segment's unusable tail (< one blob)."""
+    capacity = max(segment_bytes, 1 << (max(sizes, default=1) - 1).bit_length())
+    segments: list[int] = []
+    placed: list[tuple[int, int]] = []
+    used = capacity  # no open segment yet
+    for nbytes in sizes:
+        start = -(-used // align) * align
+        if start + nbytes > capacity:
+            segments.append(0)
+            start = 0
+        placed.append((len(segments) - 1, start))
+        used = start + nbytes
+        segments[-1] = used
+    segments = [capacity] * (len(segments) - 1) + segments[-1:]
+    return segments, placed
+
+
+def pinned(nbytes: int) -> torch.Tensor:
+    """An empty uint8 [nbytes] tensor in page-locked CPU RAM."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def copy_blobs(disk: DiskStore, allocate=pinned) -> tuple[list[torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+    """Every blob of `disk`, copied into segments made by `allocate(nbytes)` (`pack_segments`) ->
+    (the segments, {(layer, expert): the blob's view into its segment})."""
+    keys = [(name, e) for name, spec in disk.layers.items() for e in range(spec.num_experts)]
+    sizes = [disk.nbytes(name) for name, _ in keys]
+    segment_sizes, placed = pack_segments(sizes)
+    segments = [allocate(nbytes) for nbytes in segment_sizes]
+    blobs = {}
+    for key, nbytes, (segment, offset) in zip(keys, sizes, placed):
+        blobs[key] = segments[segment][offset:offset + nbytes]
+        disk.copy_into(*key, blobs[key])
+    return segments, blobs
+
+
 class PinnedStore:
-    """The slow tier of a model on a GPU: every blob in page-locked CPU RAM, copied to the GPU on a
-    side CUDA stream, so copies overlap the kernels of the compute stream."""
+    """The slow tier of a model on a GPU: every blob in page-locked CPU RAM (`copy_blobs`), copied
+    to the GPU on a side CUDA stream, so copies overlap the kernels of the compute stream."""
 
     def __init__(self, disk: DiskStore, device: torch.device):
         self.layers = disk.layers
         self.channel = None  # copies from pinned RAM; slow_gbps simulates a tier of a CPU model
-        self._blobs = {}
-        for name, spec in disk.layers.items():
-            for e in range(spec.num_experts):
-                blob = torch.empty(spec.layout.nbytes, dtype=torch.uint8, pin_memory=True)
-                disk.copy_into(name, e, blob)
-                self._blobs[name, e] = blob
+        self._segments, self._blobs = copy_blobs(disk)
+        self._device = device
         self._copy_stream = torch.cuda.Stream(device)
-        self._compute_stream = torch.cuda.current_stream(device)
 
     def nbytes(self, layer: str) -> int:
         return self.layers[layer].layout.nbytes
 
     def copy_into(self, layer: str, expert: int, dst: torch.Tensor) -> torch.cuda.Event:
         """Queues the copy into dst (GPU) and returns the event the compute stream must wait for.
-        The copy first waits for the compute stream: kernels still queued there may read the
-        slot's previous expert."""
+        The copy first waits for the compute stream (the stream current now, the one decoding runs
+        on): kernels still queued there may read the slot's previous expert."""
+        compute = torch.cuda.current_stream(self._device)
         with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_stream(self._compute_stream)
+            self._copy_stream.wait_stream(compute)
             dst.copy_(self._blobs[layer, expert], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._copy_stream)

@@ -46,7 +46,7 @@ def cache_sizes(serve: ServeConfig, layer_experts: dict[str, int], top_k: int) -
     x = serve.experts_per_layer
     sizes = {}
     for layer, n in layer_experts.items():
-        size = min(n, math.ceil(x * n) if x < 1 else int(x))
+        size = min(n, math.ceil(round(x * n, 9)) if x < 1 else int(x))  # 0.55 * 100 = 55.00000000000001
         if size < top_k:
             raise ConfigError(f"serve.experts_per_layer={x} keeps {size} of the {n} experts of MoE layer {layer} "
                               f"resident, fewer than moe.top_k={top_k} (each token needs its {top_k} experts)")

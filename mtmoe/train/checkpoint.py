@@ -4,8 +4,10 @@ The files and their layout are `mtmoe.formats.ds_checkpoint`'s (integrity: `mtmo
 A save writes into `.partial-<tag>/` on every rank, fsyncs, then rank 0 writes `manifest.json`
 (size and sha256 of every file), renames the directory to `<tag>` and only then replaces `latest`
 (write-to-temp + rename). A kill at any point leaves either the old checkpoints untouched or a new
-one that is complete: a directory named `step*` always has its manifest. Loading verifies the
-manifest; a truncated or corrupt checkpoint is skipped with a warning and the previous one is used.
+one that is complete: a directory named `step*` always has its manifest (re-saving a step moves
+the old one aside until the new one is in place; `remove_stale_partials` puts it back after a
+kill). Loading verifies the manifest; a truncated or corrupt checkpoint is skipped with a warning
+and the previous one is used.
 
 The mtmoe training state (step, data-stream position, wandb id, time spent) travels in DeepSpeed's
 `client_state` and is mirrored to `<tag>/mtmoe_state.json` for people and tools. Shared storage
@@ -22,8 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 from mtmoe.errors import CheckpointError
-from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, checkpoint_dir, complete_tags, is_snapshot, latest_tag,
-                                         summarize_load_error, tag_for_step)
+from mtmoe.formats.ds_checkpoint import (PARTIAL_PREFIX, RETIRED_PREFIX, checkpoint_dir, complete_tags, is_snapshot,
+                                         latest_tag, summarize_load_error, tag_for_step)
 from mtmoe.formats.integrity import STATE_JSON, fsync_dir, fsync_file, verify, write_atomic, write_manifest
 from mtmoe.formats.optimizer_state import OptimizerLayout, group_kinds
 from mtmoe.formats.reshard import ReshardError, check_resumable, reshard_checkpoint, saved_layout
@@ -34,13 +36,23 @@ log = logging.getLogger("mtmoe")
 
 # -- save -------------------------------------------------------------------------------------------
 def remove_stale_partials(run_dir: Path) -> None:
-    """Deletes staging directories a killed save left behind (call on one rank, before saving)."""
+    """Deletes staging directories a killed save left behind, and puts back a checkpoint a killed
+    re-save of its step had moved aside (call on one rank, before loading or saving)."""
     root = checkpoint_dir(run_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(PARTIAL_PREFIX):
-                log.warning("removing %s (a save that did not finish)", p)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(PARTIAL_PREFIX):
+            log.warning("removing %s (a save that did not finish)", p)
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(RETIRED_PREFIX):
+            final = root / p.name[len(RETIRED_PREFIX):]
+            if final.exists():  # the re-save was in place: only the deletion did not finish
                 shutil.rmtree(p, ignore_errors=True)
+            else:
+                log.warning("restoring %s (a re-save of its step did not finish)", final)
+                os.replace(p, final)
+                fsync_dir(root)
 
 
 def prune_old_tags(run_dir: Path, keep: int, keep_snapshots: int = 0) -> None:
@@ -78,11 +90,13 @@ def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bo
     if is_writer:
         write_atomic(staging / STATE_JSON, json.dumps(state, indent=1))
         write_manifest(staging)
-        final = root / tag
-        if final.exists():  # re-saving a step (e.g. a resumed run that ended where it began)
-            shutil.rmtree(final)
+        final, retired = root / tag, root / f"{RETIRED_PREFIX}{tag}"
+        if final.exists():  # re-saving a step (e.g. a resumed run that ended where it began): the
+            shutil.rmtree(retired, ignore_errors=True)  # old one is moved aside, not deleted, until
+            os.replace(final, retired)  # the new one has its name (remove_stale_partials puts it back)
         os.replace(staging, final)
         fsync_dir(root)
+        shutil.rmtree(retired, ignore_errors=True)
         write_atomic(root / "latest", tag)
         prune_old_tags(run_dir, keep, keep_snapshots)
     barrier()

@@ -97,14 +97,19 @@ def use_mtmoe_build() -> None:
 
 def skip_unused_ops(names=UNUSED_OPS) -> None:
     """Marks the ops of `names` incompatible in DeepSpeed's table of ops (`deepspeed.ops.__compatible_ops__`,
-    which it consults before building an op it loads by itself), so they are neither built nor loaded."""
+    which it consults before building an op it loads by itself), so they are neither built nor loaded.
+
+    The table is built on its first read by probing every op builder of the accelerator (on CUDA ~25
+    of them, some running the compiler), so it is read only when this accelerator has one of the
+    ops: CUDA's has no shm_comm, and DeepSpeed's CUDA comm backend never reads the table."""
+    builders = [b for b in map(get_accelerator().create_op_builder, names) if b is not None]
+    if not builders:
+        return
     import deepspeed.ops
 
     compatible = deepspeed.ops.__compatible_ops__
-    for name in names:
-        builder = get_accelerator().create_op_builder(name)
-        if builder is not None:
-            compatible[builder.NAME] = False
+    for builder in builders:
+        compatible[builder.NAME] = False
 
 
 def _use_precompiled_torch_header() -> None:
