@@ -623,6 +623,8 @@ def validate_translate(cfg: TranslateAppConfig) -> None:
     _check_beam(cfg.beam)
     if cfg.batch_lines < 1:
         raise ConfigError(f"batch_lines={cfg.batch_lines} must be >= 1")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads={cfg.threads} must be >= 0 (0: torch's default)")
     check_subset(cfg.subset, cfg.serve)
 
 

@@ -3,7 +3,10 @@ batched beam search = one sentence at a time."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pytest
 import torch
 
 from helpers import TINY
@@ -130,3 +133,37 @@ def test_sacrebleu_scores_and_signature():
     perfect = score_direction(["a small cat sits on the mat ."], ["a small cat sits on the mat ."])
     assert perfect["bleu"] == 100.0 and perfect["chrf"] == 100.0
     assert perfect["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+
+
+@pytest.mark.gpu
+def test_beam_search_reads_the_gpu_once_per_step():
+    """On CUDA (a dense model: no expert loop): the search waits for the device once per decoding step
+    (its one read), once per step in which sentences finished (their index copied to the device) and
+    at most twice more at the start, counted by torch.cuda.set_sync_debug_mode("warn"). (Its
+    hypotheses are not compared with the CPU's: float rounding may break a near-tie the other way.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (none here)")
+    model = build_model(60, TINY, MoEConfig(enabled=False), seed=4).eval()
+    with torch.no_grad():
+        model.embed.weight[EOS_ID] *= 3.0
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.cat([torch.randint(4, 60, (length,), generator=g), torch.tensor([EOS_ID])]) for length in (3, 9, 5, 7)]
+    batch = torch.nn.utils.rnn.pad_sequence(srcs, batch_first=True, padding_value=PAD_ID)
+    with torch.no_grad():
+        model = model.cuda()
+        beam_search_finished(model, batch.cuda(), beam=4)  # warm-up
+        steps = []
+        decode = model.decode
+        model.decode = lambda *a, **k: steps.append(1) or decode(*a, **k)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                on_gpu = beam_search_finished(model, batch.cuda(), beam=4)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= len(steps) + len(srcs) + 2, [str(w.message)[:120] for w in syncs[:8]]
+    assert [len(f) for f in on_gpu] == [4] * len(srcs)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from helpers import TINY
 from mtmoe.config import MoEConfig, check_prune_rule
-from mtmoe.errors import ConfigError
+from mtmoe.errors import ConfigError, ExportError
 from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
 from mtmoe.model.moe import MoEFFN
 from mtmoe.model.quantized import QMAX, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
@@ -354,7 +355,9 @@ def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):
 def test_overwriting_an_export_keeps_one_complete_copy_at_any_point(tmp_path, monkeypatch):
     """write_export over an existing export: the old one is renamed aside and removed only after the
     new one is in place; a crash between the two renames leaves the old export whole at <out>.old
-    (before, it was deleted first), and a finished overwrite leaves nothing beside `out`."""
+    (before, it was deleted first), and a finished overwrite leaves nothing beside `out`. The staging
+    names are mtmoe's own: a user's `<out>.old` backup and `<out>.partial` folder are left alone, and
+    a folder of someone else's at a staging name is refused, not deleted."""
     from pathlib import Path
 
     from mtmoe.formats.export_format import write_export
@@ -364,20 +367,35 @@ def test_overwriting_an_export_keeps_one_complete_copy_at_any_point(tmp_path, mo
     out = tmp_path / "exp"
     model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1))
     write_export(model, spm, {"version": 1}, out)
+    shutil.copytree(out, tmp_path / "exp.old")  # the user's backup, and a folder of theirs
+    (tmp_path / "exp.partial").mkdir()
+    (tmp_path / "exp.partial" / "notes.txt").write_text("mine")
     write_export(model, spm, {"version": 2}, out)
     assert json.loads((out / "config.json").read_text()) == {"version": 2}
+    assert json.loads((tmp_path / "exp.old" / "config.json").read_text()) == {"version": 1}
+    assert (tmp_path / "exp.partial" / "notes.txt").read_text() == "mine"
+    shutil.rmtree(tmp_path / "exp.old")
+    shutil.rmtree(tmp_path / "exp.partial")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "spm.model"]
+    (tmp_path / ".exp.mtmoe-partial").mkdir()
+    (tmp_path / ".exp.mtmoe-partial" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"\.exp\.mtmoe-partial exists and was not left by an mtmoe export"):
+        write_export(model, spm, {"version": 3}, out)
+    shutil.rmtree(tmp_path / ".exp.mtmoe-partial")
 
     rename = Path.rename
 
     def crash_on_the_new_one(self, target):
-        if self.name.endswith(".partial"):
+        if self.name.endswith(".mtmoe-partial"):
             raise OSError("killed")
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", crash_on_the_new_one)
     with pytest.raises(OSError, match="killed"):
         write_export(model, spm, {"version": 3}, out)
-    old = tmp_path / "exp.old"
+    old = tmp_path / ".exp.mtmoe-old"
     assert json.loads((old / "config.json").read_text()) == {"version": 2}
     assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "spm.model"]
+    monkeypatch.undo()
+    write_export(model, spm, {"version": 4}, out)  # the complete leftovers of the crash are cleared
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "spm.model"]

@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -613,10 +614,10 @@ def test_unrouted_experts_are_never_loaded(tmp_path):
     src = torch.tensor([[7, EOS_ID]])
     with runtime, torch.no_grad():
         _, _, _, stats = offloaded.encode(src)
-    routed = {name: set(torch.nonzero(s["routed"]).flatten().tolist()) for name, s in zip(("enc0", "enc1"), stats)}
-    for name in ("enc0", "enc1"):
-        assert set(runtime.caches[name].resident()) == routed[name] and len(routed[name]) <= 2
-    assert runtime.caches["dec0"].resident() == []
+        routed = {name: set(torch.nonzero(s["routed"]).flatten().tolist()) for name, s in zip(("enc0", "enc1"), stats)}
+        for name in ("enc0", "enc1"):
+            assert set(runtime.caches[name].resident()) == routed[name] and len(routed[name]) <= 2
+        assert runtime.caches["dec0"].resident() == []
     s = runtime.metrics.summary()
     assert s["activations"] == sum(len(r) for r in routed.values()) == s["misses"]
 
@@ -926,6 +927,43 @@ def test_bad_export_files_are_named_before_decoding(exports, tmp_path, corpus):
     (dense / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"telemetry=true: .*dense is a dense model"):
         evaluate_export(dense, f"{corpus}/test_2016_flickr", langs=["en", "de"], telemetry=True)
+
+
+def test_eval_times_decoding_without_loading(exports, tmp_path, corpus, monkeypatch):
+    """mtmoe-eval's decode_seconds and sentences/s (and the serving summary's) count the beam searches,
+    not loading the model or building the expert store (on a clock that only loading and decoding move)."""
+    from mtmoe.eval import run
+
+    clock = [0.0]
+
+    def advancing(real, seconds):
+        def call(*args, **kwargs):
+            clock[0] += seconds
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))  # eval's clock alone
+    monkeypatch.setattr(run, "load_for_serving", advancing(run.load_for_serving, 100.0))
+    monkeypatch.setattr(run, "translate_per_penalty", advancing(run.translate_per_penalty, 1.0))
+    report = run.evaluate_export(exports["full"], f"{corpus}/test_2016_flickr", directions=["en-de", "de-en"], beam=1,
+                                 limit=2, serve=ServeConfig(experts_per_layer=2, store_dir=str(tmp_path)))
+    assert report["decode_seconds"] == 2.0 and report["sentences_per_s"] == 2.0
+    assert report["serving"]["sentences_per_s"] == 2.0
+
+
+def test_eval_report_path_is_checked_before_decoding(tmp_path):
+    """mtmoe-eval's `out` is checked before any decoding (a folder or an unusable parent failed with
+    a traceback after it, losing the work; a .txt name had its JSON overwritten by the table)."""
+    from mtmoe.eval.run import check_report_path
+
+    assert check_report_path(tmp_path / "new" / "eval.json") == tmp_path / "new" / "eval.json"
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "new", r"is a folder: give a file name"),
+                         (tmp_path / "r.txt", r"the report's table is written beside it with .txt"),
+                         (tmp_path / "afile" / "r.json", r"afile/r.json: cannot make its folder")):
+        with pytest.raises(ConfigError, match=message):
+            check_report_path(out)
 
 
 def test_offloaded_loading_moves_no_expert_to_the_device(exports, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import stat
 import subprocess
@@ -189,6 +190,16 @@ def test_tracebacks_become_one_line_errors(export, tmp_path, corpus):
     proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     assert_refused(proc, "<stdin>:2: invalid UTF-8")
     assert len(proc.stdout.splitlines()) == 1
+    proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "threads=-1"], stdin="A dog.\n")
+    assert_refused(proc, "threads=-1 must be >= 0")
+
+    # A reader that goes away (`| head -1`): the filter stops quietly (it was a BrokenPipeError traceback).
+    translate = shlex.join([str(BIN / "mtmoe-translate"), f"model={export}", "src=en", "tgt=de", "beam=1",
+                            "batch_lines=1"])
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {translate} | head -1"], input="A dog runs.\n" * 50,
+                          capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1
 
     # A direction as a plain string, as mtmoe-train takes it.
     out = tmp_path / "string.json"
@@ -290,6 +301,9 @@ def test_a_finished_time_budget_run_stays_finished(tmp_path, corpus, cache_dir):
         "train.max_minutes": 0.08, "train.save_every": 1, "train.valid_every": 1, "train.valid_bleu": "never"})
     proc = run_cli("mtmoe-train", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    valid_steps = [r["step"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+                   if r["kind"] == "valid"]
+    assert valid_steps and len(valid_steps) == len(set(valid_steps))  # the last step is validated once
     assert_rerun_changes_nothing(run_dir, args, f"{run_dir} is finished")
 
 

@@ -12,6 +12,7 @@ lines before it are translated).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -90,6 +91,9 @@ def main(cfg: DictConfig) -> None:
                 pending, numbers = [], []
         if pending:
             flush(pending, numbers)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return
     finally:
         if runtime is not None:
             runtime.close()

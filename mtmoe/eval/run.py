@@ -11,6 +11,7 @@ report gains a `subset` section: the experts and expert bytes held per direction
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,19 +39,23 @@ from mtmoe.serve.metrics import format_summary, merge_summaries
 from mtmoe.serve.runtime import load_for_serving
 from mtmoe.serve.validate import check_serve, offloading
 
+log = logging.getLogger("mtmoe")
+
 
 def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: int, length_penalties: Sequence[float],
                      max_tokens: int, serve: Optional[ServeConfig], subset_mass: Optional[float],
                      device: torch.device, on_done=None
-                     ) -> tuple[dict[str, list[list[str]]], Optional[dict], dict[str, dict], Optional[tuple]]:
+                     ) -> tuple[dict[str, list[list[str]]], Optional[dict], dict[str, dict], Optional[tuple], float]:
     """Translates the (src, tgt) `pairs` with one load of the export (with `subset_mass`, one load
     of that direction's expert subset per pair), one beam search for all `length_penalties`.
     Returns (hypotheses per direction, one list per penalty; serving metrics (offloading only),
     experts held per direction (subsets only), (model, vocab) of the full export when it was
-    loaded whole and resident)."""
+    loaded whole and resident, seconds spent decoding: loading the model and building the expert
+    store not included)."""
     hyps: dict[str, list[list[str]]] = {}
     held: dict[str, dict] = {}
     model = vocab = runtime = None
+    decoding = 0.0
     try:
         for src, tgt in pairs:
             name = f"{src}-{tgt}"
@@ -60,14 +65,16 @@ def _translate_pairs(model_dir: str, texts: dict, pairs: Sequence[tuple], beam: 
                 model, vocab, _, runtime = load_for_serving(model_dir, serve, device)
             if runtime is not None:
                 runtime.set_direction(src, tgt)  # language-aware serving seeds its caches for it
+            started = time.monotonic()
             hyps[name] = translate_per_penalty(model, vocab, texts[src], tgt, beam, length_penalties, max_tokens)
+            decoding += time.monotonic() - started
             if on_done is not None:
                 on_done()
     finally:
         if runtime is not None:
             runtime.close()
     full = (model, vocab) if model is not None and runtime is None and not subset_mass else None
-    return hyps, None if runtime is None else runtime.metrics.summary(), held, full
+    return hyps, None if runtime is None else runtime.metrics.summary(), held, full, decoding
 
 
 def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, length_penalties: Sequence[float],
@@ -75,8 +82,9 @@ def _decode_direction(model_dir: str, texts: dict, pair: tuple, beam: int, lengt
                       device: torch.device):
     """Worker process: translates one (src, tgt) pair (see _translate_pairs)."""
     torch.set_num_threads(threads)
-    return _translate_pairs(model_dir, texts, [pair], beam, length_penalties, max_tokens, serve, subset_mass,
-                            device)[:3]
+    hyps, metrics, held, _, decoding = _translate_pairs(model_dir, texts, [pair], beam, length_penalties, max_tokens,
+                                                        serve, subset_mass, device)
+    return hyps, metrics, held, decoding
 
 
 def select_directions(config: dict, test: str, langs: Optional[Sequence[str]] = None,
@@ -103,6 +111,20 @@ def select_directions(config: dict, test: str, langs: Optional[Sequence[str]] = 
     return pairs
 
 
+def check_report_path(out: Path) -> Path:
+    """`out` when a report can be written there (its folder made): ConfigError naming `out` for a
+    folder, a .txt name (the table is written to `out` with .txt) or a folder that cannot be made."""
+    if out.suffix == ".txt":
+        raise ConfigError(f"out={out}: the report's table is written beside it with .txt; name the report .json")
+    if out.is_dir():
+        raise ConfigError(f"out={out} is a folder: give a file name for the report (e.g. {out}/eval.json)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out={out}: cannot make its folder ({e})") from e
+    return out
+
+
 def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
                     directions: Optional[str | Sequence[str]] = None,
                     beam: int = 4, length_penalty: float = 1.0, max_tokens: int = 4096, limit: int = 0,
@@ -121,16 +143,10 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     model_dir = str(resolve(model_dir))
     if telemetry and not read_export_config(model_dir)["moe"]["enabled"]:
         raise ConfigError(f"telemetry=true: {model_dir} is a dense model (no MoE layer routes anything)")
+    out = check_report_path(resolve(out)) if out else None  # before the decoding, not after it
     scored = _decode_and_score(model_dir, test, langs, directions, beam, [length_penalty], max_tokens, limit,
                                workers, threads, serve, subset, tuned, device)
     report, hyps = scored.reports[0], scored.hyps[0]
-    if out:
-        out = resolve(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".txt").write_text(report["table"] + "\n")
-        for name, lines in hyps.items():
-            out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
     if telemetry:
         # decoded in workers, offloaded or by subsets: load it here
         model, vocab = scored.full or load_export(model_dir, device=device)[:2]
@@ -139,6 +155,12 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
         plot_heatmap(routing, Path(f"{stem}.telemetry.png"))
         report["telemetry"] = f"{stem}.telemetry.json"
+        log.info("routing telemetry: %s (.png beside it)", report["telemetry"])
+    if out:
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".txt").write_text(report["table"] + "\n")
+        for name, lines in hyps.items():
+            out.with_name(f"{out.stem}.{name}.hyp").write_text("\n".join(lines) + "\n")
     return report
 
 
@@ -189,7 +211,6 @@ def _decode_and_score(model_dir: str, test: str, langs, directions, beam: int, l
         for src, tgt in pairs:  # every direction has statistics, before any decoding
             choose_subset(model_dir, f"{src}-{tgt}", subset_mass)
 
-    started = time.monotonic()
     hyps: dict[str, list[list[str]]] = {}  # direction -> translations per length penalty
     serving: list[dict] = []  # serving metrics of each decoding process (offloading only)
     held: dict[str, dict] = {}  # experts held per direction (subsets only)
@@ -199,24 +220,29 @@ def _decode_and_score(model_dir: str, test: str, langs, directions, beam: int, l
         if workers == 1:
             if threads:
                 torch.set_num_threads(threads)
-            hyps, metrics, held, full = _translate_pairs(model_dir, texts, pairs, beam, length_penalties, max_tokens,
-                                                         serve, subset_mass, device, on_done=lambda: bar.update(1))
+            hyps, metrics, held, full, decoding = _translate_pairs(model_dir, texts, pairs, beam, length_penalties,
+                                                                   max_tokens, serve, subset_mass, device,
+                                                                   on_done=lambda: bar.update(1))
             serving += [metrics] if metrics is not None else []
         else:
             if offloading(serve):  # write the expert store once, before the workers read it
                 load_for_serving(model_dir, serve)[3].close()
+            decoding = 0.0
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 futures = [pool.submit(_decode_direction, model_dir, texts, pair, beam, length_penalties,
                                        max_tokens, threads or 1, serve, subset_mass, device) for pair in pairs]
                 for future in as_completed(futures):
-                    lines, metrics, pair_held = future.result()
+                    lines, metrics, pair_held, seconds = future.result()
+                    decoding += seconds
                     hyps.update(lines)
                     held.update(pair_held)
                     if metrics is not None:
                         serving.append(metrics)
                     bar.update(1)
-    seconds = time.monotonic() - started
+    # The time beam searches took (loading the model and the expert store not included), summed over
+    # the workers: sentences/s is one decoding process's speed with any number of workers.
+    seconds = decoding
     total = len(pairs) * len(texts[needed[0]])
     reports, per_penalty = [], []
     for i, length_penalty in enumerate(length_penalties):

@@ -64,6 +64,10 @@ def model_configs(desc: dict) -> tuple[ModelConfig, MoEConfig]:
     return model_cfg, moe_cfg
 
 
+STAGING_MARKER = ".mtmoe-export-partial"
+"""A file in an export's staging folder while it is written (`write_export`)."""
+
+
 def check_output_dir(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
     """ExportError unless `out_dir` may receive an export: it does not exist, is an empty
     directory, or is an export and `overwrite` is set. Anything else is never replaced."""
@@ -86,16 +90,35 @@ def _umask() -> int:
     return mask
 
 
+def staging_paths(out_dir: Path) -> tuple[Path, Path]:
+    """(where an export is written before it takes `out_dir`'s place, where an export it replaces
+    waits until then): hidden names of mtmoe's own, `.<out>.mtmoe-partial` and `.<out>.mtmoe-old`, so
+    a user's `<out>.old` backup or `<out>.partial` folder is never taken for them."""
+    out = Path(out_dir)
+    return out.with_name(f".{out.name}.mtmoe-partial"), out.with_name(f".{out.name}.mtmoe-old")
+
+
+def _remove_leftover(path: Path, looks_ours: bool) -> None:
+    """Deletes what a killed export left at `path`; ExportError when something else is there."""
+    if not path.exists():
+        return
+    if not looks_ours:
+        raise ExportError(f"{path} exists and was not left by an mtmoe export: move it away (it is never deleted)")
+    shutil.rmtree(path)
+
+
 def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
     """Writes config.json + model.safetensors + spm.model (+ routing.json); the directory appears
-    complete or not at all: the files are written and made durable in `<out>.partial`, which then
-    takes the place of `out`. An export already at `out` (overwrite) is renamed aside to
-    `<out>.old` first and removed only once the new one is in place, so a crash at any point
-    leaves one complete export, at `out` or at `<out>.old`."""
+    complete or not at all: the files are written and made durable in a staging folder
+    (`staging_paths`), which then takes the place of `out`. An export already at `out` (overwrite) is
+    renamed aside first and removed only once the new one is in place, so a crash at any point
+    leaves one complete export, at `out` or aside. A staging folder holds `STAGING_MARKER` until it
+    is complete; only such folders (or exports, complete ones) are deleted as leftovers."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = staging_paths(out)
+    _remove_leftover(tmp, (tmp / STAGING_MARKER).is_file() or (tmp / "config.json").is_file())
     tmp.mkdir(parents=True)
+    (tmp / STAGING_MARKER).write_text("an mtmoe export being written\n")
     weights = tmp / "model.safetensors"
     # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
@@ -104,12 +127,12 @@ def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, ro
     if routing is not None:
         (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / STAGING_MARKER).unlink()
     for path in tmp.iterdir():
         fsync_file(path)
     fsync_dir(tmp)
-    old = out.with_name(out.name + ".old")
     if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_leftover(old, (old / "config.json").is_file())
         out.rename(old)
     tmp.rename(out)
     fsync_dir(out.parent)

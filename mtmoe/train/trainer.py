@@ -339,6 +339,7 @@ class Trainer:
         self.feed = batches = DeviceFeed(self.stream, self.device)
         window = _new_window()
         window_start = started = time.monotonic()
+        validated = (None, None)  # (step, result) of the loop's last validation
         saved_step, saved_snapshot = self.step, True  # no step taken: nothing new to save at the end
         self._out_of_budget(started)  # the fraction spent before this start (a resumed run's), on every rank
         snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span) if p > self.spent + 1e-9]
@@ -363,13 +364,15 @@ class Trainer:
                 self._log_window(window, window_start, started, progress)
                 window = _new_window()
                 window_start = time.monotonic()
+            paused = time.monotonic()
             if saving:
                 self.train_seconds += time.monotonic() - started
                 started = time.monotonic()
                 self.save(snapshot)
                 saved_step, saved_snapshot = self.step, snapshot
             if cfg.train.valid_every > 0 and self.step % cfg.train.valid_every == 0:
-                self.validate()
+                validated = (self.step, self.validate())
+            window_start += time.monotonic() - paused  # tokens/s is training's: saves and validation not counted
         if window["steps"]:
             self._log_window(window, window_start, started, progress)
         self.train_seconds += time.monotonic() - started
@@ -378,7 +381,10 @@ class Trainer:
         # time budget it is saved here (again, when a `save_every` save just wrote that step).
         if cfg.train.save_every >= 0 and (saved_step != self.step or (cfg.train.snapshots and not saved_snapshot)):
             self.save(snapshot=cfg.train.snapshots > 0)
-        final = self.validate(final=True)
+        if validated[0] == self.step and cfg.train.valid_bleu != "final":  # the last step was just validated
+            final = validated[1]
+        else:
+            final = self.validate(final=True)
         peak_gpu = peak_memory_gib(self.layout.device)
         if peak_gpu is not None:
             peak_gpu = round(all_reduce_max(peak_gpu), 2)  # the fullest rank's GPU
