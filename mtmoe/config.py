@@ -583,6 +583,10 @@ def check_subset(subset: SubsetConfig, serve: ServeConfig) -> None:
                           "experts resident; offload the full export instead")
 
 
+TELEMETRY_NEEDS_OUT = ("telemetry=true needs out=FILE.json: the telemetry is written beside the report "
+                       "(<out stem>.telemetry.json + .png)")
+
+
 def validate_eval(cfg: EvalAppConfig) -> None:
     """Rejects an impossible `mtmoe-eval` config before any weight or text is read."""
     check_known_keys(cfg)
@@ -597,6 +601,8 @@ def validate_eval(cfg: EvalAppConfig) -> None:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
     if cfg.max_tokens < 1:
         raise ConfigError(f"max_tokens={cfg.max_tokens} must be >= 1")
+    if cfg.telemetry and not cfg.out:
+        raise ConfigError(TELEMETRY_NEEDS_OUT)
     check_subset(cfg.subset, cfg.serve)
     check_tune(cfg.tune)
 

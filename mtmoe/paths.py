@@ -26,3 +26,10 @@ def resolve(path: str | os.PathLike) -> Path:
         if (base / p).exists() or (base / p).parent.is_dir() and p.parent != Path("."):
             return (base / p).absolute()
     return p.absolute()
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """Absolute path for something to be written (`out=`, `data.cache_dir`): `~` expanded, a relative
+    path always from the current directory. Unlike `resolve`, never the project root: where the
+    current directory lacks the folder, the output makes it rather than landing in the checkout."""
+    return Path(os.path.expanduser(str(path))).absolute()

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mtmoe.cli.common import friendly_errors  # noqa: E402
 from mtmoe.config import SubsetConfig  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.model.generation import translate  # noqa: E402
@@ -118,6 +119,7 @@ def speeds(args, dirs: dict[str, Path]) -> dict[str, list[float]]:
     return out
 
 
+@friendly_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="training run dir (or a full export dir)")

@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mtmoe.cli.common import friendly_errors  # noqa: E402
 from mtmoe.errors import ConfigError  # noqa: E402
 from mtmoe.errors import ExportError  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
@@ -104,6 +105,7 @@ def decode(model, vocab, lines: list[str], tgt: str, beam: int, batch: int) -> t
     return time.perf_counter() - started, time.thread_time() - cpu
 
 
+@friendly_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", nargs="+", help="export dir(s) (default: train and export small MoEs, see above)")

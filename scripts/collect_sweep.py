@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("sweep_dir")
     args = parser.parse_args()
     sweep = Path(args.sweep_dir)
+    if not sweep.is_dir():
+        parser.error(f"{sweep}: no such folder (give a sweep's hydra.sweep.dir)")
     jobs = [j for j in (collect_job(d) for d in sorted(sweep.iterdir()) if d.is_dir()) if j]
     if not jobs:
         sys.exit(f"{sweep}: no finished jobs (no */results.json)")

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mtmoe.cli.common import friendly_errors  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.formats.export_format import load_export  # noqa: E402
 from mtmoe.model.generation import translate  # noqa: E402
@@ -85,6 +86,7 @@ class Recorder:
         self.total[layer, point] += actual.numel()
 
 
+@friendly_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", required=True)

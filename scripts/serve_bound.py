@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mtmoe.cli.common import friendly_errors  # noqa: E402
 from mtmoe.config import ServeConfig  # noqa: E402
 from mtmoe.data.corpus import load_test_set  # noqa: E402
 from mtmoe.formats.export_format import ROUTING_FILE, load_export, read_routing_stats  # noqa: E402
@@ -235,6 +236,7 @@ def direction_guess(routing: dict, direction: str, layers: Sequence[str], slots:
             for e in (direction_ranking(routing, name, src, tgt) or [])[:slots // len(layers)]]
 
 
+@friendly_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", default="runs/bench_serve/export")

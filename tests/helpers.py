@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those are in conftest.py): the small corpus cut, the
 one tiny model shape of in-process model tests, and runners for the mtmoe console scripts (world
-of one), the `deepspeed` launcher (2 CPU ranks) and the step probe (tests/step_probe.py)."""
+of one), the `deepspeed` launcher (2 CPU ranks), ranks started directly as the launcher starts them,
+and the step probe (tests/step_probe.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,9 +92,51 @@ def deepspeed_command(module: str, args: list[str], num_ranks: int = 2) -> list[
 
 
 def run_deepspeed(module: str, args: list[str], num_ranks: int = 2, timeout: int = 900):
+    """A launch through the `deepspeed` launcher: what tests of the launch itself use (the others:
+    `run_ranks`)."""
     env = clean_env()
     cmd = deepspeed_command(module, args, num_ranks)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    """The variables `deepspeed.launcher.launch` sets for local rank `rank` of a one-node launch."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_SIZE": str(world),
+            "CROSS_RANK": "0", "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def run_ranks(command: list[str], num_ranks: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python <command>` (`-m module args` or `script args`) as `num_ranks` processes with the
+    environment the `deepspeed` launcher gives its ranks, started directly. The launcher's own two
+    Python processes (runner, then launch) cost ~10 s of a ~23 s tiny 2-rank run here, and what the
+    parity and update tests check does not depend on them; test_train_e2e and test_resilience go
+    through the launcher. Like the launcher, a rank that fails stops the others. -> the ranks'
+    output joined, and the first non-zero exit code (0 when all succeeded)."""
+    port = free_port()
+    logs = [Path(tempfile.mkstemp(prefix=f"rank{rank}.", suffix=".log")[1]) for rank in range(num_ranks)]
+    procs = []
+    try:
+        for rank, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen([sys.executable, "-u", *command], cwd=ROOT, stdout=out,
+                                              stderr=subprocess.STDOUT, env=clean_env(**rank_env(rank, num_ranks, port))))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+            time.sleep(0.1)
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(command, timeout)
+        output = "".join(log.read_text(errors="replace") for log in logs)
+        code = next((p.returncode for p in procs if p.returncode != 0), 0)
+        return subprocess.CompletedProcess(command, code, output, "")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.unlink(missing_ok=True)
 
 
 def nvme_available() -> bool:
@@ -122,9 +167,9 @@ def run_step_probe(tmp_path: Path, corpus: Path, cache_dir: Path, overrides: lis
             f"train.device={device}", *overrides]
     script = str(ROOT / "tests" / "step_probe.py")
     if ranks == 1:
-        cmd = [sys.executable, script, *args]
-    else:  # the launcher runs the script itself: its command without `--module <module>`
-        cmd = [*deepspeed_command("unused", [], ranks)[:-2], script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=clean_env(), capture_output=True,
+                              text=True, timeout=600)
+    else:
+        proc = run_ranks([script, *args], ranks, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in range(ranks)]

@@ -141,6 +141,9 @@ def test_config_validation_names_the_field():
         with pytest.raises(ConfigError, match=message):
             validate(cfg, world_size=2)
     cfg.moe.kept_experts = {}
+    with pytest.raises(ConfigError, match=r"moe.kept_experts names \['enc2'\]: not MoE layers of this model "
+                                          r"\(those are \['enc1', 'dec1'\]\)"):
+        build_model(100, cfg.model, MoEConfig(num_experts=4, kept_experts={"enc1": [0, 1], "enc2": [0, 1]}))
     for value in (float("inf"), float("nan")):
         cfg.moe.capacity_factor = value
         with pytest.raises(ConfigError, match=r"moe.capacity_factor=(inf|nan) must be a finite number"):

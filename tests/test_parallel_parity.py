@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import nvme_available, require_nvme, run_cli, run_deepspeed, tiny_overrides
+from helpers import nvme_available, require_nvme, run_cli, run_ranks, tiny_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -110,7 +110,7 @@ def layout_run(tmp_path_factory, corpus, cache_dir):
         if layout not in runs:
             ranks, extra = LAYOUTS[layout]
             run_dir = tmp_path_factory.mktemp("layout") / layout
-            proc = run_deepspeed("mtmoe.train", parity_args(corpus, cache_dir, run_dir, **extra), num_ranks=ranks)
+            proc = run_ranks(["-m", "mtmoe.train", *parity_args(corpus, cache_dir, run_dir, **extra)], ranks)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
             runs[layout] = run_dir
         return runs[layout]
@@ -177,7 +177,7 @@ def test_resume_at_another_layout(source, ranks, target, reference, layout_run, 
     source_dir = reference[0] if source == "world1" else layout_run(source)
     run_dir = resume_point(source_dir, tmp_path)
     args = parity_args(corpus, cache_dir, run_dir, **target)
-    proc = run_cli("mtmoe-train", args) if ranks == 1 else run_deepspeed("mtmoe.train", args, num_ranks=ranks)
+    proc = run_cli("mtmoe-train", args) if ranks == 1 else run_ranks(["-m", "mtmoe.train", *args], ranks)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert f"resumed from step {STEPS // 2}" in output
@@ -197,7 +197,7 @@ def test_nvme_run_resumes_and_exports(reference, layout_run, tmp_path, corpus, c
     wrong lr: mtmoe.train.zero3_swap), the swap files are scratch removed at the end, and the
     checkpoint exports (ZeRO-3 consolidation) to the weights of the uninterrupted run."""
     run_dir = resume_point(layout_run("dp2_zero3_nvme"), tmp_path)
-    proc = run_deepspeed("mtmoe.train", parity_args(corpus, cache_dir, run_dir, parallel="zero3_nvme"))
+    proc = run_ranks(["-m", "mtmoe.train", *parity_args(corpus, cache_dir, run_dir, parallel="zero3_nvme")])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert f"resumed from step {STEPS // 2}" in output
@@ -286,7 +286,7 @@ def test_a_model_without_moe_layers_moves_to_zero2(tmp_path, corpus, cache_dir):
     proc = run_cli("mtmoe-train", parity_args(corpus, cache_dir, run_dir, **dense))
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = resume_point(run_dir, tmp_path)
-    proc = run_deepspeed("mtmoe.train", parity_args(corpus, cache_dir, resumed, moe="dense", **{"train.zero_stage": 2}))
+    proc = run_ranks(["-m", "mtmoe.train", *parity_args(corpus, cache_dir, resumed, moe="dense", **{"train.zero_stage": 2})])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "(ZeRO-0 -> ZeRO-2)" in output and f"resumed from step {STEPS // 2}" in output
@@ -404,6 +404,8 @@ def test_multirun_sweep_of_distributed_jobs(tmp_path, corpus, cache_dir):
         assert state["ep_size"] == 2
         config = (sweep / job / ".hydra" / "config.yaml").read_text()
         assert f"use_rts: {str(rts).lower()}" in config
+        # the launched job resolves `${hydra:sweep.dir}` (moe_efd's dense checkpoint) to this sweep
+        assert f"dir: {sweep}\n" in (sweep / job / ".hydra" / "hydra.yaml").read_text().split("sweep:", 1)[1]
     # The sweep collector: one table row per job, and the validation-loss plot.
     import subprocess
     import sys

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, tiny_overrides
+from helpers import ROOT, clean_env, deepspeed_command, export_of, run_cli, run_deepspeed, run_ranks, tiny_overrides
 from mtmoe.errors import TrainingDiverged
 from mtmoe.train.guard import DivergenceGuard
 
@@ -44,7 +44,7 @@ def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_
             "train.cooldown": 0.5})
 
     reference = tmp_path / "reference"
-    proc = run_deepspeed("mtmoe.train", args(reference))
+    proc = run_ranks(["-m", "mtmoe.train", *args(reference)])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     expected = train_losses(reference)
     assert sorted(expected) == list(range(1, steps + 1))

@@ -249,6 +249,30 @@ def test_export_never_replaces_silently_and_writes_readable_files(trained, expor
     assert modes["model.safetensors"] == modes["config.json"] == modes["spm.model"]  # not 0600
 
 
+def test_outputs_are_written_under_the_current_directory(export, tmp_path):
+    """A relative `out=` is taken from the current directory, even where only the checkout has its
+    folder (`data/`): it was resolved like an input and landed in the project root."""
+    name = f"data/relative-{tmp_path.name}"
+    proc = subprocess.run([str(BIN / "mtmoe-export"), f"checkpoint={export}", f"out={name}", "routing_stats=false"],
+                          capture_output=True, text=True, timeout=600, env=clean_env(), cwd=tmp_path)
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (tmp_path / name / "config.json").is_file()
+    finally:
+        assert not (ROOT / name).exists()
+
+
+def test_telemetry_without_a_report_and_a_mistyped_calibration_set_are_refused(export, tmp_path):
+    """`telemetry=true` has nowhere to go without `out=` (it wrote ./telemetry.telemetry.json), and a
+    calibration prefix with no file was a warning after the export, which then had no routing.json."""
+    proc = run_cli("mtmoe-eval", [f"model={export}", "telemetry=true"])
+    assert_refused(proc, "telemetry=true needs out=FILE.json")
+    out = tmp_path / "e"
+    proc = run_cli("mtmoe-export", [f"checkpoint={export}", f"out={out}", "prune.calibration=data/multi30k/vall"])
+    assert_refused(proc, "prune.calibration=", "multi30k/vall: no file")
+    assert not out.exists()
+
+
 def test_speculative_prefetch_without_a_next_layer_says_so_plainly(export, tmp_path):
     proc = run_cli("mtmoe-translate", [f"model={export}", "src=en", "tgt=de", "beam=1", "serve.experts_per_layer=2",
                                        "serve.prefetch=speculative", f"serve.store_dir={tmp_path}"], stdin="A dog.\n")
@@ -288,7 +312,9 @@ def test_resumed_run_progress_log_and_finished_rerun(trained, tmp_path, corpus, 
     for noise in ("gcc ", "built successfully", "compilers.C"):
         assert noise not in proc.stdout + proc.stderr and noise not in new_log
 
-    assert_rerun_changes_nothing(run_dir, args, f"{run_dir} is finished: it trained to its budget (step 15)")
+    # another override that cannot take effect: the run's .hydra files still record the run's own
+    rerun = tiny_overrides(corpus, cache_dir, run_dir, steps=15, **{"train.progress": "false"})
+    assert_rerun_changes_nothing(run_dir, rerun, f"{run_dir} is finished: it trained to its budget (step 15)")
 
 
 def test_a_finished_time_budget_run_stays_finished(tmp_path, corpus, cache_dir):

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtmoe.cli.common import friendly_errors, setup
-from mtmoe.paths import TOOLS_CONF_DIR, resolve
+from mtmoe.paths import TOOLS_CONF_DIR, output_path, resolve
 
 setup()
 
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
                  "loss_lines": cfg.prune.loss_lines, "per_layer": cfg.prune.per_layer}
     routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
                if cfg.routing_stats else None)
-    out = export_run(resolve(cfg.checkpoint), resolve(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,
+    out = export_run(resolve(cfg.checkpoint), output_path(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,
                      average=cfg.average, device=resolve_device(cfg.device))
     sizes = export_bytes(out)
     print(f"exported {cfg.checkpoint} -> {out} ({sizes['file_bytes'] / 1e6:.2f} MB, "

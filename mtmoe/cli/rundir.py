@@ -16,7 +16,7 @@ after the config is composed and before Hydra writes anything. It
   around `main()`): a new run dir is removed, an existing one gets its files back.
 
 The snapshot is dropped once the trainer accepts the run (`accepted()`, its `on_start`): from then
-on the run dir is in use. Only the first process of a launch (RANK 0 or no launcher) snapshots and
+on the run dir is in use (a finished run's re-run gets its `.hydra` files back then). Only the first process of a launch (RANK 0 or no launcher) snapshots and
 restores; Hydra multirun jobs (-m) are checked by the trainer alone.
 """
 
@@ -66,6 +66,14 @@ class Snapshot:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink()
+        self.restore_hydra_files()
+        for name, size in self.logs.items():
+            path = self.run_dir / name
+            if path.is_file() and path.stat().st_size > size:
+                os.truncate(path, size)
+
+    def restore_hydra_files(self) -> None:
+        """Puts back the `.hydra` files this start replaced (and removes those it added)."""
         hydra_dir = self.run_dir / ".hydra"
         if hydra_dir.is_dir():
             for p in hydra_dir.iterdir():
@@ -74,10 +82,6 @@ class Snapshot:
         for name, data in self.hydra_files.items():
             hydra_dir.mkdir(exist_ok=True)
             (hydra_dir / name).write_bytes(data)
-        for name, size in self.logs.items():
-            path = self.run_dir / name
-            if path.is_file() and path.stat().st_size > size:
-                os.truncate(path, size)
 
 
 _snapshot: Optional[Snapshot] = None
@@ -119,9 +123,15 @@ class RunDirGuard(Callback):
             _snapshot = Snapshot(Path(config.hydra.run.dir).absolute())
 
 
-def accepted() -> None:
-    """The trainer accepted the run: from now on the run dir is in use and kept as it is."""
+def accepted(finished: bool = False) -> None:
+    """The trainer accepted the run: from now on the run dir is in use and kept as it is.
+
+    `finished`: the run had already trained to its budget, and this start changes nothing, so its
+    `.hydra` files go back to those of the run that wrote the results (this start's overrides, say
+    another `train.lr`, never took effect); its lines in train.log stay."""
     global _snapshot
+    if finished and _snapshot is not None and _snapshot.existed:
+        _snapshot.restore_hydra_files()
     _snapshot = None
 
 

@@ -27,11 +27,12 @@ setup()
 def main(cfg: DictConfig) -> float:
     from mtmoe.cli.launch import run_job_under_launcher, under_launcher
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.launch.ranks > 0 and not under_launcher():
         try:
             results = run_job_under_launcher(cfg.launch.ranks, cfg.launch.launcher_args,
-                                             list(HydraConfig.get().overrides.task), run_dir)
+                                             list(hydra_cfg.overrides.task), run_dir, hydra_cfg.sweep.dir)
         except SystemExit as e:
             if e.code == 2:  # the launched job refused to start
                 rundir.refused()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from mtmoe.errors import CorpusError
+from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.paths import resolve
 
 if TYPE_CHECKING:
@@ -157,6 +158,16 @@ def load_test_set(prefix: str, langs: Sequence[str]) -> dict[str, list[str]]:
     """Line-aligned test files `{prefix}.{lang}` as plain lists (for scoring)."""
     ds = load_text_corpus(resolve(prefix), langs)
     return {lang: ds[lang] for lang in langs}
+
+
+def check_prefix(prefix: str | Path, field: str) -> None:
+    """ConfigError naming `field` when no file `{prefix}.*` exists: a mistyped corpus prefix is
+    refused before any work (a prefix with files, but not of the languages asked for, is left to the
+    reader, which says which language is missing)."""
+    path = resolve(prefix)
+    if not path.parent.is_dir() or not any(name.startswith(f"{path.name}.") for name in os.listdir(path.parent)):
+        raise ConfigError(f"{field}={prefix}: no file {path}.<lang>[.gz] (give a corpus prefix such as "
+                          f"data/multi30k/val)")
 
 
 def available_languages(prefix: str, candidates: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ from mtmoe.data.tasks import build_sources
 from mtmoe.data.tokenized import TokenizedCorpus, tokenize
 from mtmoe.data.vocab import Vocab, get_or_train_vocab
 from mtmoe.errors import CorpusError
-from mtmoe.paths import resolve
+from mtmoe.paths import output_path, resolve
 
 
 @dataclass
@@ -79,7 +79,7 @@ def check_training_corpus(cfg: DataConfig) -> None:
 def prepare_training_data(cfg: DataConfig, is_first: bool = True,
                           barrier: Callable[[], None] = lambda: None) -> TrainingData:
     directions = parse_directions(cfg.directions, cfg.langs, cfg.pivot)
-    cache_dir = resolve(cfg.cache_dir)
+    cache_dir = output_path(cfg.cache_dir)
 
     def build() -> TrainingData:
         train_ds = load_corpus(cfg.corpus_dir, cfg.train_prefix, cfg.langs, cfg.format, cfg.max_train_lines)

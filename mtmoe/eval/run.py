@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from mtmoe.config import ServeConfig, SubsetConfig, check_subset
+from mtmoe.config import TELEMETRY_NEEDS_OUT, ServeConfig, SubsetConfig, check_subset
 from mtmoe.data.corpus import available_languages, find_language_file, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
@@ -33,7 +33,7 @@ from mtmoe.export.routing import collect_routing
 from mtmoe.export.subset import choose_subset, format_held, load_subset
 from mtmoe.formats.export_format import load_export, read_export_config, trained_directions, warn_zero_shot
 from mtmoe.model.generation import translate_per_penalty, warn_cut_lines
-from mtmoe.paths import resolve
+from mtmoe.paths import output_path, resolve
 from mtmoe.scoring import format_table, score_direction, summarize
 from mtmoe.serve.metrics import format_summary, merge_summaries
 from mtmoe.serve.runtime import load_for_serving
@@ -143,7 +143,9 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
     model_dir = str(resolve(model_dir))
     if telemetry and not read_export_config(model_dir)["moe"]["enabled"]:
         raise ConfigError(f"telemetry=true: {model_dir} is a dense model (no MoE layer routes anything)")
-    out = check_report_path(resolve(out)) if out else None  # before the decoding, not after it
+    if telemetry and not out:
+        raise ConfigError(TELEMETRY_NEEDS_OUT)
+    out = check_report_path(output_path(out)) if out else None  # before the decoding, not after it
     scored = _decode_and_score(model_dir, test, langs, directions, beam, [length_penalty], max_tokens, limit,
                                workers, threads, serve, subset, tuned, device)
     report, hyps = scored.reports[0], scored.hyps[0]
@@ -151,7 +153,7 @@ def evaluate_export(model_dir, test: str, langs: Optional[Sequence[str]] = None,
         # decoded in workers, offloaded or by subsets: load it here
         model, vocab = scored.full or load_export(model_dir, device=device)[:2]
         routing = collect_routing(model, vocab, scored.texts, scored.pairs, progress="telemetry")
-        stem = out.with_suffix("") if out else Path("telemetry")
+        stem = out.with_suffix("")
         Path(f"{stem}.telemetry.json").write_text(json.dumps(routing, indent=1))
         plot_heatmap(routing, Path(f"{stem}.telemetry.png"))
         report["telemetry"] = f"{stem}.telemetry.json"

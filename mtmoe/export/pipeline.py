@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from mtmoe.config import QUANT_BITS, Quant, check_choice, check_prune_rule
-from mtmoe.data.corpus import available_languages, load_test_set
+from mtmoe.data.corpus import available_languages, check_prefix, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ConfigError, ExportError
@@ -98,6 +98,8 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     check_output_dir(Path(out_dir), overwrite, checkpoint)
     if prune and not prune.get("direction"):
         check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
+    for calibration in {(p.get("calibration") or DEFAULT_CALIBRATION["calibration"]) for p in (prune, routing) if p}:
+        check_prefix(calibration, "prune.calibration")  # a typo: refused, not a warning after the export
     bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
     if (checkpoint / "config.json").is_file():
         if average > 1:

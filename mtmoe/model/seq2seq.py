@@ -16,6 +16,7 @@ from torch import nn
 
 from mtmoe.config import MoEConfig, ModelConfig
 from mtmoe.data.vocab import PAD_ID
+from mtmoe.errors import ConfigError
 from mtmoe.model.keys import layer_name, layer_prefix
 from mtmoe.model.moe import MoEFFN, RoutingRelay
 from mtmoe.model.partitioned import writable
@@ -78,6 +79,10 @@ class Seq2Seq(nn.Module):
             for i in range(model.decoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder_norm = nn.LayerNorm(d)
+        unknown = sorted(set(moe.kept_experts) - set(self.moe_layer_names()))
+        if unknown:  # a misnamed layer would keep all its experts, unnoticed
+            raise ConfigError(f"moe.kept_experts names {unknown}: not MoE layers of this model "
+                              f"(those are {self.moe_layer_names()})")
         if moe.enabled and moe.pregate:
             for stack in (self.encoder, self.decoder):
                 layers = [layer.ffn for layer in stack if isinstance(layer.ffn, MoEFFN)]

@@ -90,9 +90,10 @@ def compute_loss(model, batch: Batch, cfg: TrainAppConfig, ce_scale: float, bf16
 class Trainer:
     """Holds the engine, the data stream and the run's bookkeeping; `run()` trains to the budget."""
 
-    def __init__(self, cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[], None]] = None):
-        """`on_start` is called once the run is accepted (config, data, model and resume all fine),
-        just before the run dir is first written; a refusal before it leaves the run dir as it was."""
+    def __init__(self, cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[bool], None]] = None):
+        """`on_start(finished)` is called once the run is accepted (config, data, model and resume all
+        fine), just before the run dir is first written; a refusal before it leaves the run dir as it
+        was. `finished`: the run already trained to its budget, and nothing will be written."""
         self.cfg, self.run_dir = cfg, run_dir
         # Device, precision, process group and DeepSpeed set-up: one object decides them.
         self.layout = TrainingLayout(cfg, swap_dir=run_dir / "nvme_swap")
@@ -137,7 +138,7 @@ class Trainer:
         self.layer_names = self.model.moe_layer_names()
         self.finished = self._finished_results() if state is not None else None
         if on_start is not None:
-            on_start()
+            on_start(self.finished is not None)
         self.runlog = None
         if self.finished is not None:
             return  # nothing to write: see run()
@@ -422,5 +423,5 @@ def _plain(cfg: TrainAppConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-def train(cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[], None]] = None) -> dict:
+def train(cfg: TrainAppConfig, run_dir: Path, on_start: Optional[Callable[[bool], None]] = None) -> dict:
     return Trainer(cfg, run_dir, on_start).run()
