@@ -224,7 +224,8 @@ class TrainConfig:
     offload_param: str = choice("none", Offload)
     """`cpu` or `nvme`: parameters live off the accelerator between uses (ZeRO-3 only)."""
     nvme_path: str = ""
-    """Swap directory for NVMe offload ('' = `<run dir>/nvme_swap`, removed when the run ends)."""
+    """Where NVMe offload swaps: '' = `<run dir>/nvme_swap`, else a folder of the run's own under this
+    path (`mtmoe-<hash of the run dir>`, so runs may share one); removed when the run ends."""
     nvme_buffer_mib: int = 64
     """Size of each of DeepSpeed's pinned parameter swap buffers (aio `buffer_size`); the largest single
     parameter must fit in one, so big experts need more."""
@@ -247,7 +248,7 @@ class TrainConfig:
     resume: bool = True
     """Re-running a command in the same run dir (`hydra.run.dir=...`) resumes from its newest good checkpoint."""
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk (the newest N); at least 2 so a corrupt newest one has a fallback."""
+    """Checkpoints kept on disk (the newest N, >= 1); 2 or more give a corrupt newest one a fallback."""
     snapshots: int = 0
     """Checkpoints saved at evenly spaced points of the budget's last `snapshot_span` fraction, from
     its start to the end of the run (besides the `save_every` ones), marked as snapshots: the run
@@ -744,8 +745,10 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
             raise ConfigError(f"data.{name}={getattr(cfg.data, name)} must be >= 0")
     if t.gpu_memory_gib < 0:
         raise ConfigError(f"train.gpu_memory_gib={t.gpu_memory_gib} must be >= 0 (0 = no cap)")
-    if t.max_tokens < 16:
-        raise ConfigError(f"train.max_tokens={t.max_tokens} is too small for one sentence")
+    if t.max_tokens < max(16, cfg.data.max_len):
+        raise ConfigError(f"train.max_tokens={t.max_tokens} is smaller than data.max_len={cfg.data.max_len}: a "
+                          f"sentence of that length would make a batch over the budget (raise train.max_tokens, or "
+                          f"lower data.max_len)")
     check_optimizer(t)
     if t.zero_stage == 3 and cfg.moe.enabled and cfg.moe.ep_size != 1:
         raise ConfigError(
@@ -778,6 +781,10 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.log_every={t.log_every} must be >= 1 (steps between log records)")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    if t.valid_every < 0:
+        raise ConfigError(f"train.valid_every={t.valid_every} must be >= 0 (0 = only at the end)")
+    if t.save_every < -1:
+        raise ConfigError(f"train.save_every={t.save_every} must be >= -1 (0 = only at the end, -1 = never)")
     if t.snapshots < 0:
         raise ConfigError(f"train.snapshots={t.snapshots} must be >= 0")
     if t.snapshots and not 0 < t.snapshot_span < 1:
@@ -810,3 +817,6 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
         parse_task_params(name, params)
     if cfg.init.noise < 0:
         raise ConfigError(f"init.noise={cfg.init.noise} must be >= 0")
+    if cfg.init.noise and not cfg.init.from_dense:
+        raise ConfigError(f"init.noise={cfg.init.noise} only applies to init.from_dense (experts copied from "
+                          f"one dense FFN); it would be ignored here")

@@ -126,14 +126,17 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device`: the GPU's free memory (`cudaMemGetInfo`, under
-    any `cap_memory` cap), or the host's available memory (MemAvailable: free plus reclaimable
+    """Bytes that can still be allocated on `device`: the GPU's free memory (`cudaMemGetInfo`) plus
+    what torch's caching allocator holds unused (after training steps, most of what it reserved),
+    under any `cap_memory` cap; or the host's available memory (MemAvailable: free plus reclaimable
     caches; free pages where /proc/meminfo is missing)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         fraction_cap = torch.cuda.get_per_process_memory_fraction(device) if hasattr(
             torch.cuda, "get_per_process_memory_fraction") else 1.0
-        return int(min(free, fraction_cap * total - torch.cuda.memory_reserved(device)))
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        return int(min(free + cached, fraction_cap * total - allocated))
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import compose_train
@@ -66,9 +68,16 @@ def test_deepspeed_config_from_hydra_with_raw_override():
     assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 2
     assert "optimizer" not in ds  # torch Adam, built by mtmoe
     # Accumulation belongs to mtmoe (loss normalisation and data stream depend on it).
-    cfg = compose_train(["+deepspeed.gradient_accumulation_steps=2"])
-    with pytest.raises(ConfigError, match="set train.accumulate instead"):
-        build_deepspeed_config(cfg, cfg.deepspeed)
+    # So are the keys mtmoe acts on itself: a raw ZeRO stage trained ZeRO-2 with clipping over no
+    # gradients and checkpoints saying ZeRO-0; a raw bf16 section made the weights bf16.
+    for override, key, field in (
+            ("gradient_accumulation_steps=2", "gradient_accumulation_steps", "train.accumulate"),
+            ("zero_optimization.stage=2", "zero_optimization.stage", "train.zero_stage"),
+            ("bf16.enabled=true", "bf16", "train.bf16"), ("gradient_clipping=1.0", "gradient_clipping", "train.clip_norm"),
+            ("optimizer.params.lr=0.1", "optimizer", "train.lr")):
+        cfg = compose_train([f"+deepspeed.{override}"])
+        with pytest.raises(ConfigError, match=f"deepspeed.{key}: mtmoe sets this from {field}"):
+            build_deepspeed_config(cfg, cfg.deepspeed)
     # Offload: DeepSpeed builds CPU-Adam with mtmoe's Adam settings; it needs a ZeRO optimizer.
     cfg = compose_train(["parallel=ez_offload", "train.lr=0.002"])
     validate(cfg, world_size=2)
@@ -97,6 +106,17 @@ def test_zero3_nvme_preset_and_unsupported_combinations():
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(compose_train(overrides), world_size=2)
+
+
+def test_runs_sharing_an_nvme_path_swap_in_folders_of_their_own(tmp_path):
+    """DeepSpeed clears `<nvme_path>/zero_stage_3/.../rank<N>` at start: two runs given one path
+    deleted each other's swap files. Each run swaps in its own folder (the same when resumed)."""
+    from mtmoe.train.layout import run_swap_dir
+
+    a, b = (run_swap_dir("/mnt/nvme", tmp_path / run / "nvme_swap") for run in ("a", "b"))
+    assert a.parent == b.parent == Path("/mnt/nvme") and a != b
+    assert run_swap_dir("/mnt/nvme", tmp_path / "a" / "nvme_swap") == a
+    assert run_swap_dir("", tmp_path / "a" / "nvme_swap") == tmp_path / "a" / "nvme_swap"
 
 
 def test_budget_is_rejected_early():
@@ -153,6 +173,11 @@ def test_snapshots_spread_over_the_end_of_the_budget():
         # checked here, not by a crash at the first log step or the first long batch
         (["train.log_every=0"], "train.log_every=0 must be >= 1"),
         (["data.max_len=1000"], "data.max_len=1000 exceeds model.max_positions=512"),
+        # a sentence of max_len tokens would be a batch over the token budget
+        (["train.max_tokens=64"], "train.max_tokens=64 is smaller than data.max_len=128"),
+        (["train.valid_every=-5"], r"train.valid_every=-5 must be >= 0"),
+        (["train.save_every=-2"], r"train.save_every=-2 must be >= -1"),
+        (["init.noise=0.1"], r"init.noise=0.1 only applies to init.from_dense"),
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(compose_train(overrides))

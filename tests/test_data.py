@@ -12,7 +12,7 @@ from mtmoe.data.corpus import load_corpus, read_lines
 from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.data.sampling import parse_directions, temperature_probs
 from mtmoe.data.tokenized import tokenize
-from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, get_or_train_vocab, lang_tag
+from mtmoe.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab, get_or_train_vocab, lang_tag
 
 
 def write(path, text: bytes):
@@ -81,6 +81,13 @@ def test_jsonl_corpus_through_datasets(tmp_path):
     assert ds["en"] == ["a cat", "a dog"] and ds["de"][1] == "ein Hund"
 
 
+def test_csv_cells_are_text(tmp_path):
+    """A sentence "NA" (or "null", "nan") is not a missing value, and "12" is not a number."""
+    (tmp_path / "c.csv").write_text("id,en,de\n1,NA,Nein\n2,12,zwölf\n3,null,nichts\n", encoding="utf-8")
+    ds = load_corpus(str(tmp_path), "c", ["en", "de"], fmt="csv")
+    assert ds["en"] == ["NA", "12", "null"] and ds["de"] == ["Nein", "zwölf", "nichts"]
+
+
 def test_directions_and_temperature():
     assert len(parse_directions("all", ["en", "de", "fr", "cs"])) == 12
     pivot = parse_directions("pivot", ["en", "de", "fr", "cs"], "en")
@@ -111,7 +118,10 @@ def test_vocab_tags_round_trip_and_cache(vocab_and_corpus, cache_dir):
     for lang in ("en", "de", "fr", "cs"):
         tid = vocab.tag_id(lang)
         assert vocab.sp.id_to_piece(tid) == lang_tag(lang)
-        assert vocab.sp.encode(lang_tag(lang)) [-1] == tid  # a tag is one piece
+        # a tag (or <mask>) written in the text stays text: only the pipeline inserts the ids
+        literal = vocab.encode([f"A dog {lang_tag(lang)} runs <mask> here."])[0]
+        assert not set(literal) & vocab.special_ids and {tid, vocab.mask_id} <= vocab.special_ids
+        assert vocab.decode([tid, vocab.mask_id, *vocab.encode(["A dog."])[0]]) == "A dog."  # never output
     for lang in ("de", "cs"):
         sentence = ds[lang][3]
         assert vocab.decode(vocab.encode([sentence])[0]) == sentence
@@ -121,6 +131,30 @@ def test_vocab_tags_round_trip_and_cache(vocab_and_corpus, cache_dir):
     # Trained once: the same text and settings give the same cached model file.
     again = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
     assert again.path == vocab.path
+    assert [p.name for p in again.path.parent.iterdir()] == ["spm.model"]  # no temporary file left
+
+
+def test_processes_training_one_vocabulary_at_once_each_rename_their_own_file(tmp_path, monkeypatch):
+    """Jobs sharing a cache (or the nodes of a launch with node-local caches) may train the same key
+    at once. Each writes its own temporary file: with one shared name, the second rename found the
+    file already moved (FileNotFoundError), or moved in a file another process was still writing."""
+    import os
+
+    from mtmoe.data import vocab as vocab_module
+
+    columns = {"en": ["A dog runs.", "A cat sleeps."] * 20, "de": ["Ein Hund rennt.", "Eine Katze schläft."] * 20}
+    replaced = []
+    real_replace = os.replace
+
+    def interleaved(src, dst):  # the other process trains and renames in between
+        if not replaced:
+            replaced.append(src)
+            vocab_module.train_vocab(columns, tmp_path, 40)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(vocab_module.os, "replace", interleaved)
+    path = vocab_module.train_vocab(columns, tmp_path, 40)
+    assert [p.name for p in tmp_path.iterdir()] == ["spm.model"] and len(Vocab(path)) > 0
 
 
 def test_collate_layout():

@@ -212,3 +212,18 @@ def test_eval_and_translate_on_the_gpu(gpu_export, corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines, hyps = proc.stdout.splitlines(), (tmp_path / "gpu.en-de.hyp").read_text().splitlines()
     assert len(lines) == len(hyps) and sum(a == b for a, b in zip(lines, hyps)) >= 0.9 * len(hyps)
+
+
+def test_free_memory_counts_what_the_caching_allocator_holds_unused():
+    """ZeRO-3's `train.valid_model=auto` compares the weights with the free memory: memory torch's
+    caching allocator reserved and no tensor uses (most of it, after training steps) is free to this
+    process, though the device no longer reports it free."""
+    from mtmoe.device import free_memory_bytes
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    before = free_memory_bytes(device)
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    del block  # reserved by the allocator, allocated to nothing
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= 256 * 2**20
+    assert free_memory_bytes(device) >= before - 2**20

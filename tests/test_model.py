@@ -258,3 +258,41 @@ def test_router_logits_are_fp32_under_bf16_autocast():
     assert logits.dtype == probs.dtype == top_p.dtype == torch.float32
     torch.testing.assert_close(logits, fp32, rtol=1e-6, atol=1e-6)
     assert torch.equal(top_e, fp32.topk(2, dim=-1)[1]) and torch.equal(chosen, top_e)
+
+
+def test_validation_batches_keep_the_token_budget_and_the_loss():
+    """Validation loss batches lines of similar length within `max_tokens` (it took max_tokens // 64
+    lines whatever their length: 128 lines of 256 tokens for a 4k budget), and its mean token NLL is
+    the one of the lines taken one at a time."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from mtmoe.data.batching import collate
+    from mtmoe.train.validation import direction_loss
+
+    rng = np.random.default_rng(0)
+    lines = {lang: [rng.integers(10, 100, size=int(n)) for n in rng.integers(1, 120, size=50)] for lang in ("en", "de")}
+    class Valid:  # what direction_loss reads of a TokenizedCorpus
+        def line(self, lang, i):
+            return lines[lang][i]
+
+        def __len__(self):
+            return 50
+
+    data = SimpleNamespace(valid=Valid(), vocab=SimpleNamespace(tag_id=lambda lang: 5))
+    model = build_model(100, dataclasses.replace(TINY, max_positions=128), MoEConfig(enabled=False)).eval()
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args: shapes.append((args[0].shape, args[1].shape)))
+    loss = direction_loss(model, data, "en", "de", max_tokens=640, max_len=128)
+    assert len(shapes) > 1 and all(b * max(s, t) <= 640 for (b, s), (_, t) in shapes)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(50):
+            batch = collate([lines["en"][i]], [lines["de"][i]], [5], 128)
+            logits, _, _ = model(batch.src, batch.tgt_in)
+            nll += F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), reduction="sum").item()
+            count += batch.num_target_tokens
+    assert loss == pytest.approx(nll / count, rel=1e-5)

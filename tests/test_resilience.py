@@ -106,7 +106,7 @@ def test_interrupted_save_is_ignored_and_cleaned(trained, tmp_path, corpus, cach
         "train.save_every": 2, "train.valid_bleu": "never"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "resumed from step 12" in output and "a save that did not finish" in output
+    assert "resumed from step 12" in output and "a save or a pruning that did not finish" in output
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step00000012", "step00000014"]
     assert (ckpts / "latest").read_text() == "step00000014"
 
@@ -329,6 +329,25 @@ def test_save_every_checkpoints_inside_the_snapshot_span_keep_the_snapshots(tmp_
     assert sorted(p.name for p in root.iterdir()) == [tag_for_step(s) for s in (10, 15, 18, 20)]
     assert newest_tags(tmp_path, tag_for_step(20), 3) == [tag_for_step(s) for s in (10, 15, 20)]
     assert newest_tags(tmp_path, tag_for_step(18), 2) == [tag_for_step(s) for s in (15, 18)]  # not a snapshot
+
+
+def test_a_prune_killed_while_deleting_leaves_no_tag_behind(tmp_path, monkeypatch):
+    """rmtree deletes in directory order, so a kill could leave a tag without its manifest but with
+    mtmoe_state.json: a "pre-manifest" checkpoint to `verify`, listed by `complete_tags`, tried on
+    resume. The pruned tag is renamed to a staging name first, which the next start removes."""
+    from mtmoe.formats.ds_checkpoint import complete_tags, tag_for_step
+    from mtmoe.train import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / tag_for_step(step)).mkdir(parents=True)
+        (root / tag_for_step(step) / "mtmoe_state.json").write_text(json.dumps({"step": step}))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # killed before deleting anything
+    checkpoint.prune_old_tags(tmp_path, keep=2)
+    assert complete_tags(tmp_path) == [tag_for_step(4), tag_for_step(6)]
+    monkeypatch.undo()
+    checkpoint.remove_stale_partials(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == [tag_for_step(4), tag_for_step(6)]
 
 
 def test_a_killed_re_save_of_a_step_keeps_that_steps_checkpoint(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ built: the tools that only read lines (eval, translate, export) never need it.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import os
@@ -129,7 +130,13 @@ def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.
     path = Path(f"{prefix}.{'jsonl' if fmt == 'json' and Path(f'{prefix}.jsonl').exists() else fmt}")
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")
-    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    options = {}
+    if fmt == "csv":  # every cell is text: pandas would read "NA", "null" or "nan" as missing, "12" as a number
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        options = {"keep_default_na": False, "na_filter": False,
+                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
+    ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
     missing = [lang for lang in langs if lang not in ds.column_names]
     if missing:
         raise CorpusError(f"{path}: no column for language(s) {missing} (columns: {ds.column_names})")

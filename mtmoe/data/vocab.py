@@ -5,8 +5,11 @@ The model is trained once on the training text of all languages and cached under
 changed corpus or vocabulary size gets a new model and an unchanged one is never retrained.
 
 Special ids are fixed so that the model and exports agree without extra metadata:
-pad=0, unk=1, bos=2, eos=3, then `<mask>` (denoising) and the language tags `<2xx>` as
-user-defined symbols.
+pad=0, unk=1, bos=2, eos=3, then `<mask>` (denoising) and the language tags `<2xx>` as control
+symbols: ids the data pipeline inserts, which text never encodes to (a literal "<mask>" or "<2de>"
+in a corpus line or in mtmoe-translate's input stays text) and which decoding drops. Vocabularies
+trained before (cache key v2) hold them as user-defined symbols, which text does encode to; they
+load as before, and `decode` drops the special ids of both.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import io
 import logging
 import os
 import random
+import re
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +32,8 @@ log = logging.getLogger("mtmoe")
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
+TAG_PIECE = re.compile(r"<2[A-Za-z0-9_-]+>")
+"""A language tag's piece (`lang_tag`)."""
 
 
 def lang_tag(lang: str) -> str:
@@ -42,6 +49,12 @@ class Vocab:
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID or self.sp.bos_id() != BOS_ID:
             raise ValueError(f"{self.path}: not an mtmoe vocabulary (special ids differ)")
+        self.special_ids = frozenset(i for i in range(len(self)) if self._is_special(self.sp.id_to_piece(i)))
+        """`<mask>` and the language tags: never text (`decode` drops them)."""
+
+    @staticmethod
+    def _is_special(piece: str) -> bool:
+        return piece == MASK or TAG_PIECE.fullmatch(piece) is not None
 
     def __len__(self) -> int:
         return self.sp.get_piece_size()
@@ -69,13 +82,7 @@ class Vocab:
 
     def languages(self) -> list[str]:
         """Languages with a tag in this vocabulary."""
-        out = []
-        for i in range(len(self)):
-            piece = self.sp.id_to_piece(i)
-            if self.sp.is_control(i) or not (piece.startswith("<2") and piece.endswith(">")):
-                continue
-            out.append(piece[2:-1])
-        return out
+        return [piece[2:-1] for piece in map(self.sp.id_to_piece, sorted(self.special_ids)) if piece != MASK]
 
     def pieces(self) -> list[str]:
         """Every piece, by id: two vocabularies with the same pieces give the same token ids."""
@@ -85,13 +92,13 @@ class Vocab:
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([i for i in ids if i > EOS_ID])
+        return self.sp.decode([i for i in ids if i > EOS_ID and i not in self.special_ids])
 
 
 def vocab_key(columns: dict[str, Sequence[str]], vocab_size: int, model_type: str,
               sample_lines: int) -> str:
     h = hashlib.sha256()
-    h.update(f"v2|{vocab_size}|{model_type}|{sample_lines}|{sorted(columns)}".encode())
+    h.update(f"v3|{vocab_size}|{model_type}|{sample_lines}|{sorted(columns)}".encode())
     for lang in sorted(columns):
         for line in columns[lang]:
             h.update(line.encode())
@@ -115,14 +122,21 @@ def train_vocab(columns: dict[str, Sequence[str]], out_dir: Path, vocab_size: in
             sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=1.0, num_threads=2,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=[MASK] + [lang_tag(lang) for lang in sorted(columns)],
+            control_symbols=[MASK] + [lang_tag(lang) for lang in sorted(columns)],
             hard_vocab_limit=False, minloglevel=2)
     except RuntimeError as e:  # e.g. fewer pieces than the text has characters
         raise ConfigError(f"data.vocab_size={vocab_size}: SentencePiece cannot build this vocabulary on the "
                           f"training text ({str(e).strip()})") from None
-    tmp = out_dir / "spm.model.tmp"
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out_dir / "spm.model")
+    # A name of its own: processes that train the same key at once (jobs sharing a cache, the nodes
+    # of a launch whose caches are local) each write a whole file and rename it in; the models are
+    # identical (training is deterministic), and a reader never sees a half-written one.
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".spm.model.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.getvalue())
+        os.replace(tmp, out_dir / "spm.model")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return out_dir / "spm.model"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -43,12 +44,22 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replaces `path` with `text` so that readers see the old or the new content, never a mix."""
+    """Replaces `path` with `text` so that readers see the old or the new content, never a mix, and
+    a power loss leaves one of them (the new file is on disk before its rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """`write_atomic` for a copy of the file `source`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(source, tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

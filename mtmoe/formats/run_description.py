@@ -8,9 +8,7 @@ settings that made the vocabulary, the languages, and what the run trains on (`t
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -21,7 +19,7 @@ from mtmoe.config import RUN_DEFINING
 from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ConfigError
 from mtmoe.formats.ds_checkpoint import complete_tags
-from mtmoe.formats.integrity import write_atomic
+from mtmoe.formats.integrity import copy_atomic, write_atomic
 
 MODEL_JSON = "model.json"
 
@@ -109,7 +107,5 @@ def check_same_model(run_dir: Path, cfg, vocab=None) -> None:
 
 def write_model_description(run_dir: Path, vocab_path: Path, desc: dict) -> None:
     """Writes the run's model.json (`describe_run`) and its spm.model."""
-    tmp = run_dir / ".spm.model.tmp"
-    shutil.copyfile(vocab_path, tmp)
-    os.replace(tmp, run_dir / "spm.model")
+    copy_atomic(vocab_path, run_dir / "spm.model")
     write_atomic(run_dir / MODEL_JSON, json.dumps(desc, indent=1))

@@ -43,7 +43,7 @@ def remove_stale_partials(run_dir: Path) -> None:
         return
     for p in sorted(root.iterdir()):
         if p.name.startswith(PARTIAL_PREFIX):
-            log.warning("removing %s (a save that did not finish)", p)
+            log.warning("removing %s (left by a save or a pruning that did not finish)", p)
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(RETIRED_PREFIX):
             final = root / p.name[len(RETIRED_PREFIX):]
@@ -68,7 +68,12 @@ def prune_old_tags(run_dir: Path, keep: int, keep_snapshots: int = 0) -> None:
         kept |= set([t for t in tags if is_snapshot(root / t)][-keep_snapshots:])
     for old in tags:
         if old not in kept:
-            shutil.rmtree(root / old, ignore_errors=True)
+            # Renamed first: a kill during the deletion leaves a `.partial-` folder the next start
+            # removes, never a tag without its manifest that would pass for a pre-manifest checkpoint.
+            doomed = root / f"{PARTIAL_PREFIX}pruned-{old}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(root / old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save(engine, run_dir: Path, step: int, state: dict, keep: int, is_writer: bool, keep_snapshots: int = 0) -> str:

@@ -1,5 +1,6 @@
 """The DeepSpeed JSON config, generated from the Hydra config (one source of truth); the raw
-`deepspeed` section of the Hydra config is merged last and may override any key."""
+`deepspeed` section of the Hydra config is merged last and may override any key but those mtmoe
+decides itself (`OWNED_KEYS`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,34 @@ def deepspeed_clips_gradients(cfg: TrainAppConfig) -> bool:
     return cfg.train.zero_stage > 0
 
 
+OWNED_KEYS = {
+    "train_batch_size": "train.accumulate", "gradient_accumulation_steps": "train.accumulate",
+    "train_micro_batch_size_per_gpu": "train.max_tokens (a micro-batch is one token-budget batch)",
+    "gradient_clipping": "train.clip_norm", "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_param",
+    "zero_optimization.offload_optimizer.nvme_path": "train.nvme_path",
+    "zero_optimization.offload_param.nvme_path": "train.nvme_path",
+    "bf16": "train.bf16", "fp16": "train.bf16 (fp16 is not supported)", "torch_autocast": "train.bf16",
+    "amp": "train.bf16", "optimizer": "train.lr, train.betas, train.adam_eps, train.weight_decay",
+    "scheduler": "train.warmup_steps and train.cooldown",
+}
+"""Raw DeepSpeed keys (dotted paths) whose value mtmoe decides from the field named: the trainer acts
+on that field too (who clips, what the checkpoint records, the loss normalisation, the lr schedule),
+so a raw value would contradict it, e.g. `zero_optimization.stage=2` under `train.zero_stage=0`
+trained ZeRO-2 with clipping computed over no gradients and checkpoints saying ZeRO-0."""
+
+
+def check_raw_override(raw: dict, prefix: str = "") -> None:
+    """ConfigError naming the field to set instead, for a raw key that mtmoe decides (`OWNED_KEYS`)."""
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if path in OWNED_KEYS:
+            raise ConfigError(f"deepspeed.{path}: mtmoe sets this from {OWNED_KEYS[path]}; set that instead")
+        if isinstance(value, dict):
+            check_raw_override(value, f"{path}.")
+
+
 def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | None = None,
                            nvme_path: str = "", pin_memory: bool = False, bf16: bool = False) -> dict:
     """Batches are token-budget batches built by mtmoe, so DeepSpeed's micro-batch is 1 "batch";
@@ -50,9 +79,7 @@ def build_deepspeed_config(cfg: TrainAppConfig, raw_override: dict[str, Any] | N
     gradients are reduced in fp32 as without bf16."""
     t = cfg.train
     raw_override = raw_override or {}
-    if "gradient_accumulation_steps" in raw_override or "train_batch_size" in raw_override:
-        raise ConfigError("deepspeed.gradient_accumulation_steps/train_batch_size: set train.accumulate instead "
-                          "(the loss normalisation and the data stream depend on it)")
+    check_raw_override(raw_override)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": t.accumulate,

@@ -17,6 +17,7 @@ engine: the trainer and `bench/vs_hf/training.py` both take it, so what is bench
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -77,8 +78,8 @@ class TrainingLayout:
         self.rank, self.world = init_distributed(self.device)
         validate(cfg, self.world)
         self.partitioned = cfg.train.zero_stage == 3
-        self._told_validation = False  # whether `_validates_whole` has logged its choice
-        self.swap_dir = Path(cfg.train.nvme_path) if cfg.train.nvme_path else swap_dir
+        self._told_validation: Optional[bool] = None  # the choice `_validates_whole` logged last
+        self.swap_dir = run_swap_dir(cfg.train.nvme_path, swap_dir)
         self.ds_config = build_deepspeed_config(cfg, cfg.deepspeed, nvme_path=str(self.swap_dir or ""),
                                                 pin_memory=self.device.type == "cuda", bf16=self.bf16)
 
@@ -190,8 +191,8 @@ class TrainingLayout:
         weight_bytes = 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         free = free_memory_bytes(self.device) if self.rank == 0 else 0
         whole = broadcast_object(4 * weight_bytes <= free)
-        if self.rank == 0 and not self._told_validation:
-            self._told_validation = True
+        if self.rank == 0 and self._told_validation != whole:  # the first choice, and every change
+            self._told_validation = whole
             log.info("ZeRO-3 validation runs %s (train.valid_model=auto: %.2f GiB of fp32 weights, %.1f GiB free on %s)",
                      f"a whole copy of the model on {self.device}" if whole else "the partitioned model on every rank",
                      weight_bytes / 2**30, free / 2**30, self.device)
@@ -209,9 +210,20 @@ class TrainingLayout:
                 "zero_parameter_alignment": bool(self.ds_config.get("zero_optimization", {}).get("parameter_alignment"))}
 
     def close(self, is_writer: bool) -> None:
-        """Removes DeepSpeed's swap files (scratch, not state) unless `train.nvme_path` names them."""
-        if is_writer and not self.cfg.train.nvme_path and self.swap_dir is not None and self.swap_dir.is_dir():
+        """Removes DeepSpeed's swap files (scratch, not state): the run's own folder."""
+        if is_writer and self.swap_dir is not None and self.swap_dir.is_dir():
             shutil.rmtree(self.swap_dir, ignore_errors=True)
+
+
+def run_swap_dir(nvme_path: str, default: Optional[Path]) -> Optional[Path]:
+    """The run's swap folder: `default` (`<run dir>/nvme_swap`), or a folder of its own under
+    `train.nvme_path`, named after the run (the same for a resumed run). DeepSpeed clears
+    `<path>/zero_stage_3/.../rank<N>` at start, a name the same for every run, so two runs given one
+    `nvme_path` deleted each other's swapped parameters."""
+    if not nvme_path:
+        return default
+    owner = str(default.resolve()) if default is not None else f"pid{os.getpid()}"
+    return Path(nvme_path) / f"mtmoe-{hashlib.sha1(owner.encode()).hexdigest()[:12]}"
 
 
 def _fixed_mmap_threshold(threshold: int = 1 << 20) -> None:

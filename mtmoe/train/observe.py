@@ -12,6 +12,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from mtmoe.formats.integrity import write_atomic
+
 log = logging.getLogger("mtmoe")
 
 
@@ -47,10 +49,8 @@ class RunLog:
         if enabled and resume_step is not None and self.path.is_file():
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
-            if kept != lines:
-                tmp = self.path.with_name(".train_log.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, self.path)
+            if kept != lines:  # (the run's whole history: never left half-written)
+                write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.wandb = None
         self.wandb_id = wandb_id
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":

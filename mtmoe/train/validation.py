@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtmoe.data.batching import collate
+from mtmoe.data.batching import collate, pack_by_tokens
 from mtmoe.data.prepare import TrainingData
 from mtmoe.data.vocab import PAD_ID
 from mtmoe.model.generation import translate_ids
@@ -18,23 +18,31 @@ from mtmoe.scoring import score_direction, summarize
 @torch.no_grad()
 def direction_loss(model, data: TrainingData, src: str, tgt: str, max_tokens: int, max_len: int,
                    bf16: bool = False) -> float:
-    """Mean token NLL (no label smoothing) of src->tgt over the validation lines."""
+    """Mean token NLL (no label smoothing) of src->tgt over the validation lines.
+
+    Batches hold lines of similar length, each at most `max_tokens` tokens (sentences x longest
+    side, as in training; a longer single line is a batch of its own): a fixed number of lines per
+    batch made batches of long lines many times the budget, so that a run that trained could run
+    out of device memory at its first validation. Every rank packs the same batches (an
+    expert-parallel model's all-to-all needs the same number of calls on each)."""
     corpus = data.valid
     tag = data.vocab.tag_id(tgt)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    per_batch = max(1, max_tokens // 64)
-    for start in range(0, len(corpus), per_batch):
-        idx = range(start, min(len(corpus), start + per_batch))
+    total, count = torch.zeros((), device=device), 0  # the loss is read once, at the end
+    lengths = np.array([max(min(len(corpus.line(src, i)), max_len - 2) + 2,  # as collate cuts and tags them
+                            min(len(corpus.line(tgt, i)), max_len - 1) + 1) for i in range(len(corpus))], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    for group in pack_by_tokens(lengths[order], lengths[order], max_tokens):
+        idx = order[group]
         batch = collate([corpus.line(src, i) for i in idx], [corpus.line(tgt, i) for i in idx],
                         [tag] * len(idx), max_len).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, _, _ = model(batch.src, batch.tgt_in)
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                               reduction="sum")
-        total += float(nll)
-        count += int((batch.tgt_out != PAD_ID).sum())
-    return total / max(1, count)
+        total += nll
+        count += batch.num_target_tokens  # counted on the host by collate
+    return float(total) / max(1, count)
 
 
 def run_validation(model, data: TrainingData, max_tokens: int, max_len: int, with_bleu: bool,
