@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def write(path, text: bytes):
 
 def test_bundled_corpus_loads_aligned():
     ds = load_corpus("data/multi30k", "val", ["en", "de", "fr", "cs"])
-    assert len(ds) == 1014 and ds.column_names == ["en", "de", "fr", "cs"]
+    assert list(ds) == ["en", "de", "fr", "cs"] and all(len(lines) == 1014 for lines in ds.values())
     assert all(line == line.strip() and line for line in ds["de"][:50])
 
 
@@ -107,8 +109,8 @@ def test_directions_and_temperature():
 @pytest.fixture(scope="module")
 def vocab_and_corpus(corpus, cache_dir):
     ds = load_corpus(str(corpus), "train", ["en", "de", "fr", "cs"])
-    vocab = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
-    return vocab, tokenize(ds, vocab, ds.column_names, cache_dir), ds
+    vocab = get_or_train_vocab(ds, cache_dir, 300)
+    return vocab, tokenize(ds, vocab, list(ds), cache_dir), ds
 
 
 def test_vocab_tags_round_trip_and_cache(vocab_and_corpus, cache_dir):
@@ -129,7 +131,7 @@ def test_vocab_tags_round_trip_and_cache(vocab_and_corpus, cache_dir):
     with pytest.raises(ConfigError, match="unknown language 'xx'"):
         vocab.tag_id("xx")
     # Trained once: the same text and settings give the same cached model file.
-    again = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
+    again = get_or_train_vocab(ds, cache_dir, 300)
     assert again.path == vocab.path
     assert [p.name for p in again.path.parent.iterdir()] == ["spm.model"]  # no temporary file left
 
@@ -155,6 +157,51 @@ def test_processes_training_one_vocabulary_at_once_each_rename_their_own_file(tm
     monkeypatch.setattr(vocab_module.os, "replace", interleaved)
     path = vocab_module.train_vocab(columns, tmp_path, 40)
     assert [p.name for p in tmp_path.iterdir()] == ["spm.model"] and len(Vocab(path)) > 0
+
+
+def test_tokenized_cache_is_reused_and_a_damaged_one_is_rebuilt(vocab_and_corpus, tmp_path, monkeypatch, caplog):
+    """The second call reads the .npz (no encoding); a truncated file (a crash or full disk of
+    another writer) or one of other text is not trusted: the text is tokenized again, with a warning."""
+    from mtmoe.data import tokenized as tokenized_module
+
+    vocab, tok, ds = vocab_and_corpus
+    first = tokenize(ds, vocab, list(ds), tmp_path)
+    (cached,) = (tmp_path / "tokenized").iterdir()
+    assert cached.suffix == ".npz"
+    for lang in ds:
+        assert np.array_equal(first.ids[lang], tok.ids[lang]) and np.array_equal(first.offsets[lang], tok.offsets[lang])
+        assert vocab.decode(first.line(lang, 7).tolist()) == ds[lang][7]
+    real_encode = tokenized_module.encode_column
+    with monkeypatch.context() as m:
+        m.setattr(tokenized_module, "encode_column", lambda *a: pytest.fail("the cache was not used"))
+        again = tokenize(ds, vocab, list(ds), tmp_path)
+    assert all(np.array_equal(again.ids[lang], first.ids[lang]) for lang in ds)
+    cached.write_bytes(cached.read_bytes()[:1000])
+    encoded = []
+    monkeypatch.setattr(tokenized_module, "encode_column", lambda *a: encoded.append(1) or real_encode(*a))
+    rebuilt = tokenize(ds, vocab, list(ds), tmp_path)
+    assert len(encoded) == len(ds) and "unusable tokenized cache" in caplog.text and str(cached) in caplog.text
+    assert all(np.array_equal(rebuilt.offsets[lang], first.offsets[lang]) for lang in ds)
+    assert [p.name for p in (tmp_path / "tokenized").iterdir()] == [cached.name]  # no temporary file left
+    other = {lang: lines[:-1] for lang, lines in ds.items()}  # other text: another file
+    assert len(tokenize(other, vocab, list(ds), tmp_path)) == len(first) - 1
+    assert len(list((tmp_path / "tokenized").iterdir())) == 2
+
+
+def test_training_on_text_files_never_imports_datasets(corpus, tmp_path):
+    """`datasets` (pandas, pyarrow: ~1.2 s of CPU) is for table corpora only: every rank of every
+    launch reads text files, so the trainer's imports and the text path must not pull it in."""
+    code = ("import sys\n"
+            "import mtmoe.train.trainer\n"
+            "from pathlib import Path\n"
+            "from mtmoe.data.corpus import load_corpus\n"
+            "from mtmoe.data.tokenized import tokenize\n"
+            "from mtmoe.data.vocab import get_or_train_vocab\n"
+            f"text = load_corpus({str(corpus)!r}, 'train', ['en', 'de'])\n"
+            f"tokenize(text, get_or_train_vocab(text, Path({str(tmp_path)!r}), 200), ['en', 'de'], Path({str(tmp_path)!r}))\n"
+            "assert 'datasets' not in sys.modules and 'pyarrow' not in sys.modules, 'datasets was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_collate_layout():

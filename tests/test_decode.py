@@ -55,7 +55,7 @@ def test_greedy_matches_uncached_reference():
         assert fast == slow
 
 
-def beam_reference(model, src: torch.Tensor, beam: int, max_len: int) -> list[tuple[float, list[int]]]:
+def beam_reference(model, src: torch.Tensor, beam: int, max_len: int, banned=()) -> list[tuple[float, list[int]]]:
     """One sentence, no cache, plain lists: each step re-decodes every live prefix from scratch and
     ranks all (beam, token) candidates by sum log p; of the best 2*beam, those ending in EOS among
     the best `beam` are finalized (once `beam` are, the search ends), the best `beam` others continue."""
@@ -66,7 +66,7 @@ def beam_reference(model, src: torch.Tensor, beam: int, max_len: int) -> list[tu
         for score, tokens in beams:
             logits, _, _ = model.decode(torch.tensor([tokens]), memory, keep)
             logp = logits[0, -1].float().log_softmax(-1)
-            logp[[PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
+            logp[[PAD_ID, BOS_ID, UNK_ID, *banned]] = float("-inf")
             if step == max_len - 1:  # the length limit: only EOS
                 logp[torch.arange(len(logp)) != EOS_ID] = float("-inf")
             candidates += [(score + float(lp), tokens, v) for v, lp in enumerate(logp.tolist()) if lp > float("-inf")]
@@ -97,6 +97,25 @@ def test_beam_search_matches_uncached_reference():
                 assert [tokens for _, tokens in got] == [tokens for _, tokens in slow]
                 np.testing.assert_allclose([s for s, _ in got], [s for s, _ in slow], rtol=1e-5)
     assert any(len(set(map(len, (t for _, t in f)))) > 1 for f in fast)  # hypotheses of varied lengths
+
+
+def test_banned_tokens_are_never_produced():
+    """`banned_ids` (a vocabulary's language tags and <mask>) leave every hypothesis: the tokens the
+    unbanned search produces most are banned, and the search equals the reference with the same ban."""
+    model = random_model(seed=3)
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.cat([torch.randint(4, 60, (length,), generator=g), torch.tensor([EOS_ID])]) for length in (4, 7)]
+    batch = torch.nn.utils.rnn.pad_sequence(srcs, batch_first=True, padding_value=PAD_ID)
+    with torch.no_grad():
+        free = beam_search_finished(model, batch, beam=3, max_len_a=1.0, max_len_b=4)
+        produced = np.bincount([t for f in free for _, tokens in f for t in tokens], minlength=60)
+        banned = [int(t) for t in np.argsort(-produced)[:3] if produced[t]]
+        assert banned  # the unbanned search produced them
+        fast = beam_search_finished(model, batch, beam=3, max_len_a=1.0, max_len_b=4, banned_ids=banned)
+        for src, got in zip(srcs, fast):
+            assert not {t for _, tokens in got for t in tokens} & set(banned)
+            slow = beam_reference(model, src[None], 3, max_len=len(src) + 4, banned=banned)
+            assert [tokens for _, tokens in got] == [tokens for _, tokens in slow]
 
 
 def test_batched_beam_equals_one_at_a_time():

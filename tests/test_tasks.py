@@ -97,8 +97,8 @@ def test_schedules():
 @pytest.fixture(scope="module")
 def data(corpus, cache_dir):
     ds = load_corpus(str(corpus), "train", ["en", "de", "fr", "cs"])
-    vocab = get_or_train_vocab({lang: ds[lang] for lang in ds.column_names}, cache_dir, 300)
-    return vocab, tokenize(ds, vocab, ds.column_names, cache_dir)
+    vocab = get_or_train_vocab(ds, cache_dir, 300)
+    return vocab, tokenize(ds, vocab, list(ds), cache_dir)
 
 
 def test_mixed_stream_has_both_tasks_respects_line_limits_and_resumes(data):

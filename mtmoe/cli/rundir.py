@@ -16,8 +16,9 @@ after the config is composed and before Hydra writes anything. It
   around `main()`): a new run dir is removed, an existing one gets its files back.
 
 The snapshot is dropped once the trainer accepts the run (`accepted()`, its `on_start`): from then
-on the run dir is in use (a finished run's re-run gets its `.hydra` files back then). Only the first process of a launch (RANK 0 or no launcher) snapshots and
-restores; Hydra multirun jobs (-m) are checked by the trainer alone.
+on the run dir is in use (a finished run's re-run gets its `.hydra` files back then). Only the
+first process of a launch (RANK 0 or no launcher) snapshots and restores; Hydra multirun jobs (-m)
+are checked by the trainer alone.
 """
 
 from __future__ import annotations

@@ -67,13 +67,20 @@ class Batch:
         return Batch(*moved, counts=counts)
 
 
+def padded_lengths(src_len, tgt_len, max_len: int):
+    """(source, target) row lengths as `collate` lays a pair out: the source cut to max_len - 2 tokens
+    plus its tag and </s>, the target cut to max_len - 1 plus <s> (tgt_in) or </s> (tgt_out). Takes
+    ints or integer arrays; the one rule that batching by tokens and `collate` share."""
+    return np.minimum(src_len, max_len - 2) + 2, np.minimum(tgt_len, max_len - 1) + 1
+
+
 def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
             max_len: int, source_ids: Sequence[int] | None = None) -> Batch:
     """src = <2tgt> tokens </s>;  tgt_in = <s> tokens;  tgt_out = tokens </s> (right-padded). The
     batch's token counts are taken here, on the host, so that no step reads them from a device."""
     n = len(src_seqs)
-    s_len = max(min(len(s), max_len - 2) for s in src_seqs) + 2
-    t_len = max(min(len(t), max_len - 1) for t in tgt_seqs) + 1
+    s_len, t_len = (int(x.max()) for x in padded_lengths(np.array([len(s) for s in src_seqs]),
+                                                         np.array([len(t) for t in tgt_seqs]), max_len))
     src = np.full((n, s_len), PAD_ID, dtype=np.int64)
     tgt_in = np.full((n, t_len), PAD_ID, dtype=np.int64)
     tgt_out = np.full((n, t_len), PAD_ID, dtype=np.int64)
@@ -175,8 +182,8 @@ class BatchStream:
         for k, source in enumerate(self.sources):
             sel = src_idx == k
             lines[sel] = source.rows[(draws[sel] * len(source.rows)).astype(np.int64)]
-            src_len[sel] = np.minimum(source.src_len[lines[sel]], self.max_len - 2) + 2
-            tgt_len[sel] = np.minimum(source.tgt_len[lines[sel]], self.max_len - 1) + 1
+            src_len[sel], tgt_len[sel] = padded_lengths(source.src_len[lines[sel]], source.tgt_len[lines[sel]],
+                                                        self.max_len)
         order = np.lexsort((src_len, tgt_len))
         groups = pack_by_tokens(src_len[order], tgt_len[order], self.max_tokens)
         rng.shuffle(groups)

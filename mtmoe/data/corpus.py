@@ -1,5 +1,5 @@
-"""Line-aligned corpora: discovery, strict validation, and a `datasets.Dataset` with one column
-per language.
+"""Line-aligned corpora: discovery, strict validation, and the text as `Columns`, one list of
+sentences per language.
 
 A corpus is a set of files `{prefix}.{lang}` (optionally `.gz`) whose line i is the same sentence
 in every language (Multi30k is multi-way parallel). Text files are read by this module rather than
@@ -7,8 +7,8 @@ by `datasets`' text builder so that every problem is reported with its file and 
 invalid UTF-8, an empty line, or files of different lengths. Other formats (`json`, `parquet`,
 `csv`) hold one column per language and go through `datasets.load_dataset`.
 
-`datasets` (with pandas and pyarrow, ~1.2 s of CPU per process) is imported where a Dataset is
-built: the tools that only read lines (eval, translate, export) never need it.
+`datasets` (with pandas and pyarrow, ~1.2 s of CPU per process) is imported only for those table
+formats: a training process on text files (every rank of every launch) never loads it.
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from mtmoe.errors import ConfigError, CorpusError
 from mtmoe.paths import resolve
 
-if TYPE_CHECKING:
-    import datasets
-
-
 log = logging.getLogger("mtmoe")
+
+Columns = dict[str, list[str]]
+"""{language: its sentences}: line-aligned lists of stripped, non-empty sentences, in corpus order."""
 
 
 def find_language_file(prefix: Path, lang: str) -> Path | None:
@@ -90,13 +89,6 @@ def read_lines(path: Path, warn: bool = True) -> list[str]:
     return lines
 
 
-def load_text_corpus(prefix: Path, langs: Sequence[str]) -> datasets.Dataset:
-    """Reads `{prefix}.{lang}` for every language, checks they are line-aligned."""
-    import datasets
-
-    return datasets.Dataset.from_dict(read_text_columns(prefix, langs))
-
-
 def check_text_corpus(corpus_dir: str, prefix: str, langs: Sequence[str]) -> None:
     """The checks of `load_corpus` for a text corpus (files there, line-aligned, every line valid
     UTF-8 text), without building a Dataset or warning: mtmoe-train's check of its data before it
@@ -104,7 +96,7 @@ def check_text_corpus(corpus_dir: str, prefix: str, langs: Sequence[str]) -> Non
     read_text_columns(resolve(Path(corpus_dir) / prefix), langs, warn=False)
 
 
-def read_text_columns(prefix: Path, langs: Sequence[str], warn: bool = True) -> dict[str, list[str]]:
+def read_text_columns(prefix: Path, langs: Sequence[str], warn: bool = True) -> Columns:
     """{lang: lines} of `{prefix}.{lang}` for every language; CorpusError naming the file (and line)
     for a missing file, a bad line or files of different lengths."""
     columns: dict[str, list[str]] = {}
@@ -123,7 +115,7 @@ def read_text_columns(prefix: Path, langs: Sequence[str], warn: bool = True) -> 
     return columns
 
 
-def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.Dataset:
+def read_table_columns(prefix: Path, langs: Sequence[str], fmt: str) -> Columns:
     """Reads `{prefix}.{fmt}` (json lines, parquet or csv) with one string column per language."""
     import datasets
 
@@ -140,31 +132,30 @@ def load_table_corpus(prefix: Path, langs: Sequence[str], fmt: str) -> datasets.
     missing = [lang for lang in langs if lang not in ds.column_names]
     if missing:
         raise CorpusError(f"{path}: no column for language(s) {missing} (columns: {ds.column_names})")
-    ds = ds.select_columns(list(langs))
+    columns: Columns = {}
     for lang in langs:
-        for number, text in enumerate(ds[lang], start=1):
+        texts = ds[lang]
+        for number, text in enumerate(texts, start=1):
             if not isinstance(text, str) or not text.strip():
                 raise CorpusError(f"{path}: row {number}, column {lang!r}: empty or missing sentence")
-    return ds.map(lambda row: {lang: row[lang].strip() for lang in langs})
+        columns[lang] = [text.strip() for text in texts]
+    return columns
 
 
 def load_corpus(corpus_dir: str, prefix: str, langs: Sequence[str], fmt: str = "text",
-                max_lines: int = 0) -> datasets.Dataset:
-    """The corpus `{corpus_dir}/{prefix}` as a Dataset with one column per language."""
+                max_lines: int = 0) -> Columns:
+    """The corpus `{corpus_dir}/{prefix}`, one column per language (its first `max_lines` lines when
+    that is > 0)."""
     full_prefix = resolve(Path(corpus_dir) / prefix)
-    if fmt == "text":
-        ds = load_text_corpus(full_prefix, langs)
-    else:
-        ds = load_table_corpus(full_prefix, langs, fmt)
-    if max_lines and len(ds) > max_lines:
-        ds = ds.select(range(max_lines))
-    return ds
+    columns = read_text_columns(full_prefix, langs) if fmt == "text" else read_table_columns(full_prefix, langs, fmt)
+    if max_lines:
+        columns = {lang: lines[:max_lines] for lang, lines in columns.items()}
+    return columns
 
 
-def load_test_set(prefix: str, langs: Sequence[str]) -> dict[str, list[str]]:
-    """Line-aligned test files `{prefix}.{lang}` as plain lists (for scoring)."""
-    ds = load_text_corpus(resolve(prefix), langs)
-    return {lang: ds[lang] for lang in langs}
+def load_test_set(prefix: str, langs: Sequence[str]) -> Columns:
+    """Line-aligned test files `{prefix}.{lang}` (for scoring)."""
+    return read_text_columns(resolve(prefix), langs)
 
 
 def check_prefix(prefix: str | Path, field: str) -> None:

@@ -82,12 +82,11 @@ def prepare_training_data(cfg: DataConfig, is_first: bool = True,
     cache_dir = output_path(cfg.cache_dir)
 
     def build() -> TrainingData:
-        train_ds = load_corpus(cfg.corpus_dir, cfg.train_prefix, cfg.langs, cfg.format, cfg.max_train_lines)
-        valid_ds = load_corpus(cfg.corpus_dir, cfg.valid_prefix, cfg.langs, cfg.format, cfg.val_lines)
-        vocab = get_or_train_vocab({lang: train_ds[lang] for lang in cfg.langs}, cache_dir,
-                                   cfg.vocab_size, cfg.spm_model_type, cfg.spm_sample_lines)
-        train = tokenize(train_ds, vocab, cfg.langs, cache_dir)
-        valid = tokenize(valid_ds, vocab, cfg.langs, cache_dir)
+        train_text = load_corpus(cfg.corpus_dir, cfg.train_prefix, cfg.langs, cfg.format, cfg.max_train_lines)
+        valid_text = load_corpus(cfg.corpus_dir, cfg.valid_prefix, cfg.langs, cfg.format, cfg.val_lines)
+        vocab = get_or_train_vocab(train_text, cache_dir, cfg.vocab_size, cfg.spm_model_type, cfg.spm_sample_lines)
+        train = tokenize(train_text, vocab, cfg.langs, cache_dir)
+        valid = tokenize(valid_text, vocab, cfg.langs, cache_dir)
         # Multi-way parallel corpus: every direction has the same lines.
         probs = temperature_probs([len(train)] * len(directions), cfg.temperature)
         return TrainingData(vocab, train, valid, directions, probs, usable_rows(train, cfg))

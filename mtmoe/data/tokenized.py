@@ -1,23 +1,33 @@
-"""Token ids for a corpus split, computed once with `datasets.map` and cached as Arrow files.
+"""Token ids for a corpus split, computed once and cached as a numpy `.npz` file (no pickle).
 
 The result is held as one flat int32 array plus offsets per language: line i of language `l` is
 `ids[l][offsets[l][i]:offsets[l][i+1]]`. That keeps 4 x 29k sentences in a few MB and makes
 batch assembly a cheap slice, with no Python objects per sentence.
+
+The cache is named by a fingerprint of the vocabulary file and the text, so a changed corpus or
+vocabulary never reads stale ids. It is written under a name of its own and renamed into place:
+the ranks of a launch, or jobs sharing a cache folder, may tokenize the same text at once, and a
+reader sees a whole file or none. A file that cannot be read (or does not fit the text) is
+tokenized again, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from mtmoe.data.vocab import Vocab
 
-if TYPE_CHECKING:
-    import datasets
+log = logging.getLogger("mtmoe")
 
 
 @dataclass
@@ -39,33 +49,65 @@ class TokenizedCorpus:
         return self.ids[lang][o[i]:o[i + 1]]
 
 
-def _dataset_fingerprint(ds: datasets.Dataset, vocab: Vocab) -> str:
+def _fingerprint(columns: Mapping[str, Sequence[str]], langs: Sequence[str], vocab: Vocab) -> str:
     h = hashlib.sha256(vocab.path.read_bytes())
-    for col in ds.column_names:
-        h.update(col.encode())
-        for line in ds[col]:
+    for lang in langs:
+        h.update(lang.encode())
+        for line in columns[lang]:
             h.update(line.encode())
             h.update(b"\n")
     return h.hexdigest()[:20]
 
 
-def tokenize(ds: datasets.Dataset, vocab: Vocab, langs: Sequence[str], cache_dir: Path) -> TokenizedCorpus:
-    """Encodes every language column with `vocab` (cached: a second call reads the Arrow file)."""
-    fingerprint = _dataset_fingerprint(ds, vocab)
-    cache_file = cache_dir / "tokenized" / f"{fingerprint}.arrow"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    sp = vocab.sp
+def encode_column(vocab: Vocab, lines: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """lines -> (ids [total_tokens] int32, offsets [len(lines) + 1] int64)."""
+    encoded = vocab.sp.encode(list(lines), out_type=int)
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
 
-    def encode_batch(batch):
-        return {f"ids_{lang}": sp.encode(batch[lang], out_type=int) for lang in langs}
 
-    encoded = ds.map(encode_batch, batched=True, batch_size=2000, cache_file_name=str(cache_file),
-                     new_fingerprint=fingerprint, load_from_cache_file=True,
-                     desc="tokenizing", keep_in_memory=False)
-    ids, offsets = {}, {}
-    for lang in langs:
-        column = encoded.with_format("arrow")[f"ids_{lang}"]
-        arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-        ids[lang] = np.asarray(arr.values, dtype=np.int32)
-        offsets[lang] = np.asarray(arr.offsets, dtype=np.int64)
-    return TokenizedCorpus(list(langs), ids, offsets, {lang: ds[lang] for lang in langs})
+def _read_cache(path: Path, langs: Sequence[str], num_lines: int) -> Optional[dict[str, np.ndarray]]:
+    """The cached arrays when `path` holds whole ones for `langs` and `num_lines` lines, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        for lang in langs:
+            ids, offsets = arrays[f"ids_{lang}"], arrays[f"offsets_{lang}"]
+            if len(offsets) != num_lines + 1 or int(offsets[-1]) != len(ids) or ids.dtype != np.int32:
+                raise ValueError(f"{lang}: {len(offsets) - 1} lines, {len(ids)} ids")
+        return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s: unusable tokenized cache (%s); tokenizing again", path, e)
+        return None
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize(columns: Mapping[str, Sequence[str]], vocab: Vocab, langs: Sequence[str],
+             cache_dir: Path) -> TokenizedCorpus:
+    """Encodes every language's lines with `vocab` (cached: a second call reads the `.npz` file)."""
+    num_lines = len(columns[langs[0]])
+    cache_file = cache_dir / "tokenized" / f"{_fingerprint(columns, langs, vocab)}.npz"
+    arrays = _read_cache(cache_file, langs, num_lines)
+    if arrays is None:
+        arrays = {}
+        for lang in langs:
+            arrays[f"ids_{lang}"], arrays[f"offsets_{lang}"] = encode_column(vocab, columns[lang])
+        _write_cache(cache_file, arrays)
+    return TokenizedCorpus(list(langs), {lang: arrays[f"ids_{lang}"] for lang in langs},
+                           {lang: arrays[f"offsets_{lang}"] for lang in langs},
+                           {lang: list(columns[lang]) for lang in langs})

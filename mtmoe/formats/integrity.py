@@ -46,20 +46,28 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Replaces `path` with `text` so that readers see the old or the new content, never a mix, and
     a power loss leaves one of them (the new file is on disk before its rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _staging_name(path)
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _replace_durably(tmp, path)
 
 
 def copy_atomic(source: Path, path: Path) -> None:
     """`write_atomic` for a copy of the file `source`."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _staging_name(path)
     shutil.copyfile(source, tmp)
     fsync_file(tmp)
+    _replace_durably(tmp, path)
+
+
+def _staging_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Renames the synced `tmp` over `path` and syncs the folder, so that the rename survives a power loss."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

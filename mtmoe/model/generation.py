@@ -11,7 +11,7 @@ decision a group-wide agreement (all_reduce MIN of "all finished").
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -67,17 +67,22 @@ def best_hypothesis(finished: Finished, length_penalty: float) -> list[int]:
 
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
-                max_len_a: float = 1.5, max_len_b: int = 10, sync_group=None) -> list[list[int]]:
+                max_len_a: float = 1.5, max_len_b: int = 10, sync_group=None,
+                banned_ids: Iterable[int] = ()) -> list[list[int]]:
     """src [B, S] (tagged, EOS-terminated, PAD-padded) -> best hypothesis token ids per sentence
     (`best_hypothesis` of `beam_search_finished`)."""
     return [best_hypothesis(f, length_penalty)
-            for f in beam_search_finished(model, src, beam, max_len_a, max_len_b, sync_group)]
+            for f in beam_search_finished(model, src, beam, max_len_a, max_len_b, sync_group, banned_ids)]
 
 
 @torch.no_grad()
 def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: float = 1.5, max_len_b: int = 10,
-                         sync_group=None) -> list[Finished]:
+                         sync_group=None, banned_ids: Iterable[int] = ()) -> list[Finished]:
     """src [B, S] (tagged, EOS-terminated, PAD-padded) -> each sentence's `beam` finalized hypotheses.
+
+    PAD, BOS and UNK are never produced, nor `banned_ids` (the vocabulary's language tags and
+    <mask>, `Vocab.special_ids`, which are not text: a hypothesis spending steps and score on them
+    would decode to less than its length says).
 
     Each step keeps 2*beam candidates by sum log p; those ending in EOS within the top `beam` are
     finalized, the best `beam` others continue. A sentence is done once it has `beam` finalized
@@ -116,7 +121,8 @@ def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: flo
         vocab = logp.shape[1]
         if banned is None:  # masks on the device, made once
             ids = torch.arange(vocab, device=device)
-            banned, not_eos = (ids == PAD_ID) | (ids == BOS_ID) | (ids == UNK_ID), ids != EOS_ID
+            banned = torch.isin(ids, torch.tensor([PAD_ID, BOS_ID, UNK_ID, *banned_ids], device=device))
+            not_eos = ids != EOS_ID
         at_limit = (limits - 1 == step).repeat_interleave(k)  # [n*k]: must end now
         logp = logp.masked_fill(banned | (at_limit[:, None] & not_eos), float("-inf"))
         cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
@@ -165,15 +171,17 @@ def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: flo
 
 def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int = 4,
                   length_penalty: float = 1.0, max_tokens: int = 4096, sync_group=None,
-                  progress: Optional[object] = None) -> list[list[int]]:
-    """Translates tokenized sentences (no tag/EOS yet) into token ids, in input order."""
+                  progress: Optional[object] = None, banned_ids: Iterable[int] = ()) -> list[list[int]]:
+    """Translates tokenized sentences (no tag/EOS yet) into token ids, in input order; `banned_ids`:
+    tokens never produced (`beam_search_finished`)."""
     return translate_ids_per_penalty(model, src_ids, tag_id, beam, [length_penalty], max_tokens, sync_group,
-                                     progress)[0]
+                                     progress, banned_ids)[0]
 
 
 def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int,
                               length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
-                              progress: Optional[object] = None) -> list[list[list[int]]]:
+                              progress: Optional[object] = None,
+                              banned_ids: Iterable[int] = ()) -> list[list[list[int]]]:
     """`translate_ids` for each of `length_penalties` from one beam search: [penalty][sentence] -> ids."""
     if not len(src_ids):  # (a batch of blank lines in mtmoe-translate)
         return [[] for _ in length_penalties]
@@ -191,7 +199,8 @@ def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int,
             batch = collate([src_ids[i] for i in idx], [np.zeros(0, np.int64)] * len(idx), [tag_id] * len(idx),
                             max_len + 2)
             src = batch.src.to(device, non_blocking=True)
-            for i, finished in zip(idx, beam_search_finished(model, src, beam, sync_group=sync_group)):
+            for i, finished in zip(idx, beam_search_finished(model, src, beam, sync_group=sync_group,
+                                                                   banned_ids=banned_ids)):
                 for hyps, length_penalty in zip(out, length_penalties):
                     hyps[i] = [t for t in best_hypothesis(finished, length_penalty) if t != EOS_ID]
             if progress is not None:
@@ -227,8 +236,9 @@ def translate(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: in
 def translate_per_penalty(model, vocab: Vocab, lines: Sequence[str], tgt_lang: str, beam: int,
                           length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
                           progress=None) -> list[list[str]]:
-    """`translate` for each of `length_penalties` from one beam search: [penalty][line] -> translation."""
+    """`translate` for each of `length_penalties` from one beam search: [penalty][line] -> translation.
+    The vocabulary's language tags and <mask> are never produced."""
     src_ids = [np.asarray(ids, dtype=np.int64) for ids in vocab.encode(lines)]
     per_penalty = translate_ids_per_penalty(model, src_ids, vocab.tag_id(tgt_lang), beam, length_penalties,
-                                            max_tokens, sync_group, progress)
+                                            max_tokens, sync_group, progress, sorted(vocab.special_ids))
     return [[vocab.decode(h) for h in hyps] for hyps in per_penalty]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtmoe.data.batching import collate, pack_by_tokens
+from mtmoe.data.batching import collate, pack_by_tokens, padded_lengths
 from mtmoe.data.prepare import TrainingData
 from mtmoe.data.vocab import PAD_ID
 from mtmoe.model.generation import translate_ids
@@ -29,10 +29,11 @@ def direction_loss(model, data: TrainingData, src: str, tgt: str, max_tokens: in
     tag = data.vocab.tag_id(tgt)
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0  # the loss is read once, at the end
-    lengths = np.array([max(min(len(corpus.line(src, i)), max_len - 2) + 2,  # as collate cuts and tags them
-                            min(len(corpus.line(tgt, i)), max_len - 1) + 1) for i in range(len(corpus))], dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
-    for group in pack_by_tokens(lengths[order], lengths[order], max_tokens):
+    src_len, tgt_len = padded_lengths(np.array([len(corpus.line(src, i)) for i in range(len(corpus))], dtype=np.int64),
+                                      np.array([len(corpus.line(tgt, i)) for i in range(len(corpus))], dtype=np.int64),
+                                      max_len)
+    order = np.argsort(np.maximum(src_len, tgt_len), kind="stable")
+    for group in pack_by_tokens(src_len[order], tgt_len[order], max_tokens):
         idx = order[group]
         batch = collate([corpus.line(src, i) for i in idx], [corpus.line(tgt, i) for i in idx],
                         [tag] * len(idx), max_len).to(device, non_blocking=True)
@@ -59,7 +60,8 @@ def run_validation(model, data: TrainingData, max_tokens: int, max_len: int, wit
                 src_ids = [data.valid.line(src, i).astype(np.int64) for i in range(len(data.valid))]
                 with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
                     hyps = translate_ids(model, src_ids, data.vocab.tag_id(tgt), beam=1,
-                                         max_tokens=max_tokens * 4, sync_group=sync_group)
+                                         max_tokens=max_tokens * 4, sync_group=sync_group,
+                                         banned_ids=sorted(data.vocab.special_ids))
                 entry.update(score_direction([data.vocab.decode(h) for h in hyps], data.valid.texts[tgt]))
             per_direction[f"{src}-{tgt}"] = entry
     finally:
