@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -33,3 +35,20 @@ def output_path(path: str | os.PathLike) -> Path:
     path always from the current directory. Unlike `resolve`, never the project root: where the
     current directory lacks the folder, the output makes it rather than landing in the checkout."""
     return Path(os.path.expanduser(str(path))).absolute()
+
+
+def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(file)` into a temporary file of its own in `path`'s folder, renamed to `path` when
+    whole -> `path`. Processes that make the same cache file at once (the ranks of a launch, jobs
+    sharing a cache folder) each write their own file, and a reader sees a whole file or none. The
+    file gets the mode any new file of this process gets (the umask's; mkstemp's would be 0600), so
+    a cache folder shared between users stays readable to them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # exclusive: never another process's file
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

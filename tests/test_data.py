@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 
@@ -140,7 +141,6 @@ def test_processes_training_one_vocabulary_at_once_each_rename_their_own_file(tm
     """Jobs sharing a cache (or the nodes of a launch with node-local caches) may train the same key
     at once. Each writes its own temporary file: with one shared name, the second rename found the
     file already moved (FileNotFoundError), or moved in a file another process was still writing."""
-    import os
 
     from mtmoe.data import vocab as vocab_module
 
@@ -167,7 +167,9 @@ def test_tokenized_cache_is_reused_and_a_damaged_one_is_rebuilt(vocab_and_corpus
     vocab, tok, ds = vocab_and_corpus
     first = tokenize(ds, vocab, list(ds), tmp_path)
     (cached,) = (tmp_path / "tokenized").iterdir()
-    assert cached.suffix == ".npz"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cached.suffix == ".npz" and cached.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any new file
     for lang in ds:
         assert np.array_equal(first.ids[lang], tok.ids[lang]) and np.array_equal(first.offsets[lang], tok.offsets[lang])
         assert vocab.decode(first.line(lang, 7).tolist()) == ds[lang][7]

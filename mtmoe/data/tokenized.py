@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from mtmoe.data.vocab import Vocab
+from mtmoe.paths import publish_file
 
 log = logging.getLogger("mtmoe")
 
@@ -85,18 +84,6 @@ def _read_cache(path: Path, langs: Sequence[str], num_lines: int) -> Optional[di
         return None
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenize(columns: Mapping[str, Sequence[str]], vocab: Vocab, langs: Sequence[str],
              cache_dir: Path) -> TokenizedCorpus:
     """Encodes every language's lines with `vocab` (cached: a second call reads the `.npz` file)."""
@@ -107,7 +94,7 @@ def tokenize(columns: Mapping[str, Sequence[str]], vocab: Vocab, langs: Sequence
         arrays = {}
         for lang in langs:
             arrays[f"ids_{lang}"], arrays[f"offsets_{lang}"] = encode_column(vocab, columns[lang])
-        _write_cache(cache_file, arrays)
+        publish_file(cache_file, lambda f: np.savez(f, **arrays))
     return TokenizedCorpus(list(langs), {lang: arrays[f"ids_{lang}"] for lang in langs},
                            {lang: arrays[f"offsets_{lang}"] for lang in langs},
                            {lang: list(columns[lang]) for lang in langs})

@@ -20,13 +20,13 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
 from mtmoe.errors import ConfigError
+from mtmoe.paths import publish_file
 
 log = logging.getLogger("mtmoe")
 
@@ -130,14 +130,7 @@ def train_vocab(columns: dict[str, Sequence[str]], out_dir: Path, vocab_size: in
     # A name of its own: processes that train the same key at once (jobs sharing a cache, the nodes
     # of a launch whose caches are local) each write a whole file and rename it in; the models are
     # identical (training is deterministic), and a reader never sees a half-written one.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".spm.model.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, out_dir / "spm.model")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out_dir / "spm.model"
+    return publish_file(out_dir / "spm.model", lambda f: f.write(model.getvalue()))
 
 
 def get_or_train_vocab(columns: dict[str, Sequence[str]], cache_dir: Path, vocab_size: int,
