@@ -60,32 +60,44 @@ def folder(name: str) -> str:
     return name.replace("/", "_").replace(" ", "-").replace("+", "-")
 
 
-def build(args, out: Path, names: list[str]) -> dict[str, Path]:
-    """Exports every variant (the full one with routing statistics, which subsets read)."""
+RECIPE = "bench_recipe.json"
+"""What a variant's export was built from (written beside it): a folder built from another run or
+with other settings is built again, not reported under the new run's name."""
+
+
+def build(args, out: Path, names: list[str]) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Exports every variant (the full one with routing statistics, which subsets read), reusing
+    one whose recipe (run, pruning, quantization, calibration; its base's recipe) is unchanged
+    -> ({variant: export dir}, {variant: recipe})."""
     calibration = {"calibration": str(resolve(args.calibration)), "lines": args.calibration_lines,
                    "loss_lines": args.loss_lines}
-    dirs = {}
+    dirs, recipes = {}, {}
     for name in names:
         prune, quant, base = VARIANTS[name]
         if name == "subset":
-            dirs[name] = dirs["full"]
+            dirs[name], recipes[name] = dirs["full"], recipes["full"]
             continue
         export_dir = out / folder(name)
-        if not (export_dir / "config.json").is_file():
+        recipe = {"from": recipes[base] if base else str(resolve(args.run)), "prune": prune, "quant": quant,
+                  "calibration": calibration if prune or name == "full" else None}
+        built = export_dir / RECIPE
+        if not (export_dir / "config.json").is_file() or not built.is_file() or json.loads(built.read_text()) != recipe:
             source = dirs[base] if base else resolve(args.run)
             started = time.monotonic()
             export_run(source, export_dir, prune and {**prune, **calibration}, quant,
-                       routing=calibration if name == "full" else None)
+                       routing=calibration if name == "full" else None, overwrite=True)
+            built.write_text(json.dumps(recipe, indent=1))
             print(f"built {name} in {time.monotonic() - started:.0f} s", flush=True)
-        dirs[name] = export_dir
-    return dirs
+        dirs[name], recipes[name] = export_dir, recipe
+    return dirs, recipes
 
 
-def scores(args, name: str, export_dir: Path, out: Path) -> dict:
-    """The variant's evaluation report on every direction (reused when its settings match)."""
+def scores(args, name: str, export_dir: Path, out: Path, recipe: dict) -> dict:
+    """The variant's evaluation report on every direction (reused when its settings and the
+    export's recipe match)."""
     path = out / folder(name) / "eval.json"
     settings = {"test": args.test, "lines": args.lines, "beam": args.beam, "directions": args.directions,
-                "subset_mass": args.subset_mass if name == "subset" else None}
+                "subset_mass": args.subset_mass if name == "subset" else None, "export": recipe}
     if path.is_file():
         report = json.loads(path.read_text())
         if report.get("bench_settings") == settings:
@@ -147,8 +159,8 @@ def main() -> None:
         if base and base not in names[:names.index(name)]:
             names.insert(names.index(name), base)
 
-    dirs = build(args, out, names)
-    reports = {name: scores(args, name, dirs[name], out) for name in names}
+    dirs, recipes = build(args, out, names)
+    reports = {name: scores(args, name, dirs[name], out, recipes[name]) for name in names}
     rounds = speeds(args, dirs)
 
     rows = []

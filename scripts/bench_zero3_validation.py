@@ -1,7 +1,7 @@
 """ZeRO-3 validation: the partitioned model vs a gathered whole copy (`train.valid_model`), side by side.
 
     python scripts/bench_zero3_validation.py                       # tiny model, 16 lines per direction
-    python scripts/bench_zero3_validation.py --set model=small --rounds 3
+    python scripts/bench_zero3_validation.py --set model=base --rounds 3
 
 One training process in a world of one under ZeRO-3 with parameters and Adam state on the CPU
 (`parallel=zero3_nvme train.offload_param=cpu train.offload_optimizer=cpu`), the trainer's own
@@ -78,11 +78,11 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", action="append", default=None, metavar="OVERRIDE",
-                    help=f"Hydra overrides on top of the layout (default: {' '.join(DEFAULT_SET)})")
+                    help=f"Hydra overrides on top of the layout and of {' '.join(DEFAULT_SET)}")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="", help="default: bench/zero3_validation/<model name>")
     args = ap.parse_args(argv)
-    result = measure(args.set if args.set is not None else DEFAULT_SET, args.rounds)
+    result = measure([*DEFAULT_SET, *(args.set or [])], args.rounds)
     out = Path(args.out) if args.out else ROOT / "bench" / "zero3_validation" / result["model"]
     write_results(out, result, markdown(result))
     print(markdown(result))

@@ -3,5 +3,7 @@
 # process leaves behind, and every later load then waits on it forever; a build folder owned by the
 # clone cannot be blocked by another checkout's (or an earlier, killed run's) shared ~/.cache.
 # Set TORCH_EXTENSIONS_DIR yourself to share builds between clones.
-. .venv/bin/activate
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+# Works from any directory: the clone is the folder above this file's.
+MTMOE_CLONE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$MTMOE_CLONE/.venv/bin/activate"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$MTMOE_CLONE/.venv/torch_extensions}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, as prepared runs for a machine with one CUDA GPU (see DEVELOPERS.md / the device
-# tool). Here, once: `bash ../shared/device/prepare.sh py-cpuinfo typing-extensions` (wheels into .device/;
+# The GPU checks, as prepared runs for a machine with one CUDA GPU (README "On GPUs and on several
+# machines"; the device tool). Here, once: `bash ../shared/device/prepare.sh py-cpuinfo typing-extensions` (wheels into .device/;
 # pydantic, which DeepSpeed imports, needs typing_extensions >= 4.16); there:
 # `source .device/env.sh && bash scripts/gpu_checks.sh [STEP...]` with $OUT set by the device tool.
 #

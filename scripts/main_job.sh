@@ -82,8 +82,10 @@ if full.get("tuned"):
     grid = ", ".join(f"{g['length_penalty']}: {g['bleu']:.2f}" for g in t["grid"])
     print(f"length penalty picked on val ({t['lines']} lines per direction, beam 4, mean BLEU {grid}): "
           f"{full['length_penalty']}")
-print(f"\ntest_2016_flickr, beam 4     full export     pruned export ({config['pruning']['rule']} "
-      f"keep={config['pruning'].get('keep')}, {config.get('quantization', {}).get('bits', 32)}-bit experts)")
+pruning = config.get("pruning")
+pruned_how = f"{pruning['rule']} keep={pruning.get('keep')}" if pruning else "all experts kept"
+print(f"\ntest_2016_flickr, beam 4     full export     pruned export ({pruned_how}, "
+      f"{config.get('quantization', {}).get('bits', 32)}-bit experts)")
 print(f"{'direction':<10} {'BLEU':>7} {'chrF':>7}   {'BLEU':>7} {'chrF':>7}  {'dBLEU':>6}")
 for d, f in full["directions"].items():
     p = pruned["directions"][d]

@@ -12,7 +12,11 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     pip install -q "torch>=2.4"
   else
-    pip install -q "torch==2.13.0"   # the CPU build on this project's machines
+    # The CPU build (+cpu): from pip's configured sources where they have it (this project's machines),
+    # else from PyTorch's CPU index; PyPI's plain torch==2.13.0 is the CUDA build, the last resort.
+    pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+      || pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+      || pip install -q "torch==2.13.0"
   fi
 fi
 pip install -q -e ".[test]"

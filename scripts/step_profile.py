@@ -7,7 +7,8 @@ On one thread (what each of the main job's 2 ranks gets), with the main job's mo
 no gradient all-reduce: the parts of a step that are the model's own):
 - the step's parts, timed separately over `--steps` steps after warm-up: forward + loss, backward,
   gradient clipping + Adam (torch's fused Adam, as the main job);
-- the FLOPs of forward + backward per target token (torch's FlopCounterMode: matmuls and attention);
+- the FLOPs of forward + backward per target token (torch's FlopCounterMode: matmuls and attention,
+  and the experts' grouped GEMMs, `torch._grouped_mm`, which it does not count by itself);
 - the matmul rate of one core on the model's own GEMM shapes (tokens x d_model x d_ff, and the
   output projection tokens x d_model x vocab), fp32.
 The compute bound is that rate / FLOPs per token: the target tokens/s one rank could reach if the
@@ -53,6 +54,30 @@ def matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
     return best
 
 
+def grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, offs=None, *args, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm(a, b, offs=...)`, which FlopCounterMode counts as 0: 2 x rows x
+    inner x columns summed over the groups. `offs` [G] ends the groups along the ragged dimension
+    (what lies past offs[-1] is not computed): 2d x 3d, the experts' forward and input gradient:
+    rows; 2d x 2d, the weight gradient: inner; 3d x 2d: columns. 3d x 3d: G batched GEMMs."""
+    rows, inner, columns = a.shape[-2], a.shape[-1], b.shape[-1]
+    ragged = int(offs[-1]) if offs is not None else None  # a host read: this runs only under the counter
+    if ragged is not None and a.dim() == 2:
+        rows, inner = (ragged, inner) if b.dim() == 3 else (rows, ragged)
+    elif ragged is not None and b.dim() == 2:
+        columns = ragged
+    groups = a.shape[0] if a.dim() == 3 and b.dim() == 3 else 1
+    return 2 * groups * rows * inner * columns
+
+
+def count_grouped_mm() -> None:
+    """Teaches FlopCounterMode `grouped_mm_flops` (once; where this torch has `_grouped_mm`)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is not None and op not in flop_registry:
+        register_flop_formula(op, get_raw=True)(grouped_mm_flops)
+
+
 def main(argv=None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -95,6 +120,7 @@ def main(argv=None) -> None:
             for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
                 parts[name].append(seconds)
             tokens.append(batch.num_target_tokens)
+    count_grouped_mm()
     flops = FlopCounterMode(display=False)
     counted = batches[args.warmup:args.warmup + 5]
     with flops:

@@ -7,9 +7,11 @@
 #
 # Each commit is checked out in a git worktree under $OUT (default /tmp/mtmoe_throughput) and run
 # with this clone's .venv (PYTHONPATH puts the worktree's mtmoe first) and its own op build folder.
+# Each invocation's runs go to a folder of their own, $OUT/<date-time>/ (a run dir of an earlier
+# invocation would be resumed, finished, and counted again).
 # Prints per run: steps, median target tokens/s of the logged windows, steps/s after the first window
 # (start-up excluded), and the training loss at a common step (same data => same curve when the
-# commits compute the same model). Writes $OUT/summary.json.
+# commits compute the same model). Writes $OUT/<date-time>/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -18,7 +20,8 @@ NEW=${2:-HEAD}
 MINUTES=${3:-3}
 PAIRS=${4:-2}
 OUT=${OUT:-/tmp/mtmoe_throughput}
-mkdir -p "$OUT"
+RUNS="$OUT/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$RUNS"
 for c in "$OLD" "$NEW"; do
   sha=$(git rev-parse --short "$c")
   [ -d "$OUT/src-$sha" ] || git worktree add -f --detach -q "$OUT/src-$sha" "$c"
@@ -26,15 +29,15 @@ done
 run() {  # commit index
   local sha; sha=$(git rev-parse --short "$1")
   (cd "$OUT/src-$sha" && PYTHONPATH="$OUT/src-$sha" TORCH_EXTENSIONS_DIR="$OUT/ops-$sha" \
-    deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$OUT/run-$sha-$2" \
+    deepspeed --no_local_rank --num_gpus 2 --module mtmoe.train +experiment=main hydra.run.dir="$RUNS/run-$sha-$2" \
     train.max_minutes="$MINUTES" train.save_every=-1 train.valid_every=0 train.log_every=25 train.valid_bleu=never \
-    > "$OUT/run-$sha-$2.log" 2>&1) || { echo "run $sha-$2 failed: $OUT/run-$sha-$2.log"; exit 1; }
+    > "$RUNS/run-$sha-$2.log" 2>&1) || { echo "run $sha-$2 failed: $RUNS/run-$sha-$2.log"; exit 1; }
   echo "done $sha-$2"
 }
 for i in $(seq 1 "$PAIRS"); do
   if [ $((i % 2)) = 1 ]; then run "$OLD" "$i"; run "$NEW" "$i"; else run "$NEW" "$i"; run "$OLD" "$i"; fi
 done
-python - "$OUT" <<'PY'
+python - "$RUNS" <<'PY'
 import json, pathlib, statistics, sys
 out = pathlib.Path(sys.argv[1])
 rows = []

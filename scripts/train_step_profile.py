@@ -156,6 +156,9 @@ def main(argv=None) -> None:
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # a variant's own process: JSON file to write
     args = ap.parse_args(argv)
     base = args.set if args.set is not None else DEFAULT_SET
+    bad = [v for v in args.variant if ":" not in v]
+    if bad:
+        ap.error(f"--variant {bad[0]}: expected NAME:OVERRIDES (overrides space-separated, may be empty: 'plain:')")
     variants = [v.split(":", 1) for v in args.variant] or [["default", ""]]
     env: dict[str, dict[str, str]] = {}
     for item in args.env:

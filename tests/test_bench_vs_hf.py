@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.vs_hf.decoding import MtmoeLengthRule, generated_tokens  # noqa: E402
 from bench.vs_hf.memory import measure  # noqa: E402
+from bench.vs_hf.report import bar_chart  # noqa: E402
 from bench.vs_hf.suite import main  # noqa: E402
 from bench.vs_hf.systems import build_hf, compose_config, hf_sparse_layers, parameter_counts  # noqa: E402
 
@@ -71,6 +72,11 @@ def test_suite_tiny(corpus, cache_dir, tmp_path):
     table = (out / "results.md").read_text()
     assert "| train target tok/s, 1 thread(s) |" in table
     assert "| train target tok/s, 1 thread(s) | mtmoe top-2, reference dispatch |" in table  # MoE / dense rows
+    # `--systems mtmoe` (no variant): the chart leaves out the MoE-vs-dense panel instead of failing
+    only_compared = {**saved, "training": {t: {n: r[n] for n in ("mtmoe", "hf", "hf_fixed")}
+                                           for t, r in saved["training"].items()}}
+    bar_chart(only_compared, tmp_path / "compared.png")
+    assert (tmp_path / "compared.png").stat().st_size > 0
 
 
 @pytest.mark.slow

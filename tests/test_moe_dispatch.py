@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,39 @@ def test_grouped_gemm_kernel_equals_per_expert_matmuls():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_stacked_experts_keep_the_per_expert_key_grammar():
+def test_grouped_gemm_flops_are_counted_as_the_per_expert_matmuls():
+    """scripts/step_profile.py teaches FlopCounterMode torch._grouped_mm (counted as 0 by torch):
+    forward + backward of the grouped experts count what one matmul per expert counts, padding
+    rows past the segments left out."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from step_profile import count_grouped_mm
+
+    count_grouped_mm()
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(13, D, requires_grad=True)
+    w, b = torch.randn(E, FF, D, requires_grad=True), torch.randn(E, FF, requires_grad=True)
+    flops = {}
+    for backend in ("loop", "grouped_mm"):
+        with FlopCounterMode(display=False) as counter:
+            try:
+                if backend == "grouped_mm":
+                    y = grouped_linear(x, w, b, counts, segment_ids(counts, 13))[:10]
+                else:
+                    y = torch.cat([torch.nn.functional.linear(part, w[e], b[e])
+                                   for e, part in enumerate(x[:10].split(counts.tolist()))])
+            except RuntimeError as e:  # a CPU build without the kernel for this dtype
+                pytest.skip(f"torch._grouped_mm unavailable here: {e}")
+            y.sum().backward()
+        flops[backend] = counter.get_total_flops()
+    assert flops["grouped_mm"] == flops["loop"] == 3 * 2 * 10 * D * FF  # forward, input and weight gradients
+
+
+
     """State dict: one entry set per expert (`<i>.fc1.weight`, ...), the names FeedForward experts
     had, so exports and checkpoints written before stacking load; stacked names (a partitioned
     engine's placeholders) load too."""

@@ -26,7 +26,7 @@ def main() -> None:
             train_ax.plot(*zip(*train), label=log.stem)
         if valid:
             valid_ax.plot(*zip(*valid), marker="o", label=log.stem)
-    for ax, name in ((train_ax, "training loss (label-smoothed CE)"), (valid_ax, "validation loss")):
+    for ax, name in ((train_ax, "training loss (CE, label smoothing as each run had it)"), (valid_ax, "validation loss")):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -64,13 +64,13 @@ def run(spec: dict) -> dict:
     from mtmoe.data.prepare import prepare_training_data
 
     from bench.vs_hf.decoding import make_decoder, sentence_batches
-    from bench.vs_hf.systems import compose_config
+    from bench.vs_hf.systems import compose_config, model_vocab
     from bench.vs_hf.training import make_train_step, training_batches
 
     torch.set_num_threads(spec["threads"])
     cfg = compose_config(spec["moe"], spec["overrides"])
     data = prepare_training_data(cfg.data)
-    vocab_size = len(data.vocab)
+    vocab_size = model_vocab(spec.get("size", "default"), len(data.vocab))  # what the suite times
     if spec["phase"] == "train":
         step = make_train_step(spec["system"], cfg, vocab_size)
         batches = training_batches(data, cfg, spec["steps"])

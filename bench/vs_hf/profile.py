@@ -42,7 +42,7 @@ def main(argv=None) -> None:
 
     from bench.vs_hf.decoding import make_decoder, sentence_batches
     from bench.vs_hf.suite import PRESETS
-    from bench.vs_hf.systems import SIZES, compose_config
+    from bench.vs_hf.systems import SIZES, compose_config, model_vocab
     from bench.vs_hf.training import make_train_step, training_batches
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     data = prepare_training_data(configs["mtmoe"].data)
     batches = training_batches(data, configs["mtmoe"], 3 + args.steps)
     for name, cfg in configs.items():
-        step = make_train_step(name, cfg, len(data.vocab))
+        step = make_train_step(name, cfg, model_vocab(args.size, len(data.vocab)))
         for batch in batches[:3]:
             step(batch)
         text = _profile(lambda: [step(b) for b in batches[3:]])
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     batch = sentence_batches(data.vocab, lines, args.sentences)[0]
     tag_id = data.vocab.tag_id("de")
     for name in ("mtmoe", "hf_fixed"):
-        decode, model = make_decoder(name, configs["mtmoe"], len(data.vocab))
+        decode, model = make_decoder(name, configs["mtmoe"], model_vocab(args.size, len(data.vocab)))
         decode(model, batch[:4], tag_id, 4)
         text = _profile(lambda: decode(model, batch, tag_id, 4))
         (out / f"{name}_decode.txt").write_text(text)

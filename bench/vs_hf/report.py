@@ -152,10 +152,11 @@ def bar_chart(results: dict, path: Path) -> None:
     first = next(iter(results["training"].values()))
     panels.append(("mtmoe MoE vs dense tok/s", {n: first[n]["tokens_per_s"] for n in (*MOE_SYSTEMS, "mtmoe_dense")
                                                if n in first and n != "mtmoe"}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    panels = [(title, values) for title, values in panels if values]  # (no variant run: no MoE-vs-dense bars)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     colors = {"mtmoe": "tab:blue", "hf": "tab:orange", "hf_fixed": "tab:red", "mtmoe_top1": "tab:cyan",
               "mtmoe_dense": "tab:gray", "mtmoe_dropless": "tab:green", "mtmoe_reference": "tab:purple"}
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values) in zip(axes[0], panels):
         names = list(values)
         bars = ax.bar(range(len(names)), [values[n] for n in names], color=[colors[n] for n in names])
         ax.bar_label(bars, fmt="%.0f" if max(values.values()) >= 100 else "%.1f", fontsize=7)

@@ -52,7 +52,8 @@ from bench.results import write_results
 from bench.vs_hf import report
 from bench.vs_hf.decoding import alternate_decoding, make_decoder, sentence_batches
 from bench.vs_hf.memory import measure
-from bench.vs_hf.systems import MODEL_VOCAB, SIZES, active_parameters, build_hf, compose_config, parameter_counts
+from bench.vs_hf.systems import (SIZES, active_parameters, build_hf, compose_config, model_vocab,
+                                 parameter_counts)
 from bench.vs_hf.training import alternate, make_train_step, peak_training_memory, training_batches
 
 PRESETS = {"mtmoe": "top2", "hf": "top2", "hf_fixed": "top2", "mtmoe_top1": "top1", "mtmoe_dense": "dense",
@@ -86,11 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def model_vocab(size: str, data) -> int:
-    """The models' vocabulary: the data's, or the size's larger MODEL_VOCAB."""
-    return max(len(data.vocab), MODEL_VOCAB.get(size, 0))
-
-
 def count_parameters(configs: dict, vocab_size: int) -> dict[str, dict[str, int]]:
     """Parameters by kind of every system (mtmoe as the plain model; DeepSpeed adds none)."""
     counts = {}
@@ -104,7 +100,7 @@ def count_parameters(configs: dict, vocab_size: int) -> dict[str, dict[str, int]
 def run_training(configs: dict, data, args, threads: list[int], device: torch.device) -> dict[str, dict]:
     """{threads (or "cuda"): {system: {tokens_per_s (median), rounds}}} on the same batches for all
     systems; on a GPU also {"peak_memory_gib": {system: GiB}} (each system built alone first)."""
-    vocab_size = model_vocab(args.size, data)
+    vocab_size = model_vocab(args.size, len(data.vocab))
     batches = training_batches(data, configs["mtmoe"], args.warmup + args.train_batches * args.repeats)
     results = {}
     if device.type == "cuda":
@@ -140,7 +136,7 @@ def run_decoding(configs: dict, data, args, threads: int, device: torch.device) 
     lines = load_test_set(str(Path(cfg.data.corpus_dir) / cfg.data.test_prefix), [src])[src][:args.decode_sentences]
     batches = sentence_batches(data.vocab, lines, args.decode_batch)
     names = [*report.COMPARED, *(n for n in ("mtmoe_reference",) if n in configs)]
-    systems = {name: make_decoder(name, configs[name], model_vocab(args.size, data), device) for name in names}
+    systems = {name: make_decoder(name, configs[name], model_vocab(args.size, len(data.vocab)), device) for name in names}
     results = alternate_decoding(systems, batches, data.vocab.tag_id(tgt), args.beam, args.decode_repeats)
     print("decoding: " + ", ".join(f"{name} {r['sentences_per_s']:.2f} sent/s, {r['tokens_per_s']:.0f} tok/s"
                                    for name, r in results.items()), flush=True)
@@ -152,6 +148,7 @@ def run_memory(overrides: list[str], args, threads: int) -> dict:
     """{phase: {system: memory.run's numbers}}: one process per system and phase, two at a time."""
     src, tgt = args.direction.split("-")
     specs = [{"system": name, "phase": phase, "moe": PRESETS[name], "overrides": overrides, "threads": threads,
+              "size": args.size,
               "steps": args.memory_steps, "sentences": args.memory_sentences, "batch_size": args.decode_batch,
               "beam": args.beam, "src": src, "tgt": tgt}
              for phase in ("train", "decode") for name in report.COMPARED]
@@ -222,7 +219,7 @@ def main(argv=None) -> dict:
     names = list(dict.fromkeys([*report.COMPARED, *names]))
     configs = {name: compose_config(PRESETS[name], overrides + SYSTEM_OVERRIDES.get(name, [])) for name in names}
     data = prepare_training_data(configs["mtmoe"].data)
-    parameters = count_parameters(configs, model_vocab(args.size, data))
+    parameters = count_parameters(configs, model_vocab(args.size, len(data.vocab)))
     torch.set_num_threads(threads[0])
     training = run_training(configs, data, args, threads, device)
     decoding = run_decoding(configs, data, args, threads[0], device)
@@ -237,7 +234,7 @@ def main(argv=None) -> dict:
     results = {"machine": {**report.machine(device), "load_average_1_5_15_min": {"start": load_before,
                                                                             "end": os.getloadavg()}},
                "settings": {"size": args.size, "device": str(device), "systems": names,
-                            "model_vocab": model_vocab(args.size, data),
+                            "model_vocab": model_vocab(args.size, len(data.vocab)),
                             "overrides": overrides, "threads": threads, "beam": args.beam,
                             "model": asdict(configs["mtmoe"].model), "moe": asdict(configs["mtmoe"].moe),
                             "vocab_size": len(data.vocab), "memory_steps": args.memory_steps,

@@ -52,6 +52,11 @@ SentencePiece vocabulary (Multi30k cannot fill 32k pieces): batches keep the dat
 models pay for the full vocabulary (the output projection and softmax are a large part of a step)."""
 
 
+def model_vocab(size: str, data_vocab_size: int) -> int:
+    """The models' vocabulary at `size`: the data's, or the size's larger MODEL_VOCAB."""
+    return max(data_vocab_size, MODEL_VOCAB.get(size, 0))
+
+
 def compose_config(moe_preset: str, overrides: Sequence[str] = ()) -> TrainAppConfig:
     """The mtmoe config for `moe=<moe_preset>` (top2, top1 or dense) with the bench's overrides."""
     from mtmoe.cli.common import compose_train_config
