@@ -507,11 +507,58 @@ class ExportAppConfig:
     (`serve.prefetch=language`) read them."""
 
 
-"""`quant=` choices (besides `none`) and their bits per expert weight."""
+def prune_config(prune: PruneConfig | dict) -> PruneConfig:
+    """`prune` as a PruneConfig: export_run's callers may give a dict of its fields (None = the
+    field's default); an unknown key is refused, naming it."""
+    if isinstance(prune, PruneConfig):
+        return prune
+    known = {f.name for f in dataclasses.fields(PruneConfig)}
+    unknown = sorted(set(prune) - known)
+    if unknown:
+        raise ConfigError(f"prune: unknown key(s) {unknown} (known: {sorted(known)})")
+    return PruneConfig(**{k: v for k, v in prune.items() if v is not None})
 
-def check_prune_rule(rule: str) -> str:
-    """`rule` when it is a `prune.rule` choice (validate_export, and export_run for API callers)."""
-    return check_choice("prune.rule", rule, PruneRule)
+
+def pruning_requested(prune: PruneConfig) -> bool:
+    """Whether `prune` prunes: by `keep` (over the model) or by `direction`."""
+    return prune.keep is not None or bool(prune.direction)
+
+
+def validate_prune(prune: PruneConfig) -> None:
+    """Rejects a `prune.*` combination that cannot be carried out, or one with a setting that the
+    chosen way of pruning does not use (it would be ignored without a word), before any work.
+    `calibration` and `lines` also give the stored routing statistics: they always apply."""
+    check_choices(prune, "prune.")
+    default = PruneConfig()
+    if prune.keep is not None and prune.direction:
+        raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
+    keep = prune.keep
+    if keep is not None and (keep <= 0 or (keep >= 1 and keep != int(keep))):
+        raise ConfigError(f"prune.keep={keep}: give a number of experts per layer (a whole number >= 1) or a "
+                          f"fraction of them (0 < keep < 1)")
+    if not 0 < prune.mass <= 1:
+        raise ConfigError(f"prune.mass={prune.mass} must be in (0, 1] (the share of a direction's routing kept)")
+    for name in ("lines", "loss_lines"):
+        if getattr(prune, name) < 0:
+            raise ConfigError(f"prune.{name}={getattr(prune, name)} must be >= 0 (0 = all lines)")
+    if prune.direction is not None:
+        parts = prune.direction.split("-")
+        if "," in prune.direction or len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+            raise ConfigError(f"prune.direction={prune.direction}: give one direction like en-de (a subset per "
+                              f"direction; `all`, `pivot` or lists are not directions)")
+    if prune.direction:
+        used = {"mass"}
+    elif keep is not None:
+        used = {"rule"} | ({"loss_lines", "per_layer"} if prune.rule == "loss" else set())
+    else:
+        used = set()
+    ignored = [f"prune.{name}={getattr(prune, name)}" for name in ("rule", "mass", "loss_lines", "per_layer")
+               if name not in used and getattr(prune, name) != getattr(default, name)]
+    if ignored:
+        how = (f"prune.direction={prune.direction} keeps `mass` of its routing" if prune.direction
+               else f"prune.rule={prune.rule} does not use them" if keep is not None
+               else "nothing is pruned without prune.keep or prune.direction")
+        raise ConfigError(f"{', '.join(ignored)}: not used ({how})")
 
 
 @dataclass
@@ -640,17 +687,7 @@ def validate_export(cfg: ExportAppConfig) -> None:
     check_known_keys(cfg)
     check_choices(cfg)
     check_device_spec("device", cfg.device)
-    if cfg.prune.keep is not None and cfg.prune.direction:
-        raise ConfigError("set prune.keep (global) or prune.direction (per direction), not both")
-    keep = cfg.prune.keep
-    if keep is not None and (keep <= 0 or (keep >= 1 and keep != int(keep))):
-        raise ConfigError(f"prune.keep={keep}: give a number of experts per layer (a whole number >= 1) or a "
-                          f"fraction of them (0 < keep < 1)")
-    if not 0 < cfg.prune.mass <= 1:
-        raise ConfigError(f"prune.mass={cfg.prune.mass} must be in (0, 1] (the share of a direction's routing kept)")
-    for name in ("lines", "loss_lines"):
-        if getattr(cfg.prune, name) < 0:
-            raise ConfigError(f"prune.{name}={getattr(cfg.prune, name)} must be >= 0 (0 = all lines)")
+    validate_prune(cfg.prune)
     if cfg.average < 1:
         raise ConfigError(f"average={cfg.average} must be >= 1 (the number of newest checkpoints averaged)")
 

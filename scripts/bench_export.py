@@ -69,8 +69,7 @@ def build(args, out: Path, names: list[str]) -> tuple[dict[str, Path], dict[str,
     """Exports every variant (the full one with routing statistics, which subsets read), reusing
     one whose recipe (run, pruning, quantization, calibration; its base's recipe) is unchanged
     -> ({variant: export dir}, {variant: recipe})."""
-    calibration = {"calibration": str(resolve(args.calibration)), "lines": args.calibration_lines,
-                   "loss_lines": args.loss_lines}
+    calibration = {"calibration": str(resolve(args.calibration)), "lines": args.calibration_lines}
     dirs, recipes = {}, {}
     for name in names:
         prune, quant, base = VARIANTS[name]
@@ -79,13 +78,16 @@ def build(args, out: Path, names: list[str]) -> tuple[dict[str, Path], dict[str,
             continue
         export_dir = out / folder(name)
         recipe = {"from": recipes[base] if base else str(resolve(args.run)), "prune": prune, "quant": quant,
-                  "calibration": calibration if prune or name == "full" else None}
+                  "calibration": calibration if prune or name == "full" else None,
+                  "loss_lines": args.loss_lines if prune and prune.get("rule") == "loss" else None}
         built = export_dir / RECIPE
         if not (export_dir / "config.json").is_file() or not built.is_file() or json.loads(built.read_text()) != recipe:
             source = dirs[base] if base else resolve(args.run)
             started = time.monotonic()
-            export_run(source, export_dir, prune and {**prune, **calibration}, quant,
-                       routing=calibration if name == "full" else None, overwrite=True)
+            loss_rule = prune and prune.get("rule") == "loss"  # the only rule that reads --loss-lines
+            export_run(source, export_dir,
+                       prune and {**prune, **calibration, **({"loss_lines": args.loss_lines} if loss_rule else {})},
+                       quant, routing=calibration if name == "full" else None, overwrite=True)
             built.write_text(json.dumps(recipe, indent=1))
             print(f"built {name} in {time.monotonic() - started:.0f} s", flush=True)
         dirs[name], recipes[name] = export_dir, recipe

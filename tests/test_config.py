@@ -200,6 +200,27 @@ def test_export_average_and_eval_tuning_are_checked_before_any_work():
             validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=prune))
     for keep in (0.5, 2, 2.0):
         validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=PruneConfig(keep=keep)))
+    # a setting the chosen way of pruning does not use is refused, not silently ignored
+    for prune, message in [
+        (PruneConfig(rule="coverage"), r"prune.rule=coverage: not used \(nothing is pruned without prune.keep"),
+        (PruneConfig(per_layer=True, loss_lines=50), r"prune.loss_lines=50, prune.per_layer=True: not used"),
+        (PruneConfig(mass=0.8), "prune.mass=0.8: not used"),
+        (PruneConfig(keep=0.5, mass=0.8), r"prune.mass=0.8: not used \(prune.rule=loss does not use them\)"),
+        (PruneConfig(keep=0.5, rule="coverage", per_layer=True), "prune.per_layer=True: not used"),
+        (PruneConfig(direction="en-de", rule="global"), r"prune.rule=global: not used \(prune.direction=en-de keeps"),
+        (PruneConfig(direction="en-de", loss_lines=5), "prune.loss_lines=5: not used"),
+        # one direction: `all`, `pivot` and lists would calibrate every direction, then fail
+        (PruneConfig(direction="all"), "prune.direction=all: give one direction like en-de"),
+        (PruneConfig(direction="pivot"), "prune.direction=pivot"),
+        (PruneConfig(direction="en-de,de-en"), "prune.direction=en-de,de-en"),
+        (PruneConfig(direction="en-en"), "prune.direction=en-en"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=prune))
+    for prune in (PruneConfig(lines=50, calibration="data/multi30k/test_2016_flickr"),  # routing statistics use them
+                  PruneConfig(keep=2, rule="loss", per_layer=True, loss_lines=20),
+                  PruneConfig(keep=0.5, rule="global"), PruneConfig(direction="en-de", mass=0.8)):
+        validate_export(ExportAppConfig(checkpoint="runs/x", out="e", prune=prune))
     for tune, message in [
         (TuneConfig(on="val", beams=[]), r"tune.beams=\[\]"),
         (TuneConfig(on="val", beams=[0]), "beam=0 must be >= 1"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from mtmoe.config import MoEConfig, check_prune_rule
+from mtmoe.config import MoEConfig, PruneConfig, validate_prune
 from mtmoe.errors import ConfigError, ExportError
 from mtmoe.export.prune import direction_keep, global_keep, keep_count, prune_state_dict
 from mtmoe.model.moe import MoEFFN
@@ -53,6 +53,10 @@ def test_keep_rules():
     assert direction_keep(tele, "en-de", 0.9) == {"enc1": [1, 2]}
     assert direction_keep(tele, "en-de", 0.5) == {"enc1": [1]}
     assert direction_keep(tele, "en-de", 0.5, min_experts=2) == {"enc1": [1, 2]}
+    # shares are stored rounded to 5 decimals (these sum to 0.99999): mass=1 keeps the experts with
+    # traffic, not the one without
+    rounded = {"layers": ["enc1"], "by_direction": {"en-de": {"enc1": {"share": [0.33333, 0.33333, 0.33333, 0.0]}}}}
+    assert direction_keep(rounded, "en-de", 1.0) == {"enc1": [0, 1, 2]}
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -159,6 +163,11 @@ def test_routing_telemetry_and_heatmap(tmp_path):
     texts = {"en": ["a cat", "the dog runs"], "de": ["eine Katze", "der Hund rennt"], "fr": ["un chat", "le chien"]}
     tele = collect_routing(model, FakeVocab(), texts, [("en", "de"), ("de", "en"), ("en", "fr")])
     assert tele["layers"] == ["enc1", "dec1"] and tele["num_experts"] == 4
+    assert tele["experts"] == {"enc1": 4, "dec1": 4}
+    # a pruned model: each layer's own count (num_experts stays the model's as trained)
+    pruned = collect_routing(pruned_copy(model, {"enc1": [0, 1], "dec1": [0, 2, 3]}), FakeVocab(), texts, [("en", "de")])
+    assert pruned["num_experts"] == 4 and pruned["experts"] == {"enc1": 2, "dec1": 3}
+    assert len(pruned["overall"]["dec1"]["share"]) == 3
     assert set(tele["by_direction"]) == {"en-de", "de-en", "en-fr"}
     assert set(tele["by_language"]) == {"en", "de", "fr"}
     assert "enc1" not in tele["by_language"]["fr"]  # fr is only a target: decoder layers only
@@ -198,7 +207,7 @@ def test_coverage_rule_keeps_every_languages_top_expert():
     assert coverage(tele, global_keep(tele, 3))["dec1"] == {"de": 1.0, "en": 0.45, "fr": 0.45}
     assert coverage_keep(tele, 0.5)["dec1"] == [1, 4, 5]  # a fraction: 3 of 6
     with pytest.raises(ConfigError, match=r"prune.rule='best': expected one of loss, coverage, global"):
-        check_prune_rule("best")
+        validate_prune(PruneConfig(keep=2, rule="best"))
 
 
 def test_coverage_rule_greedy_beyond_the_exhaustive_limit(monkeypatch):
@@ -352,6 +361,78 @@ def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):
     assert len(tried) == 4 + 3 + 2  # sets of 3, then 2, then 1 (dec1 keeps everything: nothing tried)
 
 
+def test_export_settings_that_cannot_apply_are_refused_before_the_weights_are_read(exports, tmp_path, monkeypatch):
+    """export_run's API takes prune as a dict (or PruneConfig) and checks it like mtmoe-export, before
+    any weights are read; quantizing a model without experts is refused (it recorded a quantization
+    and changed nothing)."""
+    from mtmoe.export import pipeline
+    from mtmoe.export.pipeline import export_run
+    from mtmoe.formats.export_format import load_export, write_export
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "load_export", never)
+        m.setattr(pipeline, "_load_checkpoint_model", never)
+        for prune, message in [({"rule": "coverage", "keep": 0.5, "per_layer": True}, "prune.per_layer=True: not used"),
+                               ({"direction": "all"}, "prune.direction=all: give one direction"),
+                               ({"keep": 2, "direction": "en-de"}, "not both"),
+                               ({"keep": 0.5, "calibraton": "x"}, r"prune: unknown key\(s\) \['calibraton'\]")]:
+            with pytest.raises(ConfigError, match=message):
+                export_run(exports["full"], tmp_path / "x", prune=prune)
+        with pytest.raises(ConfigError, match=r"routing: unknown key\(s\) \['line'\]"):
+            export_run(exports["full"], tmp_path / "x", routing={"line": 5})
+    assert not (tmp_path / "x").exists()
+    _, vocab, config = load_export(exports["full"])
+    dense_config = {**config, "moe": {**config["moe"], "enabled": False}}
+    dense = tmp_path / "dense"
+    write_export(build_model(len(vocab), TINY, MoEConfig(enabled=False)), exports["full"] / "spm.model",
+                 {**dense_config, "model": {**config["model"], **{k: getattr(TINY, k) for k in config["model"]}}}, dense)
+    with pytest.raises(ConfigError, match="quant=int8: .* has no MoE layers"):
+        export_run(dense, tmp_path / "dense-int8", quant="int8", routing=None)
+    assert not (tmp_path / "dense-int8").exists()
+
+
+def test_exports_to_one_folder_take_turns(tmp_path):
+    """Two exports to one out: the second waits for the first's lock on the folder (they shared one
+    staging folder, and each could delete or move the other's half-written files), then refuses to
+    replace what the first wrote unless it may overwrite."""
+    import fcntl
+    import os
+    import threading
+
+    from mtmoe.formats.export_format import write_export
+
+    spm = tmp_path / "spm.model"
+    spm.write_bytes(b"spm")
+    out = tmp_path / "exp"
+    model = build_model(60, TINY, MoEConfig(num_experts=4, top_k=1))
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # an export under way in this folder
+    outcome = {}
+
+    def second():
+        try:
+            write_export(model, spm, {"version": 2}, out, overwrite=False)
+            outcome["second"] = "written"
+        except ExportError as e:
+            outcome["second"] = str(e)
+
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive() and not out.exists()  # it waits: nothing staged beside the first
+    out.mkdir()  # the first export's result appears, then its lock goes
+    (out / "config.json").write_text(json.dumps({"version": 1}))
+    os.close(fd)
+    waiting.join(timeout=60)
+    assert "was written while this export ran" in outcome["second"]
+    assert json.loads((out / "config.json").read_text()) == {"version": 1}
+    write_export(model, spm, {"version": 3}, out)  # overwrite (the default of write_export)
+    assert json.loads((out / "config.json").read_text()) == {"version": 3}
+
+
 def test_overwriting_an_export_keeps_one_complete_copy_at_any_point(tmp_path, monkeypatch):
     """write_export over an existing export: the old one is renamed aside and removed only after the
     new one is in place; a crash between the two renames leaves the old export whole at <out>.old
@@ -398,4 +479,11 @@ def test_overwriting_an_export_keeps_one_complete_copy_at_any_point(tmp_path, mo
     assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors", "spm.model"]
     monkeypatch.undo()
     write_export(model, spm, {"version": 4}, out)  # the complete leftovers of the crash are cleared
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "spm.model"]
+    # a kill while the replaced export was being deleted may have taken its config.json first: a
+    # folder of nothing but an export's files is still a leftover
+    old.mkdir()
+    for name in ("model.safetensors", "spm.model"):
+        (old / name).write_bytes(b"x")
+    write_export(model, spm, {"version": 5}, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "spm.model"]

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,11 +32,7 @@ def main(cfg: DictConfig) -> None:
     from mtmoe.export.pipeline import export_run
     from mtmoe.formats.export_format import export_bytes
 
-    prune = None
-    if cfg.prune.keep is not None or cfg.prune.direction:
-        prune = {"keep": cfg.prune.keep, "rule": cfg.prune.rule, "direction": cfg.prune.direction,
-                 "mass": cfg.prune.mass, "calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines,
-                 "loss_lines": cfg.prune.loss_lines, "per_layer": cfg.prune.per_layer}
+    prune = dataclasses.replace(cfg.prune, calibration=str(resolve(cfg.prune.calibration)))
     routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
                if cfg.routing_stats else None)
     out = export_run(resolve(cfg.checkpoint), output_path(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,

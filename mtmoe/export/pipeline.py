@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from mtmoe.config import QUANT_BITS, Quant, check_choice, check_prune_rule
+from mtmoe.config import (QUANT_BITS, PruneConfig, Quant, check_choice, prune_config, pruning_requested,
+                          validate_prune)
 from mtmoe.data.corpus import available_languages, check_prefix, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
@@ -70,24 +71,32 @@ def _load_checkpoint_model(checkpoint: Path, average: int = 1) -> tuple[Seq2Seq,
     return model.eval(), run_dir / "spm.model", config
 
 
-DEFAULT_CALIBRATION = {"calibration": "data/multi30k/val", "lines": 300, "loss_lines": 100}
-"""The calibration set of export-time routing statistics and pruning (`prune.calibration`,
-`prune.lines`, and `prune.loss_lines` for the loss rule)."""
-DEFAULT_RULE = "loss"
-"""`prune.rule` when none is given (see PruneConfig.rule)."""
+DEFAULT_CALIBRATION = {"calibration": PruneConfig.calibration, "lines": PruneConfig.lines}
+"""The calibration set of export-time routing statistics (`prune.calibration`, `prune.lines`)."""
 
 
-def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict] = None,
+def routing_config(routing: dict) -> dict:
+    """export_run's `routing` with DEFAULT_CALIBRATION's values where it gives none; an unknown key
+    is refused."""
+    unknown = sorted(set(routing) - set(DEFAULT_CALIBRATION))
+    if unknown:
+        raise ConfigError(f"routing: unknown key(s) {unknown} (known: {sorted(DEFAULT_CALIBRATION)})")
+    return {**DEFAULT_CALIBRATION, **{k: v for k, v in routing.items() if v is not None}}
+
+
+def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[PruneConfig | dict] = None,
                quant: Optional[str] = None, routing: Optional[dict] = DEFAULT_CALIBRATION,
                overwrite: bool = False, average: int = 1, device: torch.device | str = "cpu") -> Path:
     """Export of a run's latest checkpoint (or of an existing export), optionally expert-pruned
-    (`prune`: {"keep": k, "rule": "loss"|"coverage"|"global"} or {"direction": "en-de", "mass": 0.9},
-    plus "calibration" prefix and "lines") and quantized (`quant`: "int8" | "int4"). An existing
-    export at `out_dir` is replaced only with `overwrite` (checked before any work).
+    (`prune`: a PruneConfig, or a dict of its fields, e.g. {"keep": k, "rule": "loss"} or
+    {"direction": "en-de", "mass": 0.9}, plus "calibration" prefix and "lines"; validated like
+    `mtmoe-export prune.*`) and quantized (`quant`: "int8" | "int4"). An existing export at
+    `out_dir` is replaced only with `overwrite` (checked before any work).
 
-    `routing` ({"calibration": prefix, "lines": per direction}; None = skip): routing statistics
-    of the exported model on that set, stored as routing.json (`read_routing_stats`), which
-    per-direction subsets (`subset.mass`) and language-aware serving read.
+    `routing` ({"calibration": prefix, "lines": per direction}, DEFAULT_CALIBRATION's where
+    missing; None = skip): routing statistics of the exported model on that set, stored as
+    routing.json (`read_routing_stats`), which per-direction subsets (`subset.mass`) and
+    language-aware serving read.
 
     `average` > 1: the exported weights are the mean of the run's newest `average` checkpoints
     (mtmoe.export.average); only from a training run, not from an export.
@@ -96,9 +105,14 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
     written from host memory."""
     checkpoint = Path(checkpoint)
     check_output_dir(Path(out_dir), overwrite, checkpoint)
-    if prune and not prune.get("direction"):
-        check_prune_rule(prune.get("rule") or DEFAULT_RULE)  # a bad rule fails before any compute
-    for calibration in {(p.get("calibration") or DEFAULT_CALIBRATION["calibration"]) for p in (prune, routing) if p}:
+    # Everything that can be refused is refused here, before any weights are read.
+    prune = prune_config(prune) if prune is not None else None
+    if prune is not None:
+        validate_prune(prune)
+        if not pruning_requested(prune):
+            prune = None
+    routing = routing_config(routing) if routing is not None else None
+    for calibration in {p["calibration"] if isinstance(p, dict) else p.calibration for p in (prune, routing) if p}:
         check_prefix(calibration, "prune.calibration")  # a typo: refused, not a warning after the export
     bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
     if (checkpoint / "config.json").is_file():
@@ -111,23 +125,25 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[dict
         config.pop("routing", None)
     else:
         model, spm_path, config = _load_checkpoint_model(checkpoint, average)
+    if bits is not None and not config["moe"]["enabled"]:
+        raise ConfigError(f"quant={quant}: {checkpoint} has no MoE layers (quantization is of expert weights)")
+    if bits is not None and config.get("quantization"):
+        raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
     model = model.to(device)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
     if bits is not None:
-        if config.get("quantization"):
-            raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
         quantize_experts(model, bits)
         config["quantization"] = {"bits": bits, "scheme": "weight-only, per output channel, symmetric",
                                   "targets": "expert fc1/fc2 weights"}
     stats = None
     if routing is not None and config["moe"]["enabled"]:
         stats = routing_statistics(model, Vocab(spm_path), config["langs"], routing["calibration"],
-                                   int(routing.get("lines") or 0))
+                                   int(routing["lines"]))
         if stats is not None:
             config["routing"] = {"file": ROUTING_FILE, "calibration": stats["calibration"],
                                  "lines_per_direction": stats["lines_per_direction"]}
-    return write_export(model.cpu(), spm_path, config, Path(out_dir), stats)
+    return write_export(model.cpu(), spm_path, config, Path(out_dir), stats, overwrite=overwrite)
 
 
 def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, pairs, lines: int) -> tuple[dict, int]:
@@ -158,46 +174,45 @@ def routing_statistics(model: Seq2Seq, vocab: Vocab, langs: list[str], calibrati
     return {"format": ROUTING_FORMAT, "calibration": str(calibration), "lines_per_direction": used, **telemetry}
 
 
-def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: dict) -> tuple[Seq2Seq, dict]:
+def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> tuple[Seq2Seq, dict]:
+    """`model` pruned as `prune` (validated) says, with the config that records how."""
     if config.get("quantization"):
         raise ExportError("prune before quantizing: this export is already quantized")
     if config["moe"].get("kept_experts"):
         raise ExportError("this export is already pruned; prune from the full model")
     if not config["moe"]["enabled"]:
         raise ConfigError("prune: the model has no MoE layers")
-    if prune.get("keep") is not None:
-        keep_count(float(prune["keep"]), config["moe"]["num_experts"])  # more than the model has: before calibrating
-    calibration = prune.get("calibration") or DEFAULT_CALIBRATION["calibration"]
-    direction = prune.get("direction")
+    if prune.keep is not None:
+        keep_count(float(prune.keep), config["moe"]["num_experts"])  # more than the model has: before calibrating
+    calibration = prune.calibration
+    direction = prune.direction
     directions = parse_directions(direction or "all", config["langs"])
     if direction:
         warn_zero_shot(config, directions, "prune.direction")
     else:  # the kept experts serve what the model was trained for (every direction when unrecorded)
         untrained = set(zero_shot(config, directions))
         directions = [(s, t) for s, t in directions if f"{s}-{t}" not in untrained]
-    telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.get("lines") or 0))
+    telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.lines))
     top_k = config["moe"]["top_k"]
     if direction:
-        mass = 0.9 if prune.get("mass") is None else float(prune["mass"])  # (validated in (0, 1])
-        kept = direction_keep(telemetry, direction, mass, min_experts=top_k)
-        rule = {"rule": "direction", "direction": direction, "mass": mass}
-    elif check_prune_rule(prune.get("rule") or DEFAULT_RULE) == "loss":
-        lines = int(DEFAULT_CALIBRATION["loss_lines"] if prune.get("loss_lines") is None else prune["loss_lines"])
+        kept = direction_keep(telemetry, direction, float(prune.mass), min_experts=top_k)
+        rule = {"rule": "direction", "direction": direction, "mass": float(prune.mass)}
+    elif prune.rule == "loss":
+        lines = int(prune.loss_lines)
         texts = {lang: t[:lines] if lines else t  # 0: all lines
                  for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
-        counts = {layer: max(keep_count(float(prune["keep"]), len(telemetry["overall"][layer]["share"])), top_k)
+        counts = {layer: max(keep_count(float(prune.keep), len(telemetry["overall"][layer]["share"])), top_k)
                   for layer in telemetry["layers"]}
-        if prune.get("per_layer"):
+        if prune.per_layer:
             kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
         else:
             kept, measured = budget_keep(model, Vocab(spm_path), texts, directions, sum(counts.values()),
                                          min_experts=top_k, progress=log.info)
-        rule = {"rule": "loss", "keep": prune["keep"], "per_layer": bool(prune.get("per_layer")),
+        rule = {"rule": "loss", "keep": prune.keep, "per_layer": bool(prune.per_layer),
                 "loss_lines": lines, "calibration_loss": measured}
     else:
-        name = prune.get("rule") or DEFAULT_RULE
-        kept = SHARE_RULES[name](telemetry, float(prune["keep"]), min_experts=top_k)
-        rule = {"rule": name, "keep": prune["keep"]}
+        kept = SHARE_RULES[prune.rule](telemetry, float(prune.keep), min_experts=top_k)
+        rule = {"rule": prune.rule, "keep": prune.keep}
     config = copy.deepcopy(config)
     config["moe"]["kept_experts"] = kept
     config["pruning"] = {**rule, "kept": kept, "coverage": coverage(telemetry, kept), "calibration": str(calibration),

@@ -1,10 +1,11 @@
 """Expert pruning decided from routing telemetry (mtmoe.export.routing).
 
-- coverage (the default of `prune.keep`): keep k experts per MoE layer (k an int, or a fraction of
+- coverage: keep k experts per MoE layer (k an int, or a fraction of
   the experts) chosen so that every language keeps as much of its routing as possible: encoder
   layers by source language, decoder layers by target language (telemetry's `by_language`);
 - global: keep the k most-used experts of every MoE layer, by overall share;
-- loss: keep the k experts whose removal raises the calibration loss least (mtmoe.export.calibrate);
+- loss (the default `prune.rule`): keep the k experts whose removal raises the calibration loss least
+  (mtmoe.export.calibrate);
 - per direction: keep, per layer, the fewest experts that carry `mass` of that direction's routing.
 
 Why coverage: multilingual MoE layers specialise by language (a decoder layer routes by target
@@ -119,9 +120,12 @@ def direction_keep(telemetry: dict, direction: str, mass: float, min_experts: in
                           f"(have {sorted(telemetry['by_direction'])})")
     kept = {}
     for layer in telemetry["layers"]:
-        share = np.asarray(telemetry["by_direction"][direction][layer]["share"])
+        share = np.asarray(telemetry["by_direction"][direction][layer]["share"], dtype=np.float64)
         order = np.argsort(-share, kind="stable")
-        count = int(np.searchsorted(np.cumsum(share[order]), mass - 1e-9) + 1)
+        # Shares are stored rounded (their sum may be 0.99999): the kept mass is taken of their sum,
+        # so mass=1 keeps the experts with traffic, not every expert.
+        cumulative = np.cumsum(share[order]) / max(float(share.sum()), 1e-12)
+        count = int(np.searchsorted(cumulative, mass - 1e-9) + 1)
         kept[layer] = sorted(order[:max(count, min_experts)].tolist())
     return kept
 

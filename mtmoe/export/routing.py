@@ -7,12 +7,14 @@ gate probability (`importance`); batches hold one direction, so encoder layers a
 the source language, decoder layers to the target language, and both to the direction.
 
 Output (JSON-ready dict):
-    {"layers": ["enc1", "dec1"], "num_experts": E, "top_k": k,
-     "by_direction": {"en-de": {"enc1": {"tokens": n, "share": [E], "prob_mass": [E]}, ...}},
+    {"layers": ["enc1", "dec1"], "num_experts": E, "experts": {"enc1": E1, "dec1": E2}, "top_k": k,
+     "by_direction": {"en-de": {"enc1": {"tokens": n, "share": [E1], "prob_mass": [E1]}, ...}},
      "by_language": {"en": {"enc1": {...}}, ...},   # enc layers by source, dec layers by target
      "overall": {"enc1": {...}}}
-where share[e] is the fraction of the layer's top-k choices that went to expert e (sums to 1) and
-prob_mass[e] the mean gate probability of e (sums to 1 over experts).
+where E is the model's number of experts as trained, E1, E2 the experts each layer has (E, or the
+ones a pruned model kept: its layers may keep different numbers), share[e] the fraction of the
+layer's top-k choices that went to expert e (sums to 1) and prob_mass[e] the mean gate probability
+of e (sums to 1 over experts).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ def collect_routing(model, vocab: Vocab, texts: dict[str, Sequence[str]], direct
     label), a progress bar over the directions on stderr (a pruning export's calibration takes minutes)."""
     model.eval()
     layers = model.moe_layer_names()
-    num_experts = model.moe_cfg.num_experts if not model.moe_cfg.kept_experts else None
     accs: dict[tuple[str, str, str], _Accumulator] = {}
     ids = {lang: [np.asarray(x, dtype=np.int64) for x in vocab.encode(lines)] for lang, lines in texts.items()}
 
@@ -76,7 +77,10 @@ def collect_routing(model, vocab: Vocab, texts: dict[str, Sequence[str]], direct
                 lang = src if layer.startswith("enc") else tgt
                 for kind, key in (("by_direction", f"{src}-{tgt}"), ("by_language", lang), ("overall", "all")):
                     acc(kind, key, layer, size).add(s)
-    out: dict = {"layers": layers, "num_experts": num_experts or len(stats[0]["routed"]),
+    # num_experts: the model's, as trained; experts: each layer's own (a pruned model keeps different
+    # numbers per layer, and shares are indexed by its kept experts).
+    out: dict = {"layers": layers, "num_experts": model.moe_cfg.num_experts,
+                 "experts": {layer: len(accs[("overall", "all", layer)].routed) for layer in layers},
                  "top_k": model.moe_cfg.top_k, "by_direction": defaultdict(dict), "by_language": defaultdict(dict),
                  "overall": {}}
     for (kind, key, layer), a in accs.items():

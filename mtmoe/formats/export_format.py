@@ -7,7 +7,9 @@ as it says); making one from a run (`mtmoe.export.pipeline`) is the export pipel
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -98,26 +100,58 @@ def staging_paths(out_dir: Path) -> tuple[Path, Path]:
     return out.with_name(f".{out.name}.mtmoe-partial"), out.with_name(f".{out.name}.mtmoe-old")
 
 
-def _remove_leftover(path: Path, looks_ours: bool) -> None:
-    """Deletes what a killed export left at `path`; ExportError when something else is there."""
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "spm.model", ROUTING_FILE})
+
+
+def _remove_leftover(path: Path) -> None:
+    """Deletes what a killed export left at `path` (a staging folder, or an export set aside): a
+    folder holding the staging marker, or nothing but an export's files (a kill while the old export
+    was being deleted may have taken its config.json first). ExportError when something else is there."""
     if not path.exists():
         return
-    if not looks_ours:
+    names = {p.name for p in path.iterdir()} if path.is_dir() else {None}
+    if not (STAGING_MARKER in names or names <= EXPORT_FILES):
         raise ExportError(f"{path} exists and was not left by an mtmoe export: move it away (it is never deleted)")
     shutil.rmtree(path)
 
 
-def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None) -> Path:
+@contextlib.contextmanager
+def _exports_into(folder: Path):
+    """Holds an exclusive lock on `folder` (flock on the folder itself: nothing is left behind)
+    while an export is staged there and moved into place. Two exports to one `out` used one staging
+    folder: the second deleted the first's as a leftover while it was being written, and the
+    first could move the second's half-written files to `out`. Now the second waits."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, routing: Optional[dict] = None,
+                 overwrite: bool = True) -> Path:
     """Writes config.json + model.safetensors + spm.model (+ routing.json); the directory appears
     complete or not at all: the files are written and made durable in a staging folder
     (`staging_paths`), which then takes the place of `out`. An export already at `out` (overwrite) is
     renamed aside first and removed only once the new one is in place, so a crash at any point
     leaves one complete export, at `out` or aside. A staging folder holds `STAGING_MARKER` until it
-    is complete; only such folders (or exports, complete ones) are deleted as leftovers."""
-    out = Path(out_dir)
+    is complete; only such folders (or ones of nothing but an export's files) are deleted as
+    leftovers. Exports into one folder take turns (`_exports_into`); `overwrite=False` refuses an
+    export that another one wrote at `out` while this one was computed."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exports_into(out.parent):
+        if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ExportError(f"out={out_dir} was written while this export ran (another export to it?): "
+                              f"give overwrite=true to replace it, or another out=")
+        return _stage_and_move(model, spm_path, config, out, routing)
+
+
+def _stage_and_move(model: Seq2Seq, spm_path: Path, config: dict, out: Path, routing: Optional[dict]) -> Path:
     tmp, old = staging_paths(out)
-    _remove_leftover(tmp, (tmp / STAGING_MARKER).is_file() or (tmp / "config.json").is_file())
-    tmp.mkdir(parents=True)
+    _remove_leftover(tmp)
+    tmp.mkdir()
     (tmp / STAGING_MARKER).write_text("an mtmoe export being written\n")
     weights = tmp / "model.safetensors"
     # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
@@ -132,7 +166,7 @@ def write_export(model: Seq2Seq, spm_path: Path, config: dict, out_dir: Path, ro
         fsync_file(path)
     fsync_dir(tmp)
     if out.exists():
-        _remove_leftover(old, (old / "config.json").is_file())
+        _remove_leftover(old)
         out.rename(old)
     tmp.rename(out)
     fsync_dir(out.parent)
