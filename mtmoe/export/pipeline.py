@@ -182,8 +182,13 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> 
         raise ExportError("this export is already pruned; prune from the full model")
     if not config["moe"]["enabled"]:
         raise ConfigError("prune: the model has no MoE layers")
+    top_k = config["moe"]["top_k"]
     if prune.keep is not None:
-        keep_count(float(prune.keep), config["moe"]["num_experts"])  # more than the model has: before calibrating
+        count = keep_count(float(prune.keep), config["moe"]["num_experts"])  # more than the model has: refused here
+        if count < top_k:
+            log.warning("prune.keep=%s keeps %d of %d experts, fewer than moe.top_k=%d (each token's choices): "
+                        "every MoE layer keeps at least %d", prune.keep, count, config["moe"]["num_experts"], top_k,
+                        top_k)
     calibration = prune.calibration
     direction = prune.direction
     directions = parse_directions(direction or "all", config["langs"])
@@ -193,7 +198,6 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> 
         untrained = set(zero_shot(config, directions))
         directions = [(s, t) for s, t in directions if f"{s}-{t}" not in untrained]
     telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.lines))
-    top_k = config["moe"]["top_k"]
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.mass), min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": float(prune.mass)}

@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from mtmoe.data.vocab import Vocab
 from mtmoe.errors import ConfigError
 from mtmoe.export.prune import direction_keep
-from mtmoe.formats.export_format import load_export, read_export_config, read_routing_stats
+from mtmoe.formats.export_format import file_expert_bytes, load_export, read_export_config, read_routing_stats
 from mtmoe.model.seq2seq import Seq2Seq
 
 
@@ -28,23 +27,6 @@ def expert_bytes(model: Seq2Seq) -> int:
     """Bytes of the expert tensors the model holds (parameters and buffers, e.g. int8 codes + scales)."""
     return sum(t.numel() * t.element_size() for _, layer in model.moe_layers()
                for t in layer.experts.state_dict().values())
-
-
-def file_expert_bytes(export_dir: str | Path) -> int:
-    """Bytes of every expert tensor in an export's model.safetensors, from its header (nothing read)."""
-    total = 0
-    with safe_open(str(Path(export_dir) / "model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            if ".experts." in key:
-                part = f.get_slice(key)
-                numel = 1
-                for size in part.get_shape():
-                    numel *= size
-                total += numel * _DTYPE_BYTES[part.get_dtype()]
-    return total
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def choose_subset(export_dir: str | Path, direction: str, mass: float) -> dict[str, list[int]]:
