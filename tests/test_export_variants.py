@@ -422,7 +422,7 @@ def test_exports_to_one_folder_take_turns(tmp_path):
     waiting = threading.Thread(target=second)
     waiting.start()
     waiting.join(timeout=2)
-    assert waiting.is_alive() and not out.exists()  # it waits: nothing staged beside the first
+    assert waiting.is_alive() and sorted(p.name for p in tmp_path.iterdir()) == ["spm.model"]  # it waits, staging nothing
     out.mkdir()  # the first export's result appears, then its lock goes
     (out / "config.json").write_text(json.dumps({"version": 1}))
     os.close(fd)
