@@ -16,7 +16,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Iterable, Literal, Optional, Sequence, get_args
 
 from hydra.core.config_store import ConfigStore
 
@@ -512,10 +512,7 @@ def prune_config(prune: PruneConfig | dict) -> PruneConfig:
     field's default); an unknown key is refused, naming it."""
     if isinstance(prune, PruneConfig):
         return prune
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
-    unknown = sorted(set(prune) - known)
-    if unknown:
-        raise ConfigError(f"prune: unknown key(s) {unknown} (known: {sorted(known)})")
+    check_keys(prune, [f.name for f in dataclasses.fields(PruneConfig)], "prune.")
     return PruneConfig(**{k: v for k, v in prune.items() if v is not None})
 
 
@@ -598,6 +595,15 @@ ep_size) are training choices a resumed run may change; `vocab` are the `data.*`
 decide the vocabulary (besides the languages and the training text)."""
 
 
+def check_keys(given: Iterable[str], known: Sequence[str], prefix: str = "") -> None:
+    """ConfigError naming the first of `given` that is not in `known` (with the closest known key)."""
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key}: unknown key ({hint})")
+
+
 def check_known_keys(obj: Any, prefix: str = "") -> None:
     """Rejects keys a typed section does not have, e.g. `+train.max_step=5` (OmegaConf keeps a key
     added with `+` as an extra attribute of the dataclass). Dict-typed fields (`tasks`, whose
@@ -605,11 +611,7 @@ def check_known_keys(obj: Any, prefix: str = "") -> None:
     if not dataclasses.is_dataclass(obj):
         return
     known = [f.name for f in dataclasses.fields(obj)]
-    for key in vars(obj):
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
-            raise ConfigError(f"{prefix}{key}: unknown key ({hint})")
+    check_keys(vars(obj), known, prefix)
     for name in known:
         check_known_keys(getattr(obj, name), f"{prefix}{name}.")
 

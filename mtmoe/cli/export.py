@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     from mtmoe.formats.export_format import export_bytes
 
     prune = dataclasses.replace(cfg.prune, calibration=str(resolve(cfg.prune.calibration)))
-    routing = ({"calibration": str(resolve(cfg.prune.calibration)), "lines": cfg.prune.lines}
+    routing = ({"calibration": prune.calibration, "lines": prune.lines}
                if cfg.routing_stats else None)
     out = export_run(resolve(cfg.checkpoint), output_path(cfg.out), prune, cfg.quant, routing, overwrite=cfg.overwrite,
                      average=cfg.average, device=resolve_device(cfg.device))

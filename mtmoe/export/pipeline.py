@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from mtmoe.config import (QUANT_BITS, PruneConfig, Quant, check_choice, prune_config, pruning_requested,
-                          validate_prune)
+from mtmoe.config import (QUANT_BITS, PruneConfig, Quant, check_choice, check_keys, prune_config,
+                          pruning_requested, validate_prune)
 from mtmoe.data.corpus import available_languages, check_prefix, load_test_set
 from mtmoe.data.sampling import parse_directions
 from mtmoe.data.vocab import Vocab
@@ -78,9 +78,7 @@ DEFAULT_CALIBRATION = {"calibration": PruneConfig.calibration, "lines": PruneCon
 def routing_config(routing: dict) -> dict:
     """export_run's `routing` with DEFAULT_CALIBRATION's values where it gives none; an unknown key
     is refused."""
-    unknown = sorted(set(routing) - set(DEFAULT_CALIBRATION))
-    if unknown:
-        raise ConfigError(f"routing: unknown key(s) {unknown} (known: {sorted(DEFAULT_CALIBRATION)})")
+    check_keys(routing, list(DEFAULT_CALIBRATION), "routing.")
     return {**DEFAULT_CALIBRATION, **{k: v for k, v in routing.items() if v is not None}}
 
 
