@@ -49,6 +49,7 @@ def test_keep_rules():
     tele = {"layers": ["enc1"], "overall": {"enc1": {"share": [0.1, 0.5, 0.15, 0.25]}},
             "by_direction": {"en-de": {"enc1": {"share": [0.05, 0.6, 0.3, 0.05]}}}}
     assert keep_count(0.5, 4) == 2 and keep_count(3, 4) == 3 and keep_count(0.3, 4) == 2
+    assert 0.28 * 25 > 7 and keep_count(0.28, 25) == 7 and keep_count(0.29, 25) == 8  # float noise is not an expert
     assert global_keep(tele, 2) == {"enc1": [1, 3]}
     assert global_keep(tele, 0.25) == {"enc1": [1]}
     assert direction_keep(tele, "en-de", 0.9) == {"enc1": [1, 2]}
@@ -362,7 +363,8 @@ def test_loss_rule_drops_experts_one_by_one_when_sets_are_many(monkeypatch):
     assert len(tried) == 4 + 3 + 2  # sets of 3, then 2, then 1 (dec1 keeps everything: nothing tried)
 
 
-def test_export_settings_that_cannot_apply_are_refused_before_the_weights_are_read(exports, tmp_path, monkeypatch):
+def test_export_settings_that_cannot_apply_are_refused_before_the_weights_are_read(exports, trained, tmp_path,
+                                                                                   monkeypatch):
     """export_run's API takes prune as a dict (or PruneConfig) and checks it like mtmoe-export, before
     any weights are read; quantizing a model without experts is refused (it recorded a quantization
     and changed nothing)."""
@@ -375,7 +377,7 @@ def test_export_settings_that_cannot_apply_are_refused_before_the_weights_are_re
 
     with monkeypatch.context() as m:
         m.setattr(pipeline, "load_export", never)
-        m.setattr(pipeline, "_load_checkpoint_model", never)
+        m.setattr(pipeline, "_load_run_model", never)
         for prune, message in [({"rule": "coverage", "keep": 0.5, "per_layer": True}, "prune.per_layer=True: not used"),
                                ({"direction": "all"}, "prune.direction=all: give one direction"),
                                ({"keep": 2, "direction": "en-de"}, "not both"),
@@ -384,6 +386,18 @@ def test_export_settings_that_cannot_apply_are_refused_before_the_weights_are_re
                 export_run(exports["full"], tmp_path / "x", prune=prune)
         with pytest.raises(ConfigError, match=r"routing.line: unknown key \(did you mean routing.lines\?\)"):
             export_run(exports["full"], tmp_path / "x", routing={"line": 5})
+        # what only the model's config can tell: still refused before its weights are read
+        sources = {**exports, "run": trained}
+        for source, prune, quant, error, message in [
+                ("full", {"keep": 5}, None, ConfigError, "prune.keep=5 exceeds the 4 experts per layer"),
+                ("run", {"keep": 5}, None, ConfigError, "prune.keep=5 exceeds the 4 experts per layer"),
+                ("run", {"direction": "xx-de"}, None, ConfigError, "unknown language 'xx'"),
+                ("full", {"direction": "en-xx"}, None, ConfigError, "prune.direction='en-xx': .*unknown language 'xx'"),
+                ("pruned", {"keep": 1}, None, ExportError, "already pruned"),
+                ("int8", {"keep": 2}, None, ExportError, "prune before quantizing"),
+                ("int8", None, "int4", ExportError, r"already quantized \(8 bits\)")]:
+            with pytest.raises(error, match=message):
+                export_run(sources[source], tmp_path / "x", prune=prune, quant=quant)
     assert not (tmp_path / "x").exists()
     _, vocab, config = load_export(exports["full"])
     dense = tmp_path / "dense"

@@ -30,7 +30,8 @@ from mtmoe.export.routing import collect_routing
 from mtmoe.export.average import average_state_dicts
 from mtmoe.formats.ds_checkpoint import consolidated_state_dict, newest_tags, resolve_checkpoint, summarize_load_error
 from mtmoe.formats.export_format import (FORMAT, ROUTING_FILE, ROUTING_FORMAT, build_model, check_output_dir,
-                                         load_export, model_configs, warn_zero_shot, write_export, zero_shot)
+                                         load_export, model_configs, read_export_config, warn_zero_shot,
+                                         write_export, zero_shot)
 from mtmoe.formats.integrity import verify
 from mtmoe.model.quantized import quantize_experts
 from mtmoe.model.seq2seq import Seq2Seq
@@ -38,9 +39,10 @@ from mtmoe.model.seq2seq import Seq2Seq
 log = logging.getLogger("mtmoe")
 
 
-def _load_checkpoint_model(checkpoint: Path, average: int = 1) -> tuple[Seq2Seq, Path, dict]:
-    """(full plain model, spm path, export config) from a run dir or checkpoint tag dir; with
-    `average` > 1, the mean of the weights of the run's newest `average` checkpoints up to that one."""
+def _run_source(checkpoint: Path, average: int = 1) -> tuple[dict, list[Path]]:
+    """(export config, checkpoint folders to read) of a training run dir or checkpoint tag dir, read
+    and verified before any weights are; with `average` > 1, the run's newest `average` checkpoints
+    up to that one."""
     run_dir, tag_dir = resolve_checkpoint(checkpoint)
     tag_dirs = [tag_dir.parent / tag for tag in newest_tags(run_dir, tag_dir.name, average)] if average > 1 else [tag_dir]
     for path in tag_dirs:
@@ -52,15 +54,6 @@ def _load_checkpoint_model(checkpoint: Path, average: int = 1) -> tuple[Seq2Seq,
         raise ExportError(f"{desc_path}: missing (is {run_dir} an mtmoe training run?)")
     desc = json.loads(desc_path.read_text())
     model_cfg, moe_cfg = model_configs(desc)
-    model = Seq2Seq(desc["vocab_size"], model_cfg, moe_cfg)
-    state = (average_state_dicts((p.name, consolidated_state_dict(p)) for p in tag_dirs) if average > 1
-             else consolidated_state_dict(tag_dir))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{tag_dir} does not match {desc_path} ({summarize_load_error(str(e))}): the run's "
-                          f"model.json describes another model than its checkpoint (was it overwritten by a "
-                          f"start with other model settings?)") from None
     config = {"format": FORMAT, "vocab_size": desc["vocab_size"], "langs": desc["langs"],
               "model": asdict(model_cfg), "moe": asdict(moe_cfg),
               "source": {"run_dir": str(run_dir), "checkpoint": tag_dir.name}}
@@ -68,7 +61,23 @@ def _load_checkpoint_model(checkpoint: Path, average: int = 1) -> tuple[Seq2Seq,
         config["source"]["averaged"] = [p.name for p in tag_dirs]
     if desc.get("training"):
         config["training"] = desc["training"]
-    return model.eval(), run_dir / "spm.model", config
+    return config, tag_dirs
+
+
+def _load_run_model(config: dict, tag_dirs: list[Path]) -> Seq2Seq:
+    """The plain model `config` (of `_run_source`) describes, its weights read from `tag_dirs` (their
+    mean when there are several)."""
+    model = build_model(config)
+    state = (average_state_dicts((p.name, consolidated_state_dict(p)) for p in tag_dirs) if len(tag_dirs) > 1
+             else consolidated_state_dict(tag_dirs[0]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        run_dir = Path(config["source"]["run_dir"])
+        raise ExportError(f"{tag_dirs[-1]} does not match {run_dir / 'model.json'} ({summarize_load_error(str(e))}): "
+                          f"the run's model.json describes another model than its checkpoint (was it overwritten "
+                          f"by a start with other model settings?)") from None
+    return model.eval()
 
 
 DEFAULT_CALIBRATION = {"calibration": PruneConfig.calibration, "lines": PruneConfig.lines}
@@ -113,20 +122,23 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[Prun
     for calibration in {p["calibration"] if isinstance(p, dict) else p.calibration for p in (prune, routing) if p}:
         check_prefix(calibration, "prune.calibration")  # a typo: refused, not a warning after the export
     bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
-    if (checkpoint / "config.json").is_file():
-        if average > 1:
-            raise ConfigError(f"average={average}: {checkpoint} is an export; average the checkpoints of a "
-                              f"training run (checkpoint=RUN_DIR)")
-        model, _, config = load_export(checkpoint)
+    from_export = (checkpoint / "config.json").is_file()
+    if from_export and average > 1:
+        raise ConfigError(f"average={average}: {checkpoint} is an export; average the checkpoints of a "
+                          f"training run (checkpoint=RUN_DIR)")
+    if from_export:
+        config = read_export_config(checkpoint)
         spm_path = checkpoint / "spm.model"
+    else:
+        config, tag_dirs = _run_source(checkpoint, average)
+        spm_path = Path(config["source"]["run_dir"]) / "spm.model"
+    _check_recipe(config, checkpoint, prune, quant, bits)  # from the config alone: no weights read yet
+    if from_export:
+        model, _, config = load_export(checkpoint)
         config = copy.deepcopy(config)
         config.pop("routing", None)
     else:
-        model, spm_path, config = _load_checkpoint_model(checkpoint, average)
-    if bits is not None and not config["moe"]["enabled"]:
-        raise ConfigError(f"quant={quant}: {checkpoint} has no MoE layers (quantization is of expert weights)")
-    if bits is not None and config.get("quantization"):
-        raise ExportError(f"{checkpoint}: already quantized ({config['quantization']['bits']} bits)")
+        model = _load_run_model(config, tag_dirs)
     model = model.to(device)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
@@ -144,12 +156,19 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[Prun
     return write_export(model.cpu(), spm_path, config, Path(out_dir), stats, overwrite=overwrite)
 
 
-def calibration_routing(model: Seq2Seq, vocab: Vocab, calibration: str | Path, pairs, lines: int) -> tuple[dict, int]:
-    """(routing telemetry of `model` on the calibration set for the direction `pairs`, lines used
-    per direction), the first `lines` lines (0 = all)."""
-    texts = load_test_set(calibration, telemetry_langs(pairs))
-    if lines:
-        texts = {lang: t[:lines] for lang, t in texts.items()}
+def calibration_texts(calibration: str | Path, pairs) -> dict[str, list[str]]:
+    """{language: lines} of the calibration set (a corpus prefix) for the direction `pairs`."""
+    return load_test_set(calibration, telemetry_langs(pairs))
+
+
+def first_lines(texts: dict[str, list[str]], lines: int) -> dict[str, list[str]]:
+    """The first `lines` lines of each language (0 = all)."""
+    return {lang: t[:lines] for lang, t in texts.items()} if lines else texts
+
+
+def calibration_routing(model: Seq2Seq, vocab: Vocab, texts: dict[str, list[str]], pairs) -> tuple[dict, int]:
+    """(routing telemetry of `model` on `texts` (calibration_texts) for the direction `pairs`, lines
+    used per direction)."""
     return collect_routing(model, vocab, texts, pairs, progress="calibration"), len(next(iter(texts.values())))
 
 
@@ -168,25 +187,45 @@ def routing_statistics(model: Seq2Seq, vocab: Vocab, langs: list[str], calibrati
             "no routing statistics stored: the calibration set %s has %s of the model's languages %s "
             "(set prune.calibration to a set with them)", calibration, have or "none", langs)
         return None
-    telemetry, used = calibration_routing(model, vocab, calibration, parse_directions("all", have), lines)
+    pairs = parse_directions("all", have)
+    telemetry, used = calibration_routing(model, vocab, first_lines(calibration_texts(calibration, pairs), lines), pairs)
     return {"format": ROUTING_FORMAT, "calibration": str(calibration), "lines_per_direction": used, **telemetry}
 
 
-def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> tuple[Seq2Seq, dict]:
-    """`model` pruned as `prune` (validated) says, with the config that records how."""
+def _check_recipe(config: dict, source: Path, prune: Optional[PruneConfig], quant: Optional[str],
+                  bits: Optional[int]) -> None:
+    """Refuses a pruning or quantization (validated on their own) that the model `config` (of the
+    export or run at `source`) cannot be given; called before the weights are read, so a mistake costs
+    no checkpoint load."""
+    if bits is not None and not config["moe"]["enabled"]:
+        raise ConfigError(f"quant={quant}: {source} has no MoE layers (quantization is of expert weights)")
+    if bits is not None and config.get("quantization"):
+        raise ExportError(f"{source}: already quantized ({config['quantization']['bits']} bits)")
+    if prune is None:
+        return
     if config.get("quantization"):
         raise ExportError("prune before quantizing: this export is already quantized")
     if config["moe"].get("kept_experts"):
         raise ExportError("this export is already pruned; prune from the full model")
     if not config["moe"]["enabled"]:
         raise ConfigError("prune: the model has no MoE layers")
-    top_k = config["moe"]["top_k"]
+    top_k, num_experts = config["moe"]["top_k"], config["moe"]["num_experts"]
     if prune.keep is not None:
-        count = keep_count(float(prune.keep), config["moe"]["num_experts"])  # more than the model has: refused here
+        count = keep_count(float(prune.keep), num_experts)  # more than the model has: refused here
         if count < top_k:
             log.warning("prune.keep=%s keeps %d of %d experts, fewer than moe.top_k=%d (each token's choices): "
-                        "every MoE layer keeps at least %d", prune.keep, count, config["moe"]["num_experts"], top_k,
-                        top_k)
+                        "every MoE layer keeps at least %d", prune.keep, count, num_experts, top_k, top_k)
+    if prune.direction:
+        try:
+            parse_directions(prune.direction, config["langs"])
+        except ConfigError as e:
+            raise ConfigError(f"prune.direction={prune.direction!r}: {e}") from None
+
+
+def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> tuple[Seq2Seq, dict]:
+    """`model` pruned as `prune` (validated, and checked against `config` by `_check_recipe`) says,
+    with the config that records how."""
+    top_k = config["moe"]["top_k"]
     calibration = prune.calibration
     direction = prune.direction
     directions = parse_directions(direction or "all", config["langs"])
@@ -195,20 +234,21 @@ def _prune(model: Seq2Seq, spm_path: Path, config: dict, prune: PruneConfig) -> 
     else:  # the kept experts serve what the model was trained for (every direction when unrecorded)
         untrained = set(zero_shot(config, directions))
         directions = [(s, t) for s, t in directions if f"{s}-{t}" not in untrained]
-    telemetry, used = calibration_routing(model, Vocab(spm_path), calibration, directions, int(prune.lines))
+    texts = calibration_texts(calibration, directions)  # read once: telemetry and the loss rule use its first lines
+    vocab = Vocab(spm_path)
+    telemetry, used = calibration_routing(model, vocab, first_lines(texts, int(prune.lines)), directions)
     if direction:
         kept = direction_keep(telemetry, direction, float(prune.mass), min_experts=top_k)
         rule = {"rule": "direction", "direction": direction, "mass": float(prune.mass)}
     elif prune.rule == "loss":
         lines = int(prune.loss_lines)
-        texts = {lang: t[:lines] if lines else t  # 0: all lines
-                 for lang, t in load_test_set(calibration, telemetry_langs(directions)).items()}
+        texts = first_lines(texts, lines)
         counts = {layer: max(keep_count(float(prune.keep), len(telemetry["overall"][layer]["share"])), top_k)
                   for layer in telemetry["layers"]}
         if prune.per_layer:
-            kept, measured = loss_keep(model, Vocab(spm_path), texts, directions, counts, progress=log.info)
+            kept, measured = loss_keep(model, vocab, texts, directions, counts, progress=log.info)
         else:
-            kept, measured = budget_keep(model, Vocab(spm_path), texts, directions, sum(counts.values()),
+            kept, measured = budget_keep(model, vocab, texts, directions, sum(counts.values()),
                                          min_experts=top_k, progress=log.info)
         rule = {"rule": "loss", "keep": prune.keep, "per_layer": bool(prune.per_layer),
                 "loss_lines": lines, "calibration_loss": measured}

@@ -32,12 +32,14 @@ from mtmoe.model.keys import pruned_name
 
 
 def keep_count(keep: float, num_experts: int) -> int:
-    """`keep` experts (>= 1) or, when 0 < keep < 1, that fraction of them (rounded up)."""
+    """`keep` experts (>= 1) or, when 0 < keep < 1, that fraction of them (rounded up). The product
+    is rounded to 9 places first: 0.28 * 25 is 7.000000000000001 in floating point, which is 7
+    experts, not 8."""
     if keep <= 0:
-        raise ConfigError(f"prune.keep={keep} must be > 0")
-    count = math.ceil(keep * num_experts) if keep < 1 else int(keep)
+        raise ConfigError(f"prune.keep={keep:g} must be > 0")
+    count = math.ceil(round(keep * num_experts, 9)) if keep < 1 else int(keep)
     if count > num_experts:
-        raise ConfigError(f"prune.keep={keep} exceeds the {num_experts} experts per layer")
+        raise ConfigError(f"prune.keep={keep:g} exceeds the {num_experts} experts per layer")
     return max(1, count)
 
 

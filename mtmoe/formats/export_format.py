@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -87,12 +88,6 @@ def check_output_dir(out_dir: Path, overwrite: bool, source: Optional[Path] = No
                           f"another out=")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def staging_paths(out_dir: Path) -> tuple[Path, Path]:
     """(where an export is written before it takes `out_dir`'s place, where an export it replaces
     waits until then): hidden names of mtmoe's own, `.<out>.mtmoe-partial` and `.<out>.mtmoe-old`, so
@@ -157,7 +152,9 @@ def _stage_and_move(model: Seq2Seq, spm_path: Path, config: dict, out: Path, rou
     weights = tmp / "model.safetensors"
     # Experts are rows of stacked tensors in memory: each gets its own storage in the file.
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    os.chmod(weights, 0o666 & ~_umask())  # safetensors writes 0600; the other files get the usual mode
+    # safetensors writes 0600; the weights get the mode the marker file got (the umask's), read from
+    # it rather than by toggling os.umask, which would race with other threads creating files.
+    os.chmod(weights, stat.S_IMODE((tmp / STAGING_MARKER).stat().st_mode))
     shutil.copyfile(spm_path, tmp / "spm.model")
     if routing is not None:
         (tmp / ROUTING_FILE).write_text(json.dumps(routing, indent=1))
