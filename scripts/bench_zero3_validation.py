@@ -16,16 +16,15 @@ Writes `<out>/results.json` + `results.md` (default out: bench/zero3_validation/
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import write_results  # noqa: E402
+from bench.results import interleaved_rounds, medians, timing_table, write_results  # noqa: E402
 
 LAYOUT = ["parallel=zero3_nvme", "train.offload_param=cpu", "train.offload_optimizer=cpu", "train.device=cpu"]
 DEFAULT_SET = ["model=tiny", "data.val_lines=16", "data.max_len=64"]
@@ -41,22 +40,18 @@ def measure(overrides: list[str], rounds: int) -> dict:
     cfg = compose_train_config([*LAYOUT, *overrides, "train.max_steps=1", "train.max_minutes=0", "train.progress=false",
                                 "train.valid_bleu=final", "wandb.mode=disabled"])
     torch.set_num_threads(1)
-    seconds: dict[str, list[float]] = {c: [] for c in CHOICES}
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run")
-        for r in range(rounds + 1):  # round 0 warms up
-            for choice in CHOICES:
-                cfg.train.valid_model = choice  # the layout reads it at each validation
-                started = time.perf_counter()
-                results[choice] = trainer.validate(final=True)
-                if r:
-                    seconds[choice].append(time.perf_counter() - started)
-                print(f"round {r} {choice}: {time.perf_counter() - started:.2f} s", flush=True)
+
+        def validate(choice: str) -> dict:
+            cfg.train.valid_model = choice  # the layout reads it at each validation
+            return trainer.validate(final=True)
+
+        seconds, results = interleaved_rounds({c: functools.partial(validate, c) for c in CHOICES}, rounds)
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
     if results["whole"]["directions"] != results["partitioned"]["directions"]:
         raise SystemExit("the whole copy's validation differs from the partitioned model's")
-    median = {c: statistics.median(seconds[c]) for c in CHOICES}
+    median = medians(seconds)
     return {"overrides": [*LAYOUT, *overrides], "parameters": parameters, "rounds": rounds,
             "directions": len(results["whole"]["directions"]), "lines_per_direction": cfg.data.val_lines,
             "seconds": seconds, "median_s": median, "speedup": round(median["partitioned"] / median["whole"], 2),
@@ -70,8 +65,7 @@ def markdown(r: dict) -> str:
         f"World of one on the CPU, `{' '.join(r['overrides'])}`; {r['parameters'] / 1e6:.2f} M parameters; "
         f"{r['directions']} directions x {r['lines_per_direction']} lines, loss + greedy BLEU; untrained model "
         f"(decodes to the length limit); median of {r['rounds']} interleaved rounds after a warm-up.", "",
-        "| train.valid_model | seconds per validation (median) | rounds |", "|---|---:|---|",
-        *[f"| {c} | {r['median_s'][c]:.2f} | {', '.join(f'{s:.2f}' for s in r['seconds'][c])} |" for c in CHOICES], "",
+        *timing_table("train.valid_model", r["seconds"]), "",
         f"Whole copy: **{r['speedup']}x** faster, identical results (valid loss {r['valid_loss']}).", ""])
 
 

@@ -19,6 +19,8 @@
 #                 (5): tokens/s, val loss and greedy val BLEU per direction  (MAIN_MINUTES + ~1.5 min)
 #   bench_default scripts/bench_vs_hf.py --device cuda --size default  (the main job's model)
 #   bench_big     scripts/bench_vs_hf.py --device cuda --size big      (d1024 6+6, 8 experts)
+#   validation    scripts/bench_validation.py --device cuda: validation's greedy decoding, all directions in
+#                 shared batches vs one direction at a time (model=base, 64 lines per direction)  (~1-2 min)
 #   scale         scripts/bench_scale.py --device cuda: the largest model per one-GPU layout (GPU only,
 #                 ZeRO-2 + CPU Adam, ZeRO-3 on the CPU), the GPU capped at SCALE_GPU_GIB (default 8),
 #                 each mode's search cut after SCALE_MODE_MINUTES (default 2; its fit then a lower bound)
@@ -84,6 +86,8 @@ PY
                      --out "$OUT/vs_hf_cuda_default" ;;
     bench_big) run_step bench_big "${BENCH_LIMIT:-200}" python scripts/bench_vs_hf.py --device cuda --size big \
                  --threads 1 --train-batches 6 --repeats 3 --decode-sentences 256 --out "$OUT/vs_hf_cuda_big" ;;
+    validation) run_step validation "${VALIDATION_LIMIT:-240}" python scripts/bench_validation.py --device cuda \
+                  --set model=base --set data.val_lines=64 --rounds 2 --out "$OUT/validation_cuda" ;;
     scale) run_step scale "${SCALE_LIMIT:-480}" python scripts/bench_scale.py --device cuda --gpu-gib "${SCALE_GPU_GIB:-8}" \
              --modes "${SCALE_MODES:-gpu,zero2_cpu_adam,zero3_cpu}" --mode-minutes "${SCALE_MODE_MINUTES:-2}" \
              --timeout 150 --out "$OUT/scale_cuda" ;;

@@ -66,7 +66,8 @@ def trained(tmp_path_factory, corpus, cache_dir) -> Path:
     its second half: no other save), shared by the workers (tests copy it before changing it)."""
     def train(folder: Path) -> None:
         proc = run_cli("mtmoe-train", tiny_overrides(corpus, cache_dir, folder / "tiny", steps=12, **{
-            "train.save_every": 0, "train.snapshots": 2, "train.snapshot_span": 0.5, "train.plot": "true"}))
+            "train.save_every": 0, "train.snapshots": 2, "train.snapshot_span": 0.5, "train.plot": "true",
+            "train.valid_bleu": "final"}))
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return built_once(tmp_path_factory, "trained", train) / "tiny"

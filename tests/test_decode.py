@@ -128,6 +128,53 @@ def test_batched_beam_equals_one_at_a_time():
     assert all(EOS_ID not in hyp for hyp in batched)
 
 
+def test_directions_decoded_together_equal_each_decoded_alone():
+    """Validation decodes every direction's sentences in shared batches (a tag per sentence): each
+    translation is the one its direction decoded alone gives (the slow path), greedy and beam."""
+    model = random_model(seed=6)  # one whose output depends on the tag, and ends at varied lengths
+    rng = np.random.default_rng(1)
+    sentences = [rng.integers(6, 60, size=n) for n in (3, 8, 5, 10, 2, 7)]
+    tags = [4, 5, 4, 5, 5, 4]
+    for beam in (1, 3):
+        together = translate_ids(model, sentences, tags, beam=beam, max_tokens=4096)
+        alone = {tag: translate_ids(model, [s for s, t in zip(sentences, tags) if t == tag], tag, beam=beam)
+                 for tag in (4, 5)}
+        assert together == [alone[t].pop(0) for t in tags]
+        assert together != translate_ids(model, sentences, 4, beam=beam)  # the tags matter: the test can tell
+    with pytest.raises(ValueError, match="2 tag ids for 6 sentences"):
+        translate_ids(model, sentences, [4, 5], beam=1)
+
+
+def test_validation_translates_each_direction_as_alone():
+    """greedy_translations (validation's BLEU input) decodes all directions at once and hands each
+    direction its own lines' translations, in order."""
+    from types import SimpleNamespace
+
+    from mtmoe.train.validation import greedy_translations, greedy_translations_per_direction
+
+    model = random_model(seed=6)
+    rng = np.random.default_rng(3)
+    lines = {lang: [rng.integers(6, 60, size=n) for n in sizes] for lang, sizes in
+             {"en": (3, 8, 5), "de": (10, 2, 7), "fr": (4, 4, 9)}.items()}
+    tag = {"en": 4, "de": 5, "fr": 4}
+    vocab = SimpleNamespace(tag_id=tag.get, special_ids={4, 5}, decode=lambda ids: " ".join(map(str, ids)))
+
+    class Valid:  # TokenizedCorpus's reading side
+        def line(self, lang, i):
+            return lines[lang][i]
+
+        def __len__(self):
+            return 3
+
+    data = SimpleNamespace(directions=[("en", "de"), ("de", "fr"), ("fr", "en")], vocab=vocab, valid=Valid())
+    got = greedy_translations(model, data, max_tokens=1024)
+    assert list(got) == ["en-de", "de-fr", "fr-en"]
+    assert got == greedy_translations_per_direction(model, data, max_tokens=1024)
+    for src, tgt in data.directions:
+        alone = translate_ids(model, lines[src], tag[tgt], beam=1, banned_ids=[4, 5])
+        assert got[f"{src}-{tgt}"] == [vocab.decode(h) for h in alone]
+
+
 def test_best_hypothesis_ranks_by_length_normalised_score():
     finished = [(-4.0, [5, 6, 7, 8, 9]), (-2.0, [5]), (-2.0, [6])]  # sum log p, ids without EOS
     assert best_hypothesis(finished, 0.0) == [5]  # raw score; ties: the first to finish

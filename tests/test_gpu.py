@@ -33,7 +33,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def train(corpus, cache_dir, run_dir: Path, steps: int, **extra):
     proc = run_module("mtmoe.train", tiny_overrides(corpus, cache_dir, run_dir, steps=steps, **{
-        "train.device": "cuda", "train.save_every": 6, **extra}))
+        "train.device": "cuda", "train.save_every": 6, "train.valid_bleu": "final", **extra}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -169,22 +169,27 @@ def beam_search_finished(model, src: torch.Tensor, beam: int = 4, max_len_a: flo
     return finished
 
 
-def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int = 4,
+def translate_ids(model, src_ids: Sequence[np.ndarray], tag_id: int | Sequence[int], beam: int = 4,
                   length_penalty: float = 1.0, max_tokens: int = 4096, sync_group=None,
                   progress: Optional[object] = None, banned_ids: Iterable[int] = ()) -> list[list[int]]:
-    """Translates tokenized sentences (no tag/EOS yet) into token ids, in input order; `banned_ids`:
-    tokens never produced (`beam_search_finished`)."""
+    """Translates tokenized sentences (no tag/EOS yet) into token ids, in input order. `tag_id`: the
+    target language's tag, or one per sentence (several directions decoded in shared batches: each
+    sentence's translation is the one it gets alone); `banned_ids`: tokens never produced
+    (`beam_search_finished`)."""
     return translate_ids_per_penalty(model, src_ids, tag_id, beam, [length_penalty], max_tokens, sync_group,
                                      progress, banned_ids)[0]
 
 
-def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int, beam: int,
+def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int | Sequence[int], beam: int,
                               length_penalties: Sequence[float], max_tokens: int = 4096, sync_group=None,
                               progress: Optional[object] = None,
                               banned_ids: Iterable[int] = ()) -> list[list[list[int]]]:
     """`translate_ids` for each of `length_penalties` from one beam search: [penalty][sentence] -> ids."""
     if not len(src_ids):  # (a batch of blank lines in mtmoe-translate)
         return [[] for _ in length_penalties]
+    tags = [int(tag_id)] * len(src_ids) if isinstance(tag_id, (int, np.integer)) else [int(t) for t in tag_id]
+    if len(tags) != len(src_ids):
+        raise ValueError(f"{len(tags)} tag ids for {len(src_ids)} sentences")
     max_len = model.model_cfg.max_positions - 2
     lengths = np.array([min(len(s), max_len) + 2 for s in src_ids])
     order = np.argsort(lengths, kind="stable")
@@ -196,7 +201,7 @@ def translate_ids_per_penalty(model, src_ids: Sequence[np.ndarray], tag_id: int,
     try:
         for group in groups:
             idx = order[group]
-            batch = collate([src_ids[i] for i in idx], [np.zeros(0, np.int64)] * len(idx), [tag_id] * len(idx),
+            batch = collate([src_ids[i] for i in idx], [np.zeros(0, np.int64)] * len(idx), [tags[i] for i in idx],
                             max_len + 2)
             src = batch.src.to(device, non_blocking=True)
             for i, finished in zip(idx, beam_search_finished(model, src, beam, sync_group=sync_group,
