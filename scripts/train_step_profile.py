@@ -186,7 +186,8 @@ def main(argv=None) -> None:
                    *[f"--set={s}" for s in base], *[f"--env={name}:{k}={v}" for k, v in env.get(name, {}).items()]]
             settings = [f"{k}={v}" for k, v in env.get(name, {}).items()]
             print(f"== {name}: {' '.join([*settings, *filter(None, extra.split(','))])}", flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env.get(name, {})})
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env.get(name, {}), "PYTHONPATH": os.pathsep.join(
+                                      filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))})
             if proc.returncode != 0 or not out.is_file():
                 raise SystemExit(f"variant {name} failed (exit code {proc.returncode})")
             results.append(json.loads(out.read_text()))

@@ -36,7 +36,8 @@ class DivergenceGuard:
         on every rank). Device ops only."""
         if self._tally is None:
             self._tally = torch.zeros(3, dtype=torch.int64, device=bad.device)
-            self._tally[1] = self.consecutive  # a fill with a host number: no copy from the host
+            # fill_, not item assignment: `t[1] = n` copies a host scalar to the device and waits for it
+            self._tally[1].fill_(self.consecutive)
         bad = bad.to(torch.int64)
         withheld, run, longest = self._tally.unbind()
         run = (run + 1) * bad
