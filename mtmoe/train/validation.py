@@ -46,16 +46,16 @@ def direction_loss(model, data: TrainingData, src: str, tgt: str, max_tokens: in
     return float(total) / max(1, count)
 
 
-def greedy_translations(model, data: TrainingData, max_tokens: int, bf16: bool = False,
-                        sync_group=None) -> dict[str, list[str]]:
-    """{'en-de': greedy translations of the val lines} for every direction, decoded together: the
-    sentences of all directions share batches (sorted by length, each tagged with its target
-    language), so a validation runs a few decoding loops instead of one per direction. A decoding
-    step of a small batch costs about what one of a full batch costs (launches on a GPU, Python on
-    either device), and each sentence keeps its own length limit, so a translation is the one its
-    direction decoded alone gives (`translate_ids`)."""
+def greedy_translations(model, data: TrainingData, max_tokens: int, bf16: bool = False, sync_group=None,
+                        directions=None) -> dict[str, list[str]]:
+    """{'en-de': greedy translations of the val lines} for every direction (or `directions`, a subset
+    of them), decoded together: the sentences of all directions share batches (sorted by length,
+    each tagged with its target language), so a validation runs a few decoding loops instead of one
+    per direction. A decoding step of a small batch costs about what one of a full batch costs
+    (launches on a GPU, Python on either device), and each sentence keeps its own length limit, so a
+    translation is the one its direction decoded alone gives (`translate_ids`)."""
     src_ids, tags, spans = [], [], {}
-    for src, tgt in data.directions:
+    for src, tgt in directions or data.directions:
         start = len(src_ids)
         src_ids += [data.valid.line(src, i).astype(np.int64) for i in range(len(data.valid))]
         tags += [data.vocab.tag_id(tgt)] * len(data.valid)
@@ -68,16 +68,10 @@ def greedy_translations(model, data: TrainingData, max_tokens: int, bf16: bool =
 
 def greedy_translations_per_direction(model, data: TrainingData, max_tokens: int, bf16: bool = False,
                                       sync_group=None) -> dict[str, list[str]]:
-    """`greedy_translations`, one direction at a time: the reference it is tested and benchmarked
-    against (scripts/bench_validation.py)."""
-    out = {}
-    for src, tgt in data.directions:
-        src_ids = [data.valid.line(src, i).astype(np.int64) for i in range(len(data.valid))]
-        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-            hyps = translate_ids(model, src_ids, data.vocab.tag_id(tgt), beam=1, max_tokens=max_tokens * 4,
-                                 sync_group=sync_group, banned_ids=sorted(data.vocab.special_ids))
-        out[f"{src}-{tgt}"] = [data.vocab.decode(h) for h in hyps]
-    return out
+    """`greedy_translations`, one direction at a time (each its own decoding loops): the reference
+    it is tested and benchmarked against (scripts/bench_validation.py)."""
+    return {name: hyps for direction in data.directions
+            for name, hyps in greedy_translations(model, data, max_tokens, bf16, sync_group, [direction]).items()}
 
 
 def run_validation(model, data: TrainingData, max_tokens: int, max_len: int, with_bleu: bool,
