@@ -229,8 +229,10 @@ class TrainConfig:
     nvme_buffer_mib: int = 64
     """Size of each of DeepSpeed's pinned parameter swap buffers (aio `buffer_size`); the largest single
     parameter must fit in one, so big experts need more."""
-    threads: int = 1
-    """torch threads per rank; 1 thread per rank is the fast layout on small CPU boxes."""
+    threads: int = 0
+    """torch threads per rank; 0 = auto (`mtmoe.device.rank_threads`): 1 on a CPU rank (one thread per
+    rank is the fast layout of a small CPU box), on a GPU rank the node's cores shared among its ranks
+    (DeepSpeed's CPU Adam under `offload_optimizer=cpu` runs on them)."""
     log_every: int = 20
     valid_every: int = 1000
     """Steps between validations (per-direction loss on `data.val_lines` lines); 0 = only at the end."""
@@ -784,6 +786,9 @@ def validate(cfg: TrainAppConfig, world_size: int = 1) -> None:
             raise ConfigError(f"data.{name}={getattr(cfg.data, name)} must be >= 0")
     if t.gpu_memory_gib < 0:
         raise ConfigError(f"train.gpu_memory_gib={t.gpu_memory_gib} must be >= 0 (0 = no cap)")
+    if t.threads < 0:
+        raise ConfigError(f"train.threads={t.threads} must be >= 0 (0 = auto: 1 per CPU rank, a GPU rank's share "
+                          f"of the node's cores)")
     if t.max_tokens < max(16, cfg.data.max_len):
         raise ConfigError(f"train.max_tokens={t.max_tokens} is smaller than data.max_len={cfg.data.max_len}: a "
                           f"sentence of that length would make a batch over the budget (raise train.max_tokens, or "

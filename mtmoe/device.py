@@ -79,6 +79,21 @@ def training_device(spec: str, local_rank: int, field: str = "train.device") -> 
     return torch.device("cuda", local_rank)
 
 
+def rank_threads(requested: int, device: torch.device) -> int:
+    """torch threads of a training rank: `requested` (train.threads) when given, else on a CPU rank 1
+    (ranks x 1 thread is the fast layout of a small CPU box: 2 ranks on its 2 cores), on a GPU rank the
+    cores this process may run on shared among the node's ranks (LOCAL_WORLD_SIZE, set by the
+    launchers). Why more than 1 there: the GPU does the model's compute, and what stays on the
+    host is DeepSpeed's CPU Adam under optimizer offload, an OpenMP loop over every parameter that
+    runs on the threads torch is set to: one thread would leave it one core of a GPU node's dozens."""
+    if requested > 0:
+        return requested
+    if device.type != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 compute runs natively on `device` (CUDA: compute capability >= 8.0)."""
     if device.type == "cuda":

@@ -8,7 +8,9 @@ reused) and its model with initial weights, in a world of one: an untrained mode
 </s>, so each sentence decodes to its length limit, the most steps a validation takes.
 `greedy_translations` (what `Trainer.validate` runs) and `greedy_translations_per_direction` (its
 reference) are run `--rounds` times each, interleaved after one warm-up call of each, so a busy
-machine slows both alike. Both must give the same translations, or the script fails.
+machine slows both alike. Both must give the same translations, or the script fails; on a GPU at
+least `CUDA_MIN_IDENTICAL` of the lines (its matrix kernels differ with the batch's shape, and an
+untrained model's near-tied logits let such last-bit differences pick another token).
 Writes `<out>/results.json` + `results.md` (default out: bench/validation/<model name>-<device>).
 """
 
@@ -26,6 +28,14 @@ from bench.results import interleaved_rounds, medians, timing_table, write_resul
 
 DEFAULT_SET = ["model=tiny", "data.val_lines=16"]
 CHOICES = {"together": "greedy_translations", "per_direction": "greedy_translations_per_direction"}
+CUDA_MIN_IDENTICAL = 0.95
+"""The share of translations that must be identical on a GPU (on a CPU: all of them)."""
+
+
+def identical_share(a: dict[str, list[str]], b: dict[str, list[str]]) -> float:
+    """The share of lines, over all directions, that `a` and `b` translate alike."""
+    pairs = [(x, y) for name in a for x, y in zip(a[name], b[name], strict=True)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
 
 def measure(overrides: list[str], rounds: int, device: str) -> dict:
@@ -47,13 +57,15 @@ def measure(overrides: list[str], rounds: int, device: str) -> dict:
              for choice, function in CHOICES.items()}
     sync = torch.cuda.synchronize if where.type == "cuda" else (lambda: None)
     seconds, outputs = interleaved_rounds(calls, rounds, sync)
-    if outputs["together"] != outputs["per_direction"]:
+    identical = identical_share(outputs["together"], outputs["per_direction"])
+    if identical < (CUDA_MIN_IDENTICAL if where.type == "cuda" else 1.0):
         differ = [name for name in outputs["together"] if outputs["together"][name] != outputs["per_direction"][name]]
-        raise SystemExit(f"decoding the directions together changed the translations of {differ}")
+        raise SystemExit(f"decoding the directions together changed the translations of {differ} "
+                         f"({identical:.1%} of the lines identical)")
     median = medians(seconds)
     return {"overrides": overrides, "device": str(where), "model": cfg.model.name, "rounds": rounds,
             "directions": len(data.directions), "lines_per_direction": len(data.valid),
-            "max_tokens": max_tokens, "seconds": seconds, "median_s": median,
+            "max_tokens": max_tokens, "seconds": seconds, "median_s": median, "identical_share": identical,
             "speedup": round(median["per_direction"] / median["together"], 2)}
 
 
@@ -64,7 +76,7 @@ def markdown(r: dict) -> str:
         f"lines, greedy, batches of {r['max_tokens'] * 4} source tokens; untrained model (decodes to the length "
         f"limit); median of {r['rounds']} interleaved rounds after a warm-up.", "",
         *timing_table("decoding", r["seconds"]), "",
-        f"Together: **{r['speedup']}x** faster, identical translations.", ""])
+        f"Together: **{r['speedup']}x** faster; {r['identical_share']:.1%} of the translations identical.", ""])
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,8 @@
 #
 # Issue 13's acceptance on a lent machine (15 device minutes in all, a start costs 1-2, each call at most 10,
 # and the machine goes back after 30 s idle: make the second call at once):
-#   call 1: SCALE_MODE_MINUTES=1 bash scripts/gpu_checks.sh prebuild scale+ pytest wait    (~5-6 min)
+#   call 1: SCALE_MODE_MINUTES=1 SCALE_LIMIT=360 bash scripts/gpu_checks.sh prebuild scale+ pytest wait  (~5-6 min;
+#           the limit ends the background scale search inside the call's 10 minutes)
 #   call 2: bash scripts/gpu_checks.sh main                                        (~6.5 min: 5 of training)
 set -uo pipefail
 cd "$(dirname "$0")/.."

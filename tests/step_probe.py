@@ -79,6 +79,13 @@ SHAPE_OPS = {aten.nonzero.default, aten.masked_select.default, aten._unique2.def
              aten.unique_consecutive.default, aten.bincount.default, aten.repeat_interleave.Tensor}
 """Ops whose output shape depends on tensor values: on a GPU the host waits for the values to
 allocate the output (`repeat_interleave` only without `output_size`)."""
+HOST_DATA_OPS = {aten.lift_fresh.default}
+"""A tensor made from host data (`torch.tensor(...)`, `t[i] = n`): on a GPU its values are then copied
+from pageable host memory to the device, a copy the host waits for (the guard's tally once did this).
+Except in `HOST_SIDE`, where the tensor stays on the host."""
+HOST_SIDE = {"distributed.py:all_reduce_sum", "distributed.py:all_reduce_max", "distributed.py:any_rank"}
+"""mtmoe's host-group helpers: host numbers summed over the ranks in CPU tensors (through a gloo group
+beside NCCL on GPUs), which never reach the device."""
 BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 """Indexing ops, which wait only when an index is a boolean mask (turned into positions: `nonzero`)."""
 
@@ -100,10 +107,12 @@ class DeviceWaits(TorchDispatchMode):
         if func in BOOL_INDEX_OPS:
             waits = any(i is not None and i.dtype == torch.bool for i in args[1])
         else:
-            waits = func in READ_OPS or (func in SHAPE_OPS and kwargs.get("output_size") is None)
+            waits = (func in READ_OPS or func in HOST_DATA_OPS
+                     or (func in SHAPE_OPS and kwargs.get("output_size") is None))
         if waits:
-            caller = nearest_caller(lambda name: "/torch/" not in name)
-            self.sites.append(f"{func.overloadpacket.__name__}@{site(caller)}")
+            where = site(nearest_caller(lambda name: "/torch/" not in name))
+            if not (func in HOST_DATA_OPS and where in HOST_SIDE):
+                self.sites.append(f"{func.overloadpacket.__name__}@{where}")
         return func(*args, **kwargs)
 
 

@@ -88,6 +88,24 @@ def test_free_host_memory_is_in_bytes_and_below_the_total():
     assert 2**20 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def test_rank_threads_one_per_cpu_rank_and_a_share_of_the_cores_per_gpu_rank(monkeypatch):
+    """train.threads=0 (auto): a CPU rank runs 1 thread, a GPU rank its share of the cores it may run
+    on (CPU Adam under optimizer offload runs on them), split among the node's ranks; a number given
+    is kept; a negative one is refused naming the field."""
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    gpu = torch.device("cuda", 0)  # only its type is read: no CUDA needed
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert devices.rank_threads(0, torch.device("cpu")) == 1
+    assert devices.rank_threads(0, gpu) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert devices.rank_threads(0, gpu) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert devices.rank_threads(0, gpu) == 1
+    assert devices.rank_threads(3, gpu) == devices.rank_threads(3, torch.device("cpu")) == 3
+    with pytest.raises(ConfigError, match=r"^train\.threads=-1 must be >= 0"):
+        validate(compose_train(["model=tiny", "train.threads=-1", "train.max_steps=1"]))
+
+
 def test_bf16_defaults_and_refusal(monkeypatch):
     cpu = torch.device("cpu")
     assert devices.resolve_bf16(None, cpu) is False and devices.resolve_bf16(True, cpu) is True

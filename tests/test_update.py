@@ -28,10 +28,13 @@ DEEPSPEED_ZERO_WAITS = {"utils.py:is_invalid_grad_norm",  # ZeRO 1-3: the overfl
                         "stage_1_and_2.py:complete_grad_norm_calculation_for_cpu_offload",  # CPU Adam
                         "stage_1_and_2.py:update_offload_overflow_tracker",
                         "stage3.py:complete_grad_norm_calculation_for_cpu_offload",
-                        "utils.py:assert_lst_len_same_as_other_ranks", "utils.py:<listcomp>"}  # ZeRO-3's fetch plan
-"""Where DeepSpeed's ZeRO optimizers read device values on the host in a step (`DeviceWaits` of
+                        "utils.py:assert_lst_len_same_as_other_ranks", "utils.py:<listcomp>",  # ZeRO-3's fetch plan
+                        "utils.py:get_lst_from_rank0",
+                        "utils.py:mask_nan_or_inf_with_val_inplace"}  # torch.tensor(-1.0, device=...) per norm
+"""Where DeepSpeed's ZeRO optimizers wait for the device in a step (`DeviceWaits` of
 tests/step_probe.py: `item` of the gradient norm and of overflow flags, ZeRO-3's parameter
-trace checks): those layouts wait for the device there, mtmoe cannot move it."""
+trace checks, a tensor made from a host number on the device): those layouts wait for the device
+there, mtmoe cannot move it."""
 
 PER_EXPERT_READS = {"experts.py:forward"}
 """ZeRO-3's experts are one module each (`moe.expert_storage=per_expert`), run one after another on

@@ -271,11 +271,15 @@ class PinnedStore:
     def copy_into(self, layer: str, expert: int, dst: torch.Tensor) -> torch.cuda.Event:
         """Queues the copy into dst (GPU) and returns the event the compute stream must wait for.
         The copy first waits for the compute stream (the stream current now, the one decoding runs
-        on): kernels still queued there may read the slot's previous expert."""
+        on): kernels still queued there may read the slot's previous expert.
+        `dst` was allocated on the compute stream: `record_stream` keeps the caching allocator from
+        handing its memory to another tensor, once the slot lets go of it (a cache `release`), before
+        the copy written into it here has finished."""
         compute = torch.cuda.current_stream(self._device)
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_stream(compute)
             dst.copy_(self._blobs[layer, expert], non_blocking=True)
+            dst.record_stream(self._copy_stream)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         return done

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mtmoe.config import TrainAppConfig, validate
-from mtmoe.device import cap_memory, free_memory_bytes, resolve_bf16, training_device
+from mtmoe.device import cap_memory, free_memory_bytes, rank_threads, resolve_bf16, training_device
 from mtmoe.model.partitioned import set_gather
 from mtmoe.model.seq2seq import Seq2Seq, build_model
 from mtmoe.train.distributed import broadcast_object, init_distributed
@@ -74,6 +74,7 @@ class TrainingLayout:
         self.cfg = cfg
         self.device = training_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.bf16 = resolve_bf16(cfg.train.bf16, self.device)
+        self.threads = rank_threads(cfg.train.threads, self.device)
         cap_memory(self.device, cfg.train.gpu_memory_gib)
         self.rank, self.world = init_distributed(self.device)
         validate(cfg, self.world)
@@ -88,7 +89,7 @@ class TrainingLayout:
         kind = f"ZeRO-{self.cfg.train.zero_stage}" + (", partitioned MoE" if self.partitioned else "")
         cap = f", memory capped at {self.cfg.train.gpu_memory_gib} GiB" if self.cfg.train.gpu_memory_gib else ""
         return (f"rank {self.rank} trains on {self.device} ({name}{cap}), {'bf16 autocast' if self.bf16 else 'fp32'}, "
-                f"{kind}")
+                f"{kind}, {self.threads} CPU thread(s)")
 
     # -- building ------------------------------------------------------------------------------
     def build_model(self, vocab_size: int) -> Seq2Seq:

@@ -99,7 +99,7 @@ class Trainer:
         self.layout = TrainingLayout(cfg, swap_dir=run_dir / "nvme_swap")
         self.device, self.bf16 = self.layout.device, self.layout.bf16
         self.rank, self.world = self.layout.rank, self.layout.world
-        torch.set_num_threads(max(1, cfg.train.threads))
+        torch.set_num_threads(self.layout.threads)
         self.is_main = self.rank == 0
         if not cfg.train.resume and ds_checkpoint.complete_tags(run_dir):
             raise ConfigError(f"train.resume=false, but {ds_checkpoint.checkpoint_dir(run_dir)} holds checkpoints of an "
