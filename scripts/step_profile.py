@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     cfg = main_job_config(args.set)
     data = prepare_training_data(cfg.data)
-    sources, mixture = training_mixture(data, cfg.tasks, cfg.schedule, cfg.data.temperature)
+    sources, mixture = training_mixture(data, cfg.tasks, cfg.schedule, cfg.data)
     stream = BatchStream(sources, mixture.probs, {lang: data.vocab.tag_id(lang) for lang in cfg.data.langs},
                          cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, rank=0, world_size=2)
     batches = list(islice(iter(stream), args.warmup + args.steps))

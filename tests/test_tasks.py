@@ -64,6 +64,19 @@ def test_infilled_lines_are_at_most_one_longer_and_short_lines_get_masked(lam):
     assert 0.15 < changed < 0.35  # 5 x 0.05 = 0.25 tokens per line: about a quarter of the lines
 
 
+def test_a_line_at_the_source_limit_gets_no_inserted_mask():
+    """A line as long as a batch keeps of a source (`max_out`) comes out no longer: an inserted mask
+    would push its last token out of the batch (collate cuts there); one token shorter, it may grow."""
+    rng = np.random.default_rng(2)
+    grew = 0
+    for _ in range(500):
+        ids = np.arange(100, 110)
+        at_limit = infill_spans(ids, MASK, rng, mask_ratio=0.1, poisson_lambda=0.2, max_out=10)
+        assert len(at_limit) <= 10 and (at_limit == MASK).any()  # still noised: zero draws mask a token
+        grew += len(infill_spans(ids, MASK, rng, mask_ratio=0.1, poisson_lambda=0.2, max_out=11)) == 11
+    assert grew > 100
+
+
 def test_sentence_permutation_keeps_every_sentence():
     is_end = np.zeros(50, dtype=bool)
     is_end[9] = True  # token 9 ends a sentence
@@ -99,6 +112,21 @@ def data(corpus, cache_dir):
     ds = load_corpus(str(corpus), "train", ["en", "de", "fr", "cs"])
     vocab = get_or_train_vocab(ds, cache_dir, 300)
     return vocab, tokenize(ds, vocab, list(ds), cache_dir)
+
+
+def test_denoising_keeps_the_longest_line_within_the_source_limit(data):
+    """Through the task: a limit of the longest line's length (data.max_len - 2 when that line just
+    fits) never yields a longer denoising source; without the limit, inserted masks make some longer."""
+    vocab, tok = data
+    dirs = parse_directions("pivot", tok.langs, "en")
+    longest = int(np.argmax(tok.lengths("cs")))
+    limit = int(tok.lengths("cs")[longest])
+    tasks = {"denoising": {"langs": ["cs"], "mask_ratio": 0.1, "poisson_lambda": 0.2}}
+    capped, = [s for s in build_sources(tasks, tok, np.arange(len(tok)), dirs, vocab, limit) if s.task == "denoising"]
+    free, = [s for s in build_sources(tasks, tok, np.arange(len(tok)), dirs, vocab) if s.task == "denoising"]
+    rng = np.random.default_rng(0)
+    assert max(len(capped.make(longest, rng)[0]) for _ in range(200)) <= limit
+    assert max(len(free.make(longest, rng)[0]) for _ in range(200)) == limit + 1
 
 
 def test_mixed_stream_has_both_tasks_respects_line_limits_and_resumes(data):

@@ -67,11 +67,17 @@ class Batch:
         return Batch(*moved, counts=counts)
 
 
+def source_token_limit(max_len: int) -> int:
+    """The most tokens of a source sentence a batch keeps: `data.max_len` less the target-language
+    tag and </s> (`collate` cuts the rest)."""
+    return max_len - 2
+
+
 def padded_lengths(src_len, tgt_len, max_len: int):
     """(source, target) row lengths as `collate` lays a pair out: the source cut to max_len - 2 tokens
     plus its tag and </s>, the target cut to max_len - 1 plus <s> (tgt_in) or </s> (tgt_out). Takes
     ints or integer arrays; the one rule that batching by tokens and `collate` share."""
-    return np.minimum(src_len, max_len - 2) + 2, np.minimum(tgt_len, max_len - 1) + 1
+    return np.minimum(src_len, source_token_limit(max_len)) + 2, np.minimum(tgt_len, max_len - 1) + 1
 
 
 def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_ids: Sequence[int],
@@ -85,7 +91,7 @@ def collate(src_seqs: Sequence[np.ndarray], tgt_seqs: Sequence[np.ndarray], tag_
     tgt_in = np.full((n, t_len), PAD_ID, dtype=np.int64)
     tgt_out = np.full((n, t_len), PAD_ID, dtype=np.int64)
     for i, (s, t, tag) in enumerate(zip(src_seqs, tgt_seqs, tag_ids)):
-        s = s[: max_len - 2]
+        s = s[: source_token_limit(max_len)]
         t = t[: max_len - 1]
         src[i, 0] = tag
         src[i, 1:len(s) + 1] = s

@@ -8,6 +8,8 @@ permutation shuffles the sentences of a line (split after sentence-final pieces)
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 
@@ -27,14 +29,18 @@ MAX_PLACEMENT_TRIES = 8
 
 
 def infill_spans(ids: np.ndarray, mask_id: int, rng: np.random.Generator, mask_ratio: float = 0.35,
-                 poisson_lambda: float = 3.5) -> np.ndarray:
-    """`ids` [L] -> noised [L'] (L' <= L + 1): spans replaced by one `mask_id` each.
+                 poisson_lambda: float = 3.5, max_out: Optional[int] = None) -> np.ndarray:
+    """`ids` [L] -> noised [L'] (L' <= L + 1, and L' <= `max_out` when L <= max_out): spans replaced by
+    one `mask_id` each.
 
     About `mask_ratio` x L tokens are masked (rounded stochastically, so short lines are masked
     as often as the ratio says, not never). A span of length 0 inserts a `mask_id` (anywhere,
     the end included), at most once per line: each further zero draw masks one token instead,
-    which keeps L' <= L + 1, the length the batches are packed by."""
+    which keeps L' <= L + 1, the length the batches are packed by. A line already `max_out` long gets
+    no inserted mask at all (its zero draws mask a token): the batch keeps at most `max_out` source
+    tokens, and an insertion there would push the line's last token out of it."""
     n = len(ids)
+    may_insert = max_out is None or n < max_out
     budget = int(np.floor(n * mask_ratio + rng.random())) if n else 0
     if budget == 0:
         return ids.copy()
@@ -44,7 +50,7 @@ def infill_spans(ids: np.ndarray, mask_id: int, rng: np.random.Generator, mask_r
     tries = 0
     while budget > 0:
         length = min(int(rng.poisson(poisson_lambda)), budget)
-        if length == 0 and inserted >= 0:
+        if length == 0 and (inserted >= 0 or not may_insert):
             length = 1
         start = int(rng.integers(0, n - length + 1))
         if length == 0:

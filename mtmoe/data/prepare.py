@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmoe.config import DataConfig
+from mtmoe.data.batching import source_token_limit
 from mtmoe.data.corpus import check_text_corpus, find_language_file, load_corpus
 from mtmoe.data.sampling import Direction, parse_directions, temperature_probs
 from mtmoe.data.schedule import Mixture
@@ -42,7 +43,7 @@ def usable_rows(corpus: TokenizedCorpus, cfg: DataConfig) -> np.ndarray:
 
     A line fits when tag/BOS + tokens + </s> <= max_len. Multi-way parallel rows are kept or dropped
     whole, so every direction sees the same lines."""
-    limit = cfg.max_len - 2
+    limit = source_token_limit(cfg.max_len)
     too_long = np.zeros(len(corpus), dtype=bool)
     for lang in corpus.langs:
         too_long |= corpus.lengths(lang) > limit
@@ -100,10 +101,11 @@ def prepare_training_data(cfg: DataConfig, is_first: bool = True,
     return data
 
 
-def training_mixture(data: TrainingData, tasks_cfg: dict, schedule_cfg, temperature: float):
+def training_mixture(data: TrainingData, tasks_cfg: dict, schedule_cfg, data_cfg: DataConfig):
     """(sources of every configured task, their Mixture over training steps)."""
-    sources = build_sources(tasks_cfg, data.train, data.train_rows, data.directions, data.vocab)
-    mixture = Mixture([s.task for s in sources], [len(s.rows) for s in sources], schedule_cfg, temperature)
+    sources = build_sources(tasks_cfg, data.train, data.train_rows, data.directions, data.vocab,
+                            source_token_limit(data_cfg.max_len))
+    mixture = Mixture([s.task for s in sources], [len(s.rows) for s in sources], schedule_cfg, data_cfg.temperature)
     start = mixture.probs(0)
     log.info("training sources at step 0: %s", ", ".join(f"{s.label} {p:.1%}" for s, p in zip(sources, start)))
     return sources, mixture

@@ -124,7 +124,7 @@ class Trainer:
 
         self.engine, self.optimizer, self.scheduler = self.layout.initialize(self.model, scheduler)
         log.info("%s", self.layout.describe())
-        sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data.temperature)
+        sources, mixture = training_mixture(self.data, cfg.tasks, cfg.schedule, cfg.data)
         self.stream = BatchStream(sources, mixture.probs, {lang: self.data.vocab.tag_id(lang) for lang in cfg.data.langs},
                                   cfg.train.max_tokens, cfg.data.max_len, cfg.train.seed, self.rank, self.world,
                                   accumulate=cfg.train.accumulate)

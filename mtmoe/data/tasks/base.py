@@ -9,7 +9,7 @@ packs the examples into token-budget batches; the loss is the same cross-entropy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -38,7 +38,9 @@ class Source:
 class Task(Protocol):
     name: str
 
-    def sources(self, corpus, rows, directions, vocab) -> list[Source]: ...
+    def sources(self, corpus, rows, directions, vocab, max_src_tokens: Optional[int] = None) -> list[Source]:
+        """`max_src_tokens`: the most source tokens a batch keeps of an example (`batching.
+        source_token_limit`); a task that makes its sources longer than their lines keeps to it."""
 
 
 _REGISTRY: dict[str, type] = {}
@@ -55,10 +57,11 @@ def register_task(name: str, params_cls: type):
     return wrap
 
 
-def build_sources(tasks_cfg: dict[str, Any], corpus, rows: np.ndarray, directions, vocab) -> list[Source]:
-    """Every source of every configured task, translation first."""
+def build_sources(tasks_cfg: dict[str, Any], corpus, rows: np.ndarray, directions, vocab,
+                  max_src_tokens: Optional[int] = None) -> list[Source]:
+    """Every source of every configured task, translation first (`max_src_tokens`: `Task.sources`)."""
     out = []
     for name in sorted(tasks_cfg, key=lambda n: (n != "translation", n)):
         params = parse_task_params(name, tasks_cfg[name])
-        out.extend(_REGISTRY[name](params).sources(corpus, rows, directions, vocab))
+        out.extend(_REGISTRY[name](params).sources(corpus, rows, directions, vocab, max_src_tokens))
     return out

@@ -3,6 +3,8 @@ sentence permutation), asked for with the sentence's own language tag. One sourc
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from mtmoe.config import DenoisingParams
@@ -16,7 +18,7 @@ class DenoisingTask:
     def __init__(self, params: DenoisingParams):
         self.params = params
 
-    def sources(self, corpus, rows, directions, vocab) -> list[Source]:
+    def sources(self, corpus, rows, directions, vocab, max_src_tokens: Optional[int] = None) -> list[Source]:
         langs = list(self.params.langs) or list(corpus.langs)
         unknown = [lang for lang in langs if lang not in corpus.langs]
         if unknown:
@@ -31,7 +33,7 @@ class DenoisingTask:
             def make(i: int, rng: np.random.Generator, lang=lang):
                 original = corpus.line(lang, i)
                 noised = original if sentence_end is None else permute_sentences(original, sentence_end, rng)
-                return infill_spans(noised, mask_id, rng, p.mask_ratio, p.poisson_lambda), original
+                return infill_spans(noised, mask_id, rng, p.mask_ratio, p.poisson_lambda, max_src_tokens), original
 
             lengths = corpus.lengths(lang)
             out.append(Source("denoising", f"dae-{lang}", lang, rows, lengths + 1, lengths, make, random=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from mtmoe.config import TranslationParams
@@ -14,7 +16,7 @@ class TranslationTask:
     def __init__(self, params: TranslationParams):
         self.params = params
 
-    def sources(self, corpus, rows, directions, vocab) -> list[Source]:
+    def sources(self, corpus, rows, directions, vocab, max_src_tokens: Optional[int] = None) -> list[Source]:
         known = {f"{s}-{t}" for s, t in directions}
         unknown = sorted(set(self.params.lines) - known)
         if unknown:
