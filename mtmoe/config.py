@@ -193,7 +193,8 @@ class TrainConfig:
     """Fraction of the budget (`max_steps`, or `max_minutes` of training time) at its end over which
     the lr falls linearly to 0, after the inverse-sqrt schedule; 0 = none. Ending at lr 0 gives, in
     one run, the gain that averaging the last checkpoints gives (the noise of the last updates
-    averaged out); under a time budget it is clocked by the time spent, the same on every rank."""
+    averaged out). Each step trains at the factor of the budget spent when it starts (under a step
+    budget exactly; under a time budget as of the step before, by the time all ranks agreed on)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     adam_eps: float = 1e-8
     weight_decay: float = 0.0

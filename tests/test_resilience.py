@@ -79,12 +79,14 @@ def test_kill_9_then_same_command_continues_identically(tmp_path, corpus, cache_
     for step in range(resume_step + 1, steps + 1):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
     # The lr logged after step s is the one step s + 1 uses: the inverse-sqrt schedule (warm-up 5)
-    # times the cooldown, which falls linearly from 1 at step 15 of 30 to 0 at step 30.
+    # times the cooldown at the budget spent when step s + 1 starts (s / 30), which falls linearly from
+    # 1 at 15 steps done to 0 at 30 (before, it lagged a step: the last step trained at 1/15 of the lr).
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (crashed / "train_log.jsonl").read_text().splitlines())
            if r.get("kind") == "train"}
     for step in (10, 20, 25, 30):
         inverse_sqrt = 1e-3 * min((step + 1) / 5, (5 / (step + 1)) ** 0.5)
-        assert lrs[step] == pytest.approx(inverse_sqrt * min(1, (1 - (step - 1) / steps) / 0.5), rel=1e-4), step
+        assert lrs[step] == pytest.approx(inverse_sqrt * min(1, (1 - step / steps) / 0.5), rel=1e-4), step
+    assert lrs[29] == pytest.approx(1e-3 * (5 / 30) ** 0.5 * (1 / 30) / 0.5, rel=1e-4)  # the last step's lr
     final = json.loads((crashed / "results.json").read_text())
     assert final["valid_loss"] == pytest.approx(json.loads((reference / "results.json").read_text())["valid_loss"],
                                                 abs=1e-5)

@@ -116,7 +116,8 @@ class Trainer:
             log.info("initial weights: %s", initialise(self.model, self.data.vocab, cfg.init, cfg.train.seed))
 
         warmup = inverse_sqrt_schedule(cfg.train.warmup_steps)
-        self.spent = 0.0  # the fraction of the budget spent, as of the last budget check (all ranks alike)
+        self.spent = 0.0  # the fraction of the budget spent, as of the last budget check (all ranks alike);
+        # during a step under a step budget, as of its end: where the step whose lr the scheduler sets starts
 
         def scheduler(opt):  # DeepSpeed calls this with the optimizer it ends up using; it steps it
             return torch.optim.lr_scheduler.LambdaLR(  # after each optimizer step
@@ -346,6 +347,8 @@ class Trainer:
         snapshots = [p for p in snapshot_points(cfg.train.snapshots, cfg.train.snapshot_span) if p > self.spent + 1e-9]
         self.engine.train()
         while not self._out_of_budget(started):
+            if cfg.train.max_steps > 0:  # the lr scheduler, stepped after this step, sets the next step's lr
+                self.spent = max(self.spent, (self.step + 1) / cfg.train.max_steps)  # from where that one starts
             sums = self.train_step(next(batches) for _ in range(cfg.train.accumulate))
             self.step += 1
             for key, value in sums.items():
