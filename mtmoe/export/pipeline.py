@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -80,6 +80,36 @@ def _load_run_model(config: dict, tag_dirs: list[Path]) -> Seq2Seq:
     return model.eval()
 
 
+@dataclass
+class ExportSource:
+    """What an export starts from (a training run or checkpoint, or an earlier export): its export
+    config and vocabulary, read without any weights, so that what the config can refuse is refused
+    first; `load()` then reads the weights -> (plain model, the config to export it with)."""
+    config: dict
+    spm_path: Path
+    load: Callable[[], tuple[Seq2Seq, dict]]
+
+
+def _export_source(checkpoint: Path, average: int) -> ExportSource:
+    """The source of an export from `checkpoint`: an export folder (its config.json), else a training
+    run dir or checkpoint tag dir (`_run_source`)."""
+    if not (checkpoint / "config.json").is_file():
+        config, tag_dirs = _run_source(checkpoint, average)
+        return ExportSource(config, Path(config["source"]["run_dir"]) / "spm.model",
+                            lambda: (_load_run_model(config, tag_dirs), config))
+    if average > 1:
+        raise ConfigError(f"average={average}: {checkpoint} is an export; average the checkpoints of a "
+                          f"training run (checkpoint=RUN_DIR)")
+
+    def load() -> tuple[Seq2Seq, dict]:
+        model, _, config = load_export(checkpoint)
+        config = copy.deepcopy(config)
+        config.pop("routing", None)  # the statistics of the model before this export changes it
+        return model, config
+
+    return ExportSource(read_export_config(checkpoint), checkpoint / "spm.model", load)
+
+
 DEFAULT_CALIBRATION = {"calibration": PruneConfig.calibration, "lines": PruneConfig.lines}
 """The calibration set of export-time routing statistics (`prune.calibration`, `prune.lines`)."""
 
@@ -122,23 +152,10 @@ def export_run(checkpoint: str | Path, out_dir: str | Path, prune: Optional[Prun
     for calibration in {p["calibration"] if isinstance(p, dict) else p.calibration for p in (prune, routing) if p}:
         check_prefix(calibration, "prune.calibration")  # a typo: refused, not a warning after the export
     bits = QUANT_BITS.get(check_choice("quant", quant or "none", Quant))
-    from_export = (checkpoint / "config.json").is_file()
-    if from_export and average > 1:
-        raise ConfigError(f"average={average}: {checkpoint} is an export; average the checkpoints of a "
-                          f"training run (checkpoint=RUN_DIR)")
-    if from_export:
-        config = read_export_config(checkpoint)
-        spm_path = checkpoint / "spm.model"
-    else:
-        config, tag_dirs = _run_source(checkpoint, average)
-        spm_path = Path(config["source"]["run_dir"]) / "spm.model"
-    _check_recipe(config, checkpoint, prune, quant, bits)  # from the config alone: no weights read yet
-    if from_export:
-        model, _, config = load_export(checkpoint)
-        config = copy.deepcopy(config)
-        config.pop("routing", None)
-    else:
-        model = _load_run_model(config, tag_dirs)
+    source = _export_source(checkpoint, average)
+    _check_recipe(source.config, checkpoint, prune, quant, bits)  # from the config alone: no weights read yet
+    model, config = source.load()
+    spm_path = source.spm_path
     model = model.to(device)
     if prune:
         model, config = _prune(model, spm_path, config, prune)
