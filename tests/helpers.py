@@ -43,12 +43,14 @@ def tiny_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int = 12
     fixture's run draws it, and test_usability draws one directly). Validation is loss only: an
     untrained model's greedy translations run to the length limit, and the end-of-run BLEU of 12
     directions took 8 s of a 16 s run (18 s under expert parallelism), so the runs that check it
-    (the `trained` fixture, the GPU runs, ZeRO-3 validation) ask for `train.valid_bleu=final`."""
+    (the `trained` fixture, the GPU runs, ZeRO-3 validation) ask for `train.valid_bleu=final`.
+    One torch thread per rank, as auto gives a CPU rank: on a GPU auto gives each rank the node's
+    cores, and the GPU tests' pytest workers (6) would each start that many."""
     args = {
         "model": "tiny", "data.corpus_dir": str(corpus), "data.vocab_size": 300, "data.cache_dir": str(cache_dir),
         "data.val_lines": 8, "train.max_steps": steps, "train.max_minutes": 0, "train.max_tokens": 256,
         "train.warmup_steps": 5, "train.log_every": 2, "train.valid_every": 0, "train.save_every": 0,
-        "train.valid_bleu": "never", "train.progress": "false", "train.plot": "false", "wandb.mode": "disabled",
+        "train.valid_bleu": "never", "train.threads": 1, "train.progress": "false", "train.plot": "false", "wandb.mode": "disabled",
         "hydra.run.dir": str(run_dir),
     }
     args.update(extra)
