@@ -50,8 +50,8 @@ def tiny_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int = 12
         "model": "tiny", "data.corpus_dir": str(corpus), "data.vocab_size": 300, "data.cache_dir": str(cache_dir),
         "data.val_lines": 8, "train.max_steps": steps, "train.max_minutes": 0, "train.max_tokens": 256,
         "train.warmup_steps": 5, "train.log_every": 2, "train.valid_every": 0, "train.save_every": 0,
-        "train.valid_bleu": "never", "train.threads": 1, "train.progress": "false", "train.plot": "false", "wandb.mode": "disabled",
-        "hydra.run.dir": str(run_dir),
+        "train.valid_bleu": "never", "train.threads": 1, "train.progress": "false", "train.plot": "false",
+        "wandb.mode": "disabled", "hydra.run.dir": str(run_dir),
     }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]

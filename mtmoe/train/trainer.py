@@ -357,13 +357,12 @@ class Trainer:
             progress.update(self.step)
 
             saving = cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
-            # The budget spent after this step (exact under a step budget; under a time budget, the
-            # clock all ranks agreed on before it).
-            spent = max(self.spent, self.step / cfg.train.max_steps if cfg.train.max_steps > 0 else 0.0)
-            snapshot = bool(snapshots) and spent >= snapshots[0] - 1e-9  # 1.0: the last step of a step budget
+            # self.spent: the budget spent after this step, set before it (exact under a step budget;
+            # under a time budget, the clock all ranks agreed on before it).
+            snapshot = bool(snapshots) and self.spent >= snapshots[0] - 1e-9  # 1.0: the last step of a step budget
             if snapshot:
                 saving = True
-                snapshots = [p for p in snapshots if p > spent + 1e-9]
+                snapshots = [p for p in snapshots if p > self.spent + 1e-9]
             if self.step % cfg.train.log_every == 0 or saving:
                 self._log_window(window, window_start, started, progress)
                 window = _new_window()
